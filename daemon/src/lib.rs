@@ -1,0 +1,7 @@
+//! lfmd: an on-device LLM daemon for LiquidAI LFM2 and LFM2-MoE GGUF models.
+//!
+//! The library holds everything the `lfmd` binary does: the GGUF reader and
+//! writer over a memory mapping, the model description, and the synthetic
+//! model writer used for tests and benchmarks.
+
+pub mod gguf;

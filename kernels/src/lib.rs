@@ -1,0 +1,10 @@
+//! Compute kernels for lfmd: the ggml block formats, a plainly written scalar
+//! reference for every operation, and (later) runtime-dispatched SIMD variants.
+//!
+//! Invariant: this crate knows nothing about GGUF files or models. It sees
+//! blocks, rows and slices; the daemon maps files and hands slices in.
+
+pub mod blocks;
+pub mod scalar;
+
+pub use blocks::*;

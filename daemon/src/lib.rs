@@ -5,3 +5,6 @@
 //! model writer used for tests and benchmarks.
 
 pub mod gguf;
+pub mod inspect;
+pub mod model;
+pub mod synth;

@@ -7,7 +7,11 @@ use half::f16;
 
 /// Quantizes `x` (length a multiple of 32) to Q8_0 blocks.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    assert_eq!(x.len(), out.len() * QK, "q8_0: input length must be 32 x blocks");
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "q8_0: input length must be 32 x blocks"
+    );
     for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -21,7 +25,11 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 
 /// Quantizes `x` (length a multiple of 32) to Q4_0 blocks.
 pub fn quantize_row_q4_0(x: &[f32], out: &mut [BlockQ4_0]) {
-    assert_eq!(x.len(), out.len() * QK, "q4_0: input length must be 32 x blocks");
+    assert_eq!(
+        x.len(),
+        out.len() * QK,
+        "q4_0: input length must be 32 x blocks"
+    );
     for (xb, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
         // The value of largest magnitude maps to -8 exactly (ggml's choice).
         let mut amax = 0.0f32;
@@ -71,20 +79,31 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect()
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect()
     }
 
     #[test]
     fn q8_0_round_trip_is_within_half_a_step() {
         let x = ramp(96);
-        let mut q = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; QK] }; 3];
+        let mut q = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; QK]
+            };
+            3
+        ];
         quantize_row_q8_0(&x, &mut q);
         let mut y = vec![0.0; 96];
         dequantize_row_q8_0(&q, &mut y);
         for (b, (xs, ys)) in q.iter().zip(x.chunks(QK).zip(y.chunks(QK))) {
             let step = b.d.to_f32();
             for (a, c) in xs.iter().zip(ys) {
-                assert!((a - c).abs() <= step * 0.5 + 1e-3 * step.max(1e-6), "{a} vs {c}");
+                assert!(
+                    (a - c).abs() <= step * 0.5 + 1e-3 * step.max(1e-6),
+                    "{a} vs {c}"
+                );
             }
         }
     }
@@ -93,22 +112,35 @@ mod tests {
     fn q4_0_maps_largest_magnitude_to_minus_eight() {
         let mut x = ramp(32);
         x[5] = -9.0;
-        let mut q = [BlockQ4_0 { d: f16::ZERO, qs: [0; QK / 2] }];
+        let mut q = [BlockQ4_0 {
+            d: f16::ZERO,
+            qs: [0; QK / 2],
+        }];
         quantize_row_q4_0(&x, &mut q);
-        assert_eq!(q[0].qs[5] & 0x0f, 0, "largest magnitude must quantize to code 0 (= -8)");
+        assert_eq!(
+            q[0].qs[5] & 0x0f,
+            0,
+            "largest magnitude must quantize to code 0 (= -8)"
+        );
         let mut y = vec![0.0; 32];
         dequantize_row_q4_0(&q, &mut y);
         let step = q[0].d.to_f32().abs();
         assert!((y[5] + 9.0).abs() < 0.01);
         for (a, c) in x.iter().zip(&y) {
-            assert!((a - c).abs() <= step * 0.5 + 1e-4, "{a} vs {c} (step {step})");
+            assert!(
+                (a - c).abs() <= step * 0.5 + 1e-4,
+                "{a} vs {c} (step {step})"
+            );
         }
     }
 
     #[test]
     fn all_zero_blocks_stay_zero() {
         let x = vec![0.0f32; 32];
-        let mut q = [BlockQ4_0 { d: f16::ONE, qs: [0xff; QK / 2] }];
+        let mut q = [BlockQ4_0 {
+            d: f16::ONE,
+            qs: [0xff; QK / 2],
+        }];
         quantize_row_q4_0(&x, &mut q);
         let mut y = vec![1.0; 32];
         dequantize_row_q4_0(&q, &mut y);

@@ -14,11 +14,11 @@ pub enum GgufError {
     },
     #[error("not a GGUF file: the first bytes are {found:02x?}, expected \"GGUF\" (47 47 55 46)")]
     BadMagic { found: Vec<u8> },
-    #[error(
-        "unsupported GGUF version {version} at offset 4: lfmd reads versions 2 and 3{hint}"
-    )]
+    #[error("unsupported GGUF version {version} at offset 4: lfmd reads versions 2 and 3{hint}")]
     UnsupportedVersion { version: u32, hint: &'static str },
-    #[error("file ends early at offset {offset}: {what} needs {needed} bytes but {available} remain (truncated download?)")]
+    #[error(
+        "file ends early at offset {offset}: {what} needs {needed} bytes but {available} remain (truncated download?)"
+    )]
     Truncated {
         what: String,
         offset: u64,
@@ -44,7 +44,11 @@ pub enum GgufError {
 }
 
 impl GgufError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         GgufError::Io {
             action,
             path: path.into(),

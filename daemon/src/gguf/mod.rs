@@ -12,8 +12,11 @@ mod types;
 mod value;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::GgufError;
-pub use reader::{Gguf, GgufHeader, TensorInfo, parse_header};
+pub use reader::{Gguf, GgufHeader, MetaEntry, TensorInfo, parse_header, parse_header_prefix};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
 pub use writer::{GgufWriter, TensorSpec};

@@ -108,7 +108,9 @@ impl Gguf {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| GgufError::io("open", path, e))?;
-        let meta = file.metadata().map_err(|e| GgufError::io("stat", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| GgufError::io("stat", path, e))?;
         if !meta.is_file() {
             return Err(GgufError::io(
                 "map",
@@ -124,7 +126,8 @@ impl Gguf {
             // in place, which we document as unsupported (replace by rename).
             // Every access goes through bounds validated against the mapped
             // length, fixed at map time.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io("map", path, e))?;
+            let map =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io("map", path, e))?;
             Backing::Map(map)
         };
         let header = parse_header(backing_bytes(&backing))?;
@@ -230,17 +233,28 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        Ok(String::from_utf8(bytes.to_vec())
-            .map_err(|e| format!("string at offset {at} is not valid UTF-8 (bad byte at index {})", e.utf8_error().valid_up_to())))
+        Ok(String::from_utf8(bytes.to_vec()).map_err(|e| {
+            format!(
+                "string at offset {at} is not valid UTF-8 (bad byte at index {})",
+                e.utf8_error().valid_up_to()
+            )
+        }))
     }
 }
 
 /// Parses and validates everything but the tensor data of a GGUF image.
 pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
+    parse_header_prefix(buf, buf.len() as u64)
+}
+
+/// Parses a header from the first bytes of a file of `file_len` bytes: the
+/// tensor extents are checked against `file_len`, the data is never read.
+pub fn parse_header_prefix(buf: &[u8], file_len: u64) -> Result<GgufHeader, GgufError> {
     let mut c = Cursor { buf, pos: 0 };
-    let file_len = buf.len() as u64;
     let magic_bytes = buf.get(..4).unwrap_or(buf);
-    if magic_bytes.len() < 4 || u32::from_le_bytes(magic_bytes.try_into().unwrap_or([0; 4])) != MAGIC {
+    if magic_bytes.len() < 4
+        || u32::from_le_bytes(magic_bytes.try_into().unwrap_or([0; 4])) != MAGIC
+    {
         return Err(GgufError::BadMagic {
             found: magic_bytes.to_vec(),
         });
@@ -289,7 +303,10 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
         let offset = c.pos as u64;
         let key = c
             .string(&|| format!("the key of metadata entry {i}"))?
-            .map_err(|reason| GgufError::Header { offset, reason: format!("key of metadata entry {i}: {reason}") })?;
+            .map_err(|reason| GgufError::Header {
+                offset,
+                reason: format!("key of metadata entry {i}: {reason}"),
+            })?;
         let kctx = |k: &str| {
             let k = k.to_owned();
             move || format!("the value of metadata key {k:?}")
@@ -323,7 +340,11 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
             return Err(GgufError::Metadata {
                 key: e.key.clone(),
                 offset: e.offset,
-                reason: format!("must be a u32 power of two, found {} {}", e.value.value_type().name(), e.value),
+                reason: format!(
+                    "must be a u32 power of two, found {} {}",
+                    e.value.value_type().name(),
+                    e.value
+                ),
             });
         }
     };
@@ -334,7 +355,10 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
         let info_offset = c.pos as u64;
         let name = c
             .string(&|| format!("the name of tensor info {i}"))?
-            .map_err(|reason| GgufError::Header { offset: info_offset, reason: format!("name of tensor {i}: {reason}") })?;
+            .map_err(|reason| GgufError::Header {
+                offset: info_offset,
+                reason: format!("name of tensor {i}: {reason}"),
+            })?;
         let terr = |reason: String| GgufError::Tensor {
             name: name.clone(),
             offset: info_offset,
@@ -343,7 +367,9 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
         let what = || format!("the info of tensor {name:?}");
         let n_dims = c.u32(&what)?;
         if n_dims == 0 || n_dims as usize > MAX_DIMS {
-            return Err(terr(format!("has {n_dims} dimensions; ggml tensors have 1 to {MAX_DIMS}")));
+            return Err(terr(format!(
+                "has {n_dims} dimensions; ggml tensors have 1 to {MAX_DIMS}"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -358,13 +384,21 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| terr(format!("shape {dims:?} has more elements than fit in 63 bits")))?;
+            .ok_or_else(|| {
+                terr(format!(
+                    "shape {dims:?} has more elements than fit in 63 bits"
+                ))
+            })?;
         let ty = match GgmlType::from_id(ty_id) {
             Some(t) => t,
             None => {
                 return Err(terr(match GgmlType::removed_name(ty_id) {
-                    Some(old) => format!("uses ggml type {old} (id {ty_id}), which ggml removed; requantize the model with current llama.cpp"),
-                    None => format!("unknown ggml type id {ty_id}; this file may need a newer lfmd"),
+                    Some(old) => format!(
+                        "uses ggml type {old} (id {ty_id}), which ggml removed; requantize the model with current llama.cpp"
+                    ),
+                    None => {
+                        format!("unknown ggml type id {ty_id}; this file may need a newer lfmd")
+                    }
                 }));
             }
         };
@@ -380,7 +414,9 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
             .bytes_for(n_elements)
             .ok_or_else(|| terr(format!("byte size of {n_elements} {ty} elements overflows")))?;
         if offset % alignment != 0 {
-            return Err(terr(format!("data offset {offset} is not a multiple of the alignment {alignment}")));
+            return Err(terr(format!(
+                "data offset {offset} is not a multiple of the alignment {alignment}"
+            )));
         }
         if tensor_index.insert(name.clone(), tensors.len()).is_some() {
             return Err(terr("tensor name appears twice".into()));
@@ -397,7 +433,9 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader, GgufError> {
 
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
     for t in &tensors {
-        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.size));
+        let end = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.size));
         match end {
             Some(end) if end <= file_len => {}
             _ => {
@@ -459,7 +497,12 @@ fn read_value(
     })
 }
 
-fn read_array(c: &mut Cursor<'_>, depth: usize, key: &str, what: &dyn Fn() -> String) -> Result<Array, GgufError> {
+fn read_array(
+    c: &mut Cursor<'_>,
+    depth: usize,
+    key: &str,
+    what: &dyn Fn() -> String,
+) -> Result<Array, GgufError> {
     let merr = |offset: usize, reason: String| GgufError::Metadata {
         key: key.to_owned(),
         offset: offset as u64,
@@ -467,10 +510,14 @@ fn read_array(c: &mut Cursor<'_>, depth: usize, key: &str, what: &dyn Fn() -> St
     };
     let at = c.pos;
     if depth > MAX_ARRAY_DEPTH {
-        return Err(merr(at, format!("arrays nest deeper than {MAX_ARRAY_DEPTH} levels")));
+        return Err(merr(
+            at,
+            format!("arrays nest deeper than {MAX_ARRAY_DEPTH} levels"),
+        ));
     }
     let elem_id = c.u32(what)?;
-    let elem = ValueType::from_id(elem_id).ok_or_else(|| merr(at, format!("array of unknown value type {elem_id}")))?;
+    let elem = ValueType::from_id(elem_id)
+        .ok_or_else(|| merr(at, format!("array of unknown value type {elem_id}")))?;
     let n = c.u64(what)?;
     if n > c.remaining() / elem.min_encoded_size() {
         return Err(merr(
@@ -512,7 +559,12 @@ fn read_array(c: &mut Cursor<'_>, depth: usize, key: &str, what: &dyn Fn() -> St
                 match b {
                     0 => v.push(false),
                     1 => v.push(true),
-                    _ => return Err(merr(at + 12 + i, format!("bool array element {i} is {b}, expected 0 or 1"))),
+                    _ => {
+                        return Err(merr(
+                            at + 12 + i,
+                            format!("bool array element {i} is {b}, expected 0 or 1"),
+                        ));
+                    }
                 }
             }
             Array::Bool(v)

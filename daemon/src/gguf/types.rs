@@ -100,7 +100,10 @@ const REMOVED: &[(u32, &str)] = &[
 
 impl GgmlType {
     fn row(self) -> &'static (GgmlType, u32, &'static str, u64, u64) {
-        TABLE.iter().find(|r| r.0 == self).expect("every GgmlType has a table row")
+        TABLE
+            .iter()
+            .find(|r| r.0 == self)
+            .expect("every GgmlType has a table row")
     }
 
     /// The type with this on-disk id.
@@ -115,7 +118,10 @@ impl GgmlType {
 
     /// Parses the names llama.cpp prints (`Q4_K`, `q4_k`, `bf16`, ...).
     pub fn from_name(name: &str) -> Option<Self> {
-        TABLE.iter().find(|r| r.2.eq_ignore_ascii_case(name)).map(|r| r.0)
+        TABLE
+            .iter()
+            .find(|r| r.2.eq_ignore_ascii_case(name))
+            .map(|r| r.0)
     }
 
     pub fn id(self) -> u32 {
@@ -139,7 +145,7 @@ impl GgmlType {
     /// Bytes for `n` elements, or `None` if `n` is not a whole number of
     /// blocks or the size overflows.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.type_size())

@@ -244,7 +244,12 @@ impl Value {
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::String(s) if s.len() > 60 => write!(f, "{:?}… ({} bytes)", &s[..s.floor_char_boundary(60)], s.len()),
+            Value::String(s) if s.len() > 60 => write!(
+                f,
+                "{:?}… ({} bytes)",
+                &s[..s.floor_char_boundary(60)],
+                s.len()
+            ),
             Value::String(s) => write!(f, "{s:?}"),
             Value::Array(a) => write!(f, "[{}; {}]", a.elem_type().name(), a.len()),
             Value::U8(v) => write!(f, "{v}"),

@@ -31,7 +31,11 @@ impl TensorSpec {
 
     /// Bytes of data, or `None` when the shape does not fit the type's blocks.
     pub fn size(&self) -> Option<u64> {
-        if self.dims.first().is_none_or(|d| d % self.ty.block_size() != 0) {
+        if self
+            .dims
+            .first()
+            .is_none_or(|d| d % self.ty.block_size() != 0)
+        {
             return None;
         }
         self.ty.bytes_for(self.n_elements())
@@ -55,11 +59,19 @@ pub struct GgufWriter<W: Write> {
 impl<W: Write> GgufWriter<W> {
     /// Writes the header, the metadata and the tensor-info table. The tensors'
     /// data must then follow, in the order of `tensors`.
-    pub fn new(out: W, metadata: &[(String, Value)], tensors: Vec<TensorSpec>) -> Result<Self, GgufError> {
+    pub fn new(
+        out: W,
+        metadata: &[(String, Value)],
+        tensors: Vec<TensorSpec>,
+    ) -> Result<Self, GgufError> {
         let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some((_, Value::U32(a))) if a.is_power_of_two() => u64::from(*a),
-            Some((_, v)) => return Err(GgufError::Write(format!("general.alignment must be a u32 power of two, not {v}"))),
+            Some((_, v)) => {
+                return Err(GgufError::Write(format!(
+                    "general.alignment must be a u32 power of two, not {v}"
+                )));
+            }
         };
         let mut sizes = Vec::with_capacity(tensors.len());
         for t in &tensors {
@@ -140,7 +152,10 @@ impl<W: Write> GgufWriter<W> {
     /// chunks; a chunk never spans two tensors.
     pub fn write_data(&mut self, chunk: &[u8]) -> Result<(), GgufError> {
         let Some(spec) = self.specs.get(self.current) else {
-            return Err(GgufError::Write(format!("{} bytes of data after the last tensor", chunk.len())));
+            return Err(GgufError::Write(format!(
+                "{} bytes of data after the last tensor",
+                chunk.len()
+            )));
         };
         let left = self.sizes[self.current] - self.current_written;
         if chunk.len() as u64 > left {
@@ -161,6 +176,11 @@ impl<W: Write> GgufWriter<W> {
         Ok(())
     }
 
+    /// Bytes written so far (the file size once all data is in).
+    pub fn bytes_written(&self) -> u64 {
+        self.pos
+    }
+
     /// Checks that every tensor was written completely and flushes.
     pub fn finish(mut self) -> Result<W, GgufError> {
         if let Some(spec) = self.specs.get(self.current) {
@@ -171,7 +191,9 @@ impl<W: Write> GgufWriter<W> {
                 self.sizes[self.current]
             )));
         }
-        self.out.flush().map_err(|e| GgufError::Write(format!("flush: {e}")))?;
+        self.out
+            .flush()
+            .map_err(|e| GgufError::Write(format!("flush: {e}")))?;
         Ok(self.out)
     }
 }

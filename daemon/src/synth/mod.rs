@@ -7,6 +7,9 @@ mod presets;
 pub mod rng;
 mod vocab;
 
+#[cfg(test)]
+mod tests;
+
 pub use presets::{PRESETS, Preset, find as find_preset, names as preset_names};
 
 use crate::gguf::{Array, GgmlType, GgufError, GgufWriter, TensorSpec, Value};
@@ -329,9 +332,6 @@ pub fn write_model(
     seed: u64,
     out: &Path,
 ) -> Result<SynthSummary, SynthError> {
-    if !SYNTH_QUANTS.contains(&wt) {
-        return Err(SynthError::UnsupportedQuant(wt.name().to_lowercase()));
-    }
     let io = |source| SynthError::Io {
         path: out.display().to_string(),
         source,
@@ -358,6 +358,9 @@ pub fn write_to<W: Write>(
     seed: u64,
     w: W,
 ) -> Result<SynthSummary, SynthError> {
+    if !SYNTH_QUANTS.contains(&wt) {
+        return Err(SynthError::UnsupportedQuant(wt.name().to_lowercase()));
+    }
     let plan = plan(preset, wt);
     let specs: Vec<TensorSpec> = plan.iter().map(|t| t.spec.clone()).collect();
     let mut writer = GgufWriter::new(w, &metadata(preset, wt, seed), specs)?;

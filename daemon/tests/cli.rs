@@ -1,0 +1,127 @@
+//! The `lfmd` binary end to end: synth writes a model, inspect describes it,
+//! and bad files get one clear line and a failing exit code, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn lfmd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lfmd"))
+        .args(args)
+        .output()
+        .expect("run lfmd")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "lfmd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn synth(dir: &Path, preset: &str, quant: &str) -> String {
+    let path = dir.join(format!("{preset}-{quant}.gguf"));
+    let p = path.to_str().unwrap().to_owned();
+    ok(&lfmd(&[
+        "synth", "--preset", preset, "--quant", quant, "--seed", "3", &p,
+    ]));
+    p
+}
+
+#[test]
+fn synth_then_inspect_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe", "q8_0");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&lfmd(&["inspect", "--json", &path]))).unwrap();
+    assert_eq!(v["architecture"], "lfm2moe");
+    assert_eq!(v["file_type"], "Q8_0");
+    assert_eq!(v["synthetic"]["preset"], "tiny-moe");
+    assert_eq!(v["synthetic"]["seed"], 3);
+    assert_eq!(v["model"]["n_expert"], 8);
+    assert_eq!(v["model"]["n_layer_dense_lead"], 2);
+    assert_eq!(v["model"]["gating"], "sigmoid");
+    assert_eq!(v["layers"][2]["mixer"], "attention");
+    assert_eq!(v["layers"][3]["ffn"], "moe");
+    assert_eq!(v["experts"].as_array().unwrap().len(), 4 * 8);
+    assert_eq!(v["tokenizer"]["pre"], "lfm2");
+    assert_eq!(v["tokenizer"]["bos"], 1);
+    assert_eq!(v["tokenizer"]["eos"], 7);
+    assert!(v["chat_template_bytes"].as_u64().unwrap() > 100);
+    assert!(v["model_error"].is_null());
+    let total = v["total_params"].as_u64().unwrap();
+    let active = v["active_params"].as_u64().unwrap();
+    assert!(active < total && active > total / 3, "{active} of {total}");
+    // Expert slabs lie inside the file and do not overlap.
+    let len = v["file_bytes"].as_u64().unwrap();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in v["experts"].as_array().unwrap() {
+        for part in ["gate", "up", "down"] {
+            ranges.push((
+                e[part]["start"].as_u64().unwrap(),
+                e[part]["end"].as_u64().unwrap(),
+            ));
+        }
+    }
+    ranges.sort_unstable();
+    assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0));
+    assert!(ranges.last().unwrap().1 <= len);
+}
+
+#[test]
+fn inspect_text_shows_layers_and_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-dense", "f16");
+    let text = ok(&lfmd(&["inspect", &path]));
+    assert!(text.contains("architecture   lfm2"), "{text}");
+    assert!(text.contains("5: 3 short-conv + 2 attention"), "{text}");
+    assert!(text.contains("attention (kv 2)"), "{text}");
+    assert!(
+        !text.contains("experts ("),
+        "a dense model has no expert table"
+    );
+}
+
+#[test]
+fn corrupt_and_missing_files_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-dense", "q4_0");
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"PK\x03\x04 definitely a zip").unwrap();
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    for (file, needle) in [
+        (cut.to_str().unwrap(), "past the end of the file"),
+        (junk.to_str().unwrap(), "not a GGUF file"),
+        (empty.to_str().unwrap(), "not a GGUF file"),
+        ("/nonexistent/model.gguf", "cannot open"),
+        (dir.path().to_str().unwrap(), "not a regular file"),
+    ] {
+        let out = lfmd(&["inspect", file]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        assert!(err.contains(needle), "{file}: {err}");
+        assert!(!err.contains("panicked"), "{file}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn synth_rejects_unknown_presets_and_types() {
+    let out = lfmd(&["synth", "--preset", "70b", "/tmp/never.gguf"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("choose one of 8b-a1b"));
+    let out = lfmd(&[
+        "synth",
+        "--preset",
+        "tiny-moe",
+        "--quant",
+        "q4_k",
+        "/tmp/never.gguf",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("llama-quantize"));
+    assert!(!Path::new("/tmp/never.gguf").exists());
+}

@@ -7,4 +7,5 @@
 pub mod gguf;
 pub mod inspect;
 pub mod model;
+pub mod paths;
 pub mod synth;

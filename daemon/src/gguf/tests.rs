@@ -109,6 +109,15 @@ fn every_value_type_round_trips() {
 }
 
 #[test]
+fn version_2_files_are_read() {
+    let mut bytes = sample_file(&every_value());
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let g = Gguf::from_bytes(bytes).unwrap();
+    assert_eq!(g.version, 2);
+    assert_eq!(g.metadata.len(), every_value().len());
+}
+
+#[test]
 fn custom_alignment_is_honoured() {
     let meta = vec![("general.alignment".to_owned(), Value::U32(64))];
     let g = Gguf::from_bytes(sample_file(&meta)).unwrap();

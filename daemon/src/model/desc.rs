@@ -25,6 +25,12 @@ pub enum ModelError {
     Inconsistent(String),
     #[error("tensor {name} is missing (expected shape {expected:?})")]
     MissingTensor { name: String, expected: Vec<u64> },
+    #[error("tensor {name} has type {ty}, which lfmd cannot compute yet (supported: {supported}); requantize it to one of those with llama-quantize")]
+    UnsupportedType {
+        name: String,
+        ty: crate::gguf::GgmlType,
+        supported: String,
+    },
     #[error("{name}: expected {expected:?}, found {found:?}")]
     ShapeMismatch {
         name: String,
@@ -445,6 +451,22 @@ impl ModelDesc {
                     });
                 }
                 Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor the model uses has a type in `supported`.
+    pub fn check_types(&self, h: &GgufHeader, supported: &[crate::gguf::GgmlType]) -> Result<(), ModelError> {
+        for t in self.expected_tensors() {
+            if let Some(info) = h.tensor(&t.name)
+                && !supported.contains(&info.ty)
+            {
+                return Err(ModelError::UnsupportedType {
+                    name: t.name,
+                    ty: info.ty,
+                    supported: supported.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+                });
             }
         }
         Ok(())

@@ -1,0 +1,81 @@
+//! Goldens from llama.cpp (`scripts/goldens.sh`): each records the sha256 of a
+//! synthetic model llama.cpp loaded and ran, with its outputs. Here we check
+//! that `lfmd synth` still writes exactly those bytes, so every golden stays
+//! proof that llama.cpp runs our presets. The full-size presets (GBs) are
+//! checked only with `LFM_FULL_SYNTH=1` (set by `.ci/run`).
+
+use lfmd::gguf::GgmlType;
+use lfmd::synth;
+use sha2::{Digest, Sha256};
+use std::io;
+use std::path::PathBuf;
+
+struct HashSink(Sha256, u64);
+
+impl io::Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        self.1 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/goldens/llama")
+}
+
+fn goldens() -> Vec<(String, serde_json::Value)> {
+    let mut out: Vec<_> = std::fs::read_dir(golden_dir())
+        .expect("golden dir")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn synth_writes_the_exact_files_llama_cpp_ran() {
+    let all = goldens();
+    assert!(all.len() >= 8, "expected goldens for both small presets at several types");
+    let full = std::env::var("LFM_FULL_SYNTH").is_ok_and(|v| v == "1");
+    let mut checked = 0;
+    for (name, g) in &all {
+        let preset = synth::find_preset(g["preset"].as_str().unwrap()).unwrap();
+        if !preset.exact && !full {
+            println!("skipped {name}: full-size preset; set LFM_FULL_SYNTH=1 to check it");
+            continue;
+        }
+        let ty = GgmlType::from_name(g["quant"].as_str().unwrap()).unwrap();
+        let mut sink = HashSink(Sha256::new(), 0);
+        synth::write_to(preset, ty, g["seed"].as_u64().unwrap(), &mut sink).unwrap();
+        let digest: String = sink.0.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(sink.1, g["file_bytes"].as_u64().unwrap(), "{name}: size");
+        assert_eq!(digest, g["sha256"].as_str().unwrap(), "{name}: lfmd synth no longer writes the file llama.cpp ran; rerun scripts/goldens.sh");
+        checked += 1;
+    }
+    assert!(checked >= 8);
+}
+
+#[test]
+fn llama_cpp_continuations_of_small_presets_are_not_degenerate() {
+    // A random model whose greedy output repeats one token would make every
+    // logit comparison meaningless.
+    for (name, g) in goldens() {
+        if !synth::find_preset(g["preset"].as_str().unwrap()).unwrap().exact {
+            continue;
+        }
+        let mut ids: Vec<u64> = g["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(ids.len(), 16, "{name}");
+        ids.sort_unstable();
+        ids.dedup();
+        assert!(ids.len() >= 6, "{name}: llama.cpp's continuation uses only {} distinct tokens", ids.len());
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Regenerates the llama.cpp goldens under daemon/tests/goldens/llama/ from the
+# reference build (scripts/ref-noamx.sh, or ../shared/reference/setup-llama.sh on a
+# CPU without AMX). For every (preset, type) below it synthesizes the model, records
+# its sha256, and asks llama.cpp to tokenize fixed texts and continue a prompt
+# greedily. The tests check that `lfmd synth` still writes those exact bytes, so a
+# golden proves llama.cpp loaded and ran that very file.
+#   scripts/goldens.sh [--large]      # --large adds 350m and 8b-a1b (several GB, minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source ../shared/reference/env.sh
+OUT=daemon/tests/goldens/llama
+WORK=${GOLDEN_WORK:-target/goldens}
+mkdir -p "$OUT" "$WORK"
+cargo build --release --locked -p lfmd
+LFMD=target/release/lfmd
+CASES="tiny-moe:f32 tiny-moe:f16 tiny-moe:bf16 tiny-moe:q8_0 tiny-moe:q4_0 tiny-dense:f32 tiny-dense:q8_0 tiny-dense:q4_0"
+[ "${1:-}" = "--large" ] && CASES="$CASES 350m:q8_0 8b-a1b:q4_0"
+for c in $CASES; do
+  preset=${c%%:*}; quant=${c##*:}
+  f=$WORK/$preset-$quant.gguf
+  "$LFMD" synth --preset "$preset" --quant "$quant" --seed 0 "$f"
+  $REFPY greedy "$f" --ids 1,6,300,45,99 -n 16 > "$WORK/greedy.json"
+  : > "$WORK/tok.jsonl"
+  while IFS= read -r text; do
+    printf '%s\t%s\n' "$text" "$($REFPY tokenize "$f" "$(printf '%b' "$text")")" >> "$WORK/tok.jsonl"
+  done <<'TEXTS'
+Hello world
+<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n<|im_start|>assistant\n
+ the quick brown fox   jumps\n\n\tover 3 lazy dogs!!! 
+Ünïcödé — 日本語のテキスト, русский текст, 🦙🚀
+<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>
+TEXTS
+  "$LLB/../../venv/bin/python" - "$preset" "$quant" "$f" "$WORK" "$OUT" <<'PY'
+import hashlib, json, os, sys
+preset, quant, f, work, out = sys.argv[1:]
+h = hashlib.sha256()
+with open(f, "rb") as fh:
+    for chunk in iter(lambda: fh.read(1 << 24), b""):
+        h.update(chunk)
+tok = []
+for line in open(os.path.join(work, "tok.jsonl"), encoding="utf-8"):
+    text, ids = line.rstrip("\n").split("\t")
+    tok.append({"text_escaped": text, "ids": json.loads(ids)})
+golden = {
+    "source": "llama.cpp vendored by llama-cpp-python 0.3.36 (scripts/goldens.sh)",
+    "preset": preset, "quant": quant, "seed": 0,
+    "file_bytes": os.path.getsize(f), "sha256": h.hexdigest(),
+    "prompt_ids": [1, 6, 300, 45, 99],
+    "greedy_ids": json.load(open(os.path.join(work, "greedy.json"))),
+    "tokenize": tok,
+}
+with open(os.path.join(out, f"{preset}-{quant}.json"), "w") as o:
+    json.dump(golden, o, indent=1, ensure_ascii=False)
+    o.write("\n")
+print(f"{preset}-{quant}: greedy {golden['greedy_ids']}")
+PY
+  case "$preset" in 350m|8b-a1b) rm -f "$f" ;; esac
+done

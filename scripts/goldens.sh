@@ -12,6 +12,8 @@ source ../shared/reference/env.sh
 OUT=daemon/tests/goldens/llama
 WORK=${GOLDEN_WORK:-target/goldens}
 mkdir -p "$OUT" "$WORK"
+# Teacher-forced sequence: ids below 512 so it fits every preset's vocabulary.
+FORCED=1,6,300,45,99,120,7,3,200,201,202,17,18,19,400,401,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48
 cargo build --release --locked -p lfmd
 LFMD=target/release/lfmd
 CASES="tiny-moe:f32 tiny-moe:f16 tiny-moe:bf16 tiny-moe:q8_0 tiny-moe:q4_0 tiny-dense:f32 tiny-dense:q8_0 tiny-dense:q4_0"
@@ -21,6 +23,7 @@ for c in $CASES; do
   f=$WORK/$preset-$quant.gguf
   "$LFMD" synth --preset "$preset" --quant "$quant" --seed 0 "$f"
   $REFPY greedy "$f" --ids 1,6,300,45,99 -n 16 > "$WORK/greedy.json"
+  $REFPY logits "$f" --ids "$FORCED" --out "$WORK/forced.npy"
   : > "$WORK/tok.jsonl"
   while IFS= read -r text; do
     printf '%s\t%s\n' "$text" "$($REFPY tokenize "$f" "$(printf '%b' "$text")")" >> "$WORK/tok.jsonl"
@@ -31,9 +34,11 @@ Hello world
 Ünïcödé — 日本語のテキスト, русский текст, 🦙🚀
 <|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>
 TEXTS
-  "$LLB/../../venv/bin/python" - "$preset" "$quant" "$f" "$WORK" "$OUT" <<'PY'
+  "$LLB/../../venv/bin/python" - "$preset" "$quant" "$f" "$WORK" "$OUT" "$FORCED" <<'PY'
 import hashlib, json, os, sys
-preset, quant, f, work, out = sys.argv[1:]
+import numpy as np
+preset, quant, f, work, out, forced = sys.argv[1:]
+logits = np.load(os.path.join(work, "forced.npy"))
 h = hashlib.sha256()
 with open(f, "rb") as fh:
     for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -48,6 +53,8 @@ golden = {
     "file_bytes": os.path.getsize(f), "sha256": h.hexdigest(),
     "prompt_ids": [1, 6, 300, 45, 99],
     "greedy_ids": json.load(open(os.path.join(work, "greedy.json"))),
+    "forced_ids": [int(x) for x in forced.split(",")],
+    "forced_argmax": [int(x) for x in logits.argmax(1)],
     "tokenize": tok,
 }
 with open(os.path.join(out, f"{preset}-{quant}.json"), "w") as o:

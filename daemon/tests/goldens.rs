@@ -44,7 +44,10 @@ fn goldens() -> Vec<(String, serde_json::Value)> {
 #[test]
 fn synth_writes_the_exact_files_llama_cpp_ran() {
     let all = goldens();
-    assert!(all.len() >= 8, "expected goldens for both small presets at several types");
+    assert!(
+        all.len() >= 8,
+        "expected goldens for both small presets at several types"
+    );
     let full = std::env::var("LFM_FULL_SYNTH").is_ok_and(|v| v == "1");
     let mut checked = 0;
     for (name, g) in &all {
@@ -56,26 +59,53 @@ fn synth_writes_the_exact_files_llama_cpp_ran() {
         let ty = GgmlType::from_name(g["quant"].as_str().unwrap()).unwrap();
         let mut sink = HashSink(Sha256::new(), 0);
         synth::write_to(preset, ty, g["seed"].as_u64().unwrap(), &mut sink).unwrap();
-        let digest: String = sink.0.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let digest: String = sink
+            .0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(sink.1, g["file_bytes"].as_u64().unwrap(), "{name}: size");
-        assert_eq!(digest, g["sha256"].as_str().unwrap(), "{name}: lfmd synth no longer writes the file llama.cpp ran; rerun scripts/goldens.sh");
+        assert_eq!(
+            digest,
+            g["sha256"].as_str().unwrap(),
+            "{name}: lfmd synth no longer writes the file llama.cpp ran; rerun scripts/goldens.sh"
+        );
         checked += 1;
     }
     assert!(checked >= 8);
 }
 
 #[test]
-fn llama_cpp_continuations_of_small_presets_are_not_degenerate() {
-    // A random model whose greedy output repeats one token would make every
-    // logit comparison meaningless.
+fn small_presets_are_not_degenerate_under_llama_cpp() {
+    // A random model whose predictions hardly depend on the input would make
+    // every logit comparison meaningless: teacher-forced on 32 positions,
+    // llama.cpp's argmax must vary. (Greedy continuations of random models
+    // may well fall into loops; that is recorded, not judged.)
     for (name, g) in goldens() {
-        if !synth::find_preset(g["preset"].as_str().unwrap()).unwrap().exact {
+        if !synth::find_preset(g["preset"].as_str().unwrap())
+            .unwrap()
+            .exact
+        {
             continue;
         }
-        let mut ids: Vec<u64> = g["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-        assert_eq!(ids.len(), 16, "{name}");
-        ids.sort_unstable();
-        ids.dedup();
-        assert!(ids.len() >= 6, "{name}: llama.cpp's continuation uses only {} distinct tokens", ids.len());
+        let ids = |k: &str| -> Vec<u64> {
+            g[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let (forced, mut argmax) = (ids("forced_ids"), ids("forced_argmax"));
+        assert_eq!(forced.len(), argmax.len(), "{name}");
+        assert_eq!(ids("greedy_ids").len(), 16, "{name}");
+        argmax.sort_unstable();
+        argmax.dedup();
+        assert!(
+            argmax.len() * 2 >= forced.len(),
+            "{name}: only {} distinct argmaxes over {} positions",
+            argmax.len(),
+            forced.len()
+        );
     }
 }

@@ -25,7 +25,9 @@ pub enum ModelError {
     Inconsistent(String),
     #[error("tensor {name} is missing (expected shape {expected:?})")]
     MissingTensor { name: String, expected: Vec<u64> },
-    #[error("tensor {name} has type {ty}, which lfmd cannot compute yet (supported: {supported}); requantize it to one of those with llama-quantize")]
+    #[error(
+        "tensor {name} has type {ty}, which lfmd cannot compute yet (supported: {supported}); requantize it to one of those with llama-quantize"
+    )]
     UnsupportedType {
         name: String,
         ty: crate::gguf::GgmlType,
@@ -457,7 +459,11 @@ impl ModelDesc {
     }
 
     /// Checks that every tensor the model uses has a type in `supported`.
-    pub fn check_types(&self, h: &GgufHeader, supported: &[crate::gguf::GgmlType]) -> Result<(), ModelError> {
+    pub fn check_types(
+        &self,
+        h: &GgufHeader,
+        supported: &[crate::gguf::GgmlType],
+    ) -> Result<(), ModelError> {
         for t in self.expected_tensors() {
             if let Some(info) = h.tensor(&t.name)
                 && !supported.contains(&info.ty)
@@ -465,7 +471,11 @@ impl ModelDesc {
                 return Err(ModelError::UnsupportedType {
                     name: t.name,
                     ty: info.ty,
-                    supported: supported.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+                    supported: supported
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
         }

@@ -319,13 +319,24 @@ fn missing_tensors_and_bad_metadata_are_named() {
 fn a_type_we_cannot_compute_names_tensor_and_type() {
     let h = edited_header(
         |specs| {
-            let t = specs.iter_mut().find(|t| t.name == "blk.5.ffn_down_exps.weight").unwrap();
+            let t = specs
+                .iter_mut()
+                .find(|t| t.name == "blk.5.ffn_down_exps.weight")
+                .unwrap();
             t.ty = GgmlType::IQ2XXS;
         },
         |_| {},
     );
     let d = ModelDesc::from_header(&h).unwrap();
     d.validate_tensors(&h).unwrap();
-    let e = d.check_types(&h, &[GgmlType::F32, GgmlType::Q4_0]).unwrap_err().to_string();
-    assert!(e.starts_with("tensor blk.5.ffn_down_exps.weight has type IQ2_XXS, which lfmd cannot compute yet"), "{e}");
+    let e = d
+        .check_types(&h, &[GgmlType::F32, GgmlType::Q4_0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "tensor blk.5.ffn_down_exps.weight has type IQ2_XXS, which lfmd cannot compute yet"
+        ),
+        "{e}"
+    );
 }

@@ -322,11 +322,16 @@ fn encode(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) {
 }
 
 /// Random but valid quantized blocks with the weights' standard deviation:
-/// each block's scale is drawn around `std / std(q)`, its codes uniformly.
+/// each block's scale is drawn around `std / std(q)`, its codes uniformly and
+/// symmetrically around zero. (Plain random nibbles would give every weight a
+/// mean of -0.5 steps, a bias that makes every row of a matrix point the same
+/// way and the model degenerate.)
 fn random_blocks(ty: GgmlType, std: f32, n_elems: usize, rng: &mut Rng, out: &mut Vec<u8>) {
+    // Codes: Q4_0 nibbles 1..=15 with 0 remapped to 8 (weights -7..=7 steps);
+    // Q8_0 bytes with -128 remapped to 0 (ggml's quantizer never emits -128).
     let (q_std, block_bytes) = match ty {
-        GgmlType::Q4_0 => (4.61f32, 18usize),
-        GgmlType::Q8_0 => (73.6, 34),
+        GgmlType::Q4_0 => (4.18f32, 18usize),
+        GgmlType::Q8_0 => (73.3, 34),
         _ => unreachable!("random blocks only for q4_0 / q8_0"),
     };
     let n_blocks = n_elems / QK;
@@ -336,12 +341,16 @@ fn random_blocks(ty: GgmlType, std: f32, n_elems: usize, rng: &mut Rng, out: &mu
     for b in out.chunks_exact_mut(block_bytes) {
         let d = std / q_std * (0.75 + 0.5 * rng.next_f32());
         b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        if ty == GgmlType::Q8_0 {
-            // i8 -128 never comes out of ggml's quantizer.
-            b[2..]
-                .iter_mut()
-                .filter(|q| **q == 0x80)
-                .for_each(|q| *q = 0x81);
+        for q in &mut b[2..] {
+            *q = match ty {
+                GgmlType::Q8_0 if *q == 0x80 => 0,
+                GgmlType::Q8_0 => *q,
+                _ => {
+                    let lo = if *q & 0x0f == 0 { 8 } else { *q & 0x0f };
+                    let hi = if *q >> 4 == 0 { 8 } else { *q >> 4 };
+                    lo | (hi << 4)
+                }
+            };
         }
     }
 }

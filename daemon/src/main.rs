@@ -25,6 +25,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Teacher-forced logits: a JSON array with one array of n_vocab floats per position.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+    },
     /// Write a synthetic model with random weights in the real LFM2 layout.
     Synth {
         /// 8b-a1b, 350m, tiny-moe or tiny-dense.
@@ -72,6 +80,19 @@ fn run(cli: Cli) -> Result<()> {
                 inspect::render_text(&report)
             };
             write_stdout(&text)?;
+        }
+        Command::Logits { model, tokens } => {
+            let m = lfmd::engine::Model::open(&model)
+                .with_context(|| format!("loading {}", model.display()))?;
+            let mut state = lfmd::engine::SeqState::new(&m);
+            let mut items = [lfmd::engine::BatchItem {
+                state: &mut state,
+                tokens: &tokens,
+                logits: lfmd::engine::LogitsWanted::All,
+            }];
+            let logits = m.forward(&mut items)?.pop().expect("one item");
+            let rows: Vec<&[f32]> = logits.chunks(m.n_vocab()).collect();
+            write_stdout(&(serde_json::to_string(&rows)? + "\n"))?;
         }
         Command::Synth {
             preset,

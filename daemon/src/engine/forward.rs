@@ -1,0 +1,360 @@
+//! The forward pass. All tokens of all sequences in a call share the matrix
+//! products (one pass over each weight matrix per layer); the sequence-local
+//! parts (conv window, attention over the KV cache) run per sequence.
+
+use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid, silu, softmax};
+use super::state::{LayerState, SeqState};
+use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
+use crate::gguf::GgmlType;
+use half::{bf16, f16};
+use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
+
+/// Which logits a sequence wants back from a forward call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// The last token's (prefill then sample).
+    Last,
+    /// Every token's (teacher forcing).
+    All,
+}
+
+/// One sequence's share of a forward call.
+pub struct BatchItem<'a> {
+    pub state: &'a mut SeqState,
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+/// Expands `rows` whole rows of `t`'s type from `src` into `out`.
+pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
+    match t.ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32();
+            }
+        }
+        GgmlType::Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
+                let mut blk = BlockQ8_0 {
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    qs: [0; QK],
+                };
+                blk.qs
+                    .iter_mut()
+                    .zip(&b[2..])
+                    .for_each(|(q, &v)| *q = v as i8);
+                scalar::dequantize_row_q8_0(std::slice::from_ref(&blk), o);
+            }
+        }
+        GgmlType::Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
+                let mut blk = BlockQ4_0 {
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    qs: [0; QK / 2],
+                };
+                blk.qs.copy_from_slice(&b[2..]);
+                scalar::dequantize_row_q4_0(std::slice::from_ref(&blk), o);
+            }
+        }
+        other => unreachable!("{other} is not in SUPPORTED_TYPES"),
+    }
+}
+
+/// `y[t][r] = W[r] . x[t]` for `n` activation rows.
+fn matmul(file: &[u8], w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
+    debug_assert_eq!(x.len(), n * w.cols);
+    debug_assert_eq!(y.len(), n * w.rows);
+    let bytes = w.bytes(file);
+    let mut row = vec![0.0f32; w.cols];
+    for r in 0..w.rows {
+        dequantize_rows(w, &bytes[r * w.row_bytes..(r + 1) * w.row_bytes], &mut row);
+        for t in 0..n {
+            let xt = &x[t * w.cols..(t + 1) * w.cols];
+            y[t * w.rows + r] = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+impl Model {
+    /// Runs the model over each item's tokens, appending them to its state,
+    /// and returns for each item the logits it asked for, row-major
+    /// `[rows][n_vocab]`. Nothing is changed if an error is returned.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let d = &self.desc;
+        let (e, nv) = (d.n_embd, d.n_vocab);
+        for it in items.iter() {
+            if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= nv) {
+                return Err(EngineError::BadToken { id, n_vocab: nv });
+            }
+            let end = it.state.pos + it.tokens.len();
+            if end > d.n_ctx_train {
+                return Err(EngineError::ContextFull {
+                    pos: end,
+                    limit: d.n_ctx_train,
+                });
+            }
+        }
+        let file = self.gguf.bytes();
+        // Row ranges of each item in the flattened batch.
+        let mut spans = Vec::with_capacity(items.len());
+        let mut n = 0;
+        for it in items.iter() {
+            spans.push(n..n + it.tokens.len());
+            n += it.tokens.len();
+        }
+
+        let mut x = vec![0.0f32; n * e];
+        for (row, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
+            let t = self.tok_embd.rows(tok as usize, 1);
+            dequantize_rows(&t, t.bytes(file), &mut x[row * e..(row + 1) * e]);
+        }
+
+        let mut h = vec![0.0f32; n * e];
+        let mut mix = vec![0.0f32; n * e];
+        for (il, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, d.norm_eps, &mut h);
+            match &layer.mixer {
+                Mixer::Conv {
+                    conv,
+                    in_proj,
+                    out_proj,
+                } => {
+                    let mut bcx = vec![0.0f32; n * 3 * e];
+                    matmul(file, in_proj, &h, n, &mut bcx);
+                    let l = d.conv_l_cache;
+                    let mut y = vec![0.0f32; n * e];
+                    for (it, span) in items.iter_mut().zip(&spans) {
+                        let LayerState::Conv { window } = &mut it.state.layers[il] else {
+                            unreachable!("state layout follows the model");
+                        };
+                        for t in span.clone() {
+                            let row = &bcx[t * 3 * e..(t + 1) * 3 * e];
+                            let (b, rest) = row.split_at(e);
+                            let (c, xin) = rest.split_at(e);
+                            for ch in 0..e {
+                                let bx = b[ch] * xin[ch];
+                                let taps = &conv[ch * l..(ch + 1) * l];
+                                let mut acc = 0.0f32;
+                                for k in 0..l - 1 {
+                                    acc += window[k * e + ch] * taps[k];
+                                }
+                                acc += bx * taps[l - 1];
+                                y[t * e + ch] = c[ch] * acc;
+                                // Slide the window: drop the oldest input, append bx.
+                                for k in 0..l - 2 {
+                                    window[k * e + ch] = window[(k + 1) * e + ch];
+                                }
+                                window[(l - 2) * e + ch] = bx;
+                            }
+                        }
+                    }
+                    matmul(file, out_proj, &y, n, &mut mix);
+                }
+                Mixer::Attention {
+                    n_head_kv,
+                    q,
+                    k,
+                    v,
+                    o,
+                    q_norm,
+                    k_norm,
+                } => {
+                    let (hd, nh, nkv) = (d.head_dim, d.n_head, *n_head_kv);
+                    let kvd = nkv * hd;
+                    let mut qs = vec![0.0f32; n * e];
+                    let mut ks = vec![0.0f32; n * kvd];
+                    let mut vs = vec![0.0f32; n * kvd];
+                    matmul(file, q, &h, n, &mut qs);
+                    matmul(file, k, &h, n, &mut ks);
+                    matmul(file, v, &h, n, &mut vs);
+                    rms_norm_inplace(&mut qs, q_norm, d.norm_eps);
+                    rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let group = nh / nkv;
+                    let mut att = vec![0.0f32; n * e];
+                    for (it, span) in items.iter_mut().zip(&spans) {
+                        let pos0 = it.state.pos;
+                        let LayerState::Attention { k: kc, v: vc } = &mut it.state.layers[il]
+                        else {
+                            unreachable!("state layout follows the model");
+                        };
+                        for (i, t) in span.clone().enumerate() {
+                            let p = pos0 + i;
+                            for head in qs[t * e..(t + 1) * e].chunks_exact_mut(hd) {
+                                rope_neox(head, p, d.rope_freq_base);
+                            }
+                            for head in ks[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                                rope_neox(head, p, d.rope_freq_base);
+                            }
+                            kc.extend(ks[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
+                            vc.extend(vs[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
+                        }
+                        let mut scores = Vec::new();
+                        for (i, t) in span.clone().enumerate() {
+                            let p = pos0 + i;
+                            for hq in 0..nh {
+                                let kvh = hq / group;
+                                let qh = &qs[t * e + hq * hd..t * e + (hq + 1) * hd];
+                                scores.clear();
+                                for j in 0..=p {
+                                    let kh = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                                    let dot: f32 =
+                                        qh.iter().zip(kh).map(|(a, b)| a * b.to_f32()).sum();
+                                    scores.push(dot * scale);
+                                }
+                                softmax(&mut scores);
+                                let out = &mut att[t * e + hq * hd..t * e + (hq + 1) * hd];
+                                for (j, &s) in scores.iter().enumerate() {
+                                    let vh = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                                    for (o, vv) in out.iter_mut().zip(vh) {
+                                        *o += s * vv.to_f32();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    matmul(file, o, &att, n, &mut mix);
+                }
+            }
+            x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
+
+            rms_norm(&x, &layer.ffn_norm, d.norm_eps, &mut h);
+            match &layer.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    let f = gate.rows;
+                    let mut g = vec![0.0f32; n * f];
+                    let mut u = vec![0.0f32; n * f];
+                    matmul(file, gate, &h, n, &mut g);
+                    matmul(file, up, &h, n, &mut u);
+                    g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
+                    matmul(file, down, &g, n, &mut mix);
+                }
+                Ffn::Moe {
+                    router,
+                    bias,
+                    gate,
+                    up,
+                    down,
+                } => {
+                    self.moe(file, router, bias, gate, up, down, &h, n, &mut mix);
+                }
+            }
+            x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
+        }
+
+        // Logits for the rows asked for.
+        let mut out = Vec::with_capacity(items.len());
+        for (it, span) in items.iter().zip(&spans) {
+            let rows: Vec<usize> = match it.logits {
+                LogitsWanted::None => Vec::new(),
+                LogitsWanted::Last => span.clone().last().into_iter().collect(),
+                LogitsWanted::All => span.clone().collect(),
+            };
+            let mut hn = vec![0.0f32; rows.len() * e];
+            for (i, &r) in rows.iter().enumerate() {
+                rms_norm(
+                    &x[r * e..(r + 1) * e],
+                    &self.output_norm,
+                    d.norm_eps,
+                    &mut hn[i * e..(i + 1) * e],
+                );
+            }
+            let mut logits = vec![0.0f32; rows.len() * nv];
+            matmul(file, &self.output, &hn, rows.len(), &mut logits);
+            out.push(logits);
+        }
+        for it in items.iter_mut() {
+            it.state.pos += it.tokens.len();
+        }
+        Ok(out)
+    }
+
+    /// Mixture of experts: sigmoid router, bias for selection only, top-k,
+    /// normalized weights, weighted sum of SwiGLU experts (summed in
+    /// selection order, as llama.cpp does).
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        file: &[u8],
+        router: &Tensor,
+        bias: &[f32],
+        gate: &Tensor,
+        up: &Tensor,
+        down: &Tensor,
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let d = &self.desc;
+        let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
+        let mut logits = vec![0.0f32; n * ne];
+        matmul(file, router, h, n, &mut logits);
+        // Per token: the chosen experts (in selection order) and their weights.
+        let mut chosen = vec![(0usize, 0.0f32); n * k];
+        for t in 0..n {
+            let probs: Vec<f32> = logits[t * ne..(t + 1) * ne]
+                .iter()
+                .map(|&v| sigmoid(v))
+                .collect();
+            let mut order: Vec<usize> = (0..ne).collect();
+            order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
+            let sum: f32 = order[..k]
+                .iter()
+                .map(|&i| probs[i])
+                .sum::<f32>()
+                .max(6.103_515_6e-5);
+            for (slot, &i) in order[..k].iter().enumerate() {
+                chosen[t * k + slot] = (i, probs[i] / sum);
+            }
+        }
+        // Expert outputs per (token, slot), then summed in slot order.
+        let mut per_slot = vec![0.0f32; n * k * e];
+        for ex in 0..ne {
+            let users: Vec<(usize, usize)> = (0..n * k)
+                .filter(|&i| chosen[i].0 == ex)
+                .map(|i| (i / k, i % k))
+                .collect();
+            if users.is_empty() {
+                continue;
+            }
+            let m = users.len();
+            let mut hx = vec![0.0f32; m * e];
+            for (i, &(t, _)) in users.iter().enumerate() {
+                hx[i * e..(i + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
+            }
+            let mut g = vec![0.0f32; m * f];
+            let mut u = vec![0.0f32; m * f];
+            matmul(file, &gate.rows(ex * f, f), &hx, m, &mut g);
+            matmul(file, &up.rows(ex * f, f), &hx, m, &mut u);
+            g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
+            let mut dn = vec![0.0f32; m * e];
+            matmul(file, &down.rows(ex * e, e), &g, m, &mut dn);
+            for (i, &(t, slot)) in users.iter().enumerate() {
+                let w = chosen[t * k + slot].1;
+                let dst = &mut per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];
+                dst.iter_mut()
+                    .zip(&dn[i * e..(i + 1) * e])
+                    .for_each(|(o, v)| *o = v * w);
+            }
+        }
+        for t in 0..n {
+            let o = &mut out[t * e..(t + 1) * e];
+            o.copy_from_slice(&per_slot[t * k * e..(t * k + 1) * e]);
+            for slot in 1..k {
+                let s = &per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];
+                o.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The inference engine: a forward pass over weights read straight from the
+//! GGUF mapping, for `lfm2` and `lfm2moe`, batching several independent
+//! sequences (each with its own KV cache and conv state) in one call.
+//!
+//! The engine owns no threads and never awaits: callers (the CLI, the
+//! scheduler thread) drive it.
+
+mod forward;
+mod ops;
+mod state;
+mod weights;
+
+pub use forward::{BatchItem, LogitsWanted};
+pub use state::SeqState;
+pub use weights::{EngineError, Model};

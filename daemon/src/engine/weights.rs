@@ -1,0 +1,200 @@
+//! [`Model`]: a validated model over its mapping. Matrices stay in the file
+//! (a [`Tensor`] is a byte range plus shape); only tiny F32 vectors (norm
+//! gains, conv kernels, expert biases) are copied out at load.
+
+use crate::gguf::{GgmlType, Gguf, GgufError};
+use crate::model::{LayerKind, ModelDesc, ModelError};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("token id {id} is outside the vocabulary (0..{n_vocab})")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("sequence would reach position {pos}, beyond the model's {limit}-token limit")]
+    ContextFull { pos: usize, limit: usize },
+}
+
+/// Weight types the engine computes with.
+pub const SUPPORTED_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+];
+
+/// A matrix in the mapping: `rows` rows of `cols` elements, row-major, each
+/// row `row_bytes` long, starting at byte `start` of the file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tensor {
+    pub ty: GgmlType,
+    pub start: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+}
+
+impl Tensor {
+    /// Rows `first..first + n` of this matrix (an expert's slab of a stacked
+    /// expert tensor is such a slice).
+    pub fn rows(&self, first: usize, n: usize) -> Tensor {
+        debug_assert!(first + n <= self.rows);
+        Tensor {
+            start: self.start + first * self.row_bytes,
+            rows: n,
+            ..*self
+        }
+    }
+
+    pub fn bytes<'a>(&self, file: &'a [u8]) -> &'a [u8] {
+        &file[self.start..self.start + self.rows * self.row_bytes]
+    }
+}
+
+pub(crate) enum Mixer {
+    Conv {
+        /// `[n_embd][l_cache]`: tap k of channel c at `conv[c * l + k]`.
+        conv: Vec<f32>,
+        in_proj: Tensor,
+        out_proj: Tensor,
+    },
+    Attention {
+        n_head_kv: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        o: Tensor,
+        q_norm: Vec<f32>,
+        k_norm: Vec<f32>,
+    },
+}
+
+pub(crate) enum Ffn {
+    Dense {
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+    },
+    Moe {
+        router: Tensor,
+        bias: Vec<f32>,
+        /// Stacked experts: expert e's rows are `e * n_ff_exp ..` (gate, up)
+        /// and `e * n_embd ..` (down).
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+    },
+}
+
+pub(crate) struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub mixer: Mixer,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: Ffn,
+}
+
+/// A loaded model: the mapping, its description, and tensor handles.
+pub struct Model {
+    pub(crate) gguf: Arc<Gguf>,
+    pub desc: ModelDesc,
+    pub(crate) tok_embd: Tensor,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) output: Tensor,
+    pub(crate) layers: Vec<Layer>,
+}
+
+impl Model {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, EngineError> {
+        Self::from_gguf(Arc::new(Gguf::open(path)?))
+    }
+
+    pub fn from_gguf(gguf: Arc<Gguf>) -> Result<Self, EngineError> {
+        let desc = ModelDesc::from_header(&gguf)?;
+        desc.validate_tensors(&gguf)?;
+        desc.check_types(&gguf, SUPPORTED_TYPES)?;
+        let g = &*gguf;
+        let mat = |name: &str| -> Tensor {
+            let t = g.tensor(name).expect("validated");
+            Tensor {
+                ty: t.ty,
+                start: g.file_range(t).start as usize,
+                rows: (t.n_elements() / t.dims[0]) as usize,
+                cols: t.dims[0] as usize,
+                row_bytes: t.row_bytes() as usize,
+            }
+        };
+        let vector = |name: &str| -> Vec<f32> {
+            let t = mat(name);
+            let mut v = vec![0.0; t.rows * t.cols];
+            super::forward::dequantize_rows(&t, t.bytes(g.bytes()), &mut v);
+            v
+        };
+        let mut layers = Vec::with_capacity(desc.n_layer);
+        for (i, l) in desc.layers.iter().enumerate() {
+            let b = |s: &str| format!("blk.{i}.{s}");
+            let mixer = match l.kind {
+                LayerKind::ShortConv => Mixer::Conv {
+                    conv: vector(&b("shortconv.conv.weight")),
+                    in_proj: mat(&b("shortconv.in_proj.weight")),
+                    out_proj: mat(&b("shortconv.out_proj.weight")),
+                },
+                LayerKind::Attention { n_head_kv } => Mixer::Attention {
+                    n_head_kv: n_head_kv as usize,
+                    q: mat(&b("attn_q.weight")),
+                    k: mat(&b("attn_k.weight")),
+                    v: mat(&b("attn_v.weight")),
+                    o: mat(&b("attn_output.weight")),
+                    q_norm: vector(&b("attn_q_norm.weight")),
+                    k_norm: vector(&b("attn_k_norm.weight")),
+                },
+            };
+            let ffn = if l.moe {
+                Ffn::Moe {
+                    router: mat(&b("ffn_gate_inp.weight")),
+                    bias: vector(&b("exp_probs_b.bias")),
+                    gate: mat(&b("ffn_gate_exps.weight")),
+                    up: mat(&b("ffn_up_exps.weight")),
+                    down: mat(&b("ffn_down_exps.weight")),
+                }
+            } else {
+                Ffn::Dense {
+                    gate: mat(&b("ffn_gate.weight")),
+                    up: mat(&b("ffn_up.weight")),
+                    down: mat(&b("ffn_down.weight")),
+                }
+            };
+            layers.push(Layer {
+                attn_norm: vector(&b("attn_norm.weight")),
+                mixer,
+                ffn_norm: vector(&b("ffn_norm.weight")),
+                ffn,
+            });
+        }
+        let output = if desc.tied_output {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        };
+        Ok(Model {
+            tok_embd: mat("token_embd.weight"),
+            output_norm: vector("token_embd_norm.weight"),
+            output: mat(output),
+            layers,
+            desc,
+            gguf,
+        })
+    }
+
+    pub fn gguf(&self) -> &Arc<Gguf> {
+        &self.gguf
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.desc.n_vocab
+    }
+}

@@ -9,4 +9,7 @@ pub mod gguf;
 pub mod inspect;
 pub mod model;
 pub mod paths;
+pub mod rng;
+pub mod sampler;
+pub mod stop;
 pub mod synth;

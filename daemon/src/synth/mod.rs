@@ -4,7 +4,6 @@
 //! Output is a pure function of (preset, quant, seed), written as a stream.
 
 mod presets;
-pub mod rng;
 mod vocab;
 
 #[cfg(test)]
@@ -16,7 +15,7 @@ use crate::gguf::{Array, GgmlType, GgufError, GgufWriter, TensorSpec, Value};
 use crate::model::{Arch, GatingFunc};
 use half::{bf16, f16};
 use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
-use rng::Rng;
+use crate::rng::Rng;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 

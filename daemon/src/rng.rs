@@ -1,6 +1,6 @@
 //! A small deterministic PRNG (xoshiro256++ seeded through SplitMix64).
-//! Synthetic models must be byte-identical for a seed on every machine and
-//! every version of every dependency, so we own the generator.
+//! Synthetic models and seeded sampling must be identical for a seed on every
+//! machine and every version of every dependency, so we own the generator.
 
 /// xoshiro256++: fast, statistically solid, and fully specified.
 #[derive(Clone, Debug)]

@@ -34,10 +34,17 @@ impl StopText {
                 return Err(StopError::Empty(index));
             }
             if s.len() > MAX_STOP_BYTES {
-                return Err(StopError::TooLong { index, len: s.len() });
+                return Err(StopError::TooLong {
+                    index,
+                    len: s.len(),
+                });
             }
         }
-        Ok(StopText { stops, pending: String::new(), stopped: false })
+        Ok(StopText {
+            stops,
+            pending: String::new(),
+            stopped: false,
+        })
     }
 
     pub fn stopped(&self) -> bool {
@@ -51,7 +58,12 @@ impl StopText {
             return String::new();
         }
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.pending[..at].to_owned();
             self.pending.clear();
@@ -104,7 +116,10 @@ mod tests {
 
     #[test]
     fn held_text_is_released_when_it_cannot_match() {
-        assert_eq!(run(&["STOP"], &["a S", "T", "x", "y"]), ("a STxy".into(), false));
+        assert_eq!(
+            run(&["STOP"], &["a S", "T", "x", "y"]),
+            ("a STxy".into(), false)
+        );
         assert_eq!(run(&["STOP"], &["a ST"]), ("a ST".into(), false));
     }
 
@@ -116,8 +131,17 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        assert_eq!(StopText::new(vec!["x".into(); 17]).unwrap_err(), StopError::TooMany(17));
-        assert!(matches!(StopText::new(vec!["y".repeat(300)]), Err(StopError::TooLong { index: 0, len: 300 })));
-        assert_eq!(StopText::new(vec!["".into()]).unwrap_err(), StopError::Empty(0));
+        assert_eq!(
+            StopText::new(vec!["x".into(); 17]).unwrap_err(),
+            StopError::TooMany(17)
+        );
+        assert!(matches!(
+            StopText::new(vec!["y".repeat(300)]),
+            Err(StopError::TooLong { index: 0, len: 300 })
+        ));
+        assert_eq!(
+            StopText::new(vec!["".into()]).unwrap_err(),
+            StopError::Empty(0)
+        );
     }
 }

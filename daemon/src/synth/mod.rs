@@ -13,9 +13,9 @@ pub use presets::{PRESETS, Preset, find as find_preset, names as preset_names};
 
 use crate::gguf::{Array, GgmlType, GgufError, GgufWriter, TensorSpec, Value};
 use crate::model::{Arch, GatingFunc};
+use crate::rng::Rng;
 use half::{bf16, f16};
 use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
-use crate::rng::Rng;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 

@@ -1,0 +1,91 @@
+//! Chat templates render exactly as Python's jinja2 does under Hugging Face's
+//! settings (goldens from scripts/chat-goldens.py), and hostile templates are
+//! stopped by fuel, recursion and size limits.
+
+use lfmd::chat::{ChatError, ChatMessage, ChatTemplate};
+use std::path::Path;
+
+fn data() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"))
+}
+
+#[test]
+fn every_template_renders_like_jinja2() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data().join("data/chat-cases.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(data().join("data/chat-templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let tname = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let tmpl = ChatTemplate::new(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for case in cases.as_array().unwrap() {
+            let name = case["name"].as_str().unwrap();
+            let want =
+                std::fs::read_to_string(data().join(format!("goldens/chat/{tname}__{name}.txt")))
+                    .unwrap();
+            let got = tmpl.render_json(
+                &case["messages"],
+                case.get("tools"),
+                case["add_generation_prompt"].as_bool().unwrap(),
+                "<|startoftext|>",
+            );
+            match got {
+                Ok(text) => assert_eq!(text, want, "{tname} / {name}"),
+                Err(e) => assert!(want.starts_with("!ERROR"), "{tname} / {name}: {e}"),
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 27);
+}
+
+#[test]
+fn builtin_template_is_lfm2() {
+    let t = ChatTemplate::builtin();
+    let out = t
+        .render(
+            &[
+                ChatMessage::new("system", "S"),
+                ChatMessage::new("user", "U"),
+            ],
+            None,
+            true,
+            "<|startoftext|>",
+        )
+        .unwrap();
+    assert_eq!(
+        out,
+        "<|startoftext|><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn hostile_templates_are_bounded() {
+    let msgs = [ChatMessage::new("user", "x")];
+    let render = |src: &str| ChatTemplate::new(src).and_then(|t| t.render(&msgs, None, true, ""));
+    // An endless-ish loop runs out of fuel.
+    let e = render(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+    )
+    .unwrap_err();
+    assert!(matches!(e, ChatError::Render(_)), "{e}");
+    // Unbounded recursion hits the recursion limit.
+    let e = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").unwrap_err();
+    assert!(matches!(e, ChatError::Render(_)), "{e}");
+    // Huge output is cut off.
+    let e = render("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}").unwrap_err();
+    assert!(
+        matches!(e, ChatError::OutputTooLarge | ChatError::Render(_)),
+        "{e}"
+    );
+    // Syntax errors are compile errors, and raise_exception is an error.
+    assert!(matches!(render("{% if %}"), Err(ChatError::Compile(_))));
+    let e = render("{{ raise_exception('no system role') }}").unwrap_err();
+    assert!(e.to_string().contains("no system role"), "{e}");
+    assert!(matches!(
+        ChatTemplate::new(&"x".repeat(300_000)),
+        Err(ChatError::TooLarge(_))
+    ));
+}

@@ -57,6 +57,11 @@ golden = {
     "forced_argmax": [int(x) for x in logits.argmax(1)],
     "tokenize": tok,
 }
+if os.path.getsize(f) < 256 << 20:
+    # Teacher-forced logits of the small presets, raw little-endian f32 [positions][vocab].
+    golden["forced_logits"] = f"{preset}-{quant}.logits.f32"
+    golden["forced_logits_shape"] = list(logits.shape)
+    logits.astype("<f4").tofile(os.path.join(out, golden["forced_logits"]))
 with open(os.path.join(out, f"{preset}-{quant}.json"), "w") as o:
     json.dump(golden, o, indent=1, ensure_ascii=False)
     o.write("\n")

@@ -107,3 +107,157 @@ fn small_presets_are_not_degenerate_under_llama_cpp() {
         );
     }
 }
+
+fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += x as f64 * y as f64;
+        na += x as f64 * x as f64;
+        nb += y as f64 * y as f64;
+    }
+    d / (na.sqrt() * nb.sqrt())
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(0, |best, (i, &x)| if x > v[best] { i } else { best })
+}
+
+/// Selection-score gap below which a routing decision counts as a tie: a few
+/// times the difference rounding makes between two engines (~5e-4 here).
+const ROUTE_TIE: f32 = 2e-3;
+
+/// Teacher-forced logits against llama.cpp's on the very same files, with
+/// the thresholds: F32 to 1e-3 of the logit range with the same
+/// argmax everywhere; F16/BF16 cosine >= 0.9999 with the same argmax;
+/// quantized cosine >= 0.995 and at least as close to the F32 model's
+/// logits as llama.cpp is (minus 0.001). Prints the conformance table.
+#[test]
+fn logits_match_llama_cpp() {
+    use lfmd::engine::{BatchItem, ForwardStats, LogitsWanted, Model, SeqState};
+    let all = goldens();
+    let by_name: std::collections::HashMap<&str, &serde_json::Value> =
+        all.iter().map(|(n, g)| (n.as_str(), g)).collect();
+    println!(
+        "{:<22} {:>10} {:>12} {:>8} {:>12} {:>12} {:>10} ties",
+        "model", "cos min", "max|d|/rng", "argmax", "cos->f32", "llama->f32", "cos all"
+    );
+    let mut checked = 0;
+    for (name, g) in &all {
+        let Some(file) = g["forced_logits"].as_str() else {
+            continue;
+        };
+        let preset_name = g["preset"].as_str().unwrap();
+        let preset = synth::find_preset(preset_name).unwrap();
+        let quant = g["quant"].as_str().unwrap();
+        let ty = GgmlType::from_name(quant).unwrap();
+        let mut bytes = Vec::new();
+        synth::write_to(preset, ty, g["seed"].as_u64().unwrap(), &mut bytes).unwrap();
+        let model = Model::from_gguf(std::sync::Arc::new(
+            lfmd::gguf::Gguf::from_bytes(bytes).unwrap(),
+        ))
+        .unwrap();
+        let ids: Vec<u32> = g["forced_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let mut st = SeqState::new(&model);
+        let mut stats = ForwardStats::default();
+        let ours = model
+            .forward_with_stats(
+                &mut [BatchItem {
+                    state: &mut st,
+                    tokens: &ids,
+                    logits: LogitsWanted::All,
+                }],
+                Some(&mut stats),
+            )
+            .unwrap()
+            .pop()
+            .unwrap();
+        let theirs = read_f32(&golden_dir().join(file));
+        assert_eq!(ours.len(), theirs.len(), "{name}");
+        let f32_ref = by_name
+            .get(format!("{preset_name}-f32.json").as_str())
+            .map(|f| read_f32(&golden_dir().join(f["forced_logits"].as_str().unwrap())));
+        let nv = model.n_vocab();
+        let (mut cos_min, mut rel_max, mut agree) = (1f64, 0f64, 0usize);
+        let mut ties = Vec::new();
+        let (mut ours_f32, mut theirs_f32) = (0f64, 0f64);
+        for (p, (o, t)) in ours.chunks(nv).zip(theirs.chunks(nv)).enumerate() {
+            let range = t.iter().cloned().fold(f32::MIN, f32::max)
+                - t.iter().cloned().fold(f32::MAX, f32::min);
+            let md = o
+                .iter()
+                .zip(t)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            // A routing decision within rounding noise of a tie can go either
+            // way in either engine; such positions (and only those) are held
+            // to the whole-sequence cosine below instead of their own.
+            if stats.route_margin[p] < ROUTE_TIE {
+                ties.push(p);
+            } else {
+                cos_min = cos_min.min(cosine(o, t));
+            }
+            rel_max = rel_max.max((md / range) as f64);
+            agree += usize::from(argmax(o) == argmax(t));
+            if let Some(r) = &f32_ref {
+                let rp = &r[p * nv..(p + 1) * nv];
+                ours_f32 += cosine(o, rp);
+                theirs_f32 += cosine(t, rp);
+            }
+        }
+        let npos = ours.len() / nv;
+        let (ours_f32, theirs_f32) = (ours_f32 / npos as f64, theirs_f32 / npos as f64);
+        let cos_all = cosine(&ours, &theirs);
+        println!(
+            "{:<22} {:>10.6} {:>12.2e} {:>5}/{:<2} {:>12.6} {:>12.6} {:>10.6} {:?}",
+            name.trim_end_matches(".json"),
+            cos_min,
+            rel_max,
+            agree,
+            npos,
+            ours_f32,
+            theirs_f32,
+            cos_all,
+            ties
+        );
+        assert!(
+            ties.len() * 10 <= npos,
+            "{name}: {} of {npos} positions are routing ties",
+            ties.len()
+        );
+        assert!(cos_all >= 0.995, "{name}: whole-sequence cosine {cos_all}");
+        match ty {
+            GgmlType::F32 => {
+                assert!(rel_max <= 1e-3, "{name}: max |d| {rel_max} of the range");
+                assert_eq!(agree, npos, "{name}: argmax");
+            }
+            GgmlType::F16 | GgmlType::BF16 => {
+                assert!(cos_min >= 0.9999, "{name}: cosine {cos_min}");
+                assert_eq!(agree, npos, "{name}: argmax");
+            }
+            _ => {
+                assert!(cos_min >= 0.995, "{name}: cosine {cos_min}");
+                assert!(
+                    ours_f32 >= theirs_f32 - 0.001,
+                    "{name}: ours to F32 {ours_f32} vs llama.cpp {theirs_f32}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 8, "conformance ran on {checked} goldens");
+}

@@ -19,6 +19,16 @@ pub enum LogitsWanted {
     All,
 }
 
+/// What a forward call observed, for diagnostics and tests.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardStats {
+    /// Per token of the call (in batch order): the smallest gap, over all MoE
+    /// layers, between the selection score of the last chosen expert and the
+    /// best unchosen one. A gap near zero is a routing tie that rounding
+    /// noise can flip.
+    pub route_margin: Vec<f32>,
+}
+
 /// One sequence's share of a forward call.
 pub struct BatchItem<'a> {
     pub state: &'a mut SeqState,
@@ -72,18 +82,82 @@ pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
 }
 
 /// `y[t][r] = W[r] . x[t]` for `n` activation rows.
+///
+/// Quantized weights meet activations quantized the way llama.cpp does
+/// (Q8_0 blocks against Q4_0 / Q8_0 weights, integer block sums), so the
+/// results agree with it to rounding; float weights use f32 activations.
 fn matmul(file: &[u8], w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), n * w.cols);
     debug_assert_eq!(y.len(), n * w.rows);
     let bytes = w.bytes(file);
-    let mut row = vec![0.0f32; w.cols];
-    for r in 0..w.rows {
-        dequantize_rows(w, &bytes[r * w.row_bytes..(r + 1) * w.row_bytes], &mut row);
-        for t in 0..n {
-            let xt = &x[t * w.cols..(t + 1) * w.cols];
-            y[t * w.rows + r] = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+    match w.ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 => {
+            let nb = w.cols / QK;
+            let mut xq = vec![
+                BlockQ8_0 {
+                    d: f16::ZERO,
+                    qs: [0; QK]
+                };
+                n * nb
+            ];
+            for t in 0..n {
+                scalar::quantize_row_q8_0(
+                    &x[t * w.cols..(t + 1) * w.cols],
+                    &mut xq[t * nb..(t + 1) * nb],
+                );
+            }
+            for r in 0..w.rows {
+                let row = &bytes[r * w.row_bytes..(r + 1) * w.row_bytes];
+                for t in 0..n {
+                    let xb = &xq[t * nb..(t + 1) * nb];
+                    y[t * w.rows + r] = if w.ty == GgmlType::Q4_0 {
+                        dot_q4_0_q8_0(row, xb)
+                    } else {
+                        dot_q8_0_q8_0(row, xb)
+                    };
+                }
+            }
+        }
+        _ => {
+            let mut row = vec![0.0f32; w.cols];
+            for r in 0..w.rows {
+                dequantize_rows(w, &bytes[r * w.row_bytes..(r + 1) * w.row_bytes], &mut row);
+                for t in 0..n {
+                    let xt = &x[t * w.cols..(t + 1) * w.cols];
+                    y[t * w.rows + r] = row.iter().zip(xt).map(|(a, b)| a * b).sum();
+                }
+            }
         }
     }
+}
+
+fn dot_q4_0_q8_0(row: &[u8], x: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, xb) in row.chunks_exact(18).zip(x) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = i32::from(b[2 + j] & 0x0f) - 8;
+            let hi = i32::from(b[2 + j] >> 4) - 8;
+            sumi += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + QK / 2]);
+        }
+        sum += sumi as f32 * d * xb.d.to_f32();
+    }
+    sum
+}
+
+fn dot_q8_0_q8_0(row: &[u8], x: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0.0f32;
+    for (b, xb) in row.chunks_exact(34).zip(x) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let sumi: i32 = b[2..]
+            .iter()
+            .zip(&xb.qs)
+            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
+            .sum();
+        sum += sumi as f32 * d * xb.d.to_f32();
+    }
+    sum
 }
 
 impl Model {
@@ -91,6 +165,15 @@ impl Model {
     /// and returns for each item the logits it asked for, row-major
     /// `[rows][n_vocab]`. Nothing is changed if an error is returned.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.forward_with_stats(items, None)
+    }
+
+    /// [`Model::forward`], also filling `stats`.
+    pub fn forward_with_stats(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mut stats: Option<&mut ForwardStats>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let d = &self.desc;
         let (e, nv) = (d.n_embd, d.n_vocab);
         for it in items.iter() {
@@ -114,6 +197,9 @@ impl Model {
             n += it.tokens.len();
         }
 
+        if let Some(st) = stats.as_deref_mut() {
+            st.route_margin = vec![f32::INFINITY; n];
+        }
         let mut x = vec![0.0f32; n * e];
         for (row, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
             let t = self.tok_embd.rows(tok as usize, 1);
@@ -247,7 +333,8 @@ impl Model {
                     up,
                     down,
                 } => {
-                    self.moe(file, router, bias, gate, up, down, &h, n, &mut mix);
+                    let margins = stats.as_deref_mut().map(|s| &mut s.route_margin[..]);
+                    self.moe(file, router, bias, gate, up, down, &h, n, &mut mix, margins);
                 }
             }
             x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
@@ -295,6 +382,7 @@ impl Model {
         h: &[f32],
         n: usize,
         out: &mut [f32],
+        mut margins: Option<&mut [f32]>,
     ) {
         let d = &self.desc;
         let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
@@ -309,6 +397,10 @@ impl Model {
                 .collect();
             let mut order: Vec<usize> = (0..ne).collect();
             order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
+            if let (Some(m), Some(&next)) = (margins.as_deref_mut(), order.get(k)) {
+                let gap = (probs[order[k - 1]] + bias[order[k - 1]]) - (probs[next] + bias[next]);
+                m[t] = m[t].min(gap);
+            }
             let sum: f32 = order[..k]
                 .iter()
                 .map(|&i| probs[i])

@@ -5,6 +5,7 @@
 //! blocks, rows and slices; the daemon maps files and hands slices in.
 
 pub mod blocks;
+pub mod isa;
 pub mod pool;
 pub mod scalar;
 

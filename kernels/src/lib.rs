@@ -6,7 +6,11 @@
 
 pub mod blocks;
 pub mod isa;
+pub mod matmul;
 pub mod pool;
 pub mod scalar;
 
 pub use blocks::*;
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86;

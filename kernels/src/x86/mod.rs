@@ -1,0 +1,5 @@
+//! x86-64 kernels. Each function carries `#[target_feature]` and is only
+//! reachable through the dispatch table after runtime detection said the
+//! features are present.
+
+pub mod avx2;

@@ -4,6 +4,7 @@
 //! writer over a memory mapping, the model description, and the synthetic
 //! model writer used for tests and benchmarks.
 
+pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod gguf;

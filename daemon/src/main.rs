@@ -33,6 +33,22 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<u32>,
     },
+    /// Prefill and decode speed, measured like llama-bench's pp and tg tests.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt tokens for the prefill test (0 skips it).
+        #[arg(short = 'p', long = "prompt", default_value_t = 512)]
+        prompt: usize,
+        /// Tokens for the decode test (0 skips it).
+        #[arg(short = 'n', long = "gen", default_value_t = 128)]
+        n_gen: usize,
+        /// Repetitions of each test (the mean is reported).
+        #[arg(short = 'r', long, default_value_t = 1)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a synthetic model with random weights in the real LFM2 layout.
     Synth {
         /// 8b-a1b, 350m, tiny-moe or tiny-dense.
@@ -93,6 +109,32 @@ fn run(cli: Cli) -> Result<()> {
             let logits = m.forward(&mut items)?.pop().expect("one item");
             let rows: Vec<&[f32]> = logits.chunks(m.n_vocab()).collect();
             write_stdout(&(serde_json::to_string(&rows)? + "\n"))?;
+        }
+        Command::Bench {
+            model,
+            prompt,
+            n_gen,
+            reps,
+            json,
+        } => {
+            let m = lfmd::engine::Model::open(&model)
+                .with_context(|| format!("loading {}", model.display()))?;
+            let r = lfmd::bench::run(&m, &model.display().to_string(), prompt, n_gen, reps)?;
+            let text = if json {
+                serde_json::to_string_pretty(&r)? + "\n"
+            } else {
+                format!(
+                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s\n",
+                    r.model,
+                    r.threads,
+                    r.isa,
+                    r.prefill_tokens,
+                    r.prefill_tokens_per_s,
+                    r.decode_tokens,
+                    r.decode_tokens_per_s
+                )
+            };
+            write_stdout(&text)?;
         }
         Command::Synth {
             preset,

@@ -197,4 +197,14 @@ impl Model {
     pub fn n_vocab(&self) -> usize {
         self.desc.n_vocab
     }
+
+    /// The kernel path in use (e.g. `avx512+vnni`).
+    pub fn isa_name(&self) -> String {
+        "scalar".to_owned()
+    }
+
+    /// Compute threads in use.
+    pub fn n_threads(&self) -> usize {
+        1
+    }
 }

@@ -1,0 +1,85 @@
+//! `lfmd bench`: prefill and decode speed on a model, measured the way
+//! llama-bench measures pp/tg (each test from an empty context, prompt
+//! tokens drawn at random, decode fed one token at a time), so the two can be
+//! compared side by side (scripts/bench-vs-llama.sh).
+
+use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
+use crate::rng::Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub model_bytes: u64,
+    pub isa: String,
+    pub threads: usize,
+    pub prefill_tokens: usize,
+    pub prefill_seconds: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b }) as u32
+}
+
+/// Runs a `prompt`-token prefill and a `n_gen`-token decode, `reps` times each,
+/// and reports the mean rates.
+pub fn run(
+    model: &Model,
+    name: &str,
+    prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> Result<BenchReport, EngineError> {
+    let nv = model.n_vocab() as u64;
+    let mut rng = Rng::new(0x1f2e3d);
+    let reps = reps.max(1);
+    let (mut t_pp, mut t_tg) = (0.0, 0.0);
+    for _ in 0..reps {
+        if prompt > 0 {
+            let toks: Vec<u32> = (0..prompt).map(|_| rng.below(nv) as u32).collect();
+            let mut st = SeqState::new(model);
+            let t0 = Instant::now();
+            model.forward(&mut [BatchItem {
+                state: &mut st,
+                tokens: &toks,
+                logits: LogitsWanted::Last,
+            }])?;
+            t_pp += t0.elapsed().as_secs_f64();
+        }
+        if n_gen > 0 {
+            let mut st = SeqState::new(model);
+            let mut tok = rng.below(nv) as u32;
+            let t0 = Instant::now();
+            for _ in 0..n_gen {
+                let out = model.forward(&mut [BatchItem {
+                    state: &mut st,
+                    tokens: std::slice::from_ref(&tok),
+                    logits: LogitsWanted::Last,
+                }])?;
+                tok = argmax(&out[0]);
+            }
+            t_tg += t0.elapsed().as_secs_f64();
+        }
+    }
+    let (t_pp, t_tg) = (t_pp / reps as f64, t_tg / reps as f64);
+    let rate = |n: usize, t: f64| if n > 0 && t > 0.0 { n as f64 / t } else { 0.0 };
+    Ok(BenchReport {
+        model: name.to_owned(),
+        model_bytes: model.gguf().file_len,
+        isa: model.isa_name(),
+        threads: model.n_threads(),
+        prefill_tokens: prompt,
+        prefill_seconds: t_pp,
+        prefill_tokens_per_s: rate(prompt, t_pp),
+        decode_tokens: n_gen,
+        decode_seconds: t_tg,
+        decode_tokens_per_s: rate(n_gen, t_tg),
+    })
+}

@@ -46,6 +46,9 @@ enum Command {
         /// Repetitions of each test (the mean is reported).
         #[arg(short = 'r', long, default_value_t = 1)]
         reps: usize,
+        /// Compute threads (default: one per core).
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -115,9 +118,14 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             n_gen,
             reps,
+            threads,
             json,
         } => {
-            let m = lfmd::engine::Model::open(&model)
+            let opts = lfmd::engine::EngineOptions {
+                threads,
+                ..Default::default()
+            };
+            let m = lfmd::engine::Model::open_with(&model, opts)
                 .with_context(|| format!("loading {}", model.display()))?;
             let r = lfmd::bench::run(&m, &model.display().to_string(), prompt, n_gen, reps)?;
             let text = if json {

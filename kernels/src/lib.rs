@@ -5,6 +5,7 @@
 //! blocks, rows and slices; the daemon maps files and hands slices in.
 
 pub mod blocks;
+pub mod dispatch;
 pub mod isa;
 pub mod matmul;
 pub mod pool;

@@ -7,6 +7,7 @@ use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::{bf16, f16};
+use lfm_kernels::dispatch::{RowFormat, dot_fn, quantize_activations};
 use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
 
 /// Which logits a sequence wants back from a forward call.
@@ -81,86 +82,38 @@ pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `y[t][r] = W[r] . x[t]` for `n` activation rows.
-///
-/// Quantized weights meet activations quantized the way llama.cpp does
-/// (Q8_0 blocks against Q4_0 / Q8_0 weights, integer block sums), so the
-/// results agree with it to rounding; float weights use f32 activations.
-fn matmul(file: &[u8], w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
-    debug_assert_eq!(x.len(), n * w.cols);
-    debug_assert_eq!(y.len(), n * w.rows);
-    let bytes = w.bytes(file);
-    match w.ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => {
-            let nb = w.cols / QK;
-            let mut xq = vec![
-                BlockQ8_0 {
-                    d: f16::ZERO,
-                    qs: [0; QK]
-                };
-                n * nb
-            ];
-            for t in 0..n {
-                scalar::quantize_row_q8_0(
-                    &x[t * w.cols..(t + 1) * w.cols],
-                    &mut xq[t * nb..(t + 1) * nb],
-                );
-            }
-            for r in 0..w.rows {
-                let row = &bytes[r * w.row_bytes..(r + 1) * w.row_bytes];
-                for t in 0..n {
-                    let xb = &xq[t * nb..(t + 1) * nb];
-                    y[t * w.rows + r] = if w.ty == GgmlType::Q4_0 {
-                        dot_q4_0_q8_0(row, xb)
-                    } else {
-                        dot_q8_0_q8_0(row, xb)
-                    };
-                }
-            }
-        }
-        _ => {
-            let mut row = vec![0.0f32; w.cols];
-            for r in 0..w.rows {
-                dequantize_rows(w, &bytes[r * w.row_bytes..(r + 1) * w.row_bytes], &mut row);
-                for t in 0..n {
-                    let xt = &x[t * w.cols..(t + 1) * w.cols];
-                    y[t * w.rows + r] = row.iter().zip(xt).map(|(a, b)| a * b).sum();
-                }
-            }
-        }
-    }
-}
-
-fn dot_q4_0_q8_0(row: &[u8], x: &[BlockQ8_0]) -> f32 {
-    let mut sum = 0.0f32;
-    for (b, xb) in row.chunks_exact(18).zip(x) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            let lo = i32::from(b[2 + j] & 0x0f) - 8;
-            let hi = i32::from(b[2 + j] >> 4) - 8;
-            sumi += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + QK / 2]);
-        }
-        sum += sumi as f32 * d * xb.d.to_f32();
-    }
-    sum
-}
-
-fn dot_q8_0_q8_0(row: &[u8], x: &[BlockQ8_0]) -> f32 {
-    let mut sum = 0.0f32;
-    for (b, xb) in row.chunks_exact(34).zip(x) {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        let sumi: i32 = b[2..]
-            .iter()
-            .zip(&xb.qs)
-            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
-            .sum();
-        sum += sumi as f32 * d * xb.d.to_f32();
-    }
-    sum
-}
-
 impl Model {
+    /// `y[t][r] = W[r] . x[t]` for `n` activation rows, on the pool.
+    ///
+    /// Quantized weights meet activations quantized the way llama.cpp does
+    /// (Q8_0 blocks against Q4_0 / Q8_0 weights, integer block sums), so the
+    /// results agree with it to rounding; float weights use f32 activations.
+    fn matmul(&self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
+        debug_assert_eq!(x.len(), n * w.cols);
+        let format = match w.ty {
+            GgmlType::F32 => RowFormat::F32,
+            GgmlType::F16 => RowFormat::F16,
+            GgmlType::BF16 => RowFormat::BF16,
+            GgmlType::Q4_0 => RowFormat::Q4_0,
+            GgmlType::Q8_0 => RowFormat::Q8_0,
+            other => unreachable!("{other} is not in SUPPORTED_TYPES"),
+        };
+        let mut act = Vec::new();
+        let act_row = quantize_activations(format, x, w.cols, &mut act);
+        let file = self.gguf.bytes();
+        lfm_kernels::matmul::matmul(
+            &self.pool,
+            dot_fn(self.isa, format),
+            w.bytes(file),
+            w.rows,
+            w.row_bytes,
+            &act,
+            act_row,
+            n,
+            y,
+        );
+    }
+
     /// Runs the model over each item's tokens, appending them to its state,
     /// and returns for each item the logits it asked for, row-major
     /// `[rows][n_vocab]`. Nothing is changed if an error is returned.
@@ -217,7 +170,7 @@ impl Model {
                     out_proj,
                 } => {
                     let mut bcx = vec![0.0f32; n * 3 * e];
-                    matmul(file, in_proj, &h, n, &mut bcx);
+                    self.matmul(in_proj, &h, n, &mut bcx);
                     let l = d.conv_l_cache;
                     let mut y = vec![0.0f32; n * e];
                     for (it, span) in items.iter_mut().zip(&spans) {
@@ -245,7 +198,7 @@ impl Model {
                             }
                         }
                     }
-                    matmul(file, out_proj, &y, n, &mut mix);
+                    self.matmul(out_proj, &y, n, &mut mix);
                 }
                 Mixer::Attention {
                     n_head_kv,
@@ -261,9 +214,9 @@ impl Model {
                     let mut qs = vec![0.0f32; n * e];
                     let mut ks = vec![0.0f32; n * kvd];
                     let mut vs = vec![0.0f32; n * kvd];
-                    matmul(file, q, &h, n, &mut qs);
-                    matmul(file, k, &h, n, &mut ks);
-                    matmul(file, v, &h, n, &mut vs);
+                    self.matmul(q, &h, n, &mut qs);
+                    self.matmul(k, &h, n, &mut ks);
+                    self.matmul(v, &h, n, &mut vs);
                     rms_norm_inplace(&mut qs, q_norm, d.norm_eps);
                     rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
                     let scale = 1.0 / (hd as f32).sqrt();
@@ -310,7 +263,7 @@ impl Model {
                             }
                         }
                     }
-                    matmul(file, o, &att, n, &mut mix);
+                    self.matmul(o, &att, n, &mut mix);
                 }
             }
             x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
@@ -321,10 +274,10 @@ impl Model {
                     let f = gate.rows;
                     let mut g = vec![0.0f32; n * f];
                     let mut u = vec![0.0f32; n * f];
-                    matmul(file, gate, &h, n, &mut g);
-                    matmul(file, up, &h, n, &mut u);
+                    self.matmul(gate, &h, n, &mut g);
+                    self.matmul(up, &h, n, &mut u);
                     g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
-                    matmul(file, down, &g, n, &mut mix);
+                    self.matmul(down, &g, n, &mut mix);
                 }
                 Ffn::Moe {
                     router,
@@ -334,7 +287,7 @@ impl Model {
                     down,
                 } => {
                     let margins = stats.as_deref_mut().map(|s| &mut s.route_margin[..]);
-                    self.moe(file, router, bias, gate, up, down, &h, n, &mut mix, margins);
+                    self.moe(router, bias, gate, up, down, &h, n, &mut mix, margins);
                 }
             }
             x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
@@ -358,7 +311,7 @@ impl Model {
                 );
             }
             let mut logits = vec![0.0f32; rows.len() * nv];
-            matmul(file, &self.output, &hn, rows.len(), &mut logits);
+            self.matmul(&self.output, &hn, rows.len(), &mut logits);
             out.push(logits);
         }
         for it in items.iter_mut() {
@@ -373,7 +326,6 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
-        file: &[u8],
         router: &Tensor,
         bias: &[f32],
         gate: &Tensor,
@@ -387,7 +339,7 @@ impl Model {
         let d = &self.desc;
         let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
         let mut logits = vec![0.0f32; n * ne];
-        matmul(file, router, h, n, &mut logits);
+        self.matmul(router, h, n, &mut logits);
         // Per token: the chosen experts (in selection order) and their weights.
         let mut chosen = vec![(0usize, 0.0f32); n * k];
         for t in 0..n {
@@ -427,11 +379,11 @@ impl Model {
             }
             let mut g = vec![0.0f32; m * f];
             let mut u = vec![0.0f32; m * f];
-            matmul(file, &gate.rows(ex * f, f), &hx, m, &mut g);
-            matmul(file, &up.rows(ex * f, f), &hx, m, &mut u);
+            self.matmul(&gate.rows(ex * f, f), &hx, m, &mut g);
+            self.matmul(&up.rows(ex * f, f), &hx, m, &mut u);
             g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
             let mut dn = vec![0.0f32; m * e];
-            matmul(file, &down.rows(ex * e, e), &g, m, &mut dn);
+            self.matmul(&down.rows(ex * e, e), &g, m, &mut dn);
             for (i, &(t, slot)) in users.iter().enumerate() {
                 let w = chosen[t * k + slot].1;
                 let dst = &mut per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];

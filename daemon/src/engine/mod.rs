@@ -12,4 +12,4 @@ mod weights;
 
 pub use forward::{BatchItem, ForwardStats, LogitsWanted};
 pub use state::SeqState;
-pub use weights::{EngineError, Model};
+pub use weights::{EngineError, EngineOptions, Model};

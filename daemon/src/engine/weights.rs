@@ -4,6 +4,8 @@
 
 use crate::gguf::{GgmlType, Gguf, GgufError};
 use crate::model::{LayerKind, ModelDesc, ModelError};
+use lfm_kernels::isa::{Isa, IsaError};
+use lfm_kernels::pool::ThreadPool;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,6 +15,8 @@ pub enum EngineError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Isa(#[from] IsaError),
     #[error("token id {id} is outside the vocabulary (0..{n_vocab})")]
     BadToken { id: u32, n_vocab: usize },
     #[error("sequence would reach position {pos}, beyond the model's {limit}-token limit")]
@@ -98,8 +102,19 @@ pub(crate) struct Layer {
     pub ffn: Ffn,
 }
 
+/// How to run a model: kernel path and compute threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOptions {
+    /// `None`: `LFM_ISA` if set, else the best this CPU runs.
+    pub isa: Option<Isa>,
+    /// `None`: one per available core.
+    pub threads: Option<usize>,
+}
+
 /// A loaded model: the mapping, its description, and tensor handles.
 pub struct Model {
+    pub(crate) isa: Isa,
+    pub(crate) pool: ThreadPool,
     pub(crate) gguf: Arc<Gguf>,
     pub desc: ModelDesc,
     pub(crate) tok_embd: Tensor,
@@ -110,10 +125,27 @@ pub struct Model {
 
 impl Model {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, EngineError> {
-        Self::from_gguf(Arc::new(Gguf::open(path)?))
+        Self::open_with(path, EngineOptions::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, opts: EngineOptions) -> Result<Self, EngineError> {
+        Self::from_gguf_with(Arc::new(Gguf::open(path)?), opts)
     }
 
     pub fn from_gguf(gguf: Arc<Gguf>) -> Result<Self, EngineError> {
+        Self::from_gguf_with(gguf, EngineOptions::default())
+    }
+
+    pub fn from_gguf_with(gguf: Arc<Gguf>, opts: EngineOptions) -> Result<Self, EngineError> {
+        let isa = match opts.isa {
+            Some(i) if i.available() => i,
+            Some(i) => return Err(IsaError::Unsupported(i, Isa::detect().name().to_owned()).into()),
+            None => Isa::from_env()?,
+        };
+        let threads = opts
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .clamp(1, 256);
         let desc = ModelDesc::from_header(&gguf)?;
         desc.validate_tensors(&gguf)?;
         desc.check_types(&gguf, SUPPORTED_TYPES)?;
@@ -181,6 +213,8 @@ impl Model {
             "output.weight"
         };
         Ok(Model {
+            isa,
+            pool: ThreadPool::new(threads),
             tok_embd: mat("token_embd.weight"),
             output_norm: vector("token_embd_norm.weight"),
             output: mat(output),
@@ -200,11 +234,15 @@ impl Model {
 
     /// The kernel path in use (e.g. `avx512+vnni`).
     pub fn isa_name(&self) -> String {
-        "scalar".to_owned()
+        self.isa.to_string()
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// Compute threads in use.
     pub fn n_threads(&self) -> usize {
-        1
+        self.pool.n_threads()
     }
 }

@@ -1,0 +1,34 @@
+//! Quick throughput check of the row dots (not a test): `cargo bench -p lfm-kernels --bench dot`.
+use lfm_kernels::dispatch::{RowFormat, dot_fn};
+use lfm_kernels::isa::Isa;
+use std::time::Instant;
+
+fn main() {
+    let cols = 2048;
+    let rows = 4096;
+    let w: Vec<u8> = (0..rows * cols / 32 * 18)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let x: Vec<u8> = (0..cols / 32 * 34).map(|i| (i * 17 % 253) as u8).collect();
+    for isa in [Isa::Scalar, Isa::detect()] {
+        let f = dot_fn(isa, RowFormat::Q4_0);
+        for pass in 0..2 {
+            let t0 = Instant::now();
+            let mut s = 0.0f32;
+            for _ in 0..20 {
+                for r in 0..rows {
+                    s += f(&w[r * 1152..(r + 1) * 1152], &x);
+                }
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            let bytes = 20.0 * w.len() as f64;
+            if pass == 1 {
+                println!(
+                    "{isa}: q4_0 row dot {:.2} GB/s of weights ({:.1} ns/block) [{s}]",
+                    bytes / dt / 1e9,
+                    dt / (20.0 * rows as f64 * 64.0) * 1e9
+                );
+            }
+        }
+    }
+}

@@ -87,6 +87,16 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
+/// 8-bit activation format used against `Q4_1`/`Q5_1`: like `Q8_0`, plus
+/// `s = d * sum(qs)` so the weight minimum can be applied once per block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8_1 {
+    pub d: f16,
+    pub s: f16,
+    pub qs: [i8; QK],
+}
+
 /// 8-bit activation format used against k-quants: f32 scale and per-16 sums.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -101,7 +111,87 @@ const _: () = assert!(size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(size_of::<BlockQ5_1>() == 24);
 const _: () = assert!(size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(size_of::<BlockQ8_1>() == 36);
 const _: () = assert!(size_of::<BlockQ4K>() == 144);
 const _: () = assert!(size_of::<BlockQ5K>() == 176);
 const _: () = assert!(size_of::<BlockQ6K>() == 210);
 const _: () = assert!(size_of::<BlockQ8K>() == 292);
+
+// The byte views below reinterpret little-endian file bytes as native fields.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "ggml block layouts are little-endian"
+);
+
+/// A block type that may be copied to and from raw bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, built only from integers, `f16` and
+/// `f32` (so every bit pattern is a valid value) and have no padding bytes
+/// (every byte of a value is initialized). The size asserts above check the
+/// last point for the types in this module: each size equals the sum of its
+/// fields.
+pub unsafe trait Block: Copy {
+    /// Elements (weights or activations) one block holds.
+    const ELEMS: usize;
+    /// Bytes of one block, as stored in a row.
+    const BYTES: usize = size_of::<Self>();
+
+    /// Copies a block out of the first `Self::BYTES` bytes of `bytes`, which
+    /// need not be aligned.
+    #[inline]
+    fn read(bytes: &[u8]) -> Self {
+        assert!(
+            bytes.len() >= Self::BYTES,
+            "block read past the end of a row"
+        );
+        // SAFETY: the length was checked above, `read_unaligned` has no
+        // alignment requirement, and the trait contract makes every bit
+        // pattern a valid `Self`.
+        unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() }
+    }
+
+    /// Writes the block to the first `Self::BYTES` bytes of `out`.
+    #[inline]
+    fn write(&self, out: &mut [u8]) {
+        // SAFETY: `self` is a live value of `Self::BYTES` bytes, and the trait
+        // contract says none of them is padding, so all are initialized.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), Self::BYTES) };
+        out[..Self::BYTES].copy_from_slice(bytes);
+    }
+}
+
+// SAFETY (all impls): each type is `#[repr(C)]`, made of integers and `f16`
+// (plus one `f32` in `BlockQ8K`), and its asserted size equals the sum of its
+// field sizes, so it has no padding.
+unsafe impl Block for BlockQ4_0 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ4_1 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ5_0 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ5_1 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ8_0 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ8_1 {
+    const ELEMS: usize = QK;
+}
+unsafe impl Block for BlockQ4K {
+    const ELEMS: usize = QK_K;
+}
+unsafe impl Block for BlockQ5K {
+    const ELEMS: usize = QK_K;
+}
+unsafe impl Block for BlockQ6K {
+    const ELEMS: usize = QK_K;
+}
+unsafe impl Block for BlockQ8K {
+    const ELEMS: usize = QK_K;
+}

@@ -10,8 +10,10 @@ pub mod isa;
 pub mod matmul;
 pub mod pool;
 pub mod scalar;
+pub mod types;
 
 pub use blocks::*;
+pub use types::{ActType, WeightType};
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86;

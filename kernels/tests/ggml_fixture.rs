@@ -115,21 +115,21 @@ fn weight_type(name: &str) -> WeightType {
 }
 
 /// Deviation allowed between two f32 accumulations of the same products in
-/// different orders (or with FMA contraction): a few ulps of the result plus
-/// rounding of the partial sums, bounded by `magnitude` = Σ|w_i a_i|.
+/// different orders (ggml's SIMD kernels, with FMA): `rel` of the result plus
+/// the rounding of partial sums, bounded relative to `magnitude` = Σ|w_i a_i|.
 fn close(ours: f32, theirs: f32, magnitude: f32, rel: f32) -> bool {
     (ours - theirs).abs() <= rel * theirs.abs() + 1e-5 * magnitude
 }
 
+/// Σ|w_i a_i| over the f32 views of a weight row and an activation row.
 fn magnitude(ty: WeightType, w: &[u8], a: &[u8], n: usize) -> f32 {
     let mut wf = vec![0.0; n];
     dequantize_row(ty, w, &mut wf);
-    // The activations' f32 view: dequantize them as the weight type of the
-    // same layout where one exists, else bound by the weights alone.
     let af = act_values(ty.act_type(), a, n);
     wf.iter().zip(&af).map(|(x, y)| (x * y).abs()).sum()
 }
 
+/// The f32 values an activation row stands for (`d * q` per element).
 fn act_values(ty: ActType, a: &[u8], n: usize) -> Vec<f32> {
     let mut out = vec![0.0; n];
     match ty {

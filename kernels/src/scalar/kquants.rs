@@ -368,15 +368,16 @@ impl KDot {
         dmin: f16,
         a: &BlockQ8K,
     ) {
+        let sub_scales: [(u8, u8); N_SUB] = std::array::from_fn(|j| scale_min(j, packed));
         let mut lanes = [0i32; 8];
         for (e, (&l, &q)) in levels.iter().zip(&a.qs).enumerate() {
-            let (sc, _) = scale_min(e / SUB, packed);
+            let sc = sub_scales[e / SUB].0;
             lanes[e % 8] += i32::from(sc) * (i32::from(l) * i32::from(q));
         }
+        // Each sub-block of 32 covers two of the activations' 16-wide sums.
         let mut min_sum = 0i32;
         for (j, &bsum) in a.bsums.iter().enumerate() {
-            let (_, m) = scale_min(j / 2, packed);
-            min_sum += i32::from(bsum) * i32::from(m);
+            min_sum += i32::from(bsum) * i32::from(sub_scales[j / 2].1);
         }
         self.add_lanes(d.to_f32() * a.d, &lanes);
         self.total -= dmin.to_f32() * a.d * min_sum as f32;

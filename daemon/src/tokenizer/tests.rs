@@ -271,18 +271,14 @@ fn header(meta: &[(&str, Value)]) -> crate::gguf::GgufHeader {
 #[test]
 fn from_gguf_reads_the_vocab_keys() {
     let v = train_bpe("hello world, hello tokens", 300, LFM2_SPECIALS);
-    let mut meta = vec![
-        (keys::MODEL, Value::String("gpt2".into())),
-        (keys::PRE, Value::String("lfm2".into())),
-        (keys::TOKENS, Value::Array(Array::String(v.tokens.clone()))),
-        (
-            keys::TOKEN_TYPE,
-            Value::Array(Array::I32(v.token_types.clone())),
-        ),
-        (keys::MERGES, Value::Array(Array::String(v.merges.clone()))),
-        (keys::BOS_ID, Value::U32(1)),
-        (keys::EOS_ID, Value::U32(7)),
-    ];
+    let special = SpecialIds {
+        bos: Some(1),
+        eos: Some(7),
+        pad: None,
+        add_bos: true,
+    };
+    let owned = v.gguf_metadata(special);
+    let mut meta: Vec<(&str, Value)> = owned.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let tok = Tokenizer::from_gguf(&header(&meta)).unwrap();
     assert_eq!((tok.bos(), tok.eos(), tok.pad()), (Some(1), Some(7), None));
     assert_eq!(tok.n_merges(), v.merges.len());
@@ -291,7 +287,7 @@ fn from_gguf_reads_the_vocab_keys() {
         "<|startoftext|>hello world"
     );
 
-    let with = |key: &str, value: Value, meta: &[(&'static str, Value)]| {
+    let with = |key: &str, value: Value, meta: &[(&str, Value)]| {
         let mut m = meta.to_vec();
         m.iter_mut().find(|(k, _)| *k == key).unwrap().1 = value;
         Tokenizer::from_gguf(&header(&m)).unwrap_err().to_string()
@@ -389,5 +385,54 @@ proptest! {
         }
         prop_assert!(!dec.has_pending());
         prop_assert_eq!(streamed, text);
+    }
+}
+
+/// FNV-1a over a trained vocab's tokens and merges, to tell "the trainer or
+/// corpus changed" apart from "encoding is wrong".
+fn fingerprint(v: &TrainedVocab) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in v.tokens.iter().chain(&v.merges) {
+        for b in s.bytes().chain([0xFF]) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// llama.cpp's ids for 300 tricky strings under a 600-token vocab trained on
+/// the corpus (merge-heavy, so BPE merging is what is tested here; the
+/// env-gated `tests/tokenizer_fixtures.rs` covers a real 128k vocab).
+///
+/// Made with llama.cpp's `llama-tokenize --ids --no-bos --no-escape` on a GGUF
+/// holding `train_bpe(CORPUS, 600, LFM2_SPECIALS).gguf_metadata(..)` (bos 1,
+/// eos 7, pad 0) plus the `llama.*` hyperparameters of llama.cpp's
+/// `models/ggml-vocab-llama-bpe.gguf`, the inputs joined by `<|endoftext|>`
+/// and the ids split at 2. Format as llama.cpp's `test-tokenizer-0`.
+#[test]
+fn matches_llama_cpp_on_a_trained_vocab() {
+    let v = train_bpe(train::CORPUS, 600, LFM2_SPECIALS);
+    assert_eq!(
+        fingerprint(&v),
+        0xa140_1097_7a18_5daf,
+        "the trained vocab changed (trainer or corpus): regenerate llama_cpp_600.*"
+    );
+    let tok = v.tokenizer(SpecialIds::default()).unwrap();
+    let inp = include_str!("llama_cpp_600.inp");
+    let out = include_str!("llama_cpp_600.out");
+    let inputs: Vec<&str> = inp
+        .strip_suffix("\n__ggml_vocab_test__\n")
+        .unwrap()
+        .split("\n__ggml_vocab_test__\n")
+        .collect();
+    let outputs: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(inputs.len(), 300);
+    assert_eq!(outputs.len(), 300);
+    for (text, want) in inputs.iter().zip(&outputs) {
+        assert_eq!(&tok.encode(text, false, false), want, "encoding {text:?}");
+        assert_eq!(tok.decode(want), *text);
     }
 }

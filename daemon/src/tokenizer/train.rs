@@ -10,7 +10,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::{SpecialIds, TokenKind, Tokenizer, TokenizerError, bytes, pretok};
+use super::{SpecialIds, TokenKind, Tokenizer, TokenizerError, bytes, keys, pretok};
+use crate::gguf::{Array, Value};
 
 /// LFM2's special tokens, at ids 0 to 13 in this order.
 pub const LFM2_SPECIALS: &[&str] = &[
@@ -52,6 +53,38 @@ impl TrainedVocab {
             self.merges.clone(),
             special,
         )
+    }
+
+    /// The `tokenizer.*` GGUF metadata of this vocab (model `gpt2`, pre
+    /// `lfm2`), for writing it into a model file.
+    pub fn gguf_metadata(&self, special: SpecialIds) -> Vec<(String, Value)> {
+        let mut meta = vec![
+            (keys::MODEL.to_owned(), Value::String("gpt2".into())),
+            (keys::PRE.to_owned(), Value::String("lfm2".into())),
+            (
+                keys::TOKENS.to_owned(),
+                Value::Array(Array::String(self.tokens.clone())),
+            ),
+            (
+                keys::TOKEN_TYPE.to_owned(),
+                Value::Array(Array::I32(self.token_types.clone())),
+            ),
+            (
+                keys::MERGES.to_owned(),
+                Value::Array(Array::String(self.merges.clone())),
+            ),
+            (keys::ADD_BOS.to_owned(), Value::Bool(special.add_bos)),
+        ];
+        for (key, id) in [
+            (keys::BOS_ID, special.bos),
+            (keys::EOS_ID, special.eos),
+            (keys::PAD_ID, special.pad),
+        ] {
+            if let Some(id) = id {
+                meta.push((key.to_owned(), Value::U32(id)));
+            }
+        }
+        meta
     }
 }
 

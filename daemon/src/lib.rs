@@ -15,3 +15,4 @@ pub mod rng;
 pub mod sampler;
 pub mod stop;
 pub mod synth;
+pub mod tokenizer;

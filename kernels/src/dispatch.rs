@@ -1,25 +1,22 @@
-//! Row-dot functions per (weight format, ISA), looked up once per matmul.
-//! The SIMD entries are safe wrappers around `#[target_feature]` kernels and
-//! are handed out only for an ISA that [`Isa::available`] confirmed.
+//! Row-dot functions per (weight type, ISA), looked up once per matmul, and
+//! the activation format each weight type is multiplied against. The SIMD
+//! entries are safe wrappers around `#[target_feature]` kernels and are
+//! handed out only for an ISA that [`Isa::available`] confirmed.
 
 use crate::isa::Isa;
 use crate::matmul::DotFn;
+use crate::scalar;
+use crate::types::{ActType, WeightType};
 use half::{bf16, f16};
 
-/// Weight row formats the dispatch table knows, with the activation format
-/// each is paired with (as llama.cpp pairs them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RowFormat {
-    /// f32 weights, f32 activations.
-    F32,
-    /// f16 weights, f32 activations.
-    F16,
-    /// bf16 weights, f32 activations.
-    BF16,
-    /// Q4_0 weights, Q8_0 activations.
-    Q4_0,
-    /// Q8_0 weights, Q8_0 activations.
-    Q8_0,
+/// The activation format used against `ty`: llama.cpp's pairing for the
+/// quantized types (Q8_0, Q8_1, Q8_K), but f32 for float weights, where
+/// ggml would round activations to f16/bf16 (we compute more exactly).
+pub fn act_type_for(ty: WeightType) -> ActType {
+    match ty {
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => ActType::F32,
+        q => q.act_type(),
+    }
 }
 
 fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
@@ -27,11 +24,11 @@ fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-fn dot_f32(w: &[u8], x: &[u8]) -> f32 {
+fn dot_f32(w: &[u8], x: &[u8], _n: usize) -> f32 {
     f32s(w).zip(f32s(x)).map(|(a, b)| a * b).sum()
 }
 
-fn dot_f16(w: &[u8], x: &[u8]) -> f32 {
+fn dot_f16(w: &[u8], x: &[u8], _n: usize) -> f32 {
     w.chunks_exact(2)
         .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
         .zip(f32s(x))
@@ -39,7 +36,7 @@ fn dot_f16(w: &[u8], x: &[u8]) -> f32 {
         .sum()
 }
 
-fn dot_bf16(w: &[u8], x: &[u8]) -> f32 {
+fn dot_bf16(w: &[u8], x: &[u8], _n: usize) -> f32 {
     w.chunks_exact(2)
         .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
         .zip(f32s(x))
@@ -47,100 +44,116 @@ fn dot_bf16(w: &[u8], x: &[u8]) -> f32 {
         .sum()
 }
 
-/// ggml's generic Q4_0 x Q8_0: integer block sums scaled by both deltas.
-pub fn dot_q4_0_q8_0_scalar(w: &[u8], x: &[u8]) -> f32 {
-    let mut sum = 0.0f32;
-    for (b, xb) in w.chunks_exact(18).zip(x.chunks_exact(34)) {
-        let d =
-            f16::from_le_bytes([b[0], b[1]]).to_f32() * f16::from_le_bytes([xb[0], xb[1]]).to_f32();
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += (i32::from(b[2 + j] & 0x0f) - 8) * i32::from(xb[2 + j] as i8);
-            sumi += (i32::from(b[2 + j] >> 4) - 8) * i32::from(xb[18 + j] as i8);
-        }
-        sum += sumi as f32 * d;
-    }
-    sum
-}
-
-/// ggml's generic Q8_0 x Q8_0.
-pub fn dot_q8_0_q8_0_scalar(w: &[u8], x: &[u8]) -> f32 {
-    let mut sum = 0.0f32;
-    for (b, xb) in w.chunks_exact(34).zip(x.chunks_exact(34)) {
-        let d =
-            f16::from_le_bytes([b[0], b[1]]).to_f32() * f16::from_le_bytes([xb[0], xb[1]]).to_f32();
-        let sumi: i32 = b[2..]
-            .iter()
-            .zip(&xb[2..])
-            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a as i8))
-            .sum();
-        sum += sumi as f32 * d;
-    }
-    sum
-}
-
 #[cfg(target_arch = "x86_64")]
-fn q4_0_avx2(w: &[u8], x: &[u8]) -> f32 {
+fn q4_0_avx2(w: &[u8], x: &[u8], _n: usize) -> f32 {
     // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present.
     unsafe { crate::x86::avx2::vec_dot_q4_0_q8_0(w, x) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_0_avx2(w: &[u8], x: &[u8]) -> f32 {
+fn q8_0_avx2(w: &[u8], x: &[u8], _n: usize) -> f32 {
     // SAFETY: as above.
     unsafe { crate::x86::avx2::vec_dot_q8_0_q8_0(w, x) }
 }
 
-/// The row dot for `format` on `isa` (which must be available).
-pub fn dot_fn(isa: Isa, format: RowFormat) -> DotFn {
+/// The row dot for weights of `ty` against activations of
+/// [`act_type_for`]`(ty)` on `isa` (which must be available).
+pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.available() {
-        match format {
-            RowFormat::Q4_0 => return q4_0_avx2,
-            RowFormat::Q8_0 => return q8_0_avx2,
+        match ty {
+            WeightType::Q4_0 => return q4_0_avx2,
+            WeightType::Q8_0 => return q8_0_avx2,
             _ => {}
         }
     }
-    match format {
-        RowFormat::F32 => dot_f32,
-        RowFormat::F16 => dot_f16,
-        RowFormat::BF16 => dot_bf16,
-        RowFormat::Q4_0 => dot_q4_0_q8_0_scalar,
-        RowFormat::Q8_0 => dot_q8_0_q8_0_scalar,
+    match ty {
+        WeightType::F32 => dot_f32,
+        WeightType::F16 => dot_f16,
+        WeightType::BF16 => dot_bf16,
+        WeightType::Q4_0 => |w, x, n| scalar::vec_dot(WeightType::Q4_0, w, x, n),
+        WeightType::Q4_1 => |w, x, n| scalar::vec_dot(WeightType::Q4_1, w, x, n),
+        WeightType::Q5_0 => |w, x, n| scalar::vec_dot(WeightType::Q5_0, w, x, n),
+        WeightType::Q5_1 => |w, x, n| scalar::vec_dot(WeightType::Q5_1, w, x, n),
+        WeightType::Q8_0 => |w, x, n| scalar::vec_dot(WeightType::Q8_0, w, x, n),
+        WeightType::Q4K => |w, x, n| scalar::vec_dot(WeightType::Q4K, w, x, n),
+        WeightType::Q5K => |w, x, n| scalar::vec_dot(WeightType::Q5K, w, x, n),
+        WeightType::Q6K => |w, x, n| scalar::vec_dot(WeightType::Q6K, w, x, n),
     }
 }
 
-/// Activation rows in the format `format` pairs with: f32 little-endian bytes
-/// for float weights, Q8_0 blocks (ggml's reference rounding) for Q4_0/Q8_0.
-/// Returns the bytes per row.
-pub fn quantize_activations(format: RowFormat, x: &[f32], cols: usize, out: &mut Vec<u8>) -> usize {
+/// Converts activation rows of `cols` values to the format used against
+/// `ty`; returns the bytes per row.
+pub fn quantize_activations(ty: WeightType, x: &[f32], cols: usize, out: &mut Vec<u8>) -> usize {
+    let act = act_type_for(ty);
+    let row = act.row_bytes(cols);
     out.clear();
-    match format {
-        RowFormat::F32 | RowFormat::F16 | RowFormat::BF16 => {
-            out.reserve(x.len() * 4);
-            x.iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-            cols * 4
-        }
-        RowFormat::Q4_0 | RowFormat::Q8_0 => {
-            let nb = cols / crate::QK;
-            out.reserve(x.len() / crate::QK * 34);
-            let mut blocks = vec![
-                crate::BlockQ8_0 {
-                    d: f16::ZERO,
-                    qs: [0; crate::QK]
-                };
-                nb
-            ];
-            for row in x.chunks_exact(cols) {
-                crate::scalar::quantize_row_q8_0(row, &mut blocks);
-                for b in &blocks {
-                    out.extend_from_slice(&b.d.to_le_bytes());
-                    out.extend(b.qs.iter().map(|&q| q as u8));
+    out.resize(row * (x.len() / cols), 0);
+    for (xr, or) in x.chunks_exact(cols).zip(out.chunks_exact_mut(row)) {
+        scalar::quantize_acts(act, xr, or);
+    }
+    row
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every (ISA, type) entry agrees with the scalar reference of the same
+    /// pairing on random rows, including odd block counts.
+    #[test]
+    fn every_entry_matches_the_reference() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            for ty in WeightType::ALL {
+                for blocks in [1, 3, 8] {
+                    let n = blocks * ty.block_size().max(32);
+                    let w: Vec<f32> = (0..n).map(|_| rnd()).collect();
+                    let x: Vec<f32> = (0..n).map(|_| rnd() * 3.0).collect();
+                    let mut wq = vec![0u8; ty.row_bytes(n)];
+                    scalar::quantize_row(ty, &w, &mut wq);
+                    let mut xq = Vec::new();
+                    quantize_activations(ty, &x, n, &mut xq);
+                    let got = dot_fn(isa, ty)(&wq, &xq, n);
+                    // The reference: dequantized weights against the same activations.
+                    let mut wd = vec![0.0; n];
+                    scalar::dequantize_row(ty, &wq, &mut wd);
+                    let mut xd = vec![0.0; n];
+                    match act_type_for(ty) {
+                        ActType::F32 => xd.copy_from_slice(&x),
+                        a => {
+                            let mut tmp = vec![0.0; n];
+                            // Activation formats share block layouts with weight types.
+                            let as_w = match a {
+                                ActType::Q8_0 => WeightType::Q8_0,
+                                _ => {
+                                    // Q8_1 / Q8_K: compare against the scalar pairing instead.
+                                    let want = scalar::vec_dot(ty, &wq, &xq, n);
+                                    assert!(
+                                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                        "{isa} {ty:?} n={n}: {got} vs {want}"
+                                    );
+                                    continue;
+                                }
+                            };
+                            scalar::dequantize_row(as_w, &xq, &mut tmp);
+                            xd.copy_from_slice(&tmp);
+                        }
+                    }
+                    let want: f32 = wd.iter().zip(&xd).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{isa} {ty:?} n={n}: {got} vs {want}"
+                    );
                 }
             }
-            nb * 34
         }
     }
 }

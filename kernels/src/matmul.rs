@@ -6,8 +6,8 @@
 
 use crate::pool::ThreadPool;
 
-/// A safe row dot product: `(weight_row, activation_row) -> f32`.
-pub type DotFn = fn(&[u8], &[u8]) -> f32;
+/// A safe row dot product: `(weight_row, activation_row, n_elements) -> f32`.
+pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 
 /// Shared output pointer for disjoint writes from pool threads.
 struct OutPtr(*mut f32);
@@ -26,6 +26,7 @@ pub fn matmul(
     dot: DotFn,
     w: &[u8],
     rows: usize,
+    cols: usize,
     row_bytes: usize,
     act: &[u8],
     act_row_bytes: usize,
@@ -41,7 +42,7 @@ pub fn matmul(
         for r in range {
             let wr = &w[r * row_bytes..(r + 1) * row_bytes];
             for t in 0..n {
-                let v = dot(wr, &act[t * act_row_bytes..(t + 1) * act_row_bytes]);
+                let v = dot(wr, &act[t * act_row_bytes..(t + 1) * act_row_bytes], cols);
                 // SAFETY: r < rows and t < n, so the index is inside `y`
                 // (length n * rows, checked above); no other thread writes
                 // row r, and `y` is exclusively borrowed for this call.
@@ -55,7 +56,7 @@ pub fn matmul(
 mod tests {
     use super::*;
 
-    fn dot_u8(a: &[u8], b: &[u8]) -> f32 {
+    fn dot_u8(a: &[u8], b: &[u8], _n: usize) -> f32 {
         a.iter()
             .zip(b)
             .map(|(&x, &y)| f32::from(x) * f32::from(y))
@@ -70,14 +71,17 @@ mod tests {
         let mut want = vec![0.0; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                want[t * rows + r] =
-                    dot_u8(&w[r * cols..(r + 1) * cols], &a[t * cols..(t + 1) * cols]);
+                want[t * rows + r] = dot_u8(
+                    &w[r * cols..(r + 1) * cols],
+                    &a[t * cols..(t + 1) * cols],
+                    cols,
+                );
             }
         }
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             let mut y = vec![f32::NAN; n * rows];
-            matmul(&pool, dot_u8, &w, rows, cols, &a, cols, n, &mut y);
+            matmul(&pool, dot_u8, &w, rows, cols, cols, &a, cols, n, &mut y);
             assert_eq!(y, want, "{threads} threads");
         }
     }

@@ -6,9 +6,10 @@ use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid, silu, softmax};
 use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
-use half::{bf16, f16};
-use lfm_kernels::dispatch::{RowFormat, dot_fn, quantize_activations};
-use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
+use half::f16;
+use lfm_kernels::dispatch::{dot_fn, quantize_activations};
+use lfm_kernels::scalar;
+use lfm_kernels::types::WeightType;
 
 /// Which logits a sequence wants back from a forward call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,47 +38,31 @@ pub struct BatchItem<'a> {
     pub logits: LogitsWanted,
 }
 
-/// Expands `rows` whole rows of `t`'s type from `src` into `out`.
+/// Expands whole rows of `t`'s type from `src` into `out`.
 pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
-    match t.ty {
-        GgmlType::F32 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-            }
-        }
-        GgmlType::F16 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *o = bf16::from_le_bytes(c.try_into().expect("2 bytes")).to_f32();
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
-                let mut blk = BlockQ8_0 {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    qs: [0; QK],
-                };
-                blk.qs
-                    .iter_mut()
-                    .zip(&b[2..])
-                    .for_each(|(q, &v)| *q = v as i8);
-                scalar::dequantize_row_q8_0(std::slice::from_ref(&blk), o);
-            }
-        }
-        GgmlType::Q4_0 => {
-            for (o, b) in out.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
-                let mut blk = BlockQ4_0 {
-                    d: f16::from_le_bytes([b[0], b[1]]),
-                    qs: [0; QK / 2],
-                };
-                blk.qs.copy_from_slice(&b[2..]);
-                scalar::dequantize_row_q4_0(std::slice::from_ref(&blk), o);
-            }
-        }
+    let ty = weight_type(t.ty);
+    for (s, o) in src
+        .chunks_exact(t.row_bytes)
+        .zip(out.chunks_exact_mut(t.cols))
+    {
+        scalar::dequantize_row(ty, s, o);
+    }
+}
+
+/// The kernels' name for a ggml type the engine supports.
+pub(crate) fn weight_type(ty: GgmlType) -> WeightType {
+    match ty {
+        GgmlType::F32 => WeightType::F32,
+        GgmlType::F16 => WeightType::F16,
+        GgmlType::BF16 => WeightType::BF16,
+        GgmlType::Q4_0 => WeightType::Q4_0,
+        GgmlType::Q4_1 => WeightType::Q4_1,
+        GgmlType::Q5_0 => WeightType::Q5_0,
+        GgmlType::Q5_1 => WeightType::Q5_1,
+        GgmlType::Q8_0 => WeightType::Q8_0,
+        GgmlType::Q4K => WeightType::Q4K,
+        GgmlType::Q5K => WeightType::Q5K,
+        GgmlType::Q6K => WeightType::Q6K,
         other => unreachable!("{other} is not in SUPPORTED_TYPES"),
     }
 }
@@ -85,27 +70,21 @@ pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
 impl Model {
     /// `y[t][r] = W[r] . x[t]` for `n` activation rows, on the pool.
     ///
-    /// Quantized weights meet activations quantized the way llama.cpp does
-    /// (Q8_0 blocks against Q4_0 / Q8_0 weights, integer block sums), so the
-    /// results agree with it to rounding; float weights use f32 activations.
+    /// Quantized weights meet activations quantized the way llama.cpp pairs
+    /// them (Q8_0, Q8_1 or Q8_K blocks, integer block sums), so the results
+    /// agree with it to rounding; float weights use f32 activations.
     fn matmul(&self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * w.cols);
-        let format = match w.ty {
-            GgmlType::F32 => RowFormat::F32,
-            GgmlType::F16 => RowFormat::F16,
-            GgmlType::BF16 => RowFormat::BF16,
-            GgmlType::Q4_0 => RowFormat::Q4_0,
-            GgmlType::Q8_0 => RowFormat::Q8_0,
-            other => unreachable!("{other} is not in SUPPORTED_TYPES"),
-        };
+        let ty = weight_type(w.ty);
         let mut act = Vec::new();
-        let act_row = quantize_activations(format, x, w.cols, &mut act);
+        let act_row = quantize_activations(ty, x, w.cols, &mut act);
         let file = self.gguf.bytes();
         lfm_kernels::matmul::matmul(
             &self.pool,
-            dot_fn(self.isa, format),
+            dot_fn(self.isa, ty),
             w.bytes(file),
             w.rows,
+            w.cols,
             w.row_bytes,
             &act,
             act_row,

@@ -30,6 +30,12 @@ pub const SUPPORTED_TYPES: &[GgmlType] = &[
     GgmlType::BF16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
 ];
 
 /// A matrix in the mapping: `rows` rows of `cols` elements, row-major, each

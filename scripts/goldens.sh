@@ -16,17 +16,38 @@ mkdir -p "$OUT" "$WORK"
 FORCED=1,6,300,45,99,120,7,3,200,201,202,17,18,19,400,401,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48
 cargo build --release --locked -p lfmd
 LFMD=target/release/lfmd
-CASES="tiny-moe:f32 tiny-moe:f16 tiny-moe:bf16 tiny-moe:q8_0 tiny-moe:q4_0 tiny-dense:f32 tiny-dense:q8_0 tiny-dense:q4_0"
+CASES="tiny-moe:f32 tiny-moe:f16 tiny-moe:bf16 tiny-moe:q8_0 tiny-moe:q4_0 tiny-moe:q4_1 tiny-moe:q5_0 tiny-moe:q5_1
+       tiny-moe:q4_k tiny-moe:q5_k tiny-moe:q6_k tiny-moe:q4_k_m tiny-moe:q5_k_m
+       tiny-dense:f32 tiny-dense:f16 tiny-dense:q8_0 tiny-dense:q4_0 tiny-dense:q6_k tiny-dense:q4_k_m"
 [ "${1:-}" = "--large" ] && CASES="$CASES 350m:q8_0 8b-a1b:q4_0"
 for c in $CASES; do
   preset=${c%%:*}; quant=${c##*:}
   f=$WORK/$preset-$quant.gguf
   "$LFMD" synth --preset "$preset" --quant "$quant" --seed 0 "$f"
+  case "$quant" in
+    q4_k_m|q5_k_m)
+      # Our mixes must be exactly what llama-quantize makes of the f32 file.
+      "$LFMD" synth --preset "$preset" --quant f32 --seed 0 "$WORK/src-f32.gguf"
+      "$LLB/llama-quantize" "$WORK/src-f32.gguf" "$WORK/ref-$quant.gguf" "${quant^^}" >/dev/null 2>&1
+      PYTHONPATH="$(echo "$LLAMA_CPP_LIB_PATH"/../../llama_cpp_python-*/vendor/llama.cpp/gguf-py)" \
+        "$LLB/../../venv/bin/python" - "$WORK/ref-$quant.gguf" "$f" <<'PY'
+import sys, gguf
+a = {t.name: t for t in gguf.GGUFReader(sys.argv[1]).tensors}
+b = {t.name: t for t in gguf.GGUFReader(sys.argv[2]).tensors}
+bad = [n for n in a if n not in b or a[n].tensor_type != b[n].tensor_type or a[n].data.tobytes() != b[n].data.tobytes()]
+if bad or len(a) != len(b):
+    sys.exit(f"lfmd synth {sys.argv[2]} differs from llama-quantize in {bad[:5]}")
+print(f"  {len(a)} tensors identical to llama-quantize's output")
+PY
+      ;;
+  esac
   $REFPY greedy "$f" --ids 1,6,300,45,99 -n 16 > "$WORK/greedy.json"
   $REFPY logits "$f" --ids "$FORCED" --out "$WORK/forced.npy"
   : > "$WORK/tok.jsonl"
   while IFS= read -r text; do
-    printf '%s\t%s\n' "$text" "$($REFPY tokenize "$f" "$(printf '%b' "$text")")" >> "$WORK/tok.jsonl"
+    # The X keeps command substitution from eating trailing newlines.
+    expanded=$(printf '%bX' "$text"); expanded=${expanded%X}
+    printf '%s\t%s\n' "$text" "$($REFPY tokenize "$f" "$expanded")" >> "$WORK/tok.jsonl"
   done <<'TEXTS'
 Hello world
 <|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n<|im_start|>assistant\n
@@ -46,7 +67,7 @@ with open(f, "rb") as fh:
 tok = []
 for line in open(os.path.join(work, "tok.jsonl"), encoding="utf-8"):
     text, ids = line.rstrip("\n").split("\t")
-    tok.append({"text_escaped": text, "ids": json.loads(ids)})
+    tok.append({"text": text.replace("\\n", "\n").replace("\\t", "\t"), "ids": json.loads(ids)})
 golden = {
     "source": "llama.cpp vendored by llama-cpp-python 0.3.36 (scripts/goldens.sh)",
     "preset": preset, "quant": quant, "seed": 0,

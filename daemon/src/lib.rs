@@ -13,6 +13,7 @@ pub mod model;
 pub mod paths;
 pub mod rng;
 pub mod sampler;
+pub mod sequence;
 pub mod stop;
 pub mod synth;
 pub mod tokenizer;

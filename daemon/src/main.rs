@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use lfmd::gguf::{GgmlType, Gguf};
+use lfmd::gguf::Gguf;
 use lfmd::{inspect, synth};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Token ids of TEXT as a JSON array (BOS added and special tokens parsed unless told not to).
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// Do not add the BOS token.
+        #[arg(long)]
+        no_bos: bool,
+        /// Treat special-token text like `<|im_start|>` as plain text.
+        #[arg(long)]
+        no_special: bool,
+        text: String,
+    },
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(GenerateArgs),
     /// Teacher-forced logits: a JSON array with one array of n_vocab floats per position.
     Logits {
         #[arg(long)]
@@ -57,7 +71,8 @@ enum Command {
         /// 8b-a1b, 350m, tiny-moe or tiny-dense.
         #[arg(long)]
         preset: String,
-        /// Weight type: f32, f16, bf16, q8_0 or q4_0.
+        /// Weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+        /// or llama.cpp's mixes q4_k_m and q5_k_m.
         #[arg(long, default_value = "f32")]
         quant: String,
         /// Seed: the same seed gives the same file, byte for byte.
@@ -68,6 +83,47 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Wrap the prompt as a user turn of the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt (implies --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 0.3)]
+    temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.15)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.05)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Compute threads (default: one per core).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Print ids, text and timings as JSON at the end instead of streaming.
+    #[arg(long)]
+    json: bool,
+    prompt: String,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,6 +132,131 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    use lfmd::engine::{BatchItem, EngineOptions, LogitsWanted, Model};
+    use lfmd::sequence::Sequence;
+    use std::io::Write;
+    let params = lfmd::sampler::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        seed: a.seed,
+        ..Default::default()
+    };
+    params.validate()?;
+    let stop = lfmd::stop::StopText::new(a.stop.clone())?;
+    let opts = EngineOptions {
+        threads: a.threads,
+        ..Default::default()
+    };
+    let model = Model::open_with(&a.model, opts)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let tok = std::sync::Arc::new(lfmd::tokenizer::Tokenizer::from_gguf(model.gguf())?);
+    let prompt_text = if a.chat || a.system.is_some() {
+        let template = match model
+            .gguf()
+            .get("tokenizer.chat_template")
+            .and_then(lfmd::gguf::Value::as_str)
+        {
+            Some(src) => lfmd::chat::ChatTemplate::new(src)?,
+            None => lfmd::chat::ChatTemplate::builtin(),
+        };
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(lfmd::chat::ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(lfmd::chat::ChatMessage::new("user", a.prompt.clone()));
+        let bos = tok
+            .bos()
+            .and_then(|b| tok.piece(b, true))
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        template.render(&msgs, None, true, &bos)?
+    } else {
+        a.prompt.clone()
+    };
+    // A rendered chat template already starts with BOS.
+    let add_bos = tok.special_ids().add_bos && !(a.chat || a.system.is_some());
+    let prompt = tok.encode(&prompt_text, add_bos, true);
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give some text to continue");
+    }
+    if prompt.len() >= model.desc.n_ctx_train {
+        bail!(
+            "the prompt is {} tokens; the model's context holds {}",
+            prompt.len(),
+            model.desc.n_ctx_train
+        );
+    }
+    let mut seq = Sequence::new(
+        &model,
+        tok.clone(),
+        prompt.clone(),
+        params,
+        a.max_tokens,
+        stop,
+    );
+    let t0 = std::time::Instant::now();
+    let mut t_first = None;
+    let mut text = String::new();
+    let mut out = std::io::stdout().lock();
+    const PREFILL_CHUNK: usize = 512;
+    while !seq.is_finished() {
+        let chunk = seq.next_input(PREFILL_CHUNK).to_vec();
+        let want = seq.needs_logits(chunk.len());
+        let logits = model.forward(&mut [BatchItem {
+            state: &mut seq.state,
+            tokens: &chunk,
+            logits: if want {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            },
+        }])?;
+        if let Some(step) = seq.advance(chunk.len(), want.then(|| &logits[0][..])) {
+            t_first.get_or_insert_with(|| t0.elapsed());
+            if !a.json {
+                let _ = out
+                    .write_all(step.text.as_bytes())
+                    .and_then(|()| out.flush());
+            }
+            text.push_str(&step.text);
+        }
+    }
+    let total = t0.elapsed();
+    let reason = seq.finish_reason().map_or("unknown", |r| r.as_str());
+    if a.json {
+        let ttft = t_first.unwrap_or(total).as_secs_f64();
+        let n = seq.generated().len();
+        let v = serde_json::json!({
+            "prompt_ids": prompt,
+            "ids": seq.generated(),
+            "text": text,
+            "finish_reason": reason,
+            "prompt_tokens": prompt.len(),
+            "generated_tokens": n,
+            "time_to_first_token_s": ttft,
+            "total_s": total.as_secs_f64(),
+            "prefill_tokens_per_s": prompt.len() as f64 / ttft.max(1e-9),
+            "decode_tokens_per_s": if n > 1 { (n - 1) as f64 / (total.as_secs_f64() - ttft).max(1e-9) } else { 0.0 },
+        });
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let _ = writeln!(out);
+        eprintln!(
+            "[{reason}; {} prompt + {} generated tokens in {:.2}s]",
+            prompt.len(),
+            seq.generated().len(),
+            total.as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// Writes to stdout; a closed pipe (`lfmd inspect … | head`) is not an error.
@@ -100,6 +281,19 @@ fn run(cli: Cli) -> Result<()> {
             };
             write_stdout(&text)?;
         }
+        Command::Tokenize {
+            model,
+            no_bos,
+            no_special,
+            text,
+        } => {
+            let g = Gguf::open(&model).with_context(|| format!("loading {}", model.display()))?;
+            let tok = lfmd::tokenizer::Tokenizer::from_gguf(&g)?;
+            let add_bos = !no_bos && tok.special_ids().add_bos;
+            let ids = tok.encode(&text, add_bos, !no_special);
+            write_stdout(&(serde_json::to_string(&ids)? + "\n"))?;
+        }
+        Command::Generate(a) => generate(a)?,
         Command::Logits { model, tokens } => {
             let m = lfmd::engine::Model::open(&model)
                 .with_context(|| format!("loading {}", model.display()))?;
@@ -153,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             let Some(p) = synth::find_preset(&preset) else {
                 bail!(synth::SynthError::UnknownPreset(preset));
             };
-            let ty = GgmlType::from_name(&quant)
+            let ty = synth::SynthQuant::parse(&quant)
                 .ok_or_else(|| synth::SynthError::UnsupportedQuant(quant.clone()))?;
             let t0 = std::time::Instant::now();
             let s = synth::write_model(p, ty, seed, &out)?;
@@ -161,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} ({} {}, seed {seed}): {} tensors, {} params, {} in {:.1}s",
                 out.display(),
                 p.name,
-                ty,
+                ty.name(),
                 s.tensors,
                 inspect::fmt_count(s.n_params),
                 inspect::fmt_bytes(s.bytes),

@@ -112,16 +112,17 @@ fn corrupt_and_missing_files_fail_cleanly() {
 
 #[test]
 fn synth_rejects_unknown_presets_and_types() {
-    let out = lfmd(&["synth", "--preset", "70b", "/tmp/never.gguf"]);
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never.gguf");
+    let never = never.to_str().unwrap();
+    let out = lfmd(&["synth", "--preset", "70b", never]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("choose one of 8b-a1b"));
-    let out = lfmd(&[
-        "synth",
-        "--preset",
-        "tiny-moe",
-        "--quant",
-        "q4_k",
-        "/tmp/never.gguf",
-    ]);
+    let out = lfmd(&["synth", "--preset", "tiny-moe", "--quant", "iq2_xxs", never]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("llama-quantize"));
-    assert!(!Path::new("/tmp/never.gguf").exists());
+    assert!(!Path::new(never).exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no partial file left behind"
+    );
 }

@@ -51,7 +51,7 @@ fn synth_writes_the_exact_files_llama_cpp_ran() {
     let mut checked = 0;
     for (name, g) in &all {
         let preset = synth::find_preset(g["preset"].as_str().unwrap()).unwrap();
-        let ty = GgmlType::from_name(g["quant"].as_str().unwrap()).unwrap();
+        let ty = synth::SynthQuant::parse(g["quant"].as_str().unwrap()).unwrap();
         let mut sink = HashSink(Sha256::new(), 0);
         synth::write_to(preset, ty, g["seed"].as_u64().unwrap(), &mut sink).unwrap();
         let digest: String = sink
@@ -159,9 +159,9 @@ fn logits_match_llama_cpp() {
         let preset_name = g["preset"].as_str().unwrap();
         let preset = synth::find_preset(preset_name).unwrap();
         let quant = g["quant"].as_str().unwrap();
-        let ty = GgmlType::from_name(quant).unwrap();
+        let q = synth::SynthQuant::parse(quant).unwrap();
         let mut bytes = Vec::new();
-        synth::write_to(preset, ty, g["seed"].as_u64().unwrap(), &mut bytes).unwrap();
+        synth::write_to(preset, q, g["seed"].as_u64().unwrap(), &mut bytes).unwrap();
         let model = Model::from_gguf(std::sync::Arc::new(
             lfmd::gguf::Gguf::from_bytes(bytes).unwrap(),
         ))
@@ -240,12 +240,12 @@ fn logits_match_llama_cpp() {
             ties.len()
         );
         assert!(cos_all >= 0.995, "{name}: whole-sequence cosine {cos_all}");
-        match ty {
-            GgmlType::F32 => {
+        match q {
+            synth::SynthQuant::Uniform(GgmlType::F32) => {
                 assert!(rel_max <= 1e-3, "{name}: max |d| {rel_max} of the range");
                 assert_eq!(agree, npos, "{name}: argmax");
             }
-            GgmlType::F16 | GgmlType::BF16 => {
+            synth::SynthQuant::Uniform(GgmlType::F16 | GgmlType::BF16) => {
                 assert!(cos_min >= 0.9999, "{name}: cosine {cos_min}");
                 assert_eq!(agree, npos, "{name}: argmax");
             }
@@ -259,5 +259,36 @@ fn logits_match_llama_cpp() {
         }
         checked += 1;
     }
-    assert!(checked >= 8, "conformance ran on {checked} goldens");
+    assert!(checked >= 19, "conformance ran on {checked} goldens");
+}
+
+/// Our tokenizer gives llama.cpp's ids on the synthetic vocabularies (BOS
+/// added, special tokens parsed), for every golden file.
+#[test]
+fn tokenizer_matches_llama_cpp_on_synthetic_vocabularies() {
+    let mut checked = 0;
+    for (name, g) in goldens() {
+        let preset = synth::find_preset(g["preset"].as_str().unwrap()).unwrap();
+        let q = synth::SynthQuant::parse(g["quant"].as_str().unwrap()).unwrap();
+        // Only the header matters: write the model into a sink that keeps it.
+        let mut bytes = Vec::new();
+        if !preset.exact {
+            continue;
+        }
+        synth::write_to(preset, q, 0, &mut bytes).unwrap();
+        let header = lfmd::gguf::parse_header(&bytes).unwrap();
+        let tok = lfmd::tokenizer::Tokenizer::from_gguf(&header).unwrap();
+        for case in g["tokenize"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(text, true, true), want, "{name}: {text:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 19 * 5, "{checked}");
 }

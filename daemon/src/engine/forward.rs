@@ -49,8 +49,9 @@ pub(crate) fn dequantize_rows(t: &Tensor, src: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The kernels' name for a ggml type the engine supports.
-pub(crate) fn weight_type(ty: GgmlType) -> WeightType {
+/// The kernels' name for a ggml type the engine supports (panics on others:
+/// check `SUPPORTED_TYPES` first).
+pub fn weight_type(ty: GgmlType) -> WeightType {
     match ty {
         GgmlType::F32 => WeightType::F32,
         GgmlType::F16 => WeightType::F16,

@@ -10,6 +10,6 @@ mod ops;
 mod state;
 mod weights;
 
-pub use forward::{BatchItem, ForwardStats, LogitsWanted};
+pub use forward::{BatchItem, ForwardStats, LogitsWanted, weight_type};
 pub use state::SeqState;
 pub use weights::{EngineError, EngineOptions, Model};

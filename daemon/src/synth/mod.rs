@@ -14,8 +14,8 @@ pub use presets::{PRESETS, Preset, find as find_preset, names as preset_names};
 use crate::gguf::{Array, GgmlType, GgufError, GgufWriter, TensorSpec, Value};
 use crate::model::{Arch, GatingFunc};
 use crate::rng::Rng;
-use half::{bf16, f16};
-use lfm_kernels::{BlockQ4_0, BlockQ8_0, QK, scalar};
+use half::f16;
+use lfm_kernels::{QK, scalar};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -27,7 +27,7 @@ pub enum SynthError {
     #[error("unknown preset {0:?}; choose one of {list}", list = preset_names().join(", "))]
     UnknownPreset(String),
     #[error(
-        "lfmd synth writes f32, f16, bf16, q8_0 and q4_0, not {0:?}; make other types with llama-quantize from an f32 file"
+        "lfmd synth writes f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q4_k_m and q5_k_m, not {0:?}; make other types with llama-quantize from an f32 file"
     )]
     UnsupportedQuant(String),
     #[error(transparent)]
@@ -40,25 +40,119 @@ pub enum SynthError {
     },
 }
 
-/// Weight types `lfmd synth` writes directly.
+/// What `lfmd synth --quant` can write: one weight type for every matrix,
+/// or one of llama.cpp's mixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthQuant {
+    Uniform(GgmlType),
+    /// llama-quantize's Q4_K_M choices for these tensor shapes: Q4_K with
+    /// Q6_K for the output head and some attn_v / ffn_down, Q8_0 attn_k/v and
+    /// Q5_K attn_output in models of 8+ experts.
+    Q4KM,
+    /// The same with Q5_K as the base type.
+    Q5KM,
+}
+
+/// Weight types `lfmd synth` writes for every matrix.
 pub const SYNTH_QUANTS: &[GgmlType] = &[
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
 ];
 
-/// llama.cpp's `llama_ftype` for a file whose weights are mostly `ty`.
-pub fn file_type_for(ty: GgmlType) -> u32 {
-    match ty {
-        GgmlType::F32 => 0,
-        GgmlType::F16 => 1,
-        GgmlType::Q4_0 => 2,
-        GgmlType::Q8_0 => 7,
-        GgmlType::BF16 => 32,
-        _ => unreachable!("synth writes only SYNTH_QUANTS"),
+impl From<GgmlType> for SynthQuant {
+    fn from(t: GgmlType) -> Self {
+        SynthQuant::Uniform(t)
     }
+}
+
+impl SynthQuant {
+    /// `f32`, `q8_0`, `q4_k`, `q4_k_m`, ... (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q4_k_m" => Some(SynthQuant::Q4KM),
+            "q5_k_m" => Some(SynthQuant::Q5KM),
+            other => GgmlType::from_name(other)
+                .filter(|t| SYNTH_QUANTS.contains(t))
+                .map(SynthQuant::Uniform),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            SynthQuant::Uniform(t) => t.name().to_lowercase(),
+            SynthQuant::Q4KM => "q4_k_m".into(),
+            SynthQuant::Q5KM => "q5_k_m".into(),
+        }
+    }
+
+    /// llama.cpp's `llama_ftype` for the file.
+    pub fn file_type(self) -> u32 {
+        match self {
+            SynthQuant::Q4KM => 15,
+            SynthQuant::Q5KM => 17,
+            SynthQuant::Uniform(t) => match t {
+                GgmlType::F32 => 0,
+                GgmlType::F16 => 1,
+                GgmlType::Q4_0 => 2,
+                GgmlType::Q4_1 => 3,
+                GgmlType::Q8_0 => 7,
+                GgmlType::Q5_0 => 8,
+                GgmlType::Q5_1 => 9,
+                GgmlType::Q4K => 14,
+                GgmlType::Q5K => 16,
+                GgmlType::Q6K => 18,
+                GgmlType::BF16 => 32,
+                _ => unreachable!("SynthQuant::parse admits only SYNTH_QUANTS"),
+            },
+        }
+    }
+
+    /// The type of one weight matrix.
+    fn type_for(self, role: Role, p: &Preset) -> GgmlType {
+        let base = match self {
+            SynthQuant::Uniform(t) => return t,
+            SynthQuant::Q4KM => GgmlType::Q4K,
+            SynthQuant::Q5KM => GgmlType::Q5K,
+        };
+        // llama.cpp's use_more_bits(i, n).
+        let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+        let many_experts = p.n_expert >= 8;
+        match role {
+            Role::Output => GgmlType::Q6K,
+            Role::AttnK | Role::AttnV { .. } if many_experts => GgmlType::Q8_0,
+            Role::AttnV { i, n } if more_bits(i, n) => GgmlType::Q6K,
+            Role::AttnOut if many_experts => GgmlType::Q5K,
+            Role::FfnDown { i, n } if more_bits(i, n) => GgmlType::Q6K,
+            _ => base,
+        }
+    }
+}
+
+/// What a weight matrix is, for the type rules of the mixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// `output.weight`, or `token_embd.weight` when it doubles as the head.
+    Output,
+    AttnK,
+    AttnV {
+        i: usize,
+        n: usize,
+    },
+    AttnOut,
+    FfnDown {
+        i: usize,
+        n: usize,
+    },
+    Other,
 }
 
 /// How a tensor's values are drawn.
@@ -83,7 +177,9 @@ pub struct SynthSummary {
     pub n_params: u64,
 }
 
-fn plan(p: &Preset, wt: GgmlType) -> Vec<Planned> {
+fn plan(p: &Preset, q: SynthQuant) -> Vec<Planned> {
+    let wt = |role: Role| q.type_for(role, p);
+    let n_attn = p.attention_layers.len();
     let e = p.n_embd as u64;
     let v = p.n_vocab as u64;
     let hd = (p.n_embd / p.n_head) as u64;
@@ -122,7 +218,12 @@ fn plan(p: &Preset, wt: GgmlType) -> Vec<Planned> {
     } else {
         Init::Uniform { std: EMBED_STD }
     };
-    push("token_embd.weight".into(), &[e, v], wt, embd);
+    let embd_role = if p.tied_output {
+        Role::Output
+    } else {
+        Role::Other
+    };
+    push("token_embd.weight".into(), &[e, v], wt(embd_role), embd);
     push(
         "token_embd_norm.weight".into(),
         &[e],
@@ -130,17 +231,32 @@ fn plan(p: &Preset, wt: GgmlType) -> Vec<Planned> {
         Init::Gain,
     );
     if !p.tied_output {
-        push("output.weight".into(), &[e, v], wt, head);
+        push("output.weight".into(), &[e, v], wt(Role::Output), head);
     }
     for i in 0..p.n_layer {
         let b = |s: &str| format!("blk.{i}.{s}");
         push(b("attn_norm.weight"), &[e], GgmlType::F32, Init::Gain);
         if p.attention_layers.contains(&i) {
             let kv = p.n_head_kv as u64 * hd;
-            push(b("attn_q.weight"), &[e, e], wt, lin(e));
-            push(b("attn_k.weight"), &[e, kv], wt, lin(e));
-            push(b("attn_v.weight"), &[e, kv], wt, lin(e));
-            push(b("attn_output.weight"), &[e, e], wt, out_proj(e));
+            let ia = p
+                .attention_layers
+                .iter()
+                .position(|&l| l == i)
+                .expect("attention layer");
+            push(b("attn_q.weight"), &[e, e], wt(Role::Other), lin(e));
+            push(b("attn_k.weight"), &[e, kv], wt(Role::AttnK), lin(e));
+            push(
+                b("attn_v.weight"),
+                &[e, kv],
+                wt(Role::AttnV { i: ia, n: n_attn }),
+                lin(e),
+            );
+            push(
+                b("attn_output.weight"),
+                &[e, e],
+                wt(Role::AttnOut),
+                out_proj(e),
+            );
             push(b("attn_q_norm.weight"), &[hd], GgmlType::F32, Init::Gain);
             push(b("attn_k_norm.weight"), &[hd], GgmlType::F32, Init::Gain);
         } else {
@@ -151,8 +267,18 @@ fn plan(p: &Preset, wt: GgmlType) -> Vec<Planned> {
                 GgmlType::F32,
                 Init::Uniform { std: 0.5 },
             );
-            push(b("shortconv.in_proj.weight"), &[e, 3 * e], wt, lin(e));
-            push(b("shortconv.out_proj.weight"), &[e, e], wt, out_proj(e));
+            push(
+                b("shortconv.in_proj.weight"),
+                &[e, 3 * e],
+                wt(Role::Other),
+                lin(e),
+            );
+            push(
+                b("shortconv.out_proj.weight"),
+                &[e, e],
+                wt(Role::Other),
+                out_proj(e),
+            );
         }
         push(b("ffn_norm.weight"), &[e], GgmlType::F32, Init::Gain);
         if p.arch == Arch::Lfm2Moe && i >= p.n_layer_dense_lead {
@@ -164,20 +290,27 @@ fn plan(p: &Preset, wt: GgmlType) -> Vec<Planned> {
                 GgmlType::F32,
                 Init::Uniform { std: 0.05 },
             );
-            push(b("ffn_gate_exps.weight"), &[e, f, x], wt, lin(e));
-            push(b("ffn_up_exps.weight"), &[e, f, x], wt, lin(e));
-            push(b("ffn_down_exps.weight"), &[f, e, x], wt, out_proj(f));
+            let down = Role::FfnDown { i, n: p.n_layer };
+            push(
+                b("ffn_gate_exps.weight"),
+                &[e, f, x],
+                wt(Role::Other),
+                lin(e),
+            );
+            push(b("ffn_up_exps.weight"), &[e, f, x], wt(Role::Other), lin(e));
+            push(b("ffn_down_exps.weight"), &[f, e, x], wt(down), out_proj(f));
         } else {
             let f = p.n_ff as u64;
-            push(b("ffn_gate.weight"), &[e, f], wt, lin(e));
-            push(b("ffn_up.weight"), &[e, f], wt, lin(e));
-            push(b("ffn_down.weight"), &[f, e], wt, out_proj(f));
+            let down = Role::FfnDown { i, n: p.n_layer };
+            push(b("ffn_gate.weight"), &[e, f], wt(Role::Other), lin(e));
+            push(b("ffn_up.weight"), &[e, f], wt(Role::Other), lin(e));
+            push(b("ffn_down.weight"), &[f, e], wt(down), out_proj(f));
         }
     }
     out
 }
 
-fn metadata(p: &Preset, wt: GgmlType, seed: u64) -> Vec<(String, Value)> {
+fn metadata(p: &Preset, q: SynthQuant, seed: u64) -> Vec<(String, Value)> {
     let a = p.arch.as_str();
     let k = |s: &str| format!("{a}.{s}");
     let u32v = |n: usize| Value::U32(n as u32);
@@ -193,7 +326,7 @@ fn metadata(p: &Preset, wt: GgmlType, seed: u64) -> Vec<(String, Value)> {
     let mut m = vec![
         ("general.architecture".to_owned(), Value::String(a.into())),
         ("general.name".into(), Value::String(p.display_name.into())),
-        ("general.file_type".into(), Value::U32(file_type_for(wt))),
+        ("general.file_type".into(), Value::U32(q.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
         ("lfmd.synthetic.preset".into(), Value::String(p.name.into())),
         ("lfmd.synthetic.seed".into(), Value::U64(seed)),
@@ -226,38 +359,11 @@ fn metadata(p: &Preset, wt: GgmlType, seed: u64) -> Vec<(String, Value)> {
             ),
         ]);
     }
-    let voc = vocab::lfm2_vocab(p.n_vocab);
-    m.extend([
-        (
-            "tokenizer.ggml.model".to_owned(),
-            Value::String("gpt2".into()),
-        ),
-        ("tokenizer.ggml.pre".into(), Value::String("lfm2".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(Array::String(voc.tokens)),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(Array::I32(voc.token_types)),
-        ),
-        (
-            "tokenizer.ggml.merges".into(),
-            Value::Array(Array::String(voc.merges)),
-        ),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(vocab::BOS)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(vocab::EOS)),
-        (
-            "tokenizer.ggml.padding_token_id".into(),
-            Value::U32(vocab::PAD),
-        ),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
-        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            Value::String(LFM2_CHAT_TEMPLATE.into()),
-        ),
-    ]);
+    m.extend(vocab::lfm2_vocab_metadata(p.n_vocab));
+    m.push((
+        "tokenizer.chat_template".into(),
+        Value::String(LFM2_CHAT_TEMPLATE.into()),
+    ));
     m
 }
 
@@ -276,48 +382,13 @@ fn draw(init: Init, rng: &mut Rng, out: &mut [f32]) {
     }
 }
 
+/// Encodes f32 values as `ty` with ggml's reference quantizers (the bytes
+/// llama-quantize writes for the same values without an importance matrix).
 fn encode(values: &[f32], ty: GgmlType, out: &mut Vec<u8>) {
+    let wt = crate::engine::weight_type(ty);
     out.clear();
-    match ty {
-        GgmlType::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        GgmlType::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        GgmlType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-        GgmlType::Q8_0 => {
-            let mut blocks = vec![
-                BlockQ8_0 {
-                    d: f16::ZERO,
-                    qs: [0; QK]
-                };
-                values.len() / QK
-            ];
-            scalar::quantize_row_q8_0(values, &mut blocks);
-            for b in &blocks {
-                out.extend_from_slice(&b.d.to_le_bytes());
-                out.extend(b.qs.iter().map(|&q| q as u8));
-            }
-        }
-        GgmlType::Q4_0 => {
-            let mut blocks = vec![
-                BlockQ4_0 {
-                    d: f16::ZERO,
-                    qs: [0; QK / 2]
-                };
-                values.len() / QK
-            ];
-            scalar::quantize_row_q4_0(values, &mut blocks);
-            for b in &blocks {
-                out.extend_from_slice(&b.d.to_le_bytes());
-                out.extend_from_slice(&b.qs);
-            }
-        }
-        _ => unreachable!("synth writes only SYNTH_QUANTS"),
-    }
+    out.resize(wt.row_bytes(values.len()), 0);
+    scalar::quantize_row(wt, values, out);
 }
 
 /// Random but valid quantized blocks with the weights' standard deviation:
@@ -358,7 +429,7 @@ fn random_blocks(ty: GgmlType, std: f32, n_elems: usize, rng: &mut Rng, out: &mu
 /// a reader never sees a half-written model).
 pub fn write_model(
     preset: &Preset,
-    wt: GgmlType,
+    quant: impl Into<SynthQuant>,
     seed: u64,
     out: &Path,
 ) -> Result<SynthSummary, SynthError> {
@@ -368,7 +439,7 @@ pub fn write_model(
     };
     let tmp = out.with_extension("gguf.partial");
     let file = std::fs::File::create(&tmp).map_err(io)?;
-    let result = write_to(preset, wt, seed, BufWriter::with_capacity(8 << 20, file));
+    let result = write_to(preset, quant, seed, BufWriter::with_capacity(8 << 20, file));
     match result {
         Ok(summary) => {
             std::fs::rename(&tmp, out).map_err(io)?;
@@ -384,16 +455,19 @@ pub fn write_model(
 /// Streams a synthetic model into any writer.
 pub fn write_to<W: Write>(
     preset: &Preset,
-    wt: GgmlType,
+    quant: impl Into<SynthQuant>,
     seed: u64,
     w: W,
 ) -> Result<SynthSummary, SynthError> {
-    if !SYNTH_QUANTS.contains(&wt) {
-        return Err(SynthError::UnsupportedQuant(wt.name().to_lowercase()));
+    let q = quant.into();
+    if let SynthQuant::Uniform(t) = q
+        && !SYNTH_QUANTS.contains(&t)
+    {
+        return Err(SynthError::UnsupportedQuant(t.name().to_lowercase()));
     }
-    let plan = plan(preset, wt);
+    let plan = plan(preset, q);
     let specs: Vec<TensorSpec> = plan.iter().map(|t| t.spec.clone()).collect();
-    let mut writer = GgufWriter::new(w, &metadata(preset, wt, seed), specs)?;
+    let mut writer = GgufWriter::new(w, &metadata(preset, q, seed), specs)?;
     let mut values = Vec::new();
     let mut bytes = Vec::new();
     let mut n_params = 0;

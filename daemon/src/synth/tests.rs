@@ -116,7 +116,7 @@ impl io::Write for HeadSink {
 /// The header of a full-size preset, from metadata and tensor infos alone.
 fn full_size_header(preset: &str, ty: GgmlType) -> crate::gguf::GgufHeader {
     let p = find_preset(preset).unwrap();
-    let specs: Vec<TensorSpec> = plan(p, ty).into_iter().map(|t| t.spec).collect();
+    let specs: Vec<TensorSpec> = plan(p, ty.into()).into_iter().map(|t| t.spec).collect();
     let total: u64 = specs
         .iter()
         .map(|s| s.size().unwrap().div_ceil(32) * 32)
@@ -125,7 +125,7 @@ fn full_size_header(preset: &str, ty: GgmlType) -> crate::gguf::GgufHeader {
         head: Vec::new(),
         len: 0,
     };
-    GgufWriter::new(&mut sink, &metadata(p, ty, 0), specs).unwrap();
+    GgufWriter::new(&mut sink, &metadata(p, ty.into(), 0), specs).unwrap();
     parse_header_prefix(&sink.head, sink.len + total).unwrap()
 }
 
@@ -190,7 +190,7 @@ fn lfm2_350m_shape_matches_the_real_model() {
 #[test]
 fn unknown_preset_and_quant_are_clear_errors() {
     let p = find_preset("tiny-dense").unwrap();
-    let e = write_to(p, GgmlType::Q4K, 0, Vec::new())
+    let e = write_to(p, GgmlType::IQ2XXS, 0, Vec::new())
         .unwrap_err()
         .to_string();
     assert!(e.contains("llama-quantize"), "{e}");
@@ -208,12 +208,12 @@ fn edited_header(
     edit_meta: impl FnOnce(&mut Vec<(String, Value)>),
 ) -> crate::gguf::GgufHeader {
     let p = find_preset("8b-a1b").unwrap();
-    let mut specs: Vec<TensorSpec> = plan(p, GgmlType::Q4_0)
+    let mut specs: Vec<TensorSpec> = plan(p, GgmlType::Q4_0.into())
         .into_iter()
         .map(|t| t.spec)
         .collect();
     edit_specs(&mut specs);
-    let mut meta = metadata(p, GgmlType::Q4_0, 0);
+    let mut meta = metadata(p, GgmlType::Q4_0.into(), 0);
     edit_meta(&mut meta);
     let total: u64 = specs
         .iter()

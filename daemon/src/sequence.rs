@@ -1,0 +1,177 @@
+//! A generation in progress: prompt tokens still to feed, the sampler, the
+//! stop rules and the streaming detokenizer. It never calls the model
+//! itself: a driver (the CLI loop, the scheduler) feeds chunks of
+//! [`Sequence::next_input`] through `Model::forward` together with other
+//! sequences and hands back the logits, so many sequences share one batch.
+
+use crate::engine::{Model, SeqState};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stop::StopText;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::sync::Arc;
+
+/// Why a generation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// A stop string appeared (text up to it was delivered).
+    StopString,
+    /// `max_tokens` were generated.
+    Length,
+    /// The sequence reached the model's context limit.
+    ContextFull,
+    /// The client cancelled or went away.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Eos => "stop",
+            FinishReason::StopString => "stop_string",
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context_full",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What one step produced for the client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// The sampled token (also for the final step).
+    pub token: u32,
+    /// Text that became printable with this token (may be empty).
+    pub text: String,
+    pub finished: Option<FinishReason>,
+}
+
+pub struct Sequence {
+    pub state: SeqState,
+    tokenizer: Arc<Tokenizer>,
+    /// Tokens to feed before the next sample (the prompt, then each sampled token).
+    pending: Vec<u32>,
+    history: Vec<u32>,
+    n_prompt: usize,
+    sampler: Sampler,
+    stop: StopText,
+    decoder: StreamDecoder<Arc<Tokenizer>>,
+    /// End-of-generation ids: EOS and `<|im_end|>`.
+    eog: Vec<u32>,
+    max_tokens: usize,
+    n_ctx: usize,
+    generated: Vec<u32>,
+    finished: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub fn new(
+        model: &Model,
+        tokenizer: Arc<Tokenizer>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: usize,
+        stop: StopText,
+    ) -> Self {
+        let mut eog: Vec<u32> = tokenizer.eos().into_iter().collect();
+        eog.extend(tokenizer.token_id("<|im_end|>"));
+        eog.extend(tokenizer.token_id("<|endoftext|>"));
+        eog.sort_unstable();
+        eog.dedup();
+        let decoder = StreamDecoder::new(tokenizer.clone());
+        Sequence {
+            state: SeqState::new(model),
+            n_prompt: prompt.len(),
+            history: prompt.clone(),
+            pending: prompt,
+            sampler: Sampler::new(params),
+            stop,
+            decoder,
+            eog,
+            max_tokens,
+            n_ctx: model.desc.n_ctx_train,
+            generated: Vec::new(),
+            finished: None,
+            tokenizer,
+        }
+    }
+
+    /// Tokens to feed next: at most `max` of them (chunked prefill).
+    pub fn next_input(&self, max: usize) -> &[u32] {
+        &self.pending[..self.pending.len().min(max)]
+    }
+
+    /// Whether feeding `n` tokens completes the pending input, so the call
+    /// must return the last token's logits for sampling.
+    pub fn needs_logits(&self, n: usize) -> bool {
+        n == self.pending.len()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    pub fn finish_reason(&self) -> Option<&FinishReason> {
+        self.finished.as_ref()
+    }
+
+    pub fn n_prompt(&self) -> usize {
+        self.n_prompt
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Records that `n` pending tokens went through the model. With the
+    /// last token's `logits`, samples the next token and returns the step.
+    pub fn advance(&mut self, n: usize, logits: Option<&[f32]>) -> Option<Step> {
+        self.pending.drain(..n);
+        let logits = logits?;
+        debug_assert!(self.pending.is_empty());
+        let token = self.sampler.sample(logits, &self.history);
+        self.history.push(token);
+        self.generated.push(token);
+        let mut finished = None;
+        let mut text = String::new();
+        if self.eog.binary_search(&token).is_ok() {
+            finished = Some(FinishReason::Eos);
+        } else {
+            let piece = self.decoder.push(token);
+            text = self.stop.push(&piece);
+            if self.stop.stopped() {
+                finished = Some(FinishReason::StopString);
+            } else if self.generated.len() >= self.max_tokens {
+                finished = Some(FinishReason::Length);
+            } else if self.state.len() + 1 >= self.n_ctx {
+                finished = Some(FinishReason::ContextFull);
+            }
+        }
+        if finished.is_some() {
+            if finished != Some(FinishReason::StopString) {
+                text.push_str(&self.stop.push(&self.decoder.finish()));
+                text.push_str(&self.stop.finish());
+            }
+            self.finished = finished.clone();
+        } else {
+            self.pending.push(token);
+        }
+        Some(Step {
+            token,
+            text,
+            finished,
+        })
+    }
+
+    /// Ends the sequence early (cancellation); returns any held-back text.
+    pub fn cancel(&mut self) -> String {
+        self.finished = Some(FinishReason::Cancelled);
+        self.pending.clear();
+        String::new()
+    }
+}

@@ -97,6 +97,12 @@ impl Sequence {
         }
     }
 
+    /// Caps the sequence below the model's trained context (a daemon's
+    /// configured context size).
+    pub fn set_context_limit(&mut self, n_ctx: usize) {
+        self.n_ctx = self.n_ctx.min(n_ctx);
+    }
+
     /// Tokens to feed next: at most `max` of them (chunked prefill).
     pub fn next_input(&self, max: usize) -> &[u32] {
         &self.pending[..self.pending.len().min(max)]

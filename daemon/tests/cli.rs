@@ -126,3 +126,75 @@ fn synth_rejects_unknown_presets_and_types() {
         "no partial file left behind"
     );
 }
+
+#[test]
+fn tokenize_logits_and_generate_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-dense", "q8_0");
+    let ids: Vec<u32> = serde_json::from_str(&ok(&lfmd(&[
+        "tokenize",
+        "--model",
+        &path,
+        "<|im_start|>user\nHi",
+    ])))
+    .unwrap();
+    assert_eq!(
+        &ids[..2],
+        &[1, 6],
+        "BOS then <|im_start|> parsed as one token"
+    );
+    let plain: Vec<u32> = serde_json::from_str(&ok(&lfmd(&[
+        "tokenize",
+        "--model",
+        &path,
+        "--no-bos",
+        "--no-special",
+        "<|im_start|>",
+    ])))
+    .unwrap();
+    assert!(plain.len() > 1 && !plain.contains(&6) && plain[0] != 1);
+
+    let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let rows: Vec<Vec<f32>> =
+        serde_json::from_str(&ok(&lfmd(&["logits", "--model", &path, "--tokens", &list]))).unwrap();
+    assert_eq!(rows.len(), ids.len());
+    assert!(
+        rows.iter()
+            .all(|r| r.len() == 512 && r.iter().all(|v| v.is_finite()))
+    );
+
+    let generate = |seed: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&lfmd(&[
+            "generate",
+            "--model",
+            &path,
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "6",
+            "--json",
+            "Hello there",
+        ])))
+        .unwrap()
+    };
+    let (a, b) = (generate("5"), generate("5"));
+    assert_eq!(a["ids"], b["ids"]);
+    assert_eq!(a["text"], b["text"]);
+    assert_eq!(a["generated_tokens"], 6);
+    assert_eq!(a["finish_reason"], "length");
+    // The chat template put the system prompt first.
+    assert_eq!(a["prompt_ids"][0], 1);
+    assert_eq!(a["prompt_ids"][1], 6);
+    assert!(a["time_to_first_token_s"].as_f64().unwrap() > 0.0);
+
+    let out = lfmd(&["generate", "--model", &path, "--temperature=-1", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("temperature must be between 0 and 100"));
+    let out = lfmd(&["generate", "--model", &path, ""]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prompt is empty"));
+}

@@ -150,6 +150,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     params.validate()?;
+    if a.prompt.is_empty() {
+        bail!("the prompt is empty: give some text to continue");
+    }
     let stop = lfmd::stop::StopText::new(a.stop.clone())?;
     let opts = EngineOptions {
         threads: a.threads,
@@ -184,9 +187,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
     // A rendered chat template already starts with BOS.
     let add_bos = tok.special_ids().add_bos && !(a.chat || a.system.is_some());
     let prompt = tok.encode(&prompt_text, add_bos, true);
-    if prompt.is_empty() {
-        bail!("the prompt is empty: give some text to continue");
-    }
     if prompt.len() >= model.desc.n_ctx_train {
         bail!(
             "the prompt is {} tokens; the model's context holds {}",

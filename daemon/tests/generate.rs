@@ -42,7 +42,7 @@ fn pick(n_vocab: usize, id: u32) -> Vec<f32> {
 fn seq(m: &Model, tok: &Arc<Tokenizer>, max: usize, stops: &[&str]) -> Sequence {
     let prompt = tok.encode("Hello", true, true);
     let stop = StopText::new(stops.iter().map(|s| s.to_string()).collect()).unwrap();
-    let mut s = Sequence::new(m, tok.clone(), prompt, greedy(), max, stop);
+    let s = Sequence::new(m, tok.clone(), prompt, greedy(), max, stop);
     let n = s.next_input(usize::MAX).len();
     assert!(s.needs_logits(n));
     s

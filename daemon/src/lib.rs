@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod inspect;
 pub mod model;
 pub mod paths;
+pub mod procstat;
 pub mod rng;
 pub mod sampler;
 pub mod sequence;

@@ -245,6 +245,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             "total_s": total.as_secs_f64(),
             "prefill_tokens_per_s": prompt.len() as f64 / ttft.max(1e-9),
             "decode_tokens_per_s": if n > 1 { (n - 1) as f64 / (total.as_secs_f64() - ttft).max(1e-9) } else { 0.0 },
+            "memory": lfmd::procstat::memory(),
         });
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(&v)?);
     } else {

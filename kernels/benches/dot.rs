@@ -38,7 +38,9 @@ fn main() {
             let mut s = 0.0f32;
             for _ in 0..20 {
                 for r in 0..rows {
-                    s += f(&w[r * 1152..(r + 1) * 1152], &x, cols);
+                    let mut o = [0.0f32];
+                    f(&w[r * 1152..(r + 1) * 1152], &[&x], cols, &mut o);
+                    s += o[0];
                 }
             }
             let dt = t0.elapsed().as_secs_f64();

@@ -24,36 +24,80 @@ fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-fn dot_f32(w: &[u8], x: &[u8], _n: usize) -> f32 {
-    f32s(w).zip(f32s(x)).map(|(a, b)| a * b).sum()
+/// Applies a one-row dot to each activation row.
+macro_rules! each {
+    ($name:ident, |$w:ident, $x:ident, $n:ident| $body:expr) => {
+        fn $name($w: &[u8], xs: &[&[u8]], $n: usize, out: &mut [f32]) {
+            for ($x, o) in xs.iter().zip(out) {
+                *o = $body;
+            }
+        }
+    };
 }
 
-fn dot_f16(w: &[u8], x: &[u8], _n: usize) -> f32 {
+each!(dot_f32, |w, x, _n| f32s(w)
+    .zip(f32s(x))
+    .map(|(a, b)| a * b)
+    .sum());
+each!(dot_f16, |w, x, _n| {
     w.chunks_exact(2)
         .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
         .zip(f32s(x))
         .map(|(a, b)| a * b)
         .sum()
-}
-
-fn dot_bf16(w: &[u8], x: &[u8], _n: usize) -> f32 {
+});
+each!(dot_bf16, |w, x, _n| {
     w.chunks_exact(2)
         .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
         .zip(f32s(x))
         .map(|(a, b)| a * b)
         .sum()
+});
+each!(ref_q4_0, |w, x, n| scalar::vec_dot(
+    WeightType::Q4_0,
+    w,
+    x,
+    n
+));
+each!(ref_q4_1, |w, x, n| scalar::vec_dot(
+    WeightType::Q4_1,
+    w,
+    x,
+    n
+));
+each!(ref_q5_0, |w, x, n| scalar::vec_dot(
+    WeightType::Q5_0,
+    w,
+    x,
+    n
+));
+each!(ref_q5_1, |w, x, n| scalar::vec_dot(
+    WeightType::Q5_1,
+    w,
+    x,
+    n
+));
+each!(ref_q8_0, |w, x, n| scalar::vec_dot(
+    WeightType::Q8_0,
+    w,
+    x,
+    n
+));
+each!(ref_q4k, |w, x, n| scalar::vec_dot(WeightType::Q4K, w, x, n));
+each!(ref_q5k, |w, x, n| scalar::vec_dot(WeightType::Q5K, w, x, n));
+each!(ref_q6k, |w, x, n| scalar::vec_dot(WeightType::Q6K, w, x, n));
+
+#[cfg(target_arch = "x86_64")]
+fn q4_0_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
+    // the matmul driver passes 1..=4 rows of the weight row's block count.
+    unsafe { crate::x86::avx2::dot_q4_0_q8_0(w, xs, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q4_0_avx2(w: &[u8], x: &[u8], _n: usize) -> f32 {
-    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present.
-    unsafe { crate::x86::avx2::vec_dot_q4_0_q8_0(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q8_0_avx2(w: &[u8], x: &[u8], _n: usize) -> f32 {
+fn q8_0_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as above.
-    unsafe { crate::x86::avx2::vec_dot_q8_0_q8_0(w, x) }
+    unsafe { crate::x86::avx2::dot_q8_0_q8_0(w, xs, out) }
 }
 
 /// The row dot for weights of `ty` against activations of
@@ -72,14 +116,14 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
         WeightType::F32 => dot_f32,
         WeightType::F16 => dot_f16,
         WeightType::BF16 => dot_bf16,
-        WeightType::Q4_0 => |w, x, n| scalar::vec_dot(WeightType::Q4_0, w, x, n),
-        WeightType::Q4_1 => |w, x, n| scalar::vec_dot(WeightType::Q4_1, w, x, n),
-        WeightType::Q5_0 => |w, x, n| scalar::vec_dot(WeightType::Q5_0, w, x, n),
-        WeightType::Q5_1 => |w, x, n| scalar::vec_dot(WeightType::Q5_1, w, x, n),
-        WeightType::Q8_0 => |w, x, n| scalar::vec_dot(WeightType::Q8_0, w, x, n),
-        WeightType::Q4K => |w, x, n| scalar::vec_dot(WeightType::Q4K, w, x, n),
-        WeightType::Q5K => |w, x, n| scalar::vec_dot(WeightType::Q5K, w, x, n),
-        WeightType::Q6K => |w, x, n| scalar::vec_dot(WeightType::Q6K, w, x, n),
+        WeightType::Q4_0 => ref_q4_0,
+        WeightType::Q4_1 => ref_q4_1,
+        WeightType::Q5_0 => ref_q5_0,
+        WeightType::Q5_1 => ref_q5_1,
+        WeightType::Q8_0 => ref_q8_0,
+        WeightType::Q4K => ref_q4k,
+        WeightType::Q5K => ref_q5k,
+        WeightType::Q6K => ref_q6k,
     }
 }
 
@@ -121,7 +165,9 @@ mod tests {
                     scalar::quantize_row(ty, &w, &mut wq);
                     let mut xq = Vec::new();
                     quantize_activations(ty, &x, n, &mut xq);
-                    let got = dot_fn(isa, ty)(&wq, &xq, n);
+                    let mut got = [0.0f32];
+                    dot_fn(isa, ty)(&wq, &[&xq], n, &mut got);
+                    let got = got[0];
                     // The reference: dequantized weights against the same activations.
                     let mut wd = vec![0.0; n];
                     scalar::dequantize_row(ty, &wq, &mut wd);

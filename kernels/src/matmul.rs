@@ -6,8 +6,13 @@
 
 use crate::pool::ThreadPool;
 
-/// A safe row dot product: `(weight_row, activation_row, n_elements) -> f32`.
-pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
+/// Safe row dot products of one weight row with 1 to [`MAX_ROWS_PER_DOT`]
+/// activation rows: `(weight_row, activation_rows, n_elements, out)`. A row's
+/// result must not depend on how many others share the call.
+pub type DotFn = fn(&[u8], &[&[u8]], usize, &mut [f32]);
+
+/// Activation rows handed to one [`DotFn`] call.
+pub const MAX_ROWS_PER_DOT: usize = 4;
 
 /// Shared output pointer for disjoint writes from pool threads.
 struct OutPtr(*mut f32);
@@ -38,15 +43,22 @@ pub fn matmul(
     assert_eq!(y.len(), n * rows, "output has the wrong size");
     let out = OutPtr(y.as_mut_ptr());
     let out = &out;
+    let acts: Vec<&[u8]> = (0..n)
+        .map(|t| &act[t * act_row_bytes..(t + 1) * act_row_bytes])
+        .collect();
     pool.for_chunks(rows, ROWS_PER_CHUNK, &|range| {
+        let mut vals = [0.0f32; MAX_ROWS_PER_DOT];
         for r in range {
             let wr = &w[r * row_bytes..(r + 1) * row_bytes];
-            for t in 0..n {
-                let v = dot(wr, &act[t * act_row_bytes..(t + 1) * act_row_bytes], cols);
-                // SAFETY: r < rows and t < n, so the index is inside `y`
-                // (length n * rows, checked above); no other thread writes
-                // row r, and `y` is exclusively borrowed for this call.
-                unsafe { *out.0.add(t * rows + r) = v };
+            for (g, group) in acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
+                dot(wr, group, cols, &mut vals[..group.len()]);
+                for (k, &v) in vals[..group.len()].iter().enumerate() {
+                    let t = g * MAX_ROWS_PER_DOT + k;
+                    // SAFETY: r < rows and t < n, so the index is inside `y`
+                    // (length n * rows, checked above); no other thread writes
+                    // row r, and `y` is exclusively borrowed for this call.
+                    unsafe { *out.0.add(t * rows + r) = v };
+                }
             }
         }
     });
@@ -56,11 +68,18 @@ pub fn matmul(
 mod tests {
     use super::*;
 
-    fn dot_u8(a: &[u8], b: &[u8], _n: usize) -> f32 {
+    fn dot_one(a: &[u8], b: &[u8]) -> f32 {
         a.iter()
             .zip(b)
             .map(|(&x, &y)| f32::from(x) * f32::from(y))
             .sum()
+    }
+
+    fn dot_u8(a: &[u8], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
+        assert!((1..=MAX_ROWS_PER_DOT).contains(&bs.len()));
+        for (b, o) in bs.iter().zip(out) {
+            *o = dot_one(a, b);
+        }
     }
 
     #[test]
@@ -71,11 +90,8 @@ mod tests {
         let mut want = vec![0.0; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                want[t * rows + r] = dot_u8(
-                    &w[r * cols..(r + 1) * cols],
-                    &a[t * cols..(t + 1) * cols],
-                    cols,
-                );
+                want[t * rows + r] =
+                    dot_one(&w[r * cols..(r + 1) * cols], &a[t * cols..(t + 1) * cols]);
             }
         }
         for threads in [1, 2, 3] {

@@ -27,116 +27,146 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Signed 8-bit dot product of 32 lanes, as 8 i32 partial sums.
+/// Integer products of one weight block's 32 signed values with one
+/// activation block, as 8 i32 lane sums (lane k covers bytes 4k..4k+4).
+/// `wabs` is |w|; `w` supplies the signs. maddubs cannot saturate here
+/// (|w| <= 128, |x| <= 127, two products per i16).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_i8(a: __m256i, b: __m256i) -> __m256i {
-    // maddubs wants unsigned x signed: move a's sign onto b.
-    let ax = _mm256_sign_epi8(a, a);
-    let sb = _mm256_sign_epi8(b, a);
-    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sb), _mm256_set1_epi16(1))
+fn lanes_i8(wabs: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    let sx = _mm256_sign_epi8(x, w);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, sx), _mm256_set1_epi16(1))
 }
 
-/// One Q4_0 x Q8_0 block product as 8 f32 partial sums, scaled.
+/// The 32 weights of a Q4_0 block as signed bytes (values -8..=7):
+/// elements 0..16 are the low nibbles, 16..32 the high ones.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4_0_block(wb: &[u8], xb: &[u8], acc: __m256) -> __m256 {
-    let d = _mm256_set1_ps(f16_at(wb) * f16_at(xb));
-    // SAFETY: callers pass whole blocks: wb[2..18] is 16 readable bytes,
-    // xb[2..34] is 32.
-    let (qs, y) = unsafe {
-        (
-            _mm_loadu_si128(wb.as_ptr().add(2).cast()),
-            _mm256_loadu_si256(xb.as_ptr().add(2).cast()),
-        )
-    };
-    // Elements 0..16 are the low nibbles, 16..32 the high ones.
+fn unpack_q4_0(wb: &[u8]) -> __m256i {
+    // SAFETY: callers pass whole blocks: wb[2..18] is 16 readable bytes.
+    let qs = unsafe { _mm_loadu_si128(wb.as_ptr().add(2).cast()) };
     let both = _mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs);
-    let q = _mm256_sub_epi8(
+    _mm256_sub_epi8(
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f)),
         _mm256_set1_epi8(8),
-    );
-    _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q, y)), d, acc)
+    )
 }
 
-/// Dot of one Q4_0 row with one Q8_0 row of `w.len() / 18` blocks.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `x` must hold as many Q8_0
-/// blocks as `w` holds Q4_0 blocks.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn vec_dot_q4_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let nb = w.len() / Q4_0_BYTES;
-    assert!(x.len() >= nb * Q8_0_BYTES);
-    // Four accumulators keep four blocks in flight instead of one FMA chain.
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 4 <= nb {
+fn load_q8(xb: &[u8]) -> __m256i {
+    // SAFETY: callers pass whole Q8_0 blocks: xb[2..34] is 32 readable bytes.
+    unsafe { _mm256_loadu_si256(xb.as_ptr().add(2).cast()) }
+}
+
+/// Dots of one weight row (Q4_0 or Q8_0, `W_BYTES` per block) with `N`
+/// Q8_0 activation rows. Each token has one accumulator and takes the blocks
+/// in order, so its result is bit-identical whatever N is: batching never
+/// changes a sequence's numbers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_q8<const W_BYTES: usize, const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+    let nb = w.len() / W_BYTES;
+    for x in xs {
+        assert!(
+            x.len() >= nb * Q8_0_BYTES,
+            "activation row shorter than the weight row"
+        );
+    }
+    let mut acc = [_mm256_setzero_ps(); N];
+    for i in 0..nb {
+        let wb = &w[i * W_BYTES..(i + 1) * W_BYTES];
         // Weights stream from memory; rows lie back to back, so fetching a
         // little past this row's end is the next row's start. Prefetch is a
         // hint: an address past the mapping is harmless.
-        _mm_prefetch::<_MM_HINT_T0>(
-            w.as_ptr()
-                .wrapping_add(i * Q4_0_BYTES + PREFETCH_AHEAD)
-                .cast(),
-        );
-        _mm_prefetch::<_MM_HINT_T0>(
-            w.as_ptr()
-                .wrapping_add(i * Q4_0_BYTES + PREFETCH_AHEAD + 64)
-                .cast(),
-        );
-        for (k, a) in acc.iter_mut().enumerate() {
-            let b = i + k;
-            *a = q4_0_block(
-                &w[b * Q4_0_BYTES..(b + 1) * Q4_0_BYTES],
-                &x[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES],
-                *a,
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i * W_BYTES + PREFETCH_AHEAD).cast());
+        let q = if W_BYTES == Q4_0_BYTES {
+            unpack_q4_0(wb)
+        } else {
+            load_q8(wb)
+        };
+        let qabs = _mm256_sign_epi8(q, q);
+        let dw = f16_at(wb);
+        for t in 0..N {
+            let xb = &xs[t][i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
+            let s = lanes_i8(qabs, q, load_q8(xb));
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(s),
+                _mm256_set1_ps(dw * f16_at(xb)),
+                acc[t],
             );
         }
-        i += 4;
     }
-    while i < nb {
-        acc[0] = q4_0_block(
-            &w[i * Q4_0_BYTES..(i + 1) * Q4_0_BYTES],
-            &x[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES],
-            acc[0],
-        );
-        i += 1;
+    for t in 0..N {
+        out[t] = hsum(acc[t]);
     }
-    hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ))
 }
 
-/// Dot of one Q8_0 weight row with one Q8_0 activation row.
+/// Dots of one Q4_0 weight row with up to four Q8_0 activation rows.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `x` must hold as many blocks as `w`.
+/// The CPU must support AVX2, FMA and F16C. Every activation row must hold
+/// as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn vec_dot_q8_0_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let nb = w.len() / Q8_0_BYTES;
-    assert!(x.len() >= nb * Q8_0_BYTES);
-    let mut acc = _mm256_setzero_ps();
-    for i in 0..nb {
-        let wb = &w[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
-        let xb = &x[i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
-        let d = _mm256_set1_ps(f16_at(wb) * f16_at(xb));
-        // SAFETY: both blocks hold 32 quant bytes after the 2-byte scale.
-        let (q, y) = unsafe {
-            (
-                _mm256_loadu_si256(wb.as_ptr().add(2).cast()),
-                _mm256_loadu_si256(xb.as_ptr().add(2).cast()),
-            )
-        };
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i8(q, y)), d, acc);
+pub unsafe fn dot_q4_0_q8_0(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+    match xs.len() {
+        1 => rows_q8::<Q4_0_BYTES, 1>(w, xs, out),
+        2 => rows_q8::<Q4_0_BYTES, 2>(w, xs, out),
+        3 => rows_q8::<Q4_0_BYTES, 3>(w, xs, out),
+        4 => rows_q8::<Q4_0_BYTES, 4>(w, xs, out),
+        n => panic!("dot_q4_0_q8_0 takes 1 to 4 activation rows, got {n}"),
     }
-    hsum(acc)
+}
+
+/// Dots of one Q8_0 weight row with up to four Q8_0 activation rows.
+///
+/// # Safety
+/// As for [`dot_q4_0_q8_0`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_q8_0_q8_0(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+    match xs.len() {
+        1 => rows_q8::<Q8_0_BYTES, 1>(w, xs, out),
+        2 => rows_q8::<Q8_0_BYTES, 2>(w, xs, out),
+        3 => rows_q8::<Q8_0_BYTES, 3>(w, xs, out),
+        4 => rows_q8::<Q8_0_BYTES, 4>(w, xs, out),
+        n => panic!("dot_q8_0_q8_0 takes 1 to 4 activation rows, got {n}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_tokens_give_bit_identical_results_to_one() {
+        if !crate::isa::Isa::Avx2.available() {
+            return;
+        }
+        let w4 = blocks(3, 9, Q4_0_BYTES, false);
+        let w8 = blocks(4, 9, Q8_0_BYTES, false);
+        let xs: Vec<Vec<u8>> = (0..4)
+            .map(|t| blocks(10 + t, 9, Q8_0_BYTES, false))
+            .collect();
+        for n in 1..=4 {
+            let refs: Vec<&[u8]> = xs[..n].iter().map(Vec::as_slice).collect();
+            let (mut many4, mut many8) = (vec![0.0; n], vec![0.0; n]);
+            // SAFETY: AVX2 was detected above.
+            unsafe {
+                dot_q4_0_q8_0(&w4, &refs, &mut many4);
+                dot_q8_0_q8_0(&w8, &refs, &mut many8);
+            }
+            for t in 0..n {
+                let (mut one4, mut one8) = ([0.0], [0.0]);
+                // SAFETY: as above.
+                unsafe {
+                    dot_q4_0_q8_0(&w4, &[refs[t]], &mut one4);
+                    dot_q8_0_q8_0(&w8, &[refs[t]], &mut one8);
+                }
+                assert_eq!(many4[t].to_bits(), one4[0].to_bits());
+                assert_eq!(many8[t].to_bits(), one8[0].to_bits());
+            }
+        }
+    }
 
     fn scalar_q4(w: &[u8], x: &[u8]) -> f32 {
         let mut s = 0.0;
@@ -202,7 +232,12 @@ mod tests {
                 let w8 = blocks(n as u64 + 7, n, Q8_0_BYTES, extreme);
                 let x = blocks(n as u64 + 99, n, Q8_0_BYTES, extreme);
                 // SAFETY: AVX2 was detected above.
-                let (a, b) = unsafe { (vec_dot_q4_0_q8_0(&w4, &x), vec_dot_q8_0_q8_0(&w8, &x)) };
+                let (mut a, mut b) = ([0.0f32], [0.0f32]);
+                unsafe {
+                    dot_q4_0_q8_0(&w4, &[&x], &mut a);
+                    dot_q8_0_q8_0(&w8, &[&x], &mut b);
+                }
+                let (a, b) = (a[0], b[0]);
                 let (ra, rb) = (scalar_q4(&w4, &x), scalar_q8(&w8, &x));
                 let tol = |r: f32| 1e-5 * r.abs().max(1.0) * n as f32;
                 assert!((a - ra).abs() <= tol(ra), "q4_0 n={n}: {a} vs {ra}");

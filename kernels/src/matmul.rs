@@ -20,9 +20,12 @@ struct OutPtr(*mut f32);
 // pool's region ends before the owner of the slice uses it again.
 unsafe impl Sync for OutPtr {}
 
-/// Weight rows handed to one worker at a time: enough to amortize the
-/// hand-out, few enough to balance.
-const ROWS_PER_CHUNK: usize = 16;
+/// Weight rows are handed out in about this many chunks per thread: few, so
+/// each thread streams long contiguous runs of the matrix (what the memory
+/// system rewards in decode), more than one, so uneven progress balances.
+const CHUNKS_PER_THREAD: usize = 2;
+/// Never hand out fewer rows than this at a time.
+const MIN_ROWS_PER_CHUNK: usize = 16;
 
 /// `y[t * rows + r] = dot(w[r], act[t])`.
 #[allow(clippy::too_many_arguments)]
@@ -46,7 +49,10 @@ pub fn matmul(
     let acts: Vec<&[u8]> = (0..n)
         .map(|t| &act[t * act_row_bytes..(t + 1) * act_row_bytes])
         .collect();
-    pool.for_chunks(rows, ROWS_PER_CHUNK, &|range| {
+    let chunk = rows
+        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
+        .max(MIN_ROWS_PER_CHUNK);
+    pool.for_chunks(rows, chunk, &|range| {
         let mut vals = [0.0f32; MAX_ROWS_PER_DOT];
         for r in range {
             let wr = &w[r * row_bytes..(r + 1) * row_bytes];

@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 
 const Q4_0_BYTES: usize = 18;
 /// How far ahead of the current block weight rows are prefetched.
-const PREFETCH_AHEAD: usize = 1024;
+const PREFETCH_AHEAD: usize = 4096;
 const Q8_0_BYTES: usize = 34;
 
 #[inline]

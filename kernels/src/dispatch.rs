@@ -100,10 +100,34 @@ fn q8_0_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     unsafe { crate::x86::avx2::dot_q8_0_q8_0(w, xs, out) }
 }
 
+#[cfg(target_arch = "x86_64")]
+fn q4_0_vnni(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: handed out by `dot_fn` only when AVX-512 VNNI/VL (and AVX2)
+    // are present; rows as for `q4_0_avx2`.
+    unsafe { crate::x86::avx2::dot_q4_0_q8_0_vnni(w, xs, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q8_0_vnni(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(w, xs, out) }
+}
+
 /// The row dot for weights of `ty` against activations of
 /// [`act_type_for`]`(ty)` on `isa` (which must be available).
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     debug_assert!(isa.available());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512
+        && isa.extensions().contains(&"vnni")
+        && is_x86_feature_detected!("avx512vl")
+    {
+        match ty {
+            WeightType::Q4_0 => return q4_0_vnni,
+            WeightType::Q8_0 => return q8_0_vnni,
+            _ => {}
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.available() {
         match ty {

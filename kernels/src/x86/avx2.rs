@@ -59,83 +59,152 @@ fn load_q8(xb: &[u8]) -> __m256i {
     unsafe { _mm256_loadu_si256(xb.as_ptr().add(2).cast()) }
 }
 
-/// Dots of one weight row (Q4_0 or Q8_0, `W_BYTES` per block) with `N`
-/// Q8_0 activation rows. Each token has one accumulator and takes the blocks
-/// in order, so its result is bit-identical whatever N is: batching never
-/// changes a sequence's numbers.
+/// Integer lane sums as [`lanes_i8`], in one AVX-512 VNNI instruction (on
+/// 256-bit registers). Same lanes, same exact integers: results stay
+/// bit-identical to the AVX2 path.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q8<const W_BYTES: usize, const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / W_BYTES;
-    for x in xs {
-        assert!(
-            x.len() >= nb * Q8_0_BYTES,
-            "activation row shorter than the weight row"
-        );
-    }
-    let mut acc = [_mm256_setzero_ps(); N];
-    for i in 0..nb {
-        let wb = &w[i * W_BYTES..(i + 1) * W_BYTES];
-        // Weights stream from memory; rows lie back to back, so fetching a
-        // little past this row's end is the next row's start. Prefetch is a
-        // hint: an address past the mapping is harmless.
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i * W_BYTES + PREFETCH_AHEAD).cast());
-        let q = if W_BYTES == Q4_0_BYTES {
-            unpack_q4_0(wb)
-        } else {
-            load_q8(wb)
-        };
-        let qabs = _mm256_sign_epi8(q, q);
-        let dw = f16_at(wb);
-        for t in 0..N {
-            let xb = &xs[t][i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
-            let s = lanes_i8(qabs, q, load_q8(xb));
-            acc[t] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(s),
-                _mm256_set1_ps(dw * f16_at(xb)),
-                acc[t],
-            );
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn lanes_i8_vnni(wabs: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(x, w))
+}
+
+/// Generates the row-dot body for one instruction-set flavour.
+macro_rules! rows_q8_fn {
+    ($name:ident, $features:literal, $lanes:ident) => {
+        /// Dots of one weight row (Q4_0 or Q8_0, `W_BYTES` per block) with `N`
+        /// Q8_0 activation rows. Each token has one accumulator and takes the
+        /// blocks in order, so its result is bit-identical whatever N is:
+        /// batching never changes a sequence's numbers.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn $name<const W_BYTES: usize, const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+            let nb = w.len() / W_BYTES;
+            for x in xs {
+                assert!(
+                    x.len() >= nb * Q8_0_BYTES,
+                    "activation row shorter than the weight row"
+                );
+            }
+            let mut acc = [_mm256_setzero_ps(); N];
+            for i in 0..nb {
+                let wb = &w[i * W_BYTES..(i + 1) * W_BYTES];
+                // Weights stream from memory; rows lie back to back, so
+                // fetching a little past this row's end is the next row's
+                // start. Prefetch is a hint: an address past the mapping is
+                // harmless.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w.as_ptr().wrapping_add(i * W_BYTES + PREFETCH_AHEAD).cast(),
+                );
+                let q = if W_BYTES == Q4_0_BYTES {
+                    unpack_q4_0(wb)
+                } else {
+                    load_q8(wb)
+                };
+                let qabs = _mm256_sign_epi8(q, q);
+                let dw = f16_at(wb);
+                for t in 0..N {
+                    let xb = &xs[t][i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
+                    let s = $lanes(qabs, q, load_q8(xb));
+                    acc[t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(s),
+                        _mm256_set1_ps(dw * f16_at(xb)),
+                        acc[t],
+                    );
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]);
+            }
         }
-    }
-    for t in 0..N {
-        out[t] = hsum(acc[t]);
-    }
+    };
 }
 
-/// Dots of one Q4_0 weight row with up to four Q8_0 activation rows.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C. Every activation row must hold
-/// as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0_q8_0(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    match xs.len() {
-        1 => rows_q8::<Q4_0_BYTES, 1>(w, xs, out),
-        2 => rows_q8::<Q4_0_BYTES, 2>(w, xs, out),
-        3 => rows_q8::<Q4_0_BYTES, 3>(w, xs, out),
-        4 => rows_q8::<Q4_0_BYTES, 4>(w, xs, out),
-        n => panic!("dot_q4_0_q8_0 takes 1 to 4 activation rows, got {n}"),
-    }
+rows_q8_fn!(rows_q8, "avx2,fma,f16c", lanes_i8);
+rows_q8_fn!(
+    rows_q8_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    lanes_i8_vnni
+);
+
+/// Generates the public 1-to-4-row entry point over a row-dot body.
+macro_rules! dot_entry {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $rows:ident, $wbytes:expr) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+            match xs.len() {
+                1 => $rows::<{ $wbytes }, 1>(w, xs, out),
+                2 => $rows::<{ $wbytes }, 2>(w, xs, out),
+                3 => $rows::<{ $wbytes }, 3>(w, xs, out),
+                4 => $rows::<{ $wbytes }, 4>(w, xs, out),
+                n => panic!("{} takes 1 to 4 activation rows, got {n}", stringify!($name)),
+            }
+        }
+    };
 }
 
-/// Dots of one Q8_0 weight row with up to four Q8_0 activation rows.
-///
-/// # Safety
-/// As for [`dot_q4_0_q8_0`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0_q8_0(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    match xs.len() {
-        1 => rows_q8::<Q8_0_BYTES, 1>(w, xs, out),
-        2 => rows_q8::<Q8_0_BYTES, 2>(w, xs, out),
-        3 => rows_q8::<Q8_0_BYTES, 3>(w, xs, out),
-        4 => rows_q8::<Q8_0_BYTES, 4>(w, xs, out),
-        n => panic!("dot_q8_0_q8_0 takes 1 to 4 activation rows, got {n}"),
-    }
-}
+dot_entry!(
+    /// Dots of one Q4_0 weight row with up to four Q8_0 activation rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C. Every activation row must
+    /// hold as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
+    dot_q4_0_q8_0, "avx2,fma,f16c", rows_q8, Q4_0_BYTES
+);
+dot_entry!(
+    /// Dots of one Q8_0 weight row with up to four Q8_0 activation rows.
+    ///
+    /// # Safety
+    /// As for [`dot_q4_0_q8_0`].
+    dot_q8_0_q8_0, "avx2,fma,f16c", rows_q8, Q8_0_BYTES
+);
+dot_entry!(
+    /// [`dot_q4_0_q8_0`] with AVX-512 VNNI (bit-identical results).
+    ///
+    /// # Safety
+    /// As for [`dot_q4_0_q8_0`], and the CPU must support AVX-512 VNNI and VL.
+    dot_q4_0_q8_0_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_q8_vnni, Q4_0_BYTES
+);
+dot_entry!(
+    /// [`dot_q8_0_q8_0`] with AVX-512 VNNI (bit-identical results).
+    ///
+    /// # Safety
+    /// As for [`dot_q4_0_q8_0_vnni`].
+    dot_q8_0_q8_0_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_q8_vnni, Q8_0_BYTES
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vnni_is_bit_identical_to_avx2() {
+        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        if !crate::isa::Isa::Avx2.available() || !vnni {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        for n in [1, 5, 64] {
+            for extreme in [false, true] {
+                let w4 = blocks(n as u64, n, Q4_0_BYTES, extreme);
+                let w8 = blocks(n as u64 + 1, n, Q8_0_BYTES, extreme);
+                let xs: Vec<Vec<u8>> = (0..4)
+                    .map(|t| blocks(50 + t, n, Q8_0_BYTES, extreme))
+                    .collect();
+                let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
+                let (mut a, mut b, mut c, mut d) = ([0.0; 4], [0.0; 4], [0.0; 4], [0.0; 4]);
+                // SAFETY: AVX2 and AVX-512 VNNI/VL were detected above.
+                unsafe {
+                    dot_q4_0_q8_0(&w4, &refs, &mut a);
+                    dot_q4_0_q8_0_vnni(&w4, &refs, &mut b);
+                    dot_q8_0_q8_0(&w8, &refs, &mut c);
+                    dot_q8_0_q8_0_vnni(&w8, &refs, &mut d);
+                }
+                assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+                assert_eq!(c.map(f32::to_bits), d.map(f32::to_bits));
+            }
+        }
+    }
 
     #[test]
     fn several_tokens_give_bit_identical_results_to_one() {

@@ -2,8 +2,10 @@
 # The main job on a fresh machine: build, make (or take) a model, run it.
 #   scripts/quickstart.sh [--model FILE.gguf]
 # Today it builds lfmd, writes a small synthetic LFM2-MoE model when no model
-# is given, and describes it with `lfmd inspect`. As the daemon lands, this
-# script starts it as the current user and answers an `lfmctl ask`.
+# is given, describes it with `lfmd inspect` and answers a chat prompt with
+# `lfmd generate` (a random model answers gibberish, at full speed). As the
+# daemon lands, this script starts it as the current user and answers an
+# `lfmctl ask`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=""
@@ -18,6 +20,9 @@ LFMD=target/release/lfmd
 if [ -z "$MODEL" ]; then
   MODEL=target/quickstart/tiny-moe-q8_0.gguf
   mkdir -p "$(dirname "$MODEL")"
-  [ -f "$MODEL" ] || "$LFMD" synth --preset tiny-moe --quant q8_0 "$MODEL"
+  "$LFMD" synth --preset tiny-moe --quant q8_0 "$MODEL"
 fi
-"$LFMD" inspect "$MODEL"
+"$LFMD" inspect "$MODEL" | sed -n '1,12p'
+echo
+echo "lfmd generate --chat 'What can you do?':"
+"$LFMD" generate --model "$MODEL" --chat --max-tokens 48 "What can you do?"

@@ -67,6 +67,9 @@ pub struct InspectReport {
     pub tokenizer: TokenizerSummary,
     pub chat_template_bytes: Option<usize>,
     pub unexpected_tensors: Vec<String>,
+    /// The kernel path this machine would run the model with (`LFM_ISA`
+    /// honoured), e.g. `avx512+vnni`; an invalid `LFM_ISA` shows its error.
+    pub isa: String,
 }
 
 /// llama.cpp's `llama_ftype` names.
@@ -232,6 +235,8 @@ pub fn inspect(g: &GgufHeader, path: &str) -> InspectReport {
         },
         chat_template_bytes: str_of("tokenizer.chat_template").map(|s| s.len()),
         unexpected_tensors: unexpected,
+        isa: lfm_kernels::isa::Isa::from_env()
+            .map_or_else(|e| format!("error: {e}"), |i| i.to_string()),
     }
 }
 
@@ -362,6 +367,7 @@ pub fn render_text(r: &InspectReport) -> String {
         t.eos.map_or("-".into(), |v| v.to_string()),
         t.add_bos.map_or("-".into(), |v| v.to_string())
     );
+    let _ = writeln!(s, "kernels        {}", r.isa);
     let _ = writeln!(
         s,
         "chat template  {}",

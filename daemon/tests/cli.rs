@@ -50,6 +50,7 @@ fn synth_then_inspect_json() {
     assert_eq!(v["tokenizer"]["eos"], 7);
     assert!(v["chat_template_bytes"].as_u64().unwrap() > 100);
     assert!(v["model_error"].is_null());
+    assert!(!v["isa"].as_str().unwrap().is_empty());
     let total = v["total_params"].as_u64().unwrap();
     let active = v["active_params"].as_u64().unwrap();
     assert!(active < total && active > total / 3, "{active} of {total}");

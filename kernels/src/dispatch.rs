@@ -113,6 +113,19 @@ fn q8_0_vnni(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(w, xs, out) }
 }
 
+#[cfg(target_arch = "x86_64")]
+fn q4k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
+    // the matmul driver passes 1..=4 Q8_K rows of the weight row's length.
+    unsafe { crate::x86::kquants::dot_q4k_q8k(w, xs, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q6k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { crate::x86::kquants::dot_q6k_q8k(w, xs, out) }
+}
+
 /// The row dot for weights of `ty` against activations of
 /// [`act_type_for`]`(ty)` on `isa` (which must be available).
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
@@ -133,6 +146,8 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
         match ty {
             WeightType::Q4_0 => return q4_0_avx2,
             WeightType::Q8_0 => return q8_0_avx2,
+            WeightType::Q4K => return q4k_avx2,
+            WeightType::Q6K => return q6k_avx2,
             _ => {}
         }
     }

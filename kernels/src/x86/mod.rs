@@ -3,3 +3,4 @@
 //! features are present.
 
 pub mod avx2;
+pub mod kquants;

@@ -121,6 +121,12 @@ fn q4k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn q5k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: as for `q4k_avx2`.
+    unsafe { crate::x86::kquants::dot_q5k_q8k(w, xs, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn q6k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as above.
     unsafe { crate::x86::kquants::dot_q6k_q8k(w, xs, out) }
@@ -147,6 +153,7 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
             WeightType::Q4_0 => return q4_0_avx2,
             WeightType::Q8_0 => return q8_0_avx2,
             WeightType::Q4K => return q4k_avx2,
+            WeightType::Q5K => return q5k_avx2,
             WeightType::Q6K => return q6k_avx2,
             _ => {}
         }

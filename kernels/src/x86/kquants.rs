@@ -12,6 +12,7 @@ use crate::scalar::scale_min;
 use std::arch::x86_64::*;
 
 const Q4K_BYTES: usize = 144;
+const Q5K_BYTES: usize = 176;
 const Q6K_BYTES: usize = 210;
 const Q8K_BYTES: usize = 292;
 /// Prefetch distance for the streamed weight row.
@@ -100,6 +101,72 @@ fn rows_q4k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
                 .sum();
             let dy = q8k_d(xb);
             acc[t] += dy * (d * hsum_i32(sumi) as f32 - dmin * mins as f32);
+        }
+    }
+    out[..N].copy_from_slice(&acc);
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_q5k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+    let nb = w.len() / Q5K_BYTES;
+    for x in xs {
+        assert!(
+            x.len() >= nb * Q8K_BYTES,
+            "activation row shorter than the weight row"
+        );
+    }
+    let mut acc = [0.0f32; N];
+    let low = _mm256_set1_epi8(0x0f);
+    let sixteen = _mm256_set1_epi8(16);
+    for i in 0..nb {
+        let wb = &w[i * Q5K_BYTES..(i + 1) * Q5K_BYTES];
+        _mm_prefetch::<_MM_HINT_T0>(
+            w.as_ptr()
+                .wrapping_add(i * Q5K_BYTES + PREFETCH_AHEAD)
+                .cast(),
+        );
+        let d = f16_bits_to_f32(wb[0], wb[1]);
+        let dmin = f16_bits_to_f32(wb[2], wb[3]);
+        let packed: &[u8; 12] = wb[4..16].try_into().expect("12 scale bytes");
+        let mut sc = [0i16; 8];
+        let mut mn = [0i32; 8];
+        for j in 0..8 {
+            let (s, m) = scale_min(j, packed);
+            sc[j] = i16::from(s);
+            mn[j] = i32::from(m);
+        }
+        // Sub-block j's fifth bits are bit j of the 32 high-bit bytes.
+        let qh = load(wb, 16);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for g in 0..4 {
+            let b = load(wb, 48 + 32 * g);
+            for (k, nib) in [
+                _mm256_and_si256(b, low),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(b), low),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let j = 2 * g + k;
+                let bit = _mm256_set1_epi8(1 << j);
+                let high =
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), sixteen);
+                q[j] = _mm256_or_si256(nib, high);
+            }
+        }
+        for t in 0..N {
+            let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..8 {
+                // 0..31 x i8 pairs stay below 2^15.
+                let p = _mm256_maddubs_epi16(q[j], load(xb, 4 + 32 * j));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[j])));
+            }
+            let mins: i32 = (0..8)
+                .map(|j| mn[j] * (q8k_bsum(xb, 2 * j) + q8k_bsum(xb, 2 * j + 1)))
+                .sum();
+            acc[t] += q8k_d(xb) * (d * hsum_i32(sumi) as f32 - dmin * mins as f32);
         }
     }
     out[..N].copy_from_slice(&acc);
@@ -215,6 +282,14 @@ entry!(
     /// hold as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
     dot_q4k_q8k,
     rows_q4k
+);
+entry!(
+    /// Dots of one Q5_K weight row with up to four Q8_K activation rows.
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k`].
+    dot_q5k_q8k,
+    rows_q5k
 );
 entry!(
     /// Dots of one Q6_K weight row with up to four Q8_K activation rows.

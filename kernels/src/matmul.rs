@@ -108,3 +108,127 @@ mod tests {
         }
     }
 }
+
+/// One matrix product of a fused batch: `y[t * rows + r] = dot(W[r], acts[t])`.
+pub struct MatJob<'a> {
+    pub dot: DotFn,
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    /// Activation rows, already in the format `dot` expects.
+    pub acts: Vec<&'a [u8]>,
+    pub y: &'a mut [f32],
+}
+
+/// Runs several independent matrix products in one parallel region: their
+/// rows are dealt out together, so small products (an expert's slices, the
+/// q/k/v projections) keep every thread busy and pay for one hand-off, not
+/// one each. Each output is the same row-dot call as in [`matmul`].
+pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for j in jobs.iter() {
+        assert!(j.w.len() >= j.rows * j.row_bytes, "weight slice too short");
+        assert_eq!(
+            j.y.len(),
+            j.acts.len() * j.rows,
+            "output has the wrong size"
+        );
+        starts.push(total);
+        total += j.rows;
+    }
+    starts.push(total);
+    if total == 0 {
+        return;
+    }
+    let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.y.as_mut_ptr())).collect();
+    let jobs = &*jobs;
+    let (outs, starts) = (&outs, &starts);
+    let chunk = total
+        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
+        .max(MIN_ROWS_PER_CHUNK);
+    pool.for_chunks(total, chunk, &|range| {
+        let mut vals = [0.0f32; MAX_ROWS_PER_DOT];
+        // The job holding the chunk's first row; later rows may cross into the next jobs.
+        let mut k = starts.partition_point(|&s| s <= range.start) - 1;
+        for g in range {
+            while g >= starts[k + 1] {
+                k += 1;
+            }
+            let (job, r) = (&jobs[k], g - starts[k]);
+            let wr = &job.w[r * job.row_bytes..(r + 1) * job.row_bytes];
+            for (gi, group) in job.acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
+                (job.dot)(wr, group, job.cols, &mut vals[..group.len()]);
+                for (i, &v) in vals[..group.len()].iter().enumerate() {
+                    let t = gi * MAX_ROWS_PER_DOT + i;
+                    // SAFETY: r < job.rows and t < job.acts.len(), so the index
+                    // is inside job k's output (checked above); each (job, row)
+                    // is handed to exactly one thread, and every output slice is
+                    // exclusively borrowed for this call.
+                    unsafe { *outs[k].0.add(t * job.rows + r) = v };
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod many_tests {
+    use super::*;
+
+    fn dot_sum(a: &[u8], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
+        for (b, o) in bs.iter().zip(out) {
+            *o = a
+                .iter()
+                .zip(b.iter())
+                .map(|(&x, &y)| f32::from(x) * f32::from(y))
+                .sum();
+        }
+    }
+
+    #[test]
+    fn fused_products_equal_separate_ones() {
+        let shapes = [(5usize, 3usize), (40, 1), (1, 6), (17, 4)];
+        let cols = 8;
+        let ws: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, &(r, _))| (0..r * cols).map(|i| ((i + k) * 7 % 13) as u8).collect())
+            .collect();
+        let xs: Vec<Vec<u8>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, &(_, n))| (0..n * cols).map(|i| ((i + 3 * k) % 11) as u8).collect())
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut want: Vec<Vec<f32>> = Vec::new();
+            for (k, &(rows, n)) in shapes.iter().enumerate() {
+                let mut y = vec![0.0; rows * n];
+                matmul(
+                    &pool, dot_sum, &ws[k], rows, cols, cols, &xs[k], cols, n, &mut y,
+                );
+                want.push(y);
+            }
+            let mut got: Vec<Vec<f32>> =
+                shapes.iter().map(|&(r, n)| vec![f32::NAN; r * n]).collect();
+            let mut jobs: Vec<MatJob> = got
+                .iter_mut()
+                .enumerate()
+                .map(|(k, y)| MatJob {
+                    dot: dot_sum,
+                    w: &ws[k],
+                    rows: shapes[k].0,
+                    cols,
+                    row_bytes: cols,
+                    acts: xs[k].chunks(cols).collect(),
+                    y,
+                })
+                .collect();
+            matmul_many(&pool, &mut jobs);
+            drop(jobs);
+            assert_eq!(got, want, "{threads} threads");
+        }
+    }
+}

@@ -94,6 +94,53 @@ impl Model {
         );
     }
 
+    /// Several products in one parallel region (see `matmul_many`): each
+    /// job is `(weights, activations, n, output)`. Activations shared by
+    /// jobs of the same format are converted once.
+    fn matmuls(&self, jobs: Vec<(&Tensor, &[f32], usize, &mut [f32])>) {
+        let file = self.gguf.bytes();
+        let mut bufs: Vec<(
+            *const f32,
+            usize,
+            lfm_kernels::types::ActType,
+            Vec<u8>,
+            usize,
+        )> = Vec::new();
+        let mut which = Vec::with_capacity(jobs.len());
+        for (w, x, _, _) in &jobs {
+            let ty = weight_type(w.ty);
+            let act = lfm_kernels::dispatch::act_type_for(ty);
+            let key = (x.as_ptr(), x.len(), act);
+            let at = match bufs.iter().position(|b| (b.0, b.1, b.2) == key) {
+                Some(at) => at,
+                None => {
+                    let mut buf = Vec::new();
+                    let row = quantize_activations(ty, x, w.cols, &mut buf);
+                    bufs.push((key.0, key.1, act, buf, row));
+                    bufs.len() - 1
+                }
+            };
+            which.push(at);
+        }
+        let mut mjobs: Vec<lfm_kernels::matmul::MatJob<'_>> = jobs
+            .into_iter()
+            .zip(&which)
+            .map(|((w, _, n, y), &at)| {
+                let (buf, row) = (&bufs[at].3, bufs[at].4);
+                lfm_kernels::matmul::MatJob {
+                    dot: dot_fn(self.isa, weight_type(w.ty)),
+                    w: w.bytes(file),
+                    rows: w.rows,
+                    cols: w.cols,
+                    row_bytes: w.row_bytes,
+                    acts: (0..n).map(|t| &buf[t * row..(t + 1) * row]).collect(),
+                    y,
+                }
+            })
+            .collect();
+        lfm_kernels::matmul::matmul_many(&self.pool, &mut mjobs);
+    }
+
     /// Runs the model over each item's tokens, appending them to its state,
     /// and returns for each item the logits it asked for, row-major
     /// `[rows][n_vocab]`. Nothing is changed if an error is returned.
@@ -194,9 +241,11 @@ impl Model {
                     let mut qs = vec![0.0f32; n * e];
                     let mut ks = vec![0.0f32; n * kvd];
                     let mut vs = vec![0.0f32; n * kvd];
-                    self.matmul(q, &h, n, &mut qs);
-                    self.matmul(k, &h, n, &mut ks);
-                    self.matmul(v, &h, n, &mut vs);
+                    self.matmuls(vec![
+                        (q, &h, n, &mut qs[..]),
+                        (k, &h, n, &mut ks[..]),
+                        (v, &h, n, &mut vs[..]),
+                    ]);
                     rms_norm_inplace(&mut qs, q_norm, d.norm_eps);
                     rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
                     let scale = 1.0 / (hd as f32).sqrt();
@@ -254,8 +303,7 @@ impl Model {
                     let f = gate.rows;
                     let mut g = vec![0.0f32; n * f];
                     let mut u = vec![0.0f32; n * f];
-                    self.matmul(gate, &h, n, &mut g);
-                    self.matmul(up, &h, n, &mut u);
+                    self.matmuls(vec![(gate, &h, n, &mut g[..]), (up, &h, n, &mut u[..])]);
                     g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
                     self.matmul(down, &g, n, &mut mix);
                 }
@@ -342,28 +390,72 @@ impl Model {
                 chosen[t * k + slot] = (i, probs[i] / sum);
             }
         }
-        // Expert outputs per (token, slot), then summed in slot order.
+        // Expert outputs per (token, slot), then summed in slot order. All
+        // chosen experts' gate and up products run in one parallel region,
+        // then all their down products in another.
         let mut per_slot = vec![0.0f32; n * k * e];
+        let mut experts: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
         for ex in 0..ne {
             let users: Vec<(usize, usize)> = (0..n * k)
                 .filter(|&i| chosen[i].0 == ex)
                 .map(|i| (i / k, i % k))
                 .collect();
-            if users.is_empty() {
-                continue;
+            if !users.is_empty() {
+                experts.push((ex, users));
             }
-            let m = users.len();
-            let mut hx = vec![0.0f32; m * e];
-            for (i, &(t, _)) in users.iter().enumerate() {
-                hx[i * e..(i + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
-            }
-            let mut g = vec![0.0f32; m * f];
-            let mut u = vec![0.0f32; m * f];
-            self.matmul(&gate.rows(ex * f, f), &hx, m, &mut g);
-            self.matmul(&up.rows(ex * f, f), &hx, m, &mut u);
-            g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
-            let mut dn = vec![0.0f32; m * e];
-            self.matmul(&down.rows(ex * e, e), &g, m, &mut dn);
+        }
+        let hxs: Vec<Vec<f32>> = experts
+            .iter()
+            .map(|(_, users)| {
+                let mut hx = vec![0.0f32; users.len() * e];
+                for (i, &(t, _)) in users.iter().enumerate() {
+                    hx[i * e..(i + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
+                }
+                hx
+            })
+            .collect();
+        let slices: Vec<(Tensor, Tensor, Tensor)> = experts
+            .iter()
+            .map(|&(ex, _)| {
+                (
+                    gate.rows(ex * f, f),
+                    up.rows(ex * f, f),
+                    down.rows(ex * e, e),
+                )
+            })
+            .collect();
+        let mut gs: Vec<Vec<f32>> = experts
+            .iter()
+            .map(|(_, u)| vec![0.0f32; u.len() * f])
+            .collect();
+        let mut us: Vec<Vec<f32>> = gs.clone();
+        let mut jobs = Vec::with_capacity(2 * experts.len());
+        for ((((_, users), hx), (g_t, u_t, _)), (g, u)) in experts
+            .iter()
+            .zip(&hxs)
+            .zip(&slices)
+            .zip(gs.iter_mut().zip(us.iter_mut()))
+        {
+            jobs.push((g_t, &hx[..], users.len(), &mut g[..]));
+            jobs.push((u_t, &hx[..], users.len(), &mut u[..]));
+        }
+        self.matmuls(jobs);
+        for (g, u) in gs.iter_mut().zip(&us) {
+            g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+        }
+        let mut dns: Vec<Vec<f32>> = experts
+            .iter()
+            .map(|(_, u)| vec![0.0f32; u.len() * e])
+            .collect();
+        let jobs = experts
+            .iter()
+            .zip(&slices)
+            .zip(&gs)
+            .zip(dns.iter_mut())
+            .map(|((((_, users), (_, _, d_t)), g), dn)| (d_t, &g[..], users.len(), &mut dn[..]))
+            .collect();
+        self.matmuls(jobs);
+        for ((_, users), dn) in experts.iter().zip(&dns) {
             for (i, &(t, slot)) in users.iter().enumerate() {
                 let w = chosen[t * k + slot].1;
                 let dst = &mut per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];

@@ -140,6 +140,43 @@ impl ThreadPool {
     }
 }
 
+/// A raw base pointer shared by pool threads that touch disjoint parts.
+struct SharedMut<T>(*mut T);
+// SAFETY: used only by `for_each_mut`, whose threads build non-overlapping
+// sub-slices from it while the caller's exclusive borrow is held.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl ThreadPool {
+    /// Calls `f(i, chunk)` for every `chunk_len`-sized piece of `data` (the
+    /// last may be shorter), spread over the pool; each piece goes to exactly
+    /// one thread, so `f` may write to it freely.
+    pub fn for_each_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk_len: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        let chunk_len = chunk_len.max(1);
+        let len = data.len();
+        let n_chunks = len.div_ceil(chunk_len);
+        let base = SharedMut(data.as_mut_ptr());
+        let base = &base;
+        self.for_chunks(n_chunks, 1, &|range| {
+            for i in range {
+                let start = i * chunk_len;
+                let end = (start + chunk_len).min(len);
+                // SAFETY: start < end <= len, so the range lies in `data`;
+                // chunk i is handed out once (for_chunks covers each index
+                // exactly once), so no two threads alias; `data` stays
+                // exclusively borrowed until the region ends.
+                let chunk =
+                    unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+                f(i, chunk);
+            }
+        });
+    }
+}
+
 fn worker(s: &Shared, tid: usize) {
     let mut seen = 0u64;
     loop {
@@ -243,6 +280,20 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn each_piece_is_visited_once_with_its_index() {
+        let pool = ThreadPool::new(3);
+        let mut v = vec![0usize; 103];
+        pool.for_each_mut(&mut v, 10, &|i, chunk| {
+            for (k, x) in chunk.iter_mut().enumerate() {
+                *x += i * 10 + k + 1;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(k, &x)| x == k + 1));
+        let mut empty: Vec<u8> = Vec::new();
+        pool.for_each_mut(&mut empty, 4, &|_, _| panic!("no pieces"));
     }
 
     #[test]

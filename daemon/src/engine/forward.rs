@@ -268,9 +268,16 @@ impl Model {
                             kc.extend(ks[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
                             vc.extend(vs[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
                         }
-                        let mut scores = Vec::new();
-                        for (i, t) in span.clone().enumerate() {
+                        // Each token's heads only read the cache (complete up
+                        // to this call's end) and write that token's row, so
+                        // tokens run in parallel; per-token arithmetic is the
+                        // same whatever thread runs it.
+                        let (kc, vc, qs) = (&*kc, &*vc, &qs);
+                        let rows = &mut att[span.start * e..span.end * e];
+                        self.pool.for_each_mut(rows, e, &|i, out_row| {
+                            let t = span.start + i;
                             let p = pos0 + i;
+                            let mut scores = Vec::with_capacity(p + 1);
                             for hq in 0..nh {
                                 let kvh = hq / group;
                                 let qh = &qs[t * e + hq * hd..t * e + (hq + 1) * hd];
@@ -282,7 +289,7 @@ impl Model {
                                     scores.push(dot * scale);
                                 }
                                 softmax(&mut scores);
-                                let out = &mut att[t * e + hq * hd..t * e + (hq + 1) * hd];
+                                let out = &mut out_row[hq * hd..(hq + 1) * hd];
                                 for (j, &s) in scores.iter().enumerate() {
                                     let vh = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
                                     for (o, vv) in out.iter_mut().zip(vh) {
@@ -290,7 +297,7 @@ impl Model {
                                     }
                                 }
                             }
-                        }
+                        });
                     }
                     self.matmul(o, &att, n, &mut mix);
                 }

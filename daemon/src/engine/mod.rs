@@ -12,4 +12,4 @@ mod weights;
 
 pub use forward::{BatchItem, ForwardStats, LogitsWanted, weight_type};
 pub use state::SeqState;
-pub use weights::{EngineError, EngineOptions, Model};
+pub use weights::{EngineError, EngineOptions, Model, SUPPORTED_TYPES};

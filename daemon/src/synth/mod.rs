@@ -53,20 +53,8 @@ pub enum SynthQuant {
     Q5KM,
 }
 
-/// Weight types `lfmd synth` writes for every matrix.
-pub const SYNTH_QUANTS: &[GgmlType] = &[
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+/// Weight types `lfmd synth` writes for every matrix: all the engine runs.
+pub const SYNTH_QUANTS: &[GgmlType] = crate::engine::SUPPORTED_TYPES;
 
 impl From<GgmlType> for SynthQuant {
     fn from(t: GgmlType) -> Self {

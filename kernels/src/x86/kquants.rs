@@ -51,6 +51,50 @@ fn q8k_bsum(x: &[u8], k: usize) -> i32 {
     i32::from(i16::from_le_bytes([x[260 + 2 * k], x[261 + 2 * k]]))
 }
 
+/// The super-block scale and min and the 8 sub-block scales and mins of a
+/// Q4_K / Q5_K block (same header layout).
+#[inline]
+fn k_header(wb: &[u8]) -> (f32, f32, [i16; 8], [i32; 8]) {
+    let packed: &[u8; 12] = wb[4..16].try_into().expect("12 scale bytes");
+    let mut sc = [0i16; 8];
+    let mut mn = [0i32; 8];
+    for j in 0..8 {
+        let (s, m) = scale_min(j, packed);
+        sc[j] = i16::from(s);
+        mn[j] = i32::from(m);
+    }
+    (
+        f16_bits_to_f32(wb[0], wb[1]),
+        f16_bits_to_f32(wb[2], wb[3]),
+        sc,
+        mn,
+    )
+}
+
+/// `d_y * (d * sum_j sc_j * (q_j . y_j) - dmin * sum_j mn_j * sum(y_j))` for
+/// one Q4_K / Q5_K block whose unsigned values are in `q`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k_block_dot(
+    q: &[__m256i; 8],
+    d: f32,
+    dmin: f32,
+    sc: &[i16; 8],
+    mn: &[i32; 8],
+    xb: &[u8],
+) -> f32 {
+    let mut sumi = _mm256_setzero_si256();
+    for j in 0..8 {
+        // Unsigned values (< 32) x i8 pairs stay below 2^15 in maddubs.
+        let p = _mm256_maddubs_epi16(q[j], load(xb, 4 + 32 * j));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[j])));
+    }
+    let mins: i32 = (0..8)
+        .map(|j| mn[j] * (q8k_bsum(xb, 2 * j) + q8k_bsum(xb, 2 * j + 1)))
+        .sum();
+    q8k_d(xb) * (d * hsum_i32(sumi) as f32 - dmin * mins as f32)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_q4k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
@@ -70,16 +114,7 @@ fn rows_q4k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
                 .wrapping_add(i * Q4K_BYTES + PREFETCH_AHEAD)
                 .cast(),
         );
-        let d = f16_bits_to_f32(wb[0], wb[1]);
-        let dmin = f16_bits_to_f32(wb[2], wb[3]);
-        let packed: &[u8; 12] = wb[4..16].try_into().expect("12 scale bytes");
-        let mut sc = [0i16; 8];
-        let mut mn = [0i32; 8];
-        for j in 0..8 {
-            let (s, m) = scale_min(j, packed);
-            sc[j] = i16::from(s);
-            mn[j] = i32::from(m);
-        }
+        let (d, dmin, sc, mn) = k_header(wb);
         // Unpacked nibbles per 64-value group, shared by every token.
         let mut q = [_mm256_setzero_si256(); 8];
         for g in 0..4 {
@@ -89,18 +124,7 @@ fn rows_q4k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
         }
         for t in 0..N {
             let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..8 {
-                // Nibbles are unsigned (0..15): maddubs needs no sign trick
-                // and cannot saturate (2 * 15 * 127 < 2^15).
-                let p = _mm256_maddubs_epi16(q[j], load(xb, 4 + 32 * j));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[j])));
-            }
-            let mins: i32 = (0..8)
-                .map(|j| mn[j] * (q8k_bsum(xb, 2 * j) + q8k_bsum(xb, 2 * j + 1)))
-                .sum();
-            let dy = q8k_d(xb);
-            acc[t] += dy * (d * hsum_i32(sumi) as f32 - dmin * mins as f32);
+            acc[t] += k_block_dot(&q, d, dmin, &sc, &mn, xb);
         }
     }
     out[..N].copy_from_slice(&acc);
@@ -126,16 +150,7 @@ fn rows_q5k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
                 .wrapping_add(i * Q5K_BYTES + PREFETCH_AHEAD)
                 .cast(),
         );
-        let d = f16_bits_to_f32(wb[0], wb[1]);
-        let dmin = f16_bits_to_f32(wb[2], wb[3]);
-        let packed: &[u8; 12] = wb[4..16].try_into().expect("12 scale bytes");
-        let mut sc = [0i16; 8];
-        let mut mn = [0i32; 8];
-        for j in 0..8 {
-            let (s, m) = scale_min(j, packed);
-            sc[j] = i16::from(s);
-            mn[j] = i32::from(m);
-        }
+        let (d, dmin, sc, mn) = k_header(wb);
         // Sub-block j's fifth bits are bit j of the 32 high-bit bytes.
         let qh = load(wb, 16);
         let mut q = [_mm256_setzero_si256(); 8];
@@ -157,16 +172,7 @@ fn rows_q5k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
         }
         for t in 0..N {
             let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..8 {
-                // 0..31 x i8 pairs stay below 2^15.
-                let p = _mm256_maddubs_epi16(q[j], load(xb, 4 + 32 * j));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[j])));
-            }
-            let mins: i32 = (0..8)
-                .map(|j| mn[j] * (q8k_bsum(xb, 2 * j) + q8k_bsum(xb, 2 * j + 1)))
-                .sum();
-            acc[t] += q8k_d(xb) * (d * hsum_i32(sumi) as f32 - dmin * mins as f32);
+            acc[t] += k_block_dot(&q, d, dmin, &sc, &mn, xb);
         }
     }
     out[..N].copy_from_slice(&acc);

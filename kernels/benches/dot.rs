@@ -39,7 +39,7 @@ fn main() {
             for _ in 0..20 {
                 for r in 0..rows {
                     let mut o = [0.0f32];
-                    f(&w[r * 1152..(r + 1) * 1152], &[&x], cols, &mut o);
+                    f(&[&w[r * 1152..(r + 1) * 1152]], &[&x], cols, &mut o);
                     s += o[0];
                 }
             }

@@ -24,15 +24,25 @@ fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-/// Applies a one-row dot to each activation row.
+/// Applies a one-row, one-token dot to every (weight row, activation row).
 macro_rules! each {
     ($name:ident, |$w:ident, $x:ident, $n:ident| $body:expr) => {
-        fn $name($w: &[u8], xs: &[&[u8]], $n: usize, out: &mut [f32]) {
-            for ($x, o) in xs.iter().zip(out) {
-                *o = $body;
+        fn $name(ws: &[&[u8]], xs: &[&[u8]], $n: usize, out: &mut [f32]) {
+            for (ri, $w) in ws.iter().enumerate() {
+                for (t, $x) in xs.iter().enumerate() {
+                    out[ri * xs.len() + t] = $body;
+                }
             }
         }
     };
+}
+
+/// Runs a one-weight-row SIMD kernel `f(w, xs, out)` for each weight row.
+#[cfg(target_arch = "x86_64")]
+fn per_row(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32], f: impl Fn(&[u8], &[&[u8]], &mut [f32])) {
+    for (ri, w) in ws.iter().enumerate() {
+        f(w, xs, &mut out[ri * xs.len()..(ri + 1) * xs.len()]);
+    }
 }
 
 each!(dot_f32, |w, x, _n| f32s(w)
@@ -88,48 +98,55 @@ each!(ref_q5k, |w, x, n| scalar::vec_dot(WeightType::Q5K, w, x, n));
 each!(ref_q6k, |w, x, n| scalar::vec_dot(WeightType::Q6K, w, x, n));
 
 #[cfg(target_arch = "x86_64")]
-fn q4_0_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q4_0_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
-    // the matmul driver passes 1..=4 rows of the weight row's block count.
-    unsafe { crate::x86::avx2::dot_q4_0_q8_0(w, xs, out) }
+    // the matmul driver passes 1..=2 weight rows and 1..=4 activation rows
+    // of the same block count.
+    unsafe { crate::x86::avx2::dot_q4_0_q8_0(ws, xs, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_0_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as above.
-    unsafe { crate::x86::avx2::dot_q8_0_q8_0(w, xs, out) }
+    unsafe { crate::x86::avx2::dot_q8_0_q8_0(ws, xs, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q4_0_vnni(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q4_0_vnni(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: handed out by `dot_fn` only when AVX-512 VNNI/VL (and AVX2)
     // are present; rows as for `q4_0_avx2`.
-    unsafe { crate::x86::avx2::dot_q4_0_q8_0_vnni(w, xs, out) }
+    unsafe { crate::x86::avx2::dot_q4_0_q8_0_vnni(ws, xs, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_0_vnni(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q8_0_vnni(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as above.
-    unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(w, xs, out) }
+    unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(ws, xs, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q4k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q4k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
     // the matmul driver passes 1..=4 Q8_K rows of the weight row's length.
-    unsafe { crate::x86::kquants::dot_q4k_q8k(w, xs, out) }
+    per_row(ws, xs, out, |w, xs, o| unsafe {
+        crate::x86::kquants::dot_q4k_q8k(w, xs, o)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q5k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q5k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as for `q4k_avx2`.
-    unsafe { crate::x86::kquants::dot_q5k_q8k(w, xs, out) }
+    per_row(ws, xs, out, |w, xs, o| unsafe {
+        crate::x86::kquants::dot_q5k_q8k(w, xs, o)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q6k_avx2(w: &[u8], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: as above.
-    unsafe { crate::x86::kquants::dot_q6k_q8k(w, xs, out) }
+    per_row(ws, xs, out, |w, xs, o| unsafe {
+        crate::x86::kquants::dot_q6k_q8k(w, xs, o)
+    })
 }
 
 /// The row dot for weights of `ty` against activations of
@@ -212,7 +229,7 @@ mod tests {
                     let mut xq = Vec::new();
                     quantize_activations(ty, &x, n, &mut xq);
                     let mut got = [0.0f32];
-                    dot_fn(isa, ty)(&wq, &[&xq], n, &mut got);
+                    dot_fn(isa, ty)(&[&wq], &[&xq], n, &mut got);
                     let got = got[0];
                     // The reference: dequantized weights against the same activations.
                     let mut wd = vec![0.0; n];

@@ -6,13 +6,17 @@
 
 use crate::pool::ThreadPool;
 
-/// Safe row dot products of one weight row with 1 to [`MAX_ROWS_PER_DOT`]
-/// activation rows: `(weight_row, activation_rows, n_elements, out)`. A row's
-/// result must not depend on how many others share the call.
-pub type DotFn = fn(&[u8], &[&[u8]], usize, &mut [f32]);
+/// Safe dot products of 1 to [`MAX_W_ROWS_PER_DOT`] weight rows with 1 to
+/// [`MAX_ROWS_PER_DOT`] activation rows: `(weight_rows, activation_rows,
+/// n_elements, out)`, `out[r * activation_rows.len() + t]`. A (row, token)
+/// result must not depend on what else shares the call.
+pub type DotFn = fn(&[&[u8]], &[&[u8]], usize, &mut [f32]);
 
 /// Activation rows handed to one [`DotFn`] call.
 pub const MAX_ROWS_PER_DOT: usize = 4;
+/// Weight rows handed to one [`DotFn`] call (a register tile: each loaded
+/// activation block serves both rows).
+pub const MAX_W_ROWS_PER_DOT: usize = 2;
 
 /// Shared output pointer for disjoint writes from pool threads.
 struct OutPtr(*mut f32);
@@ -41,33 +45,22 @@ pub fn matmul(
     n: usize,
     y: &mut [f32],
 ) {
-    assert!(w.len() >= rows * row_bytes, "weight slice too short");
     assert!(act.len() >= n * act_row_bytes, "activation slice too short");
-    assert_eq!(y.len(), n * rows, "output has the wrong size");
-    let out = OutPtr(y.as_mut_ptr());
-    let out = &out;
-    let acts: Vec<&[u8]> = (0..n)
+    let acts = (0..n)
         .map(|t| &act[t * act_row_bytes..(t + 1) * act_row_bytes])
         .collect();
-    let chunk = rows
-        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
-        .max(MIN_ROWS_PER_CHUNK);
-    pool.for_chunks(rows, chunk, &|range| {
-        let mut vals = [0.0f32; MAX_ROWS_PER_DOT];
-        for r in range {
-            let wr = &w[r * row_bytes..(r + 1) * row_bytes];
-            for (g, group) in acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
-                dot(wr, group, cols, &mut vals[..group.len()]);
-                for (k, &v) in vals[..group.len()].iter().enumerate() {
-                    let t = g * MAX_ROWS_PER_DOT + k;
-                    // SAFETY: r < rows and t < n, so the index is inside `y`
-                    // (length n * rows, checked above); no other thread writes
-                    // row r, and `y` is exclusively borrowed for this call.
-                    unsafe { *out.0.add(t * rows + r) = v };
-                }
-            }
-        }
-    });
+    matmul_many(
+        pool,
+        &mut [MatJob {
+            dot,
+            w,
+            rows,
+            cols,
+            row_bytes,
+            acts,
+            y,
+        }],
+    );
 }
 
 #[cfg(test)]
@@ -81,10 +74,13 @@ mod tests {
             .sum()
     }
 
-    fn dot_u8(a: &[u8], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    fn dot_u8(ws: &[&[u8]], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
+        assert!((1..=MAX_W_ROWS_PER_DOT).contains(&ws.len()));
         assert!((1..=MAX_ROWS_PER_DOT).contains(&bs.len()));
-        for (b, o) in bs.iter().zip(out) {
-            *o = dot_one(a, b);
+        for (ri, a) in ws.iter().enumerate() {
+            for (t, b) in bs.iter().enumerate() {
+                out[ri * bs.len() + t] = dot_one(a, b);
+            }
         }
     }
 
@@ -149,26 +145,40 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
         .max(MIN_ROWS_PER_CHUNK);
     pool.for_chunks(total, chunk, &|range| {
-        let mut vals = [0.0f32; MAX_ROWS_PER_DOT];
+        let mut vals = [0.0f32; MAX_W_ROWS_PER_DOT * MAX_ROWS_PER_DOT];
         // The job holding the chunk's first row; later rows may cross into the next jobs.
         let mut k = starts.partition_point(|&s| s <= range.start) - 1;
-        for g in range {
+        let mut g = range.start;
+        while g < range.end {
             while g >= starts[k + 1] {
                 k += 1;
             }
             let (job, r) = (&jobs[k], g - starts[k]);
-            let wr = &job.w[r * job.row_bytes..(r + 1) * job.row_bytes];
+            // Two rows of the same job when both are in this chunk.
+            let nr = if g + 1 < range.end && g + 1 < starts[k + 1] {
+                2
+            } else {
+                1
+            };
+            let wrows = [
+                &job.w[r * job.row_bytes..(r + 1) * job.row_bytes],
+                &job.w[(r + nr - 1) * job.row_bytes..(r + nr) * job.row_bytes],
+            ];
             for (gi, group) in job.acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
-                (job.dot)(wr, group, job.cols, &mut vals[..group.len()]);
-                for (i, &v) in vals[..group.len()].iter().enumerate() {
-                    let t = gi * MAX_ROWS_PER_DOT + i;
-                    // SAFETY: r < job.rows and t < job.acts.len(), so the index
-                    // is inside job k's output (checked above); each (job, row)
-                    // is handed to exactly one thread, and every output slice is
-                    // exclusively borrowed for this call.
-                    unsafe { *outs[k].0.add(t * job.rows + r) = v };
+                let m = group.len();
+                (job.dot)(&wrows[..nr], group, job.cols, &mut vals[..nr * m]);
+                for ri in 0..nr {
+                    for (i, &v) in vals[ri * m..(ri + 1) * m].iter().enumerate() {
+                        let t = gi * MAX_ROWS_PER_DOT + i;
+                        // SAFETY: r + ri < job.rows and t < job.acts.len(), so
+                        // the index is inside job k's output (checked above);
+                        // each (job, row) is handed to exactly one thread, and
+                        // every output slice is exclusively borrowed here.
+                        unsafe { *outs[k].0.add(t * job.rows + r + ri) = v };
+                    }
                 }
             }
+            g += nr;
         }
     });
 }
@@ -177,13 +187,15 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
 mod many_tests {
     use super::*;
 
-    fn dot_sum(a: &[u8], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
-        for (b, o) in bs.iter().zip(out) {
-            *o = a
-                .iter()
-                .zip(b.iter())
-                .map(|(&x, &y)| f32::from(x) * f32::from(y))
-                .sum();
+    fn dot_sum(ws: &[&[u8]], bs: &[&[u8]], _n: usize, out: &mut [f32]) {
+        for (ri, a) in ws.iter().enumerate() {
+            for (t, b) in bs.iter().enumerate() {
+                out[ri * bs.len() + t] = a
+                    .iter()
+                    .zip(b.iter())
+                    .map(|(&x, &y)| f32::from(x) * f32::from(y))
+                    .sum();
+            }
         }
     }
 

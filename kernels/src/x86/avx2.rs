@@ -71,49 +71,70 @@ fn lanes_i8_vnni(wabs: __m256i, w: __m256i, x: __m256i) -> __m256i {
 /// Generates the row-dot body for one instruction-set flavour.
 macro_rules! rows_q8_fn {
     ($name:ident, $features:literal, $lanes:ident) => {
-        /// Dots of one weight row (Q4_0 or Q8_0, `W_BYTES` per block) with `N`
-        /// Q8_0 activation rows. Each token has one accumulator and takes the
-        /// blocks in order, so its result is bit-identical whatever N is:
-        /// batching never changes a sequence's numbers.
+        /// Dots of `R` weight rows (Q4_0 or Q8_0, `W_BYTES` per block) with
+        /// `N` Q8_0 activation rows; `out[r * N + t]`. Each (row, token) pair
+        /// has one accumulator and takes the blocks in order, so its result
+        /// is bit-identical whatever R and N are: batching never changes a
+        /// sequence's numbers. Two rows share every activation load.
         #[inline]
         #[target_feature(enable = $features)]
-        fn $name<const W_BYTES: usize, const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-            let nb = w.len() / W_BYTES;
+        fn $name<const W_BYTES: usize, const R: usize, const N: usize>(
+            ws: &[&[u8]],
+            xs: &[&[u8]],
+            out: &mut [f32],
+        ) {
+            let nb = ws[0].len() / W_BYTES;
+            for w in ws {
+                assert!(w.len() / W_BYTES == nb, "weight rows differ in length");
+            }
             for x in xs {
                 assert!(
                     x.len() >= nb * Q8_0_BYTES,
                     "activation row shorter than the weight row"
                 );
             }
-            let mut acc = [_mm256_setzero_ps(); N];
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
             for i in 0..nb {
-                let wb = &w[i * W_BYTES..(i + 1) * W_BYTES];
-                // Weights stream from memory; rows lie back to back, so
-                // fetching a little past this row's end is the next row's
-                // start. Prefetch is a hint: an address past the mapping is
-                // harmless.
-                _mm_prefetch::<_MM_HINT_T0>(
-                    w.as_ptr().wrapping_add(i * W_BYTES + PREFETCH_AHEAD).cast(),
-                );
-                let q = if W_BYTES == Q4_0_BYTES {
-                    unpack_q4_0(wb)
-                } else {
-                    load_q8(wb)
-                };
-                let qabs = _mm256_sign_epi8(q, q);
-                let dw = f16_at(wb);
+                let mut q = [_mm256_setzero_si256(); R];
+                let mut qabs = [_mm256_setzero_si256(); R];
+                let mut dw = [0.0f32; R];
+                for r in 0..R {
+                    let wb = &ws[r][i * W_BYTES..(i + 1) * W_BYTES];
+                    // Weights stream from memory; rows lie back to back, so
+                    // fetching a little past this row's end is the next
+                    // row's start. Prefetch is a hint: an address past the
+                    // mapping is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        ws[r]
+                            .as_ptr()
+                            .wrapping_add(i * W_BYTES + PREFETCH_AHEAD)
+                            .cast(),
+                    );
+                    q[r] = if W_BYTES == Q4_0_BYTES {
+                        unpack_q4_0(wb)
+                    } else {
+                        load_q8(wb)
+                    };
+                    qabs[r] = _mm256_sign_epi8(q[r], q[r]);
+                    dw[r] = f16_at(wb);
+                }
                 for t in 0..N {
                     let xb = &xs[t][i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
-                    let s = $lanes(qabs, q, load_q8(xb));
-                    acc[t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(s),
-                        _mm256_set1_ps(dw * f16_at(xb)),
-                        acc[t],
-                    );
+                    let (y, dx) = (load_q8(xb), f16_at(xb));
+                    for r in 0..R {
+                        let s = $lanes(qabs[r], q[r], y);
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(s),
+                            _mm256_set1_ps(dw[r] * dx),
+                            acc[r][t],
+                        );
+                    }
                 }
             }
-            for t in 0..N {
-                out[t] = hsum(acc[t]);
+            for r in 0..R {
+                for t in 0..N {
+                    out[r * N + t] = hsum(acc[r][t]);
+                }
             }
         }
     };
@@ -126,33 +147,39 @@ rows_q8_fn!(
     lanes_i8_vnni
 );
 
-/// Generates the public 1-to-4-row entry point over a row-dot body.
+/// Generates the public entry point (1-2 weight rows, 1-4 activation rows).
 macro_rules! dot_entry {
     ($(#[$doc:meta])* $name:ident, $features:literal, $rows:ident, $wbytes:expr) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-            match xs.len() {
-                1 => $rows::<{ $wbytes }, 1>(w, xs, out),
-                2 => $rows::<{ $wbytes }, 2>(w, xs, out),
-                3 => $rows::<{ $wbytes }, 3>(w, xs, out),
-                4 => $rows::<{ $wbytes }, 4>(w, xs, out),
-                n => panic!("{} takes 1 to 4 activation rows, got {n}", stringify!($name)),
+        pub unsafe fn $name(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
+            match (ws.len(), xs.len()) {
+                (1, 1) => $rows::<{ $wbytes }, 1, 1>(ws, xs, out),
+                (1, 2) => $rows::<{ $wbytes }, 1, 2>(ws, xs, out),
+                (1, 3) => $rows::<{ $wbytes }, 1, 3>(ws, xs, out),
+                (1, 4) => $rows::<{ $wbytes }, 1, 4>(ws, xs, out),
+                (2, 1) => $rows::<{ $wbytes }, 2, 1>(ws, xs, out),
+                (2, 2) => $rows::<{ $wbytes }, 2, 2>(ws, xs, out),
+                (2, 3) => $rows::<{ $wbytes }, 2, 3>(ws, xs, out),
+                (2, 4) => $rows::<{ $wbytes }, 2, 4>(ws, xs, out),
+                (r, n) => panic!("{} takes 1-2 weight rows and 1-4 activation rows, got {r} and {n}", stringify!($name)),
             }
         }
     };
 }
 
 dot_entry!(
-    /// Dots of one Q4_0 weight row with up to four Q8_0 activation rows.
+    /// Dots of one or two Q4_0 weight rows with one to four Q8_0 activation
+    /// rows; `out[r * xs.len() + t]`.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C. Every activation row must
-    /// hold as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
+    /// The CPU must support AVX2, FMA and F16C. All weight rows must have the
+    /// same block count and every activation row at least as many blocks;
+    /// `out.len() >= ws.len() * xs.len()`.
     dot_q4_0_q8_0, "avx2,fma,f16c", rows_q8, Q4_0_BYTES
 );
 dot_entry!(
-    /// Dots of one Q8_0 weight row with up to four Q8_0 activation rows.
+    /// Dots of Q8_0 weight rows with Q8_0 activation rows, as [`dot_q4_0_q8_0`].
     ///
     /// # Safety
     /// As for [`dot_q4_0_q8_0`].
@@ -178,6 +205,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_weight_rows_give_the_same_bits_as_one() {
+        if !crate::isa::Isa::Avx2.available() {
+            return;
+        }
+        let wa = blocks(21, 9, Q4_0_BYTES, false);
+        let wb = blocks(22, 9, Q4_0_BYTES, true);
+        let xs: Vec<Vec<u8>> = (0..4)
+            .map(|t| blocks(30 + t, 9, Q8_0_BYTES, false))
+            .collect();
+        for n in 1..=4 {
+            let refs: Vec<&[u8]> = xs[..n].iter().map(Vec::as_slice).collect();
+            let mut both = vec![0.0f32; 2 * n];
+            let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+            // SAFETY: AVX2 was detected above.
+            unsafe {
+                dot_q4_0_q8_0(&[&wa, &wb], &refs, &mut both);
+                dot_q4_0_q8_0(&[&wa], &refs, &mut a);
+                dot_q4_0_q8_0(&[&wb], &refs, &mut b);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&both[..n]), bits(&a));
+            assert_eq!(bits(&both[n..]), bits(&b));
+        }
+    }
+
+    #[test]
     fn vnni_is_bit_identical_to_avx2() {
         let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
         if !crate::isa::Isa::Avx2.available() || !vnni {
@@ -195,10 +248,10 @@ mod tests {
                 let (mut a, mut b, mut c, mut d) = ([0.0; 4], [0.0; 4], [0.0; 4], [0.0; 4]);
                 // SAFETY: AVX2 and AVX-512 VNNI/VL were detected above.
                 unsafe {
-                    dot_q4_0_q8_0(&w4, &refs, &mut a);
-                    dot_q4_0_q8_0_vnni(&w4, &refs, &mut b);
-                    dot_q8_0_q8_0(&w8, &refs, &mut c);
-                    dot_q8_0_q8_0_vnni(&w8, &refs, &mut d);
+                    dot_q4_0_q8_0(&[&w4], &refs, &mut a);
+                    dot_q4_0_q8_0_vnni(&[&w4], &refs, &mut b);
+                    dot_q8_0_q8_0(&[&w8], &refs, &mut c);
+                    dot_q8_0_q8_0_vnni(&[&w8], &refs, &mut d);
                 }
                 assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
                 assert_eq!(c.map(f32::to_bits), d.map(f32::to_bits));
@@ -221,15 +274,15 @@ mod tests {
             let (mut many4, mut many8) = (vec![0.0; n], vec![0.0; n]);
             // SAFETY: AVX2 was detected above.
             unsafe {
-                dot_q4_0_q8_0(&w4, &refs, &mut many4);
-                dot_q8_0_q8_0(&w8, &refs, &mut many8);
+                dot_q4_0_q8_0(&[&w4], &refs, &mut many4);
+                dot_q8_0_q8_0(&[&w8], &refs, &mut many8);
             }
             for t in 0..n {
                 let (mut one4, mut one8) = ([0.0], [0.0]);
                 // SAFETY: as above.
                 unsafe {
-                    dot_q4_0_q8_0(&w4, &[refs[t]], &mut one4);
-                    dot_q8_0_q8_0(&w8, &[refs[t]], &mut one8);
+                    dot_q4_0_q8_0(&[&w4], &[refs[t]], &mut one4);
+                    dot_q8_0_q8_0(&[&w8], &[refs[t]], &mut one8);
                 }
                 assert_eq!(many4[t].to_bits(), one4[0].to_bits());
                 assert_eq!(many8[t].to_bits(), one8[0].to_bits());
@@ -303,8 +356,8 @@ mod tests {
                 // SAFETY: AVX2 was detected above.
                 let (mut a, mut b) = ([0.0f32], [0.0f32]);
                 unsafe {
-                    dot_q4_0_q8_0(&w4, &[&x], &mut a);
-                    dot_q8_0_q8_0(&w8, &[&x], &mut b);
+                    dot_q4_0_q8_0(&[&w4], &[&x], &mut a);
+                    dot_q8_0_q8_0(&[&w8], &[&x], &mut b);
                 }
                 let (a, b) = (a[0], b[0]);
                 let (ra, rb) = (scalar_q4(&w4, &x), scalar_q8(&w8, &x));

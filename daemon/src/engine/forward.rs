@@ -7,6 +7,7 @@ use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::f16;
+use lfm_kernels::attn::attention_fns;
 use lfm_kernels::dispatch::{dot_fn, quantize_activations};
 use lfm_kernels::scalar;
 use lfm_kernels::types::WeightType;
@@ -273,6 +274,7 @@ impl Model {
                         // tokens run in parallel; per-token arithmetic is the
                         // same whatever thread runs it.
                         let (kc, vc, qs) = (&*kc, &*vc, &qs);
+                        let (dot_f16, axpy_f16) = attention_fns(self.isa, hd);
                         let rows = &mut att[span.start * e..span.end * e];
                         self.pool.for_each_mut(rows, e, &|i, out_row| {
                             let t = span.start + i;
@@ -284,17 +286,13 @@ impl Model {
                                 scores.clear();
                                 for j in 0..=p {
                                     let kh = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                    let dot: f32 =
-                                        qh.iter().zip(kh).map(|(a, b)| a * b.to_f32()).sum();
-                                    scores.push(dot * scale);
+                                    scores.push(dot_f16(qh, kh) * scale);
                                 }
                                 softmax(&mut scores);
                                 let out = &mut out_row[hq * hd..(hq + 1) * hd];
                                 for (j, &s) in scores.iter().enumerate() {
                                     let vh = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                    for (o, vv) in out.iter_mut().zip(vh) {
-                                        *o += s * vv.to_f32();
-                                    }
+                                    axpy_f16(s, vh, out);
                                 }
                             }
                         });

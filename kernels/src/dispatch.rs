@@ -149,6 +149,19 @@ fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     })
 }
 
+#[cfg(target_arch = "aarch64")]
+fn q4_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: handed out by `dot_fn` only when NEON is present; rows as for
+    // the x86 kernels.
+    unsafe { crate::arm::neon::dot_q4_0_q8_0(ws, xs, out) }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+    // SAFETY: as above.
+    unsafe { crate::arm::neon::dot_q8_0_q8_0(ws, xs, out) }
+}
+
 /// The row dot for weights of `ty` against activations of
 /// [`act_type_for`]`(ty)` on `isa` (which must be available).
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
@@ -172,6 +185,14 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
             WeightType::Q4K => return q4k_avx2,
             WeightType::Q5K => return q5k_avx2,
             WeightType::Q6K => return q6k_avx2,
+            _ => {}
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && isa.available() {
+        match ty {
+            WeightType::Q4_0 => return q4_0_neon,
+            WeightType::Q8_0 => return q8_0_neon,
             _ => {}
         }
     }

@@ -18,3 +18,6 @@ pub use types::{ActType, WeightType};
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+#[cfg(target_arch = "aarch64")]
+pub mod arm;

@@ -77,22 +77,7 @@ impl Model {
     /// agree with it to rounding; float weights use f32 activations.
     fn matmul(&self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * w.cols);
-        let ty = weight_type(w.ty);
-        let mut act = Vec::new();
-        let act_row = quantize_activations(ty, x, w.cols, &mut act);
-        let file = self.gguf.bytes();
-        lfm_kernels::matmul::matmul(
-            &self.pool,
-            dot_fn(self.isa, ty),
-            w.bytes(file),
-            w.rows,
-            w.cols,
-            w.row_bytes,
-            &act,
-            act_row,
-            n,
-            y,
-        );
+        self.matmuls(vec![(w, x, n, y)]);
     }
 
     /// Several products in one parallel region (see `matmul_many`): each

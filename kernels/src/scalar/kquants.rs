@@ -230,14 +230,8 @@ pub(super) fn quantize_q6k(x: &[f32]) -> BlockQ6K {
 }
 
 pub(super) fn quantize_q8k(x: &[f32]) -> BlockQ8K {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let max = super::legacy::signed_absmax(x);
+    let amax = max.abs();
     let mut block = BlockQ8K {
         d: 0.0,
         qs: [0; QK_K],

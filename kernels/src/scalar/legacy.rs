@@ -11,7 +11,7 @@ use half::f16;
 const HALF: usize = QK / 2;
 
 /// The element of largest magnitude, with its sign (the first one on ties).
-fn signed_absmax(x: &[f32]) -> f32 {
+pub(super) fn signed_absmax(x: &[f32]) -> f32 {
     let mut amax = 0.0f32;
     let mut max = 0.0f32;
     for &v in x {

@@ -21,14 +21,8 @@ pub(super) fn nearest_int(v: f32) -> i32 {
 /// perturbations of the plain `-nmax / max` scale (ggml's `make_qx_quants`
 /// with `rmse_type = 1` and no importance weights). Returns the scale.
 pub(super) fn symmetric_levels_x2_weighted(nmax: i32, x: &[f32], levels: &mut [i8]) -> f32 {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let max = super::legacy::signed_absmax(x);
+    let amax = max.abs();
     if amax < GROUP_MAX_EPS {
         levels.fill(0);
         return 0.0;

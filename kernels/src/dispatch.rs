@@ -4,9 +4,11 @@
 //! handed out only for an ISA that [`Isa::available`] confirmed.
 
 use crate::isa::Isa;
-use crate::matmul::DotFn;
+use crate::matmul::{DotFn, Kernel, PanelKernel};
 use crate::scalar;
 use crate::types::{ActType, WeightType};
+#[cfg(target_arch = "x86_64")]
+use crate::x86::avx512::{ActSums, Format, PANEL};
 use half::{bf16, f16};
 
 /// The activation format used against `ty`: llama.cpp's pairing for the
@@ -111,17 +113,58 @@ fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     unsafe { crate::x86::avx2::dot_q8_0_q8_0(ws, xs, out) }
 }
 
+/// A panel kernel's results for up to two arbitrary rows, through the
+/// same code as whole panels (bit-identical to them).
 #[cfg(target_arch = "x86_64")]
-fn q4_0_vnni(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when AVX-512 VNNI/VL (and AVX2)
-    // are present; rows as for `q4_0_avx2`.
-    unsafe { crate::x86::avx2::dot_q4_0_q8_0_vnni(ws, xs, out) }
+fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    let sums = ActSums::new(format, xs, n / 32);
+    let mut tmp = vec![0.0f32; xs.len() * PANEL];
+    for (ri, w) in ws.iter().enumerate() {
+        // SAFETY: handed out by `dot_fn` only when `panel_available()`.
+        unsafe { crate::x86::avx512::panel(format, w, w.len(), 1, xs, &sums, &mut tmp) };
+        for t in 0..xs.len() {
+            out[ri * xs.len() + t] = tmp[t * PANEL];
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_0_vnni(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(ws, xs, out) }
+fn q4_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    panel_rows(Format::Q4_0, ws, xs, n, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q8_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    panel_rows(Format::Q8_0, ws, xs, n, out)
+}
+
+/// AVX-512 with VNNI: what the panel kernels need.
+#[cfg(target_arch = "x86_64")]
+fn panel_available(isa: Isa) -> bool {
+    isa == Isa::Avx512 && isa.available() && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The panel format for `ty` on `isa`, if there is a panel kernel.
+#[cfg(target_arch = "x86_64")]
+fn panel_format(isa: Isa, ty: WeightType) -> Option<Format> {
+    if !panel_available(isa) {
+        return None;
+    }
+    match ty {
+        WeightType::Q4_0 => Some(Format::Q4_0),
+        WeightType::Q8_0 => Some(Format::Q8_0),
+        _ => None,
+    }
+}
+
+/// How products with weights of `ty` run on `isa` (which must be
+/// available): 16-row panels where the ISA has them, row dots otherwise.
+pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(format) = panel_format(isa, ty) {
+        return Kernel::Panel(PanelKernel { format });
+    }
+    Kernel::Rows(dot_fn(isa, ty))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -167,15 +210,10 @@ fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512
-        && isa.extensions().contains(&"vnni")
-        && is_x86_feature_detected!("avx512vl")
-    {
-        match ty {
-            WeightType::Q4_0 => return q4_0_vnni,
-            WeightType::Q8_0 => return q8_0_vnni,
-            _ => {}
-        }
+    match panel_format(isa, ty) {
+        Some(Format::Q4_0) => return q4_0_panel,
+        Some(Format::Q8_0) => return q8_0_panel,
+        None => {}
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.available() {

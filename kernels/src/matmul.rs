@@ -28,14 +28,12 @@ unsafe impl Sync for OutPtr {}
 /// each thread streams long contiguous runs of the matrix (what the memory
 /// system rewards in decode), more than one, so uneven progress balances.
 const CHUNKS_PER_THREAD: usize = 2;
-/// Never hand out fewer rows than this at a time.
-const MIN_ROWS_PER_CHUNK: usize = 16;
 
 /// `y[t * rows + r] = dot(w[r], act[t])`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     pool: &ThreadPool,
-    dot: DotFn,
+    kernel: Kernel,
     w: &[u8],
     rows: usize,
     cols: usize,
@@ -52,7 +50,7 @@ pub fn matmul(
     matmul_many(
         pool,
         &mut [MatJob {
-            dot,
+            kernel,
             w,
             rows,
             cols,
@@ -99,31 +97,91 @@ mod tests {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             let mut y = vec![f32::NAN; n * rows];
-            matmul(&pool, dot_u8, &w, rows, cols, cols, &a, cols, n, &mut y);
+            matmul(
+                &pool,
+                Kernel::Rows(dot_u8),
+                &w,
+                rows,
+                cols,
+                cols,
+                &a,
+                cols,
+                n,
+                &mut y,
+            );
             assert_eq!(y, want, "{threads} threads");
         }
     }
 }
 
+/// How one product's rows are computed: chosen by
+/// [`crate::dispatch::kernel`] for the weight type and ISA.
+#[derive(Clone, Copy)]
+pub enum Kernel {
+    /// Row dots, 1-2 weight rows x 1-4 activation rows per call.
+    Rows(DotFn),
+    /// Panels of 16 weight rows x every token (AVX-512 VNNI).
+    Panel(PanelKernel),
+}
+
+/// A panel kernel; only [`crate::dispatch`] makes one, after detecting the
+/// CPU features it needs.
+#[derive(Clone, Copy)]
+pub struct PanelKernel {
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) format: crate::x86::avx512::Format,
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(crate) never: std::convert::Infallible,
+}
+
+/// Weight rows per work unit: a panel, or 8 two-row tiles.
+const UNIT_ROWS: usize = 16;
+/// With more tokens than this, work units are dealt one at a time (each
+/// is long and their costs differ with each job's token count).
+const FEW_TOKENS: usize = 4;
+
 /// One matrix product of a fused batch: `y[t * rows + r] = dot(W[r], acts[t])`.
 pub struct MatJob<'a> {
-    pub dot: DotFn,
+    pub kernel: Kernel,
     pub w: &'a [u8],
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
-    /// Activation rows, already in the format `dot` expects.
+    /// Activation rows, already in the format the kernel expects.
     pub acts: Vec<&'a [u8]>,
     pub y: &'a mut [f32],
 }
 
+/// What a panel product needs beside the activation rows.
+enum Side {
+    None,
+    #[cfg(target_arch = "x86_64")]
+    Sums(crate::x86::avx512::ActSums),
+}
+
+fn side(job: &MatJob<'_>) -> Side {
+    match job.kernel {
+        Kernel::Rows(_) => Side::None,
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Panel(p) => Side::Sums(crate::x86::avx512::ActSums::new(
+            p.format,
+            &job.acts,
+            job.cols / 32,
+        )),
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Panel(p) => match p.never {},
+    }
+}
+
 /// Runs several independent matrix products in one parallel region: their
-/// rows are dealt out together, so small products (an expert's slices, the
-/// q/k/v projections) keep every thread busy and pay for one hand-off, not
-/// one each. Each output is the same row-dot call as in [`matmul`].
+/// rows are dealt out together in units of 16, so small products (an
+/// expert's slices, the q/k/v projections) keep every thread busy and pay
+/// for one hand-off, not one each. Each output is computed by the same
+/// operations whatever the split or batch.
 pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
     let mut starts = Vec::with_capacity(jobs.len() + 1);
     let mut total = 0;
+    let mut max_n = 0;
     for j in jobs.iter() {
         assert!(j.w.len() >= j.rows * j.row_bytes, "weight slice too short");
         assert_eq!(
@@ -132,55 +190,98 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
             "output has the wrong size"
         );
         starts.push(total);
-        total += j.rows;
+        total += j.rows.div_ceil(UNIT_ROWS);
+        max_n = max_n.max(j.acts.len());
     }
     starts.push(total);
     if total == 0 {
         return;
     }
+    let sides: Vec<Side> = jobs.iter().map(side).collect();
     let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.y.as_mut_ptr())).collect();
     let jobs = &*jobs;
-    let (outs, starts) = (&outs, &starts);
-    let chunk = total
-        .div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
-        .max(MIN_ROWS_PER_CHUNK);
+    let (outs, starts, sides) = (&outs, &starts, &sides);
+    let chunk = if max_n > FEW_TOKENS {
+        1
+    } else {
+        total.div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
+    };
     pool.for_chunks(total, chunk, &|range| {
-        let mut vals = [0.0f32; MAX_W_ROWS_PER_DOT * MAX_ROWS_PER_DOT];
-        // The job holding the chunk's first row; later rows may cross into the next jobs.
-        let mut k = starts.partition_point(|&s| s <= range.start) - 1;
-        let mut g = range.start;
-        while g < range.end {
-            while g >= starts[k + 1] {
-                k += 1;
-            }
-            let (job, r) = (&jobs[k], g - starts[k]);
-            // Two rows of the same job when both are in this chunk.
-            let nr = if g + 1 < range.end && g + 1 < starts[k + 1] {
-                2
-            } else {
-                1
+        for u in range {
+            let k = starts.partition_point(|&s| s <= u) - 1;
+            let (job, r0) = (&jobs[k], (u - starts[k]) * UNIT_ROWS);
+            let rows = (job.rows - r0).min(UNIT_ROWS);
+            let store = |r: usize, t: usize, v: f32| {
+                debug_assert!(r < job.rows && t < job.acts.len());
+                // SAFETY: r < job.rows and t < job.acts.len(), so the index is
+                // inside job k's output (checked above); each (job, row) is
+                // in exactly one unit, handed to one thread, and every output
+                // slice is exclusively borrowed here.
+                unsafe { *outs[k].0.add(t * job.rows + r) = v };
             };
-            let wrows = [
-                &job.w[r * job.row_bytes..(r + 1) * job.row_bytes],
-                &job.w[(r + nr - 1) * job.row_bytes..(r + nr) * job.row_bytes],
-            ];
-            for (gi, group) in job.acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
-                let m = group.len();
-                (job.dot)(&wrows[..nr], group, job.cols, &mut vals[..nr * m]);
-                for ri in 0..nr {
-                    for (i, &v) in vals[ri * m..(ri + 1) * m].iter().enumerate() {
-                        let t = gi * MAX_ROWS_PER_DOT + i;
-                        // SAFETY: r + ri < job.rows and t < job.acts.len(), so
-                        // the index is inside job k's output (checked above);
-                        // each (job, row) is handed to exactly one thread, and
-                        // every output slice is exclusively borrowed here.
-                        unsafe { *outs[k].0.add(t * job.rows + r + ri) = v };
+            match job.kernel {
+                Kernel::Rows(dot) => rows_unit(job, dot, r0, rows, &store),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Panel(p) => {
+                    let Side::Sums(sums) = &sides[k] else {
+                        unreachable!("panel jobs get activation sums")
+                    };
+                    let n = job.acts.len();
+                    let mut out = vec![0.0f32; n * UNIT_ROWS];
+                    let w = &job.w[r0 * job.row_bytes..];
+                    // SAFETY: a PanelKernel exists only after dispatch found
+                    // AVX-512 F/BW/VL/VNNI on this CPU.
+                    unsafe {
+                        crate::x86::avx512::panel(
+                            p.format,
+                            w,
+                            job.row_bytes,
+                            rows,
+                            &job.acts,
+                            sums,
+                            &mut out,
+                        )
+                    };
+                    for t in 0..n {
+                        for r in 0..rows {
+                            store(r0 + r, t, out[t * UNIT_ROWS + r]);
+                        }
                     }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                Kernel::Panel(p) => match p.never {},
             }
-            g += nr;
         }
     });
+}
+
+/// Rows `r0..r0 + rows` of `job` by two-row, four-token row dots.
+fn rows_unit(
+    job: &MatJob<'_>,
+    dot: DotFn,
+    r0: usize,
+    rows: usize,
+    store: &dyn Fn(usize, usize, f32),
+) {
+    let mut vals = [0.0f32; MAX_W_ROWS_PER_DOT * MAX_ROWS_PER_DOT];
+    let mut r = r0;
+    while r < r0 + rows {
+        let nr = (r0 + rows - r).min(MAX_W_ROWS_PER_DOT);
+        let wrows = [
+            &job.w[r * job.row_bytes..(r + 1) * job.row_bytes],
+            &job.w[(r + nr - 1) * job.row_bytes..(r + nr) * job.row_bytes],
+        ];
+        for (gi, group) in job.acts.chunks(MAX_ROWS_PER_DOT).enumerate() {
+            let m = group.len();
+            dot(&wrows[..nr], group, job.cols, &mut vals[..nr * m]);
+            for ri in 0..nr {
+                for (i, &v) in vals[ri * m..(ri + 1) * m].iter().enumerate() {
+                    store(r + ri, gi * MAX_ROWS_PER_DOT + i, v);
+                }
+            }
+        }
+        r += nr;
+    }
 }
 
 #[cfg(test)]
@@ -219,7 +320,16 @@ mod many_tests {
             for (k, &(rows, n)) in shapes.iter().enumerate() {
                 let mut y = vec![0.0; rows * n];
                 matmul(
-                    &pool, dot_sum, &ws[k], rows, cols, cols, &xs[k], cols, n, &mut y,
+                    &pool,
+                    Kernel::Rows(dot_sum),
+                    &ws[k],
+                    rows,
+                    cols,
+                    cols,
+                    &xs[k],
+                    cols,
+                    n,
+                    &mut y,
                 );
                 want.push(y);
             }
@@ -229,7 +339,7 @@ mod many_tests {
                 .iter_mut()
                 .enumerate()
                 .map(|(k, y)| MatJob {
-                    dot: dot_sum,
+                    kernel: Kernel::Rows(dot_sum),
                     w: &ws[k],
                     rows: shapes[k].0,
                     cols,

@@ -8,7 +8,7 @@ use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::f16;
 use lfm_kernels::attn::attention_fns;
-use lfm_kernels::dispatch::{dot_fn, quantize_activations};
+use lfm_kernels::dispatch::{kernel, quantize_activations};
 use lfm_kernels::scalar;
 use lfm_kernels::types::WeightType;
 
@@ -114,7 +114,7 @@ impl Model {
             .map(|((w, _, n, y), &at)| {
                 let (buf, row) = (&bufs[at].3, bufs[at].4);
                 lfm_kernels::matmul::MatJob {
-                    dot: dot_fn(self.isa, weight_type(w.ty)),
+                    kernel: kernel(self.isa, weight_type(w.ty)),
                     w: w.bytes(file),
                     rows: w.rows,
                     cols: w.cols,

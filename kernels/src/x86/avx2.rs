@@ -59,15 +59,6 @@ fn load_q8(xb: &[u8]) -> __m256i {
     unsafe { _mm256_loadu_si256(xb.as_ptr().add(2).cast()) }
 }
 
-/// Integer lane sums as [`lanes_i8`], in one AVX-512 VNNI instruction (on
-/// 256-bit registers). Same lanes, same exact integers: results stay
-/// bit-identical to the AVX2 path.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-fn lanes_i8_vnni(wabs: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(x, w))
-}
-
 /// Generates the row-dot body for one instruction-set flavour.
 macro_rules! rows_q8_fn {
     ($name:ident, $features:literal, $lanes:ident) => {
@@ -141,11 +132,6 @@ macro_rules! rows_q8_fn {
 }
 
 rows_q8_fn!(rows_q8, "avx2,fma,f16c", lanes_i8);
-rows_q8_fn!(
-    rows_q8_vnni,
-    "avx2,fma,f16c,avx512vnni,avx512vl",
-    lanes_i8_vnni
-);
 
 /// Generates the public entry point (1-2 weight rows, 1-4 activation rows).
 macro_rules! dot_entry {
@@ -185,21 +171,6 @@ dot_entry!(
     /// As for [`dot_q4_0_q8_0`].
     dot_q8_0_q8_0, "avx2,fma,f16c", rows_q8, Q8_0_BYTES
 );
-dot_entry!(
-    /// [`dot_q4_0_q8_0`] with AVX-512 VNNI (bit-identical results).
-    ///
-    /// # Safety
-    /// As for [`dot_q4_0_q8_0`], and the CPU must support AVX-512 VNNI and VL.
-    dot_q4_0_q8_0_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_q8_vnni, Q4_0_BYTES
-);
-dot_entry!(
-    /// [`dot_q8_0_q8_0`] with AVX-512 VNNI (bit-identical results).
-    ///
-    /// # Safety
-    /// As for [`dot_q4_0_q8_0_vnni`].
-    dot_q8_0_q8_0_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_q8_vnni, Q8_0_BYTES
-);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,35 +198,6 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&both[..n]), bits(&a));
             assert_eq!(bits(&both[n..]), bits(&b));
-        }
-    }
-
-    #[test]
-    fn vnni_is_bit_identical_to_avx2() {
-        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
-        if !crate::isa::Isa::Avx2.available() || !vnni {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
-            return;
-        }
-        for n in [1, 5, 64] {
-            for extreme in [false, true] {
-                let w4 = blocks(n as u64, n, Q4_0_BYTES, extreme);
-                let w8 = blocks(n as u64 + 1, n, Q8_0_BYTES, extreme);
-                let xs: Vec<Vec<u8>> = (0..4)
-                    .map(|t| blocks(50 + t, n, Q8_0_BYTES, extreme))
-                    .collect();
-                let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
-                let (mut a, mut b, mut c, mut d) = ([0.0; 4], [0.0; 4], [0.0; 4], [0.0; 4]);
-                // SAFETY: AVX2 and AVX-512 VNNI/VL were detected above.
-                unsafe {
-                    dot_q4_0_q8_0(&[&w4], &refs, &mut a);
-                    dot_q4_0_q8_0_vnni(&[&w4], &refs, &mut b);
-                    dot_q8_0_q8_0(&[&w8], &refs, &mut c);
-                    dot_q8_0_q8_0_vnni(&[&w8], &refs, &mut d);
-                }
-                assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
-                assert_eq!(c.map(f32::to_bits), d.map(f32::to_bits));
-            }
         }
     }
 

@@ -3,4 +3,5 @@
 //! features are present.
 
 pub mod avx2;
+pub mod avx512;
 pub mod kquants;

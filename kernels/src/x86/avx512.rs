@@ -1,0 +1,488 @@
+//! AVX-512 VNNI products of Q4_0 / Q8_0 weight rows with Q8_0 activations,
+//! in panels of [`PANEL`] weight rows: one zmm lane per weight row, so every
+//! block's integer dot ends in its own lane with no horizontal reduction,
+//! and one broadcast activation dword feeds 16 rows' `vpdpbusd`.
+//!
+//! The weights stay where they are (the model mapping): a panel's blocks are
+//! gathered into the lane layout as they are used (decode: few tokens, each
+//! gathered block is used once per token) or packed once per panel into a
+//! small thread-local buffer that every token then reads from L1/L2
+//! (prefill). No copy of a matrix outlives the call.
+//!
+//! Numerics: the block's integer dot is exact, and the float steps are the
+//! scalar reference's, in its order (`(sum * d_w) * d_x` for Q4_0,
+//! `sum * (d_w * d_x)` for Q8_0, then `acc += block` from block 0 up), so
+//! every output is bit-identical to `scalar::vec_dot` whatever the batch,
+//! panel position or path (gathered or packed).
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes: weights enter as
+//! `q + OFF` (Q4_0 nibbles are already `q + 8`; Q8_0 bytes get their sign
+//! bit flipped, `q + 128`), and `OFF * sum(x)` per activation block, which
+//! [`ActSums`] holds, is subtracted after.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Weight rows per panel: one per 32-bit lane of a zmm register.
+pub const PANEL: usize = 16;
+/// Tokens per register tile: 8 accumulators plus 8 weight registers.
+const TILE: usize = 8;
+/// Token counts up to this are computed from gathered blocks; more tokens
+/// pay for packing the panel once.
+const DIRECT_MAX: usize = 4;
+/// How far ahead of the current block each weight row is prefetched.
+const PREFETCH_AHEAD: usize = 1024;
+const Q8_0_BYTES: usize = 34;
+
+/// The weight format of a panel product.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Format {
+    Q4_0,
+    Q8_0,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// The unsigned weight offset subtracted through the activation sums.
+    pub fn offset(self) -> i32 {
+        match self {
+            Format::Q4_0 => 8,
+            Format::Q8_0 => 128,
+        }
+    }
+}
+
+/// Per activation row and block, `d` as f32 and `offset * sum(qs)`: what a
+/// panel product needs beside the Q8_0 bytes. Built once per product.
+#[derive(Debug, Clone)]
+pub struct ActSums {
+    nb: usize,
+    d: Vec<f32>,
+    s: Vec<i32>,
+}
+
+impl ActSums {
+    /// Sums for `xs` (Q8_0 rows of at least `nb` blocks) against weights of
+    /// `format`.
+    pub fn new(format: Format, xs: &[&[u8]], nb: usize) -> Self {
+        let off = format.offset();
+        let mut d = Vec::with_capacity(xs.len() * nb);
+        let mut s = Vec::with_capacity(xs.len() * nb);
+        for x in xs {
+            assert!(x.len() >= nb * Q8_0_BYTES, "activation row too short");
+            for b in x[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES) {
+                d.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                s.push(off * b[2..].iter().map(|&q| i32::from(q as i8)).sum::<i32>());
+            }
+        }
+        ActSums { nb, d, s }
+    }
+}
+
+/// 8 weight registers (elements 4g..4g+4 of 16 rows each) and 16 scales.
+type Block = ([__m512i; 8], __m512);
+
+/// Gathers block `i` of the panel's rows (byte offsets `idx` from `w`).
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI must be present; for every lane, `w + idx + i * bytes
+/// .. + bytes` must be readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gather<const Q8: bool>(w: *const u8, idx: __m512i, i: usize) -> Block {
+    let format = if Q8 { Format::Q8_0 } else { Format::Q4_0 };
+    let base = w.wrapping_add(i * format.block_bytes());
+    let mut q = [_mm512_setzero_si512(); 8];
+    // SAFETY (all gathers): the caller guarantees each lane's whole block is
+    // readable; every dword read lies inside it (offsets 0..=14 of 18 bytes
+    // for Q4_0, 0..=30 of 34 for Q8_0).
+    match format {
+        Format::Q4_0 => {
+            let m = _mm512_set1_epi8(0x0f);
+            for k in 0..4 {
+                let v = unsafe { _mm512_i32gather_epi32::<1>(idx, base.add(2 + 4 * k).cast()) };
+                q[k] = _mm512_and_si512(v, m);
+                q[k + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m);
+            }
+        }
+        Format::Q8_0 => {
+            let flip = _mm512_set1_epi8(i8::MIN);
+            for (k, qk) in q.iter_mut().enumerate() {
+                let v = unsafe { _mm512_i32gather_epi32::<1>(idx, base.add(2 + 4 * k).cast()) };
+                *qk = _mm512_xor_si512(v, flip);
+            }
+        }
+    }
+    let dv = unsafe { _mm512_i32gather_epi32::<1>(idx, base.cast()) };
+    (q, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv)))
+}
+
+/// Adds block `i` of token `x` (a Q8_0 row) to the 16 row accumulators.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI must be present and `x` must hold block `i`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn accumulate<const Q8: bool>(
+    (q, dw): &Block,
+    x: *const u8,
+    i: usize,
+    d: f32,
+    s: i32,
+    acc: __m512,
+) -> __m512 {
+    let xq = x.wrapping_add(i * Q8_0_BYTES + 2);
+    let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    for h in 0..4 {
+        // SAFETY: the caller guarantees block i of x; these read its 32
+        // quant bytes (unaligned 4-byte reads).
+        let (x0, x1) = unsafe {
+            (
+                xq.add(8 * h).cast::<i32>().read_unaligned(),
+                xq.add(8 * h + 4).cast::<i32>().read_unaligned(),
+            )
+        };
+        a0 = _mm512_dpbusd_epi32(a0, q[2 * h], _mm512_set1_epi32(x0));
+        a1 = _mm512_dpbusd_epi32(a1, q[2 * h + 1], _mm512_set1_epi32(x1));
+    }
+    // Exact: integer sums, minus offset * sum(x).
+    let sum = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_set1_epi32(s));
+    let f = _mm512_cvtepi32_ps(sum);
+    let block = if Q8 {
+        // scalar: sum as f32 * (d_w * d_x)
+        _mm512_mul_ps(f, _mm512_mul_ps(*dw, _mm512_set1_ps(d)))
+    } else {
+        // scalar: sum as f32 * d_w * d_x
+        _mm512_mul_ps(_mm512_mul_ps(f, *dw), _mm512_set1_ps(d))
+    };
+    _mm512_add_ps(acc, block)
+}
+
+/// Lane offsets of the panel's rows; lanes past `rows` repeat the last row
+/// (valid addresses; their results are never stored).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn row_offsets(rows: usize, row_bytes: usize) -> __m512i {
+    let mut o = [0i32; PANEL];
+    for (r, v) in o.iter_mut().enumerate() {
+        *v = (r.min(rows - 1) * row_bytes) as i32;
+    }
+    // SAFETY: o is 16 i32 = 64 readable bytes.
+    unsafe { _mm512_loadu_si512(o.as_ptr().cast()) }
+}
+
+/// Tokens `t0..t0 + N` against gathered blocks; `out[t * PANEL + r]`.
+///
+/// # Safety
+/// As [`panel`] checked: features present, rows and activations long enough.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn direct<const Q8: bool, const N: usize>(
+    w: &[u8],
+    idx: __m512i,
+    rows: usize,
+    row_bytes: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    t0: usize,
+    out: &mut [f32],
+) {
+    let nb = sums.nb;
+    let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
+    let mut acc = [_mm512_setzero_ps(); N];
+    // Blocks per 64-byte line, roughly: prefetch each row once per line.
+    let every = 64 / bytes;
+    for i in 0..nb {
+        if i % every == 0 {
+            for r in 0..rows {
+                let p = w
+                    .as_ptr()
+                    .wrapping_add(r * row_bytes + i * bytes + PREFETCH_AHEAD);
+                // A hint: an address past the slice is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+            }
+        }
+        // SAFETY: every lane's row has nb blocks (checked by `panel`).
+        let blk = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
+        for (k, a) in acc.iter_mut().enumerate() {
+            let t = t0 + k;
+            let j = t * nb + i;
+            // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
+            *a = unsafe { accumulate::<Q8>(&blk, xs[t].as_ptr(), i, sums.d[j], sums.s[j], *a) };
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+    }
+}
+
+/// Tokens `t0..t0 + N` against a packed panel (`nb` blocks of 9 registers).
+///
+/// # Safety
+/// As [`panel`] checked; `packed` holds `9 * nb` registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn from_packed<const Q8: bool, const N: usize>(
+    packed: &[__m512i],
+    xs: &[&[u8]],
+    sums: &ActSums,
+    t0: usize,
+    out: &mut [f32],
+) {
+    let nb = sums.nb;
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (i, p) in packed.chunks_exact(9).take(nb).enumerate() {
+        let blk: Block = (
+            [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]],
+            _mm512_castsi512_ps(p[8]),
+        );
+        for (k, a) in acc.iter_mut().enumerate() {
+            let t = t0 + k;
+            let j = t * nb + i;
+            // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
+            *a = unsafe { accumulate::<Q8>(&blk, xs[t].as_ptr(), i, sums.d[j], sums.s[j], *a) };
+        }
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+    }
+}
+
+thread_local! {
+    /// The packed panel of the calling thread, reused across calls.
+    static PACKED: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `$f::<N>(args.., t0, out)` over all tokens in tiles of `$tile`.
+macro_rules! tiles {
+    ($n:expr, $tile:expr, |$t0:ident, $len:ident| $call:expr) => {{
+        let mut $t0 = 0;
+        while $t0 < $n {
+            let $len = ($n - $t0).min($tile);
+            $call;
+            $t0 += $len;
+        }
+    }};
+}
+
+/// Dispatches a tile of `len` tokens to the const-generic kernel.
+macro_rules! by_len {
+    ($len:expr, $f:ident::<$q8:ident>, ($($arg:expr),*)) => {
+        match $len {
+            1 => $f::<$q8, 1>($($arg),*),
+            2 => $f::<$q8, 2>($($arg),*),
+            3 => $f::<$q8, 3>($($arg),*),
+            4 => $f::<$q8, 4>($($arg),*),
+            5 => $f::<$q8, 5>($($arg),*),
+            6 => $f::<$q8, 6>($($arg),*),
+            7 => $f::<$q8, 7>($($arg),*),
+            _ => $f::<$q8, 8>($($arg),*),
+        }
+    };
+}
+
+/// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
+/// first, `row_bytes` apart, `nb` blocks each) with every activation row:
+/// `out[t * PANEL + r]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI.
+///
+/// # Panics
+/// If `w`, an activation row or `out` is too short, or `rows` is not in
+/// 1..=16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn panel(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    out: &mut [f32],
+) {
+    let (n, nb) = (xs.len(), sums.nb);
+    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
+    assert!(
+        row_bytes >= nb * format.block_bytes(),
+        "row shorter than its blocks"
+    );
+    assert!(
+        w.len() >= (rows - 1) * row_bytes + nb * format.block_bytes(),
+        "panel past the weights"
+    );
+    assert!(
+        i32::try_from(PANEL * row_bytes).is_ok(),
+        "rows too long for gather offsets"
+    );
+    assert_eq!(
+        sums.d.len(),
+        n * nb,
+        "activation sums do not match the rows"
+    );
+    assert!(out.len() >= n * PANEL, "output too short");
+    let idx = row_offsets(rows, row_bytes);
+    // SAFETY: features by the caller; lengths asserted above.
+    unsafe {
+        match format {
+            Format::Q4_0 => panel_of::<false>(w, idx, row_bytes, rows, xs, sums, out),
+            Format::Q8_0 => panel_of::<true>(w, idx, row_bytes, rows, xs, sums, out),
+        }
+    }
+}
+
+/// [`panel`] for one format.
+///
+/// # Safety
+/// As [`panel`] checked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn panel_of<const Q8: bool>(
+    w: &[u8],
+    idx: __m512i,
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    out: &mut [f32],
+) {
+    let (n, nb) = (xs.len(), sums.nb);
+    if n <= DIRECT_MAX {
+        // SAFETY: as [`panel`] checked.
+        tiles!(n, DIRECT_MAX, |t0, len| unsafe {
+            by_len!(
+                len,
+                direct::<Q8>,
+                (w, idx, rows, row_bytes, xs, sums, t0, out)
+            )
+        });
+        return;
+    }
+    PACKED.with(|cell| {
+        let mut packed = cell.borrow_mut();
+        packed.clear();
+        packed.reserve(9 * nb);
+        for i in 0..nb {
+            // SAFETY: as [`panel`] checked.
+            let (q, d) = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
+            packed.extend_from_slice(&q);
+            packed.push(_mm512_castps_si512(d));
+        }
+        // SAFETY: as above; packed holds 9 * nb registers.
+        tiles!(n, TILE, |t0, len| unsafe {
+            by_len!(len, from_packed::<Q8>, (&packed, xs, sums, t0, out))
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar;
+    use crate::types::WeightType;
+
+    fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u8 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u8
+        }
+    }
+
+    /// Random blocks (or extreme ones: largest scales, +-127 / 0 / 0xff bytes).
+    fn blocks(rng: &mut Lcg, n: usize, size: usize, extreme: bool) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * size);
+        for _ in 0..n {
+            let d = if extreme {
+                half::f16::from_f32([65504.0, -65504.0, 6.1e-5, 0.0][rng.next() as usize % 4])
+            } else {
+                half::f16::from_f32(0.001 + f32::from(rng.next()) * 1e-4)
+            };
+            v.extend_from_slice(&d.to_le_bytes());
+            for _ in 2..size {
+                let b = rng.next();
+                v.push(if extreme {
+                    [0x81, 0x7f, 0x00, 0xff][b as usize % 4]
+                } else if b == 0x80 {
+                    0x81
+                } else {
+                    b
+                });
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn panels_are_bit_identical_to_the_scalar_reference() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let mut rng = Lcg(7);
+        for (format, ty) in [
+            (Format::Q4_0, WeightType::Q4_0),
+            (Format::Q8_0, WeightType::Q8_0),
+        ] {
+            for &(rows, nb, n) in &[
+                (16, 1, 1),
+                (3, 7, 2),
+                (16, 65, 4),
+                (9, 3, 5),
+                (16, 8, 8),
+                (13, 5, 21),
+            ] {
+                for extreme in [false, true] {
+                    let bytes = format.block_bytes();
+                    // A row stride larger than the blocks, as a sub-matrix view has.
+                    let stride = nb * bytes + if rows % 2 == 1 { bytes } else { 0 };
+                    let w = blocks(&mut rng, rows * stride / bytes, bytes, extreme);
+                    let xs: Vec<Vec<u8>> = (0..n)
+                        .map(|_| blocks(&mut rng, nb, Q8_0_BYTES, extreme))
+                        .collect();
+                    let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
+                    let sums = ActSums::new(format, &refs, nb);
+                    let mut out = vec![f32::NAN; n * PANEL];
+                    // SAFETY: features detected above.
+                    unsafe { panel(format, &w, stride, rows, &refs, &sums, &mut out) };
+                    for r in 0..rows {
+                        let row = &w[r * stride..r * stride + nb * bytes];
+                        for t in 0..n {
+                            let want = scalar::vec_dot(ty, row, &xs[t], nb * 32);
+                            let got = out[t * PANEL + r];
+                            assert!(
+                                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                                "{format:?} rows={rows} nb={nb} n={n} extreme={extreme} r={r} t={t}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_undo_to_the_signed_sum() {
+        let x = blocks(&mut Lcg(3), 2, Q8_0_BYTES, false);
+        let sums = ActSums::new(Format::Q8_0, &[&x], 2);
+        let s0: i32 = x[2..34].iter().map(|&b| i32::from(b as i8)).sum();
+        assert_eq!(sums.s[0], 128 * s0);
+        assert_eq!(sums.d[1], half::f16::from_le_bytes([x[34], x[35]]).to_f32());
+    }
+}

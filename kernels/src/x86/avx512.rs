@@ -30,8 +30,6 @@ const TILE: usize = 8;
 /// Token counts up to this are computed from gathered blocks; more tokens
 /// pay for packing the panel once.
 const DIRECT_MAX: usize = 4;
-/// How far ahead of the current block each weight row is prefetched.
-const PREFETCH_AHEAD: usize = 1024;
 const Q8_0_BYTES: usize = 34;
 
 /// The weight format of a panel product.
@@ -203,9 +201,9 @@ unsafe fn direct<const Q8: bool, const N: usize>(
             for r in 0..rows {
                 let p = w
                     .as_ptr()
-                    .wrapping_add(r * row_bytes + i * bytes + PREFETCH_AHEAD);
+                    .wrapping_add((r + PANEL) * row_bytes + i * bytes);
                 // A hint: an address past the slice is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                _mm_prefetch::<_MM_HINT_T1>(p.cast());
             }
         }
         // SAFETY: every lane's row has nb blocks (checked by `panel`).

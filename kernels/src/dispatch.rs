@@ -4,11 +4,15 @@
 //! handed out only for an ISA that [`Isa::available`] confirmed.
 
 use crate::isa::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::matmul::PanelFormat;
 use crate::matmul::{DotFn, Kernel, PanelKernel};
 use crate::scalar;
 use crate::types::{ActType, WeightType};
 #[cfg(target_arch = "x86_64")]
 use crate::x86::avx512::{ActSums, Format, PANEL};
+#[cfg(target_arch = "x86_64")]
+use crate::x86::avx512k::KFormat;
 use half::{bf16, f16};
 
 /// The activation format used against `ty`: llama.cpp's pairing for the
@@ -144,7 +148,7 @@ fn panel_available(isa: Isa) -> bool {
     isa == Isa::Avx512 && isa.available() && is_x86_feature_detected!("avx512vnni")
 }
 
-/// The panel format for `ty` on `isa`, if there is a panel kernel.
+/// The legacy panel format for `ty` on `isa`, if there is a panel kernel.
 #[cfg(target_arch = "x86_64")]
 fn panel_format(isa: Isa, ty: WeightType) -> Option<Format> {
     if !panel_available(isa) {
@@ -157,12 +161,57 @@ fn panel_format(isa: Isa, ty: WeightType) -> Option<Format> {
     }
 }
 
+/// The k-quant panel format for `ty` on `isa`, if there is a panel kernel.
+#[cfg(target_arch = "x86_64")]
+fn kpanel_format(isa: Isa, ty: WeightType) -> Option<KFormat> {
+    if !panel_available(isa) {
+        return None;
+    }
+    match ty {
+        WeightType::Q4K => Some(KFormat::Q4K),
+        WeightType::Q6K => Some(KFormat::Q6K),
+        _ => None,
+    }
+}
+
+/// A k-quant panel kernel's results for up to two arbitrary rows (the same
+/// code as whole panels, so bit-identical to them).
+#[cfg(target_arch = "x86_64")]
+fn kpanel_rows(format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    let mut tmp = vec![0.0f32; xs.len() * PANEL];
+    for (ri, w) in ws.iter().enumerate() {
+        // SAFETY: handed out by `dot_fn` only when `panel_available()`.
+        unsafe { crate::x86::avx512k::panel(format, w, w.len(), 1, xs, n / 256, &mut tmp) };
+        for t in 0..xs.len() {
+            out[ri * xs.len() + t] = tmp[t * PANEL];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q4k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    kpanel_rows(KFormat::Q4K, ws, xs, n, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    kpanel_rows(KFormat::Q6K, ws, xs, n, out)
+}
+
 /// How products with weights of `ty` run on `isa` (which must be
 /// available): 16-row panels where the ISA has them, row dots otherwise.
 pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if let Some(format) = panel_format(isa, ty) {
-        return Kernel::Panel(PanelKernel { format });
+    if let Some(f) = panel_format(isa, ty) {
+        return Kernel::Panel(PanelKernel {
+            format: PanelFormat::Legacy(f),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = kpanel_format(isa, ty) {
+        return Kernel::Panel(PanelKernel {
+            format: PanelFormat::K(f),
+        });
     }
     Kernel::Rows(dot_fn(isa, ty))
 }
@@ -213,6 +262,12 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     match panel_format(isa, ty) {
         Some(Format::Q4_0) => return q4_0_panel,
         Some(Format::Q8_0) => return q8_0_panel,
+        None => {}
+    }
+    #[cfg(target_arch = "x86_64")]
+    match kpanel_format(isa, ty) {
+        Some(KFormat::Q4K) => return q4k_panel,
+        Some(KFormat::Q6K) => return q6k_panel,
         None => {}
     }
     #[cfg(target_arch = "x86_64")]

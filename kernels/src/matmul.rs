@@ -129,9 +129,17 @@ pub enum Kernel {
 #[derive(Clone, Copy)]
 pub struct PanelKernel {
     #[cfg(target_arch = "x86_64")]
-    pub(crate) format: crate::x86::avx512::Format,
+    pub(crate) format: PanelFormat,
     #[cfg(not(target_arch = "x86_64"))]
     pub(crate) never: std::convert::Infallible,
+}
+
+/// The weight formats with panel kernels.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) enum PanelFormat {
+    Legacy(crate::x86::avx512::Format),
+    K(crate::x86::avx512k::KFormat),
 }
 
 /// Weight rows per work unit: a panel, or 8 two-row tiles.
@@ -163,11 +171,15 @@ fn side(job: &MatJob<'_>) -> Side {
     match job.kernel {
         Kernel::Rows(_) => Side::None,
         #[cfg(target_arch = "x86_64")]
-        Kernel::Panel(p) => Side::Sums(crate::x86::avx512::ActSums::new(
-            p.format,
+        Kernel::Panel(PanelKernel {
+            format: PanelFormat::Legacy(f),
+        }) => Side::Sums(crate::x86::avx512::ActSums::new(
+            f,
             &job.acts,
             job.cols / 32,
         )),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Panel(_) => Side::None,
         #[cfg(not(target_arch = "x86_64"))]
         Kernel::Panel(p) => match p.never {},
     }
@@ -223,25 +235,39 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                 Kernel::Rows(dot) => rows_unit(job, dot, r0, rows, &store),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Panel(p) => {
-                    let Side::Sums(sums) = &sides[k] else {
-                        unreachable!("panel jobs get activation sums")
-                    };
                     let n = job.acts.len();
                     let mut out = vec![0.0f32; n * UNIT_ROWS];
                     let w = &job.w[r0 * job.row_bytes..];
-                    // SAFETY: a PanelKernel exists only after dispatch found
-                    // AVX-512 F/BW/VL/VNNI on this CPU.
-                    unsafe {
-                        crate::x86::avx512::panel(
-                            p.format,
-                            w,
-                            job.row_bytes,
-                            rows,
-                            &job.acts,
-                            sums,
-                            &mut out,
-                        )
-                    };
+                    match (p.format, &sides[k]) {
+                        // SAFETY: a PanelKernel exists only after dispatch
+                        // found AVX-512 F/BW/VL/VNNI on this CPU.
+                        (PanelFormat::Legacy(f), Side::Sums(sums)) => unsafe {
+                            crate::x86::avx512::panel(
+                                f,
+                                w,
+                                job.row_bytes,
+                                rows,
+                                &job.acts,
+                                sums,
+                                &mut out,
+                            )
+                        },
+                        // SAFETY: as above.
+                        (PanelFormat::K(f), _) => unsafe {
+                            crate::x86::avx512k::panel(
+                                f,
+                                w,
+                                job.row_bytes,
+                                rows,
+                                &job.acts,
+                                job.cols / 256,
+                                &mut out,
+                            )
+                        },
+                        (PanelFormat::Legacy(_), Side::None) => {
+                            unreachable!("legacy panel jobs get activation sums")
+                        }
+                    }
                     for t in 0..n {
                         for r in 0..rows {
                             store(r0 + r, t, out[t * UNIT_ROWS + r]);

@@ -166,7 +166,7 @@ unsafe fn accumulate<const Q8: bool>(
 /// (valid addresses; their results are never stored).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn row_offsets(rows: usize, row_bytes: usize) -> __m512i {
+pub(super) fn row_offsets(rows: usize, row_bytes: usize) -> __m512i {
     let mut o = [0i32; PANEL];
     for (r, v) in o.iter_mut().enumerate() {
         *v = (r.min(rows - 1) * row_bytes) as i32;
@@ -199,9 +199,7 @@ unsafe fn direct<const Q8: bool, const N: usize>(
     for i in 0..nb {
         if i % every == 0 {
             for r in 0..rows {
-                let p = w
-                    .as_ptr()
-                    .wrapping_add((r + PANEL) * row_bytes + i * bytes);
+                let p = w.as_ptr().wrapping_add((r + PANEL) * row_bytes + i * bytes);
                 // A hint: an address past the slice is harmless.
                 _mm_prefetch::<_MM_HINT_T1>(p.cast());
             }

@@ -1,0 +1,492 @@
+//! AVX-512 VNNI panel products of Q4_K / Q6_K weight rows with Q8_K
+//! activations: the k-quant counterpart of [`super::avx512`], 16 weight rows
+//! in the lanes of a zmm register, blocks gathered from the mapping (few
+//! tokens) or packed once per panel into a thread-local buffer (many).
+//!
+//! Numerics: per super-block everything is exact integer arithmetic (the
+//! sub-block dots, their 6- or 8-bit scales, the minimum / offset terms
+//! through the activation's 16-element sums), then a fixed float
+//! expression per block, accumulated from block 0 up. Every path here (any
+//! token count, gathered or packed) computes exactly that, so results are
+//! bit-identical whatever the batch. The scalar reference follows ggml's
+//! 8-lane float order instead; the two agree to rounding (tested).
+
+use super::avx512::PANEL;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+const Q8K_BYTES: usize = 292;
+/// Offset of the Q8_K block's quants and 16-element sums.
+const Q8K_QS: usize = 4;
+const Q8K_BSUMS: usize = 260;
+/// Tokens per register tile.
+const TILE: usize = 8;
+/// Token counts up to this use gathered blocks without packing the panel.
+const DIRECT_MAX: usize = 4;
+/// Registers per unpacked block (the larger format's count).
+const MAX_REGS: usize = 89;
+
+/// A k-quant weight format with a panel kernel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KFormat {
+    Q4K,
+    Q6K,
+}
+
+impl KFormat {
+    fn block_bytes(self) -> usize {
+        match self {
+            KFormat::Q4K => 144,
+            KFormat::Q6K => 210,
+        }
+    }
+}
+
+/// Q4_K block register layout: 64 quant groups (sub-block j, group g at
+/// 8j + g), 8 scales, 8 minimums (duplicated into both i16 halves), d, dmin.
+const Q4K_REGS: usize = 82;
+/// Q6_K: 64 quant groups (element 4k at k), 16 scales, 8 scale pairs
+/// (i16 halves), d.
+const Q6K_REGS: usize = 89;
+
+const fn regs(q6: bool) -> usize {
+    if q6 { Q6K_REGS } else { Q4K_REGS }
+}
+
+/// Gathers block `i` of the panel (lane offsets `idx` from `w`) into `out`
+/// in the register layout of the format.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI must be present; for every lane, the whole block must
+/// be readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gather<const Q6: bool>(w: *const u8, idx: __m512i, i: usize, out: &mut [__m512i]) {
+    let bytes = if Q6 { 210 } else { 144 };
+    let base = w.wrapping_add(i * bytes);
+    // SAFETY (every gather below): the caller guarantees each lane's block
+    // is readable, and every dword read lies inside it.
+    let g = |off: usize| unsafe { _mm512_i32gather_epi32::<1>(idx, base.add(off).cast()) };
+    let lo4 = _mm512_set1_epi8(0x0f);
+    let byte = |v: __m512i, k: u32| {
+        _mm512_and_si512(
+            _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * k as i32)),
+            _mm512_set1_epi32(0xff),
+        )
+    };
+    let f16s = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    if !Q6 {
+        // d @0, dmin @2, scales[12] @4, qs[128] @16.
+        for k in 0..4 {
+            for gi in 0..8 {
+                let v = g(16 + 32 * k + 4 * gi);
+                out[16 * k + gi] = _mm512_and_si512(v, lo4);
+                out[16 * k + 8 + gi] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), lo4);
+            }
+        }
+        let (s0, s1, s2) = (g(4), g(8), g(12));
+        let m63 = _mm512_set1_epi32(63);
+        for k in 0..4u32 {
+            let (a, b, c) = (byte(s0, k), byte(s1, k), byte(s2, k));
+            let sc_lo = _mm512_and_si512(a, m63);
+            let m_lo = _mm512_and_si512(b, m63);
+            let sc_hi = _mm512_or_si512(
+                _mm512_and_si512(c, _mm512_set1_epi32(0xf)),
+                _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(a)),
+            );
+            let m_hi = _mm512_or_si512(
+                _mm512_srli_epi32::<4>(c),
+                _mm512_slli_epi32::<4>(_mm512_srli_epi32::<6>(b)),
+            );
+            let dup = |m: __m512i| _mm512_or_si512(m, _mm512_slli_epi32::<16>(m));
+            out[64 + k as usize] = sc_lo;
+            out[68 + k as usize] = sc_hi;
+            out[72 + k as usize] = dup(m_lo);
+            out[76 + k as usize] = dup(m_hi);
+        }
+        let dd = g(0);
+        out[80] = _mm512_castps_si512(f16s(dd));
+        out[81] = _mm512_castps_si512(f16s(_mm512_srli_epi32::<16>(dd)));
+    } else {
+        // ql[128] @0, qh[64] @128, scales i8[16] @192, d @208.
+        let m2 = _mm512_set1_epi8(3);
+        for n in 0..2 {
+            for gi in 0..8 {
+                let a = g(64 * n + 4 * gi);
+                let b = g(64 * n + 32 + 4 * gi);
+                let h = g(128 + 32 * n + 4 * gi);
+                let hi = |s: u32| {
+                    let t = _mm512_and_si512(_mm512_srlv_epi32(h, _mm512_set1_epi32(s as i32)), m2);
+                    _mm512_slli_epi32::<4>(t)
+                };
+                let e = 32 * n + gi; // group of element 128n + 4gi
+                out[e] = _mm512_or_si512(_mm512_and_si512(a, lo4), hi(0));
+                out[e + 8] = _mm512_or_si512(_mm512_and_si512(b, lo4), hi(2));
+                out[e + 16] =
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(a), lo4), hi(4));
+                out[e + 24] =
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(b), lo4), hi(6));
+            }
+        }
+        let mut sc = [_mm512_setzero_si512(); 16];
+        for m in 0..4 {
+            let v = g(192 + 4 * m);
+            for b in 0..4 {
+                // Sign-extend byte b.
+                let shl = _mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * b as i32));
+                sc[4 * m + b] = _mm512_srai_epi32::<24>(shl);
+            }
+        }
+        for (k, s) in sc.iter().enumerate() {
+            out[64 + k] = *s;
+        }
+        for m in 0..8 {
+            let lo = _mm512_and_si512(sc[2 * m], _mm512_set1_epi32(0xffff));
+            out[80 + m] = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(sc[2 * m + 1]));
+        }
+        // d is the last two bytes; read the dword ending there.
+        out[88] = _mm512_castps_si512(f16s(_mm512_srli_epi32::<16>(g(206))));
+    }
+}
+
+/// Reads a dword of activation bytes.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
+#[inline]
+unsafe fn dword(p: *const u8) -> __m512i {
+    // SAFETY: by the caller.
+    unsafe { _mm512_set1_epi32(p.cast::<i32>().read_unaligned()) }
+}
+
+/// Adds one block (registers `blk`) dotted with block `i` of the tokens
+/// `xs[..N]` (Q8_K rows) to their accumulators.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI must be present; each `xs[t]` must hold block `i`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn accumulate<const Q6: bool, const N: usize>(
+    blk: &[__m512i],
+    xs: &[*const u8; N],
+    i: usize,
+    acc: &mut [__m512; N],
+) {
+    let xb: [*const u8; N] = std::array::from_fn(|t| xs[t].wrapping_add(i * Q8K_BYTES));
+    let mut isum = [_mm512_setzero_si512(); N];
+    // Sub-blocks: 8 of 32 elements (Q4_K) or 16 of 16 (Q6_K).
+    let (subs, groups) = if Q6 { (16, 4) } else { (8, 8) };
+    for j in 0..subs {
+        let q = &blk[groups * j..groups * (j + 1)];
+        let sc = blk[64 + j];
+        for t in 0..N {
+            let x = xb[t].wrapping_add(Q8K_QS + 4 * groups * j);
+            let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for h in 0..groups / 2 {
+                // SAFETY: block i of xs[t] holds these quant bytes.
+                unsafe {
+                    a0 = _mm512_dpbusd_epi32(a0, q[2 * h], dword(x.add(8 * h)));
+                    a1 = _mm512_dpbusd_epi32(a1, q[2 * h + 1], dword(x.add(8 * h + 4)));
+                }
+            }
+            isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(a0, a1), sc));
+        }
+    }
+    for t in 0..N {
+        let s = xb[t].wrapping_add(Q8K_BSUMS);
+        // SAFETY: block i of xs[t] holds its d and its 16 sums.
+        let dx = unsafe { _mm512_set1_ps(xb[t].cast::<f32>().read_unaligned()) };
+        let mut msum = _mm512_setzero_si512();
+        let pairs = if Q6 { 80 } else { 72 };
+        for m in 0..8 {
+            // SAFETY: as above.
+            msum = _mm512_dpwssd_epi32(msum, blk[pairs + m], unsafe { dword(s.add(4 * m)) });
+        }
+        let block = if Q6 {
+            // (sum(sc * q * x) - 32 * sum(sc * bsum)) * (d_w * d_x)
+            let total = _mm512_sub_epi32(isum[t], _mm512_slli_epi32::<5>(msum));
+            let d = _mm512_mul_ps(_mm512_castsi512_ps(blk[88]), dx);
+            _mm512_mul_ps(_mm512_cvtepi32_ps(total), d)
+        } else {
+            // sum(sc * q * x) * (d_w * d_x) - sum(m * bsum) * (dmin_w * d_x)
+            let d = _mm512_mul_ps(_mm512_castsi512_ps(blk[80]), dx);
+            let dmin = _mm512_mul_ps(_mm512_castsi512_ps(blk[81]), dx);
+            _mm512_sub_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(isum[t]), d),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(msum), dmin),
+            )
+        };
+        acc[t] = _mm512_add_ps(acc[t], block);
+    }
+}
+
+/// Tokens `t0..t0 + N` over all blocks; blocks come from `packed` when
+/// given, else are gathered one at a time.
+///
+/// # Safety
+/// As [`panel`] checked.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<const Q6: bool, const N: usize>(
+    w: &[u8],
+    idx: __m512i,
+    rows: usize,
+    row_bytes: usize,
+    nb: usize,
+    packed: Option<&[__m512i]>,
+    xs: &[&[u8]],
+    t0: usize,
+    out: &mut [f32],
+) {
+    let bytes = if Q6 { 210 } else { 144 };
+    let r = regs(Q6);
+    let ptrs: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut buf = [_mm512_setzero_si512(); MAX_REGS];
+    for i in 0..nb {
+        let blk: &[__m512i] = match packed {
+            Some(p) => &p[i * r..(i + 1) * r],
+            None => {
+                for row in 0..rows {
+                    // Prefetch the same block one panel down (a hint).
+                    let p = w
+                        .as_ptr()
+                        .wrapping_add((row + PANEL) * row_bytes + i * bytes);
+                    for line in (0..bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
+                    }
+                }
+                // SAFETY: as `panel` checked.
+                unsafe { gather::<Q6>(w.as_ptr(), idx, i, &mut buf) };
+                &buf[..r]
+            }
+        };
+        // SAFETY: as `panel` checked.
+        unsafe { accumulate::<Q6, N>(blk, &ptrs, i, &mut acc) };
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+    }
+}
+
+thread_local! {
+    static PACKED: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
+}
+
+macro_rules! by_len {
+    ($len:expr, $q6:ident, ($($arg:expr),*)) => {
+        match $len {
+            1 => tile::<$q6, 1>($($arg),*),
+            2 => tile::<$q6, 2>($($arg),*),
+            3 => tile::<$q6, 3>($($arg),*),
+            4 => tile::<$q6, 4>($($arg),*),
+            5 => tile::<$q6, 5>($($arg),*),
+            6 => tile::<$q6, 6>($($arg),*),
+            7 => tile::<$q6, 7>($($arg),*),
+            _ => tile::<$q6, 8>($($arg),*),
+        }
+    };
+}
+
+/// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
+/// first, `row_bytes` apart, `nb` super-blocks each) with every Q8_K
+/// activation row: `out[t * PANEL + r]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI.
+///
+/// # Panics
+/// If a slice is too short or `rows` is not in 1..=16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn panel(
+    format: KFormat,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let bytes = format.block_bytes();
+    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
+    assert!(row_bytes >= nb * bytes, "row shorter than its blocks");
+    assert!(
+        w.len() >= (rows - 1) * row_bytes + nb * bytes,
+        "panel past the weights"
+    );
+    assert!(
+        i32::try_from(PANEL * row_bytes).is_ok(),
+        "rows too long for gather offsets"
+    );
+    for x in xs {
+        assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
+    }
+    assert!(out.len() >= xs.len() * PANEL, "output too short");
+    let idx = super::avx512::row_offsets(rows, row_bytes);
+    // SAFETY: features by the caller; lengths asserted above.
+    unsafe {
+        match format {
+            KFormat::Q4K => panel_of::<false>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q6K => panel_of::<true>(w, idx, rows, row_bytes, nb, xs, out),
+        }
+    }
+}
+
+/// [`panel`] for one format.
+///
+/// # Safety
+/// As [`panel`] checked.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn panel_of<const Q6: bool>(
+    w: &[u8],
+    idx: __m512i,
+    rows: usize,
+    row_bytes: usize,
+    nb: usize,
+    xs: &[&[u8]],
+    out: &mut [f32],
+) {
+    let n = xs.len();
+    if n <= DIRECT_MAX {
+        // SAFETY: as `panel` checked.
+        unsafe { by_len!(n, Q6, (w, idx, rows, row_bytes, nb, None, xs, 0, out)) };
+        return;
+    }
+    PACKED.with(|cell| {
+        let mut packed = cell.borrow_mut();
+        let r = regs(Q6);
+        packed.clear();
+        packed.resize(nb * r, _mm512_setzero_si512());
+        for (i, blk) in packed.chunks_exact_mut(r).enumerate() {
+            // SAFETY: as `panel` checked.
+            unsafe { gather::<Q6>(w.as_ptr(), idx, i, blk) };
+        }
+        let mut t0 = 0;
+        while t0 < n {
+            let len = (n - t0).min(TILE);
+            // SAFETY: as `panel` checked; packed holds nb blocks.
+            unsafe {
+                by_len!(
+                    len,
+                    Q6,
+                    (w, idx, rows, row_bytes, nb, Some(&packed), xs, t0, out)
+                )
+            };
+            t0 += len;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar;
+    use crate::types::{ActType, WeightType};
+
+    fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    fn values(seed: u64, n: usize, spread: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+            })
+            .collect()
+    }
+
+    /// Real blocks from the scalar quantizers, plus raw random bytes
+    /// (every bit pattern of scales and quants, with sane d).
+    fn weights(ty: WeightType, rows: usize, cols: usize, raw: bool, seed: u64) -> Vec<u8> {
+        let rb = ty.row_bytes(cols);
+        let mut w = vec![0u8; rows * rb];
+        if raw {
+            let bytes = values(seed, w.len(), 256.0);
+            for (b, v) in w.iter_mut().zip(bytes) {
+                *b = (v + 128.0) as u8;
+            }
+            let (bs, d_at) = if ty == WeightType::Q4K {
+                (144, [0usize, 2].as_slice())
+            } else {
+                (210, [208usize].as_slice())
+            };
+            for blk in w.chunks_exact_mut(bs) {
+                for &o in d_at {
+                    blk[o..o + 2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                }
+            }
+        } else {
+            for (r, row) in w.chunks_exact_mut(rb).enumerate() {
+                let x = values(seed + r as u64, cols, 4.0);
+                scalar::quantize_row(ty, &x, row);
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn panels_agree_with_the_scalar_reference_and_with_themselves() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        for (format, ty) in [
+            (KFormat::Q4K, WeightType::Q4K),
+            (KFormat::Q6K, WeightType::Q6K),
+        ] {
+            for &(rows, nb, n) in &[(16, 1, 1), (5, 3, 3), (16, 2, 9), (11, 7, 4), (16, 4, 17)] {
+                for raw in [false, true] {
+                    let cols = nb * 256;
+                    let w = weights(ty, rows, cols, raw, 11 + nb as u64);
+                    let rb = ty.row_bytes(cols);
+                    let xs: Vec<Vec<u8>> = (0..n)
+                        .map(|t| {
+                            let mut a = vec![0u8; ActType::Q8K.row_bytes(cols)];
+                            scalar::quantize_acts(
+                                ActType::Q8K,
+                                &values(500 + t as u64, cols, 6.0),
+                                &mut a,
+                            );
+                            a
+                        })
+                        .collect();
+                    let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
+                    let mut all = vec![f32::NAN; n * PANEL];
+                    // SAFETY: features detected above.
+                    unsafe { panel(format, &w, rb, rows, &refs, nb, &mut all) };
+                    for t in 0..n {
+                        let mut one = vec![f32::NAN; PANEL];
+                        // SAFETY: as above.
+                        unsafe { panel(format, &w, rb, rows, &refs[t..t + 1], nb, &mut one) };
+                        for r in 0..rows {
+                            let got = all[t * PANEL + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                one[r].to_bits(),
+                                "{format:?} batch changed row {r} token {t}"
+                            );
+                            let row = &w[r * rb..(r + 1) * rb];
+                            let want = scalar::vec_dot(ty, row, &xs[t], cols);
+                            // Tolerance from the magnitudes involved.
+                            let mut wf = vec![0.0f32; cols];
+                            scalar::dequantize_row(ty, row, &mut wf);
+                            let mag: f32 = wf.iter().map(|v| v.abs()).sum::<f32>() * 3.0;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * mag.max(1.0),
+                                "{format:?} rows={rows} nb={nb} raw={raw} r={r} t={t}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -10,7 +10,7 @@ use crate::matmul::{DotFn, Kernel, PanelKernel};
 use crate::scalar;
 use crate::types::{ActType, WeightType};
 #[cfg(target_arch = "x86_64")]
-use crate::x86::avx512::{ActSums, Format, PANEL};
+use crate::x86::avx512::{ActSums, Format, Out, PANEL};
 #[cfg(target_arch = "x86_64")]
 use crate::x86::avx512k::KFormat;
 use half::{bf16, f16};
@@ -125,7 +125,17 @@ fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f
     let mut tmp = vec![0.0f32; xs.len() * PANEL];
     for (ri, w) in ws.iter().enumerate() {
         // SAFETY: handed out by `dot_fn` only when `panel_available()`.
-        unsafe { crate::x86::avx512::panel(format, w, w.len(), 1, xs, &sums, &mut tmp) };
+        unsafe {
+            crate::x86::avx512::panel(
+                format,
+                w,
+                w.len(),
+                1,
+                xs,
+                &sums,
+                Out::new(&mut tmp, PANEL, 1),
+            )
+        };
         for t in 0..xs.len() {
             out[ri * xs.len() + t] = tmp[t * PANEL];
         }
@@ -169,6 +179,7 @@ fn kpanel_format(isa: Isa, ty: WeightType) -> Option<KFormat> {
     }
     match ty {
         WeightType::Q4K => Some(KFormat::Q4K),
+        WeightType::Q5K => Some(KFormat::Q5K),
         WeightType::Q6K => Some(KFormat::Q6K),
         _ => None,
     }
@@ -181,7 +192,17 @@ fn kpanel_rows(format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut 
     let mut tmp = vec![0.0f32; xs.len() * PANEL];
     for (ri, w) in ws.iter().enumerate() {
         // SAFETY: handed out by `dot_fn` only when `panel_available()`.
-        unsafe { crate::x86::avx512k::panel(format, w, w.len(), 1, xs, n / 256, &mut tmp) };
+        unsafe {
+            crate::x86::avx512k::panel(
+                format,
+                w,
+                w.len(),
+                1,
+                xs,
+                n / 256,
+                Out::new(&mut tmp, PANEL, 1),
+            )
+        };
         for t in 0..xs.len() {
             out[ri * xs.len() + t] = tmp[t * PANEL];
         }
@@ -191,6 +212,11 @@ fn kpanel_rows(format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut 
 #[cfg(target_arch = "x86_64")]
 fn q4k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     kpanel_rows(KFormat::Q4K, ws, xs, n, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q5k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    kpanel_rows(KFormat::Q5K, ws, xs, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -267,6 +293,7 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     match kpanel_format(isa, ty) {
         Some(KFormat::Q4K) => return q4k_panel,
+        Some(KFormat::Q5K) => return q5k_panel,
         Some(KFormat::Q6K) => return q6k_panel,
         None => {}
     }

@@ -235,9 +235,18 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                 Kernel::Rows(dot) => rows_unit(job, dot, r0, rows, &store),
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Panel(p) => {
-                    let n = job.acts.len();
-                    let mut out = vec![0.0f32; n * UNIT_ROWS];
                     let w = &job.w[r0 * job.row_bytes..];
+                    // SAFETY: the results of rows r0..r0 + rows go to
+                    // y[t * job.rows + r0 + r], inside job k's output; this
+                    // unit is the only writer of those rows (see `store`).
+                    let out = unsafe {
+                        crate::x86::avx512::Out::raw(
+                            outs[k].0.add(r0),
+                            job.y.len() - r0,
+                            job.rows,
+                            rows,
+                        )
+                    };
                     match (p.format, &sides[k]) {
                         // SAFETY: a PanelKernel exists only after dispatch
                         // found AVX-512 F/BW/VL/VNNI on this CPU.
@@ -249,7 +258,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                                 rows,
                                 &job.acts,
                                 sums,
-                                &mut out,
+                                out,
                             )
                         },
                         // SAFETY: as above.
@@ -261,16 +270,11 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                                 rows,
                                 &job.acts,
                                 job.cols / 256,
-                                &mut out,
+                                out,
                             )
                         },
                         (PanelFormat::Legacy(_), Side::None) => {
                             unreachable!("legacy panel jobs get activation sums")
-                        }
-                    }
-                    for t in 0..n {
-                        for r in 0..rows {
-                            store(r0 + r, t, out[t * UNIT_ROWS + r]);
                         }
                     }
                 }

@@ -32,6 +32,56 @@ const TILE: usize = 8;
 const DIRECT_MAX: usize = 4;
 const Q8_0_BYTES: usize = 34;
 
+/// Where a panel's results go: `ptr[t * ld + r]` for token `t` and panel
+/// row `r < rows`; `len` floats are valid from `ptr`.
+#[derive(Clone, Copy, Debug)]
+pub struct Out {
+    ptr: *mut f32,
+    ld: usize,
+    pub(super) rows: usize,
+    len: usize,
+}
+
+impl Out {
+    /// Results into `buf`.
+    pub fn new(buf: &mut [f32], ld: usize, rows: usize) -> Out {
+        Out {
+            ptr: buf.as_mut_ptr(),
+            ld,
+            rows,
+            len: buf.len(),
+        }
+    }
+
+    /// Results through a raw pointer, for outputs shared between threads.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be valid for writes, and nothing else may
+    /// access the elements `t * ld + r` (`r < rows`) while a panel call
+    /// writes them.
+    pub unsafe fn raw(ptr: *mut f32, len: usize, ld: usize, rows: usize) -> Out {
+        Out { ptr, ld, rows, len }
+    }
+
+    /// Whether `n` tokens' results fit.
+    pub(super) fn fits(&self, n: usize) -> bool {
+        n == 0 || (self.rows <= self.ld && (n - 1) * self.ld + self.rows <= self.len)
+    }
+
+    /// Stores the first `rows` lanes of `v` as token `t`'s results.
+    ///
+    /// # Safety
+    /// AVX-512 F must be present and `fits(t + 1)` hold.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store(self, t: usize, v: __m512) {
+        let mask = ((1u32 << self.rows) - 1) as __mmask16;
+        // SAFETY: in bounds by the caller's `fits`; exclusive by `raw`'s or
+        // `new`'s contract.
+        unsafe { _mm512_mask_storeu_ps(self.ptr.add(t * self.ld), mask, v) };
+    }
+}
+
 /// The weight format of a panel product.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Format {
@@ -189,7 +239,7 @@ unsafe fn direct<const Q8: bool, const N: usize>(
     xs: &[&[u8]],
     sums: &ActSums,
     t0: usize,
-    out: &mut [f32],
+    out: Out,
 ) {
     let nb = sums.nb;
     let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
@@ -214,8 +264,8 @@ unsafe fn direct<const Q8: bool, const N: usize>(
         }
     }
     for (k, a) in acc.iter().enumerate() {
-        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+        // SAFETY: `panel` checked that every token's outputs fit.
+        unsafe { out.store(t0 + k, *a) };
     }
 }
 
@@ -229,7 +279,7 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
     xs: &[&[u8]],
     sums: &ActSums,
     t0: usize,
-    out: &mut [f32],
+    out: Out,
 ) {
     let nb = sums.nb;
     let mut acc = [_mm512_setzero_ps(); N];
@@ -246,8 +296,8 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
         }
     }
     for (k, a) in acc.iter().enumerate() {
-        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+        // SAFETY: `panel` checked that every token's outputs fit.
+        unsafe { out.store(t0 + k, *a) };
     }
 }
 
@@ -285,8 +335,8 @@ macro_rules! by_len {
 }
 
 /// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
-/// first, `row_bytes` apart, `nb` blocks each) with every activation row:
-/// `out[t * PANEL + r]`.
+/// first, `row_bytes` apart, `nb` blocks each) with every activation row,
+/// written to `out` (token `t`, row `r` at `t * ld + r`).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI.
@@ -302,7 +352,7 @@ pub unsafe fn panel(
     rows: usize,
     xs: &[&[u8]],
     sums: &ActSums,
-    out: &mut [f32],
+    out: Out,
 ) {
     let (n, nb) = (xs.len(), sums.nb);
     assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
@@ -323,7 +373,7 @@ pub unsafe fn panel(
         n * nb,
         "activation sums do not match the rows"
     );
-    assert!(out.len() >= n * PANEL, "output too short");
+    assert!(out.rows == rows && out.fits(n), "output too short");
     let idx = row_offsets(rows, row_bytes);
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
@@ -346,7 +396,7 @@ unsafe fn panel_of<const Q8: bool>(
     rows: usize,
     xs: &[&[u8]],
     sums: &ActSums,
-    out: &mut [f32],
+    out: Out,
 ) {
     let (n, nb) = (xs.len(), sums.nb);
     if n <= DIRECT_MAX {
@@ -364,7 +414,15 @@ unsafe fn panel_of<const Q8: bool>(
         let mut packed = cell.borrow_mut();
         packed.clear();
         packed.reserve(9 * nb);
+        let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
         for i in 0..nb {
+            if i % (64 / bytes) == 0 {
+                for r in 0..rows {
+                    // Four blocks ahead in each row (a hint).
+                    let p = w.as_ptr().wrapping_add(r * row_bytes + (i + 4) * bytes);
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                }
+            }
             // SAFETY: as [`panel`] checked.
             let (q, d) = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
             packed.extend_from_slice(&q);
@@ -456,7 +514,17 @@ mod tests {
                     let sums = ActSums::new(format, &refs, nb);
                     let mut out = vec![f32::NAN; n * PANEL];
                     // SAFETY: features detected above.
-                    unsafe { panel(format, &w, stride, rows, &refs, &sums, &mut out) };
+                    unsafe {
+                        panel(
+                            format,
+                            &w,
+                            stride,
+                            rows,
+                            &refs,
+                            &sums,
+                            Out::new(&mut out, PANEL, rows),
+                        )
+                    };
                     for r in 0..rows {
                         let row = &w[r * stride..r * stride + nb * bytes];
                         for t in 0..n {

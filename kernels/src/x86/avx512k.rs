@@ -11,7 +11,7 @@
 //! bit-identical whatever the batch. The scalar reference follows ggml's
 //! 8-lane float order instead; the two agree to rounding (tested).
 
-use super::avx512::PANEL;
+use super::avx512::{Out, PANEL};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -30,6 +30,7 @@ const MAX_REGS: usize = 89;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum KFormat {
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -37,6 +38,7 @@ impl KFormat {
     fn block_bytes(self) -> usize {
         match self {
             KFormat::Q4K => 144,
+            KFormat::Q5K => 176,
             KFormat::Q6K => 210,
         }
     }
@@ -49,8 +51,21 @@ const Q4K_REGS: usize = 82;
 /// (i16 halves), d.
 const Q6K_REGS: usize = 89;
 
-const fn regs(q6: bool) -> usize {
-    if q6 { Q6K_REGS } else { Q4K_REGS }
+/// Const-generic format codes.
+const Q4K: u8 = 0;
+const Q5K: u8 = 1;
+const Q6K: u8 = 2;
+
+const fn regs(f: u8) -> usize {
+    if f == Q6K { Q6K_REGS } else { Q4K_REGS }
+}
+
+const fn bytes_of(f: u8) -> usize {
+    match f {
+        Q4K => 144,
+        Q5K => 176,
+        _ => 210,
+    }
 }
 
 /// Gathers block `i` of the panel (lane offsets `idx` from `w`) into `out`
@@ -61,9 +76,8 @@ const fn regs(q6: bool) -> usize {
 /// be readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn gather<const Q6: bool>(w: *const u8, idx: __m512i, i: usize, out: &mut [__m512i]) {
-    let bytes = if Q6 { 210 } else { 144 };
-    let base = w.wrapping_add(i * bytes);
+unsafe fn gather<const F: u8>(w: *const u8, idx: __m512i, i: usize, out: &mut [__m512i]) {
+    let base = w.wrapping_add(i * bytes_of(F));
     // SAFETY (every gather below): the caller guarantees each lane's block
     // is readable, and every dword read lies inside it.
     let g = |off: usize| unsafe { _mm512_i32gather_epi32::<1>(idx, base.add(off).cast()) };
@@ -75,13 +89,30 @@ unsafe fn gather<const Q6: bool>(w: *const u8, idx: __m512i, i: usize, out: &mut
         )
     };
     let f16s = |v: __m512i| _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
-    if !Q6 {
-        // d @0, dmin @2, scales[12] @4, qs[128] @16.
+    if F != Q6K {
+        // d @0, dmin @2, scales[12] @4, then Q4_K: qs[128] @16;
+        // Q5_K: qh[32] @16 (bit j of byte l: element 32j + l), qs[128] @48.
+        let qs = if F == Q5K { 48 } else { 16 };
+        let one = _mm512_set1_epi8(1);
         for k in 0..4 {
             for gi in 0..8 {
-                let v = g(16 + 32 * k + 4 * gi);
-                out[16 * k + gi] = _mm512_and_si512(v, lo4);
-                out[16 * k + 8 + gi] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), lo4);
+                let v = g(qs + 32 * k + 4 * gi);
+                let mut lo = _mm512_and_si512(v, lo4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), lo4);
+                if F == Q5K {
+                    let h = g(16 + 4 * gi);
+                    let bit = |s: usize| {
+                        let b = _mm512_and_si512(
+                            _mm512_srlv_epi32(h, _mm512_set1_epi32(s as i32)),
+                            one,
+                        );
+                        _mm512_slli_epi32::<4>(b)
+                    };
+                    lo = _mm512_or_si512(lo, bit(2 * k));
+                    hi = _mm512_or_si512(hi, bit(2 * k + 1));
+                }
+                out[16 * k + gi] = lo;
+                out[16 * k + 8 + gi] = hi;
             }
         }
         let (s0, s1, s2) = (g(4), g(8), g(12));
@@ -166,7 +197,7 @@ unsafe fn dword(p: *const u8) -> __m512i {
 /// AVX-512 F/BW/VNNI must be present; each `xs[t]` must hold block `i`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn accumulate<const Q6: bool, const N: usize>(
+unsafe fn accumulate<const F: u8, const N: usize>(
     blk: &[__m512i],
     xs: &[*const u8; N],
     i: usize,
@@ -175,7 +206,8 @@ unsafe fn accumulate<const Q6: bool, const N: usize>(
     let xb: [*const u8; N] = std::array::from_fn(|t| xs[t].wrapping_add(i * Q8K_BYTES));
     let mut isum = [_mm512_setzero_si512(); N];
     // Sub-blocks: 8 of 32 elements (Q4_K) or 16 of 16 (Q6_K).
-    let (subs, groups) = if Q6 { (16, 4) } else { (8, 8) };
+    let q6 = F == Q6K;
+    let (subs, groups) = if q6 { (16, 4) } else { (8, 8) };
     for j in 0..subs {
         let q = &blk[groups * j..groups * (j + 1)];
         let sc = blk[64 + j];
@@ -197,12 +229,12 @@ unsafe fn accumulate<const Q6: bool, const N: usize>(
         // SAFETY: block i of xs[t] holds its d and its 16 sums.
         let dx = unsafe { _mm512_set1_ps(xb[t].cast::<f32>().read_unaligned()) };
         let mut msum = _mm512_setzero_si512();
-        let pairs = if Q6 { 80 } else { 72 };
+        let pairs = if q6 { 80 } else { 72 };
         for m in 0..8 {
             // SAFETY: as above.
             msum = _mm512_dpwssd_epi32(msum, blk[pairs + m], unsafe { dword(s.add(4 * m)) });
         }
-        let block = if Q6 {
+        let block = if q6 {
             // (sum(sc * q * x) - 32 * sum(sc * bsum)) * (d_w * d_x)
             let total = _mm512_sub_epi32(isum[t], _mm512_slli_epi32::<5>(msum));
             let d = _mm512_mul_ps(_mm512_castsi512_ps(blk[88]), dx);
@@ -227,7 +259,7 @@ unsafe fn accumulate<const Q6: bool, const N: usize>(
 /// As [`panel`] checked.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile<const Q6: bool, const N: usize>(
+unsafe fn tile<const F: u8, const N: usize>(
     w: &[u8],
     idx: __m512i,
     rows: usize,
@@ -236,10 +268,10 @@ unsafe fn tile<const Q6: bool, const N: usize>(
     packed: Option<&[__m512i]>,
     xs: &[&[u8]],
     t0: usize,
-    out: &mut [f32],
+    out: Out,
 ) {
-    let bytes = if Q6 { 210 } else { 144 };
-    let r = regs(Q6);
+    let bytes = bytes_of(F);
+    let r = regs(F);
     let ptrs: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let mut acc = [_mm512_setzero_ps(); N];
     let mut buf = [_mm512_setzero_si512(); MAX_REGS];
@@ -257,16 +289,16 @@ unsafe fn tile<const Q6: bool, const N: usize>(
                     }
                 }
                 // SAFETY: as `panel` checked.
-                unsafe { gather::<Q6>(w.as_ptr(), idx, i, &mut buf) };
+                unsafe { gather::<F>(w.as_ptr(), idx, i, &mut buf) };
                 &buf[..r]
             }
         };
         // SAFETY: as `panel` checked.
-        unsafe { accumulate::<Q6, N>(blk, &ptrs, i, &mut acc) };
+        unsafe { accumulate::<F, N>(blk, &ptrs, i, &mut acc) };
     }
     for (k, a) in acc.iter().enumerate() {
-        // SAFETY: out holds (t0 + N) * PANEL floats (checked by `panel`).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((t0 + k) * PANEL), *a) };
+        // SAFETY: the caller of `panel` vouched for these outputs.
+        unsafe { out.store(t0 + k, *a) };
     }
 }
 
@@ -275,26 +307,27 @@ thread_local! {
 }
 
 macro_rules! by_len {
-    ($len:expr, $q6:ident, ($($arg:expr),*)) => {
+    ($len:expr, $f:ident, ($($arg:expr),*)) => {
         match $len {
-            1 => tile::<$q6, 1>($($arg),*),
-            2 => tile::<$q6, 2>($($arg),*),
-            3 => tile::<$q6, 3>($($arg),*),
-            4 => tile::<$q6, 4>($($arg),*),
-            5 => tile::<$q6, 5>($($arg),*),
-            6 => tile::<$q6, 6>($($arg),*),
-            7 => tile::<$q6, 7>($($arg),*),
-            _ => tile::<$q6, 8>($($arg),*),
+            1 => tile::<$f, 1>($($arg),*),
+            2 => tile::<$f, 2>($($arg),*),
+            3 => tile::<$f, 3>($($arg),*),
+            4 => tile::<$f, 4>($($arg),*),
+            5 => tile::<$f, 5>($($arg),*),
+            6 => tile::<$f, 6>($($arg),*),
+            7 => tile::<$f, 7>($($arg),*),
+            _ => tile::<$f, 8>($($arg),*),
         }
     };
 }
 
 /// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
 /// first, `row_bytes` apart, `nb` super-blocks each) with every Q8_K
-/// activation row: `out[t * PANEL + r]`.
+/// activation row, written to `out` (`out.ptr[t * out.ld + r]`, `r < rows`).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and VNNI.
+/// The CPU must support AVX-512 F, BW, VL and VNNI, and `out` must be
+/// valid for those writes (see [`Out`]).
 ///
 /// # Panics
 /// If a slice is too short or `rows` is not in 1..=16.
@@ -306,7 +339,7 @@ pub unsafe fn panel(
     rows: usize,
     xs: &[&[u8]],
     nb: usize,
-    out: &mut [f32],
+    out: Out,
 ) {
     let bytes = format.block_bytes();
     assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
@@ -322,13 +355,14 @@ pub unsafe fn panel(
     for x in xs {
         assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
     }
-    assert!(out.len() >= xs.len() * PANEL, "output too short");
+    assert!(out.rows == rows && out.fits(xs.len()), "output too short");
     let idx = super::avx512::row_offsets(rows, row_bytes);
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
         match format {
-            KFormat::Q4K => panel_of::<false>(w, idx, rows, row_bytes, nb, xs, out),
-            KFormat::Q6K => panel_of::<true>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q4K => panel_of::<Q4K>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q5K => panel_of::<Q5K>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q6K => panel_of::<Q6K>(w, idx, rows, row_bytes, nb, xs, out),
         }
     }
 }
@@ -338,29 +372,39 @@ pub unsafe fn panel(
 /// # Safety
 /// As [`panel`] checked.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn panel_of<const Q6: bool>(
+unsafe fn panel_of<const F: u8>(
     w: &[u8],
     idx: __m512i,
     rows: usize,
     row_bytes: usize,
     nb: usize,
     xs: &[&[u8]],
-    out: &mut [f32],
+    out: Out,
 ) {
     let n = xs.len();
     if n <= DIRECT_MAX {
         // SAFETY: as `panel` checked.
-        unsafe { by_len!(n, Q6, (w, idx, rows, row_bytes, nb, None, xs, 0, out)) };
+        unsafe { by_len!(n, F, (w, idx, rows, row_bytes, nb, None, xs, 0, out)) };
         return;
     }
     PACKED.with(|cell| {
         let mut packed = cell.borrow_mut();
-        let r = regs(Q6);
-        packed.clear();
-        packed.resize(nb * r, _mm512_setzero_si512());
+        let r = regs(F);
+        if packed.len() < nb * r {
+            packed.resize(nb * r, _mm512_setzero_si512());
+        }
+        let packed = &mut packed[..nb * r];
+        let bytes = bytes_of(F);
         for (i, blk) in packed.chunks_exact_mut(r).enumerate() {
+            for row in 0..rows {
+                // Two blocks ahead in each row (a hint).
+                let p = w.as_ptr().wrapping_add(row * row_bytes + (i + 2) * bytes);
+                for line in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
+                }
+            }
             // SAFETY: as `panel` checked.
-            unsafe { gather::<Q6>(w.as_ptr(), idx, i, blk) };
+            unsafe { gather::<F>(w.as_ptr(), idx, i, blk) };
         }
         let mut t0 = 0;
         while t0 < n {
@@ -369,8 +413,8 @@ unsafe fn panel_of<const Q6: bool>(
             unsafe {
                 by_len!(
                     len,
-                    Q6,
-                    (w, idx, rows, row_bytes, nb, Some(&packed), xs, t0, out)
+                    F,
+                    (w, idx, rows, row_bytes, nb, Some(packed), xs, t0, out)
                 )
             };
             t0 += len;
@@ -461,11 +505,31 @@ mod tests {
                     let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
                     let mut all = vec![f32::NAN; n * PANEL];
                     // SAFETY: features detected above.
-                    unsafe { panel(format, &w, rb, rows, &refs, nb, &mut all) };
+                    unsafe {
+                        panel(
+                            format,
+                            &w,
+                            rb,
+                            rows,
+                            &refs,
+                            nb,
+                            Out::new(&mut all, PANEL, rows),
+                        )
+                    };
                     for t in 0..n {
                         let mut one = vec![f32::NAN; PANEL];
                         // SAFETY: as above.
-                        unsafe { panel(format, &w, rb, rows, &refs[t..t + 1], nb, &mut one) };
+                        unsafe {
+                            panel(
+                                format,
+                                &w,
+                                rb,
+                                rows,
+                                &refs[t..t + 1],
+                                nb,
+                                Out::new(&mut one, PANEL, rows),
+                            )
+                        };
                         for r in 0..rows {
                             let got = all[t * PANEL + r];
                             assert_eq!(

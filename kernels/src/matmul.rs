@@ -222,6 +222,9 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         for u in range {
             let k = starts.partition_point(|&s| s <= u) - 1;
             let (job, r0) = (&jobs[k], (u - starts[k]) * UNIT_ROWS);
+            if job.acts.is_empty() {
+                continue;
+            }
             let rows = (job.rows - r0).min(UNIT_ROWS);
             let store = |r: usize, t: usize, v: f32| {
                 debug_assert!(r < job.rows && t < job.acts.len());

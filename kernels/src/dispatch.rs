@@ -144,6 +144,13 @@ fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f
 }
 
 #[cfg(target_arch = "x86_64")]
+fn f32_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    // SAFETY: handed out by `dot_fn` only for an available `Isa::Avx512`
+    // (which implies AVX-512 F); the driver's rows hold n f32 values.
+    unsafe { crate::x86::avx512::dot_f32(ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn q4_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     panel_rows(Format::Q4_0, ws, xs, n, out)
 }
@@ -286,6 +293,10 @@ fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
 /// [`act_type_for`]`(ty)` on `isa` (which must be available).
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     debug_assert!(isa.available());
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && isa.available() && ty == WeightType::F32 {
+        return f32_avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     match panel_format(isa, ty) {
         Some(Format::Q4_0) => return q4_0_panel,

@@ -461,6 +461,53 @@ unsafe fn panel_of<const Q8: bool>(
     });
 }
 
+/// f32 weight rows dotted with f32 activation rows (the MoE routers):
+/// four 16-lane fused multiply-add chains over 64-element steps, a fixed
+/// sum of the chains and lanes, then the tail in order. The same steps
+/// for every (row, token), so results do not depend on the batch.
+///
+/// # Safety
+/// The CPU must support AVX-512 F. Every row must hold `n` f32 values;
+/// `out.len() >= ws.len() * xs.len()`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_f32(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    for (ri, w) in ws.iter().enumerate() {
+        for (t, x) in xs.iter().enumerate() {
+            assert!(w.len() >= 4 * n && x.len() >= 4 * n, "f32 row too short");
+            let (wp, xp) = (w.as_ptr().cast::<f32>(), x.as_ptr().cast::<f32>());
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY (loads): i + 16 <= n, and both rows hold n f32 values
+            // (asserted above); unaligned loads.
+            while i + 64 <= n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let (wv, xv) = unsafe {
+                        (
+                            _mm512_loadu_ps(wp.add(i + 16 * k)),
+                            _mm512_loadu_ps(xp.add(i + 16 * k)),
+                        )
+                    };
+                    *a = _mm512_fmadd_ps(wv, xv, *a);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                let (wv, xv) = unsafe { (_mm512_loadu_ps(wp.add(i)), _mm512_loadu_ps(xp.add(i))) };
+                acc[0] = _mm512_fmadd_ps(wv, xv, acc[0]);
+                i += 16;
+            }
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let mut s = _mm512_reduce_add_ps(sum);
+            while i < n {
+                // SAFETY: i < n, as above.
+                s += unsafe { wp.add(i).read_unaligned() * xp.add(i).read_unaligned() };
+                i += 1;
+            }
+            out[ri * xs.len() + t] = s;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

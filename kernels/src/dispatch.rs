@@ -357,9 +357,65 @@ pub fn quantize_activations(ty: WeightType, x: &[f32], cols: usize, out: &mut Ve
     row
 }
 
+/// [`quantize_activations`] with the rows spread over `pool` (each row is
+/// converted by the same code, so the bytes are identical).
+pub fn quantize_activations_on(
+    pool: &crate::pool::ThreadPool,
+    ty: WeightType,
+    x: &[f32],
+    cols: usize,
+    out: &mut Vec<u8>,
+) -> usize {
+    let act = act_type_for(ty);
+    let row = act.row_bytes(cols);
+    let n = x.len() / cols;
+    // A few rows are not worth a parallel region.
+    if n < 2 * pool.n_threads() {
+        return quantize_activations(ty, x, cols, out);
+    }
+    out.clear();
+    out.resize(row * n, 0);
+    let per = n.div_ceil(2 * pool.n_threads());
+    pool.for_each_mut(out, per * row, &|i, chunk| {
+        let xs = &x[i * per * cols..];
+        for (xr, or) in xs.chunks_exact(cols).zip(chunk.chunks_exact_mut(row)) {
+            scalar::quantize_acts(act, xr, or);
+        }
+    });
+    row
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_activation_conversion_gives_the_same_bytes() {
+        let cols = 512;
+        let x: Vec<f32> = (0..37 * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        for ty in [
+            WeightType::Q4_0,
+            WeightType::Q4_1,
+            WeightType::Q4K,
+            WeightType::F16,
+        ] {
+            let mut want = Vec::new();
+            let row = quantize_activations(ty, &x, cols, &mut want);
+            for threads in [1, 2, 3] {
+                let pool = crate::pool::ThreadPool::new(threads);
+                for n in [1, 5, 37] {
+                    let mut got = vec![0xAA; 3];
+                    assert_eq!(
+                        quantize_activations_on(&pool, ty, &x[..n * cols], cols, &mut got),
+                        row
+                    );
+                    assert_eq!(got, want[..n * row], "{ty:?}, {threads} threads, {n} rows");
+                }
+            }
+        }
+    }
 
     /// Every (ISA, type) entry agrees with the scalar reference of the same
     /// pairing on random rows, including odd block counts.

@@ -8,7 +8,7 @@ use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::f16;
 use lfm_kernels::attn::attention_fns;
-use lfm_kernels::dispatch::{kernel, quantize_activations};
+use lfm_kernels::dispatch::{kernel, quantize_activations_on};
 use lfm_kernels::scalar;
 use lfm_kernels::types::WeightType;
 
@@ -101,7 +101,7 @@ impl Model {
                 Some(at) => at,
                 None => {
                     let mut buf = Vec::new();
-                    let row = quantize_activations(ty, x, w.cols, &mut buf);
+                    let row = quantize_activations_on(&self.pool, ty, x, w.cols, &mut buf);
                     bufs.push((key.0, key.1, act, buf, row));
                     bufs.len() - 1
                 }

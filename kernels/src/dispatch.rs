@@ -10,7 +10,7 @@ use crate::matmul::{DotFn, Kernel, PanelKernel};
 use crate::scalar;
 use crate::types::{ActType, WeightType};
 #[cfg(target_arch = "x86_64")]
-use crate::x86::avx512::{ActSums, Ahead, Format, Out, PANEL};
+use crate::x86::avx512::{ActSums, Format, Out, PANEL};
 #[cfg(target_arch = "x86_64")]
 use crate::x86::avx512k::KFormat;
 use half::{bf16, f16};
@@ -128,7 +128,6 @@ fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f
         unsafe {
             crate::x86::avx512::panel(
                 format,
-                Ahead::NONE,
                 w,
                 w.len(),
                 1,
@@ -203,7 +202,6 @@ fn kpanel_rows(format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut 
         unsafe {
             crate::x86::avx512k::panel(
                 format,
-                Ahead::NONE,
                 w,
                 w.len(),
                 1,

@@ -239,10 +239,6 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Panel(p) => {
                     let w = &job.w[r0 * job.row_bytes..];
-                    let ahead = next_unit(jobs, starts, u + 1).map_or(
-                        crate::x86::avx512::Ahead::NONE,
-                        crate::x86::avx512::Ahead::of,
-                    );
                     // SAFETY: the results of rows r0..r0 + rows go to
                     // y[t * job.rows + r0 + r], inside job k's output; this
                     // unit is the only writer of those rows (see `store`).
@@ -260,7 +256,6 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                         (PanelFormat::Legacy(f), Side::Sums(sums)) => unsafe {
                             crate::x86::avx512::panel(
                                 f,
-                                ahead,
                                 w,
                                 job.row_bytes,
                                 rows,
@@ -273,7 +268,6 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                         (PanelFormat::K(f), _) => unsafe {
                             crate::x86::avx512k::panel(
                                 f,
-                                ahead,
                                 w,
                                 job.row_bytes,
                                 rows,
@@ -292,18 +286,6 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
             }
         }
     });
-}
-
-/// The weight bytes of work unit `u`, if there is one.
-#[cfg(target_arch = "x86_64")]
-fn next_unit<'a>(jobs: &'a [MatJob<'_>], starts: &[usize], u: usize) -> Option<&'a [u8]> {
-    if u >= *starts.last()? {
-        return None;
-    }
-    let k = starts.partition_point(|&s| s <= u) - 1;
-    let (job, r0) = (&jobs[k], (u - starts[k]) * UNIT_ROWS);
-    let rows = (job.rows - r0).min(UNIT_ROWS);
-    job.w.get(r0 * job.row_bytes..(r0 + rows) * job.row_bytes)
 }
 
 /// Rows `r0..r0 + rows` of `job` by two-row, four-token row dots.

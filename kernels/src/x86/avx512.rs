@@ -82,42 +82,6 @@ impl Out {
     }
 }
 
-/// The bytes the next panel will read (the next work unit's weights,
-/// possibly another matrix): gathered panels prefetch them into L2 spread
-/// over their own blocks, so the memory system never waits for a cold start.
-#[derive(Clone, Copy, Debug)]
-pub struct Ahead {
-    ptr: *const u8,
-    len: usize,
-}
-
-impl Ahead {
-    /// Nothing to prefetch.
-    pub const NONE: Ahead = Ahead {
-        ptr: std::ptr::null(),
-        len: 0,
-    };
-
-    /// The region `bytes` (only its address is used: prefetch is a hint).
-    pub fn of(bytes: &[u8]) -> Ahead {
-        Ahead {
-            ptr: bytes.as_ptr(),
-            len: bytes.len(),
-        }
-    }
-
-    /// Prefetches block `i` of `nb`'s share of the region: each 64-byte
-    /// line once over the `nb` calls.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn prefetch(self, i: usize, nb: usize) {
-        let at = |k: usize| (self.len * k / nb).div_ceil(64) * 64;
-        for off in (at(i)..at(i + 1)).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T1>(self.ptr.wrapping_add(off).cast());
-        }
-    }
-}
-
 /// The weight format of a panel product.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Format {
@@ -268,18 +232,28 @@ pub(super) fn row_offsets(rows: usize, row_bytes: usize) -> __m512i {
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn direct<const Q8: bool, const N: usize>(
-    ahead: Ahead,
     w: &[u8],
     idx: __m512i,
+    rows: usize,
+    row_bytes: usize,
     xs: &[&[u8]],
     sums: &ActSums,
     t0: usize,
     out: Out,
 ) {
     let nb = sums.nb;
+    let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
     let mut acc = [_mm512_setzero_ps(); N];
+    // Blocks per 64-byte line, roughly: prefetch each row once per line.
+    let every = 64 / bytes;
     for i in 0..nb {
-        ahead.prefetch(i, nb);
+        if i % every == 0 {
+            for r in 0..rows {
+                let p = w.as_ptr().wrapping_add((r + PANEL) * row_bytes + i * bytes);
+                // A hint: an address past the slice is harmless.
+                _mm_prefetch::<_MM_HINT_T1>(p.cast());
+            }
+        }
         // SAFETY: every lane's row has nb blocks (checked by `panel`).
         let blk = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
         for (k, a) in acc.iter_mut().enumerate() {
@@ -370,11 +344,9 @@ macro_rules! by_len {
 /// # Panics
 /// If `w`, an activation row or `out` is too short, or `rows` is not in
 /// 1..=16.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn panel(
     format: Format,
-    ahead: Ahead,
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -406,8 +378,8 @@ pub unsafe fn panel(
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
         match format {
-            Format::Q4_0 => panel_of::<false>(ahead, w, idx, row_bytes, rows, xs, sums, out),
-            Format::Q8_0 => panel_of::<true>(ahead, w, idx, row_bytes, rows, xs, sums, out),
+            Format::Q4_0 => panel_of::<false>(w, idx, row_bytes, rows, xs, sums, out),
+            Format::Q8_0 => panel_of::<true>(w, idx, row_bytes, rows, xs, sums, out),
         }
     }
 }
@@ -416,10 +388,8 @@ pub unsafe fn panel(
 ///
 /// # Safety
 /// As [`panel`] checked.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn panel_of<const Q8: bool>(
-    ahead: Ahead,
     w: &[u8],
     idx: __m512i,
     row_bytes: usize,
@@ -432,7 +402,11 @@ unsafe fn panel_of<const Q8: bool>(
     if n <= DIRECT_MAX {
         // SAFETY: as [`panel`] checked.
         tiles!(n, DIRECT_MAX, |t0, len| unsafe {
-            by_len!(len, direct::<Q8>, (ahead, w, idx, xs, sums, t0, out))
+            by_len!(
+                len,
+                direct::<Q8>,
+                (w, idx, rows, row_bytes, xs, sums, t0, out)
+            )
         });
         return;
     }
@@ -590,7 +564,6 @@ mod tests {
                     unsafe {
                         panel(
                             format,
-                            Ahead::NONE,
                             &w,
                             stride,
                             rows,

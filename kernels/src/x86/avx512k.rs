@@ -11,7 +11,7 @@
 //! bit-identical whatever the batch. The scalar reference follows ggml's
 //! 8-lane float order instead; the two agree to rounding (tested).
 
-use super::avx512::{Ahead, Out, PANEL};
+use super::avx512::{Out, PANEL};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -260,15 +260,17 @@ unsafe fn accumulate<const F: u8, const N: usize>(
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile<const F: u8, const N: usize>(
-    ahead: Ahead,
     w: &[u8],
     idx: __m512i,
+    rows: usize,
+    row_bytes: usize,
     nb: usize,
     packed: Option<&[__m512i]>,
     xs: &[&[u8]],
     t0: usize,
     out: Out,
 ) {
+    let bytes = bytes_of(F);
     let r = regs(F);
     let ptrs: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let mut acc = [_mm512_setzero_ps(); N];
@@ -277,7 +279,15 @@ unsafe fn tile<const F: u8, const N: usize>(
         let blk: &[__m512i] = match packed {
             Some(p) => &p[i * r..(i + 1) * r],
             None => {
-                ahead.prefetch(i, nb);
+                for row in 0..rows {
+                    // Prefetch the same block one panel down (a hint).
+                    let p = w
+                        .as_ptr()
+                        .wrapping_add((row + PANEL) * row_bytes + i * bytes);
+                    for line in (0..bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
+                    }
+                }
                 // SAFETY: as `panel` checked.
                 unsafe { gather::<F>(w.as_ptr(), idx, i, &mut buf) };
                 &buf[..r]
@@ -321,11 +331,9 @@ macro_rules! by_len {
 ///
 /// # Panics
 /// If a slice is too short or `rows` is not in 1..=16.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn panel(
     format: KFormat,
-    ahead: Ahead,
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -352,9 +360,9 @@ pub unsafe fn panel(
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
         match format {
-            KFormat::Q4K => panel_of::<Q4K>(ahead, w, idx, rows, row_bytes, nb, xs, out),
-            KFormat::Q5K => panel_of::<Q5K>(ahead, w, idx, rows, row_bytes, nb, xs, out),
-            KFormat::Q6K => panel_of::<Q6K>(ahead, w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q4K => panel_of::<Q4K>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q5K => panel_of::<Q5K>(w, idx, rows, row_bytes, nb, xs, out),
+            KFormat::Q6K => panel_of::<Q6K>(w, idx, rows, row_bytes, nb, xs, out),
         }
     }
 }
@@ -363,10 +371,8 @@ pub unsafe fn panel(
 ///
 /// # Safety
 /// As [`panel`] checked.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn panel_of<const F: u8>(
-    ahead: Ahead,
     w: &[u8],
     idx: __m512i,
     rows: usize,
@@ -378,7 +384,7 @@ unsafe fn panel_of<const F: u8>(
     let n = xs.len();
     if n <= DIRECT_MAX {
         // SAFETY: as `panel` checked.
-        unsafe { by_len!(n, F, (ahead, w, idx, nb, None, xs, 0, out)) };
+        unsafe { by_len!(n, F, (w, idx, rows, row_bytes, nb, None, xs, 0, out)) };
         return;
     }
     PACKED.with(|cell| {
@@ -404,7 +410,13 @@ unsafe fn panel_of<const F: u8>(
         while t0 < n {
             let len = (n - t0).min(TILE);
             // SAFETY: as `panel` checked; packed holds nb blocks.
-            unsafe { by_len!(len, F, (ahead, w, idx, nb, Some(packed), xs, t0, out)) };
+            unsafe {
+                by_len!(
+                    len,
+                    F,
+                    (w, idx, rows, row_bytes, nb, Some(packed), xs, t0, out)
+                )
+            };
             t0 += len;
         }
     });
@@ -496,7 +508,6 @@ mod tests {
                     unsafe {
                         panel(
                             format,
-                            Ahead::NONE,
                             &w,
                             rb,
                             rows,
@@ -511,7 +522,6 @@ mod tests {
                         unsafe {
                             panel(
                                 format,
-                                Ahead::NONE,
                                 &w,
                                 rb,
                                 rows,

@@ -355,10 +355,28 @@ pub fn quantize_activations(ty: WeightType, x: &[f32], cols: usize, out: &mut Ve
     row
 }
 
-/// [`quantize_activations`] with the rows spread over `pool` (each row is
-/// converted by the same code, so the bytes are identical).
+/// One activation row on `isa`: the AVX-512 quantizers write the same
+/// bytes as the scalar ones (tested), only faster.
+fn quantize_row(isa: Isa, act: ActType, x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && isa.available() {
+        match act {
+            // SAFETY: `Isa::Avx512` available implies AVX-512 F and BW.
+            ActType::Q8_0 => return unsafe { crate::x86::avx512::quantize_q8_0(x, out) },
+            // SAFETY: as above.
+            ActType::Q8K => return unsafe { crate::x86::avx512::quantize_q8k(x, out) },
+            _ => {}
+        }
+    }
+    let _ = isa;
+    scalar::quantize_acts(act, x, out)
+}
+
+/// [`quantize_activations`] on `isa` with the rows spread over `pool`
+/// (every path writes the same bytes).
 pub fn quantize_activations_on(
     pool: &crate::pool::ThreadPool,
+    isa: Isa,
     ty: WeightType,
     x: &[f32],
     cols: usize,
@@ -367,17 +385,20 @@ pub fn quantize_activations_on(
     let act = act_type_for(ty);
     let row = act.row_bytes(cols);
     let n = x.len() / cols;
-    // A few rows are not worth a parallel region.
-    if n < 2 * pool.n_threads() {
-        return quantize_activations(ty, x, cols, out);
-    }
     out.clear();
     out.resize(row * n, 0);
+    // A few rows are not worth a parallel region.
+    if n < 2 * pool.n_threads() {
+        for (xr, or) in x.chunks_exact(cols).zip(out.chunks_exact_mut(row)) {
+            quantize_row(isa, act, xr, or);
+        }
+        return row;
+    }
     let per = n.div_ceil(2 * pool.n_threads());
     pool.for_each_mut(out, per * row, &|i, chunk| {
         let xs = &x[i * per * cols..];
         for (xr, or) in xs.chunks_exact(cols).zip(chunk.chunks_exact_mut(row)) {
-            scalar::quantize_acts(act, xr, or);
+            quantize_row(isa, act, xr, or);
         }
     });
     row
@@ -399,17 +420,32 @@ mod tests {
             WeightType::Q4K,
             WeightType::F16,
         ] {
+            let mut x = x.clone();
+            // Extremes: a NaN, infinities, ties at .5, zeros, a zero block.
+            x[3] = f32::NAN;
+            x[700] = f32::INFINITY;
+            x[1500] = -f32::INFINITY;
+            x[2000] = 0.5;
+            x[2001] = -2.5;
+            x[3 * cols..4 * cols].fill(0.0);
+            x[5 * cols..5 * cols + 32].fill(-0.0);
+            x[6 * cols + 7] = 1e-40;
             let mut want = Vec::new();
             let row = quantize_activations(ty, &x, cols, &mut want);
-            for threads in [1, 2, 3] {
-                let pool = crate::pool::ThreadPool::new(threads);
-                for n in [1, 5, 37] {
-                    let mut got = vec![0xAA; 3];
-                    assert_eq!(
-                        quantize_activations_on(&pool, ty, &x[..n * cols], cols, &mut got),
-                        row
-                    );
-                    assert_eq!(got, want[..n * row], "{ty:?}, {threads} threads, {n} rows");
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                for threads in [1, 2, 3] {
+                    let pool = crate::pool::ThreadPool::new(threads);
+                    for n in [1, 5, 37] {
+                        let mut got = vec![0xAA; 3];
+                        let r =
+                            quantize_activations_on(&pool, isa, ty, &x[..n * cols], cols, &mut got);
+                        assert_eq!(r, row);
+                        let same = got.iter().zip(&want[..n * row]).all(|(a, b)| a == b);
+                        assert!(
+                            same && got.len() == n * row,
+                            "{ty:?} on {isa}, {threads} threads, {n} rows"
+                        );
+                    }
                 }
             }
         }

@@ -101,7 +101,8 @@ impl Model {
                 Some(at) => at,
                 None => {
                     let mut buf = Vec::new();
-                    let row = quantize_activations_on(&self.pool, ty, x, w.cols, &mut buf);
+                    let row =
+                        quantize_activations_on(&self.pool, self.isa, ty, x, w.cols, &mut buf);
                     bufs.push((key.0, key.1, act, buf, row));
                     bufs.len() - 1
                 }

@@ -482,6 +482,130 @@ pub unsafe fn dot_f32(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     }
 }
 
+/// `roundf` (half away from zero) of each lane, NaN and infinities kept.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_away(y: __m512) -> __m512 {
+    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+    // Exact: y - trunc(y) is representable.
+    let frac = _mm512_sub_ps(y, t);
+    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs_ps(frac), _mm512_set1_ps(0.5));
+    // copysign(1, y)
+    let one = _mm512_or_si512(
+        _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(i32::MIN)),
+        _mm512_castps_si512(_mm512_set1_ps(1.0)),
+    );
+    _mm512_mask_add_ps(t, up, t, _mm512_castsi512_ps(one))
+}
+
+/// `|v|` of each lane (the sign bit cleared; NaN stays NaN).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn abs_ps(v: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_castps_si512(v),
+        _mm512_set1_epi32(0x7fff_ffff),
+    ))
+}
+
+/// Q8_0 activation blocks of `x` (a multiple of 32 values) into `out`,
+/// byte-identical to `scalar::quantize_acts` (ggml's reference
+/// quantizer): the scale from the largest magnitude (NaN ignored),
+/// `roundf`, and C's truncating `(int8_t)` cast.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+///
+/// # Panics
+/// If `out` is not 34 bytes per 32 values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    assert!(
+        x.len().is_multiple_of(32) && out.len() == x.len() / 32 * Q8_0_BYTES,
+        "q8_0: bad row sizes"
+    );
+    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
+        // SAFETY: xb holds 32 f32 values.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(xb.as_ptr().add(16)),
+            )
+        };
+        // max(|v|, m) keeps m when |v| is NaN, as the scalar fold does.
+        let m = _mm512_max_ps(abs_ps(b), _mm512_max_ps(abs_ps(a), _mm512_setzero_ps()));
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: __m512| {
+            let r = round_away(_mm512_mul_ps(v, _mm512_set1_ps(id)));
+            // Truncating conversion: NaN / out of range give i32::MIN, whose
+            // low byte is what C's (int8_t) keeps.
+            _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r))
+        };
+        ob[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        // SAFETY: ob[2..34] is 32 writable bytes.
+        unsafe {
+            _mm_storeu_si128(ob.as_mut_ptr().add(2).cast(), q(a));
+            _mm_storeu_si128(ob.as_mut_ptr().add(18).cast(), q(b));
+        }
+    }
+}
+
+/// Q8_K activation blocks of `x` (a multiple of 256 values) into `out`,
+/// byte-identical to `scalar::quantize_acts`: the signed value of largest
+/// magnitude (first one), `nearest_int` by the same float trick, and the
+/// 16-element sums.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+///
+/// # Panics
+/// If `out` is not 292 bytes per 256 values.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+    const Q8K: usize = 292;
+    assert!(
+        x.len().is_multiple_of(256) && out.len() == x.len() / 256 * Q8K,
+        "q8_k: bad row sizes"
+    );
+    for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
+        // SAFETY: xb holds 256 f32 values (16 loads of 16).
+        let v: [__m512; 16] =
+            std::array::from_fn(|k| unsafe { _mm512_loadu_ps(xb.as_ptr().add(16 * k)) });
+        let mut m = _mm512_setzero_ps();
+        for vk in &v {
+            m = _mm512_max_ps(abs_ps(*vk), m);
+        }
+        // NaN is ignored above, so amax is a number >= 0.
+        let amax = _mm512_reduce_max_ps(m);
+        ob.fill(0);
+        if amax == 0.0 {
+            continue;
+        }
+        // The first element of that magnitude, as the scalar scan keeps.
+        let max = xb.iter().copied().find(|f| f.abs() == amax).unwrap_or(amax);
+        let iscale = -127.0 / max;
+        for (k, vk) in v.iter().enumerate() {
+            // nearest_int: the bits of (x + 1.5 * 2^23), as the scalar does.
+            let f = _mm512_add_ps(
+                _mm512_mul_ps(_mm512_set1_ps(iscale), *vk),
+                _mm512_set1_ps(12_582_912.0),
+            );
+            let i = _mm512_sub_epi32(
+                _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(0x007f_ffff)),
+                _mm512_set1_epi32(0x0040_0000),
+            );
+            let q = _mm512_cvtepi32_epi8(_mm512_min_epi32(i, _mm512_set1_epi32(127)));
+            let sum = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q)) as i16;
+            ob[260 + 2 * k..262 + 2 * k].copy_from_slice(&sum.to_le_bytes());
+            // SAFETY: ob[4 + 16k..4 + 16k + 16] is in the block.
+            unsafe { _mm_storeu_si128(ob.as_mut_ptr().add(4 + 16 * k).cast(), q) };
+        }
+        ob[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,8 +145,20 @@ fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f
 #[cfg(target_arch = "x86_64")]
 fn f32_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     // SAFETY: handed out by `dot_fn` only for an available `Isa::Avx512`
-    // (which implies AVX-512 F); the driver's rows hold n f32 values.
+    // (which implies AVX-512 F and BW); the driver's rows hold n values.
     unsafe { crate::x86::avx512::dot_f32(ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f16_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    // SAFETY: as for `f32_avx512`.
+    unsafe { crate::x86::avx512::dot_f16(ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn bf16_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    // SAFETY: as for `f32_avx512`.
+    unsafe { crate::x86::avx512::dot_bf16(ws, xs, n, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -292,8 +304,13 @@ fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
 pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     debug_assert!(isa.available());
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && isa.available() && ty == WeightType::F32 {
-        return f32_avx512;
+    if isa == Isa::Avx512 && isa.available() {
+        match ty {
+            WeightType::F32 => return f32_avx512,
+            WeightType::F16 => return f16_avx512,
+            WeightType::BF16 => return bf16_avx512,
+            _ => {}
+        }
     }
     #[cfg(target_arch = "x86_64")]
     match panel_format(isa, ty) {

@@ -435,29 +435,66 @@ unsafe fn panel_of<const Q8: bool>(
     });
 }
 
-/// f32 weight rows dotted with f32 activation rows (the MoE routers):
-/// four 16-lane fused multiply-add chains over 64-element steps, a fixed
-/// sum of the chains and lanes, then the tail in order. The same steps
-/// for every (row, token), so results do not depend on the batch.
+/// How a float weight row is stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FloatRow {
+    F32,
+    F16,
+    BF16,
+}
+
+/// 16 weights from `p` (element `i` onward) as f32.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F. Every row must hold `n` f32 values;
-/// `out.len() >= ws.len() * xs.len()`.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn dot_f32(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+/// AVX-512 F must be present and the 16 elements readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load16(kind: FloatRow, p: *const u8, i: usize) -> __m512 {
+    // SAFETY: by the caller.
+    unsafe {
+        match kind {
+            FloatRow::F32 => _mm512_loadu_ps(p.cast::<f32>().add(i)),
+            FloatRow::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i).cast())),
+            FloatRow::BF16 => {
+                let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(2 * i).cast()));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+            }
+        }
+    }
+}
+
+/// One float weight element as f32.
+fn load1(kind: FloatRow, w: &[u8], i: usize) -> f32 {
+    match kind {
+        FloatRow::F32 => f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]),
+        FloatRow::F16 => half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32(),
+        FloatRow::BF16 => half::bf16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32(),
+    }
+}
+
+/// Float weight rows dotted with f32 activation rows: four 16-lane fused
+/// multiply-add chains over 64-element steps, a fixed sum of the chains and
+/// lanes, then the tail in order. The same steps for every (row, token),
+/// so results do not depend on the batch.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn dot_float(kind: FloatRow, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    let wbytes = if kind == FloatRow::F32 { 4 } else { 2 };
     for (ri, w) in ws.iter().enumerate() {
         for (t, x) in xs.iter().enumerate() {
-            assert!(w.len() >= 4 * n && x.len() >= 4 * n, "f32 row too short");
-            let (wp, xp) = (w.as_ptr().cast::<f32>(), x.as_ptr().cast::<f32>());
+            assert!(
+                w.len() >= wbytes * n && x.len() >= 4 * n,
+                "float row too short"
+            );
+            let xp = x.as_ptr().cast::<f32>();
             let mut acc = [_mm512_setzero_ps(); 4];
             let mut i = 0;
-            // SAFETY (loads): i + 16 <= n, and both rows hold n f32 values
+            // SAFETY (loads): i + 16 <= n, and both rows hold n values
             // (asserted above); unaligned loads.
             while i + 64 <= n {
                 for (k, a) in acc.iter_mut().enumerate() {
                     let (wv, xv) = unsafe {
                         (
-                            _mm512_loadu_ps(wp.add(i + 16 * k)),
+                            load16(kind, w.as_ptr(), i + 16 * k),
                             _mm512_loadu_ps(xp.add(i + 16 * k)),
                         )
                     };
@@ -466,20 +503,49 @@ pub unsafe fn dot_f32(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
                 i += 64;
             }
             while i + 16 <= n {
-                let (wv, xv) = unsafe { (_mm512_loadu_ps(wp.add(i)), _mm512_loadu_ps(xp.add(i))) };
+                let (wv, xv) = unsafe { (load16(kind, w.as_ptr(), i), _mm512_loadu_ps(xp.add(i))) };
                 acc[0] = _mm512_fmadd_ps(wv, xv, acc[0]);
                 i += 16;
             }
             let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             let mut s = _mm512_reduce_add_ps(sum);
             while i < n {
-                // SAFETY: i < n, as above.
-                s += unsafe { wp.add(i).read_unaligned() * xp.add(i).read_unaligned() };
+                let xi = f32::from_le_bytes([x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]]);
+                s += load1(kind, w, i) * xi;
                 i += 1;
             }
             out[ri * xs.len() + t] = s;
         }
     }
+}
+
+/// f32 weight rows (the MoE routers) dotted with f32 activation rows; see
+/// `dot_float`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW. Every row must hold `n` values;
+/// `out.len() >= ws.len() * xs.len()`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_f32(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    dot_float(FloatRow::F32, ws, xs, n, out)
+}
+
+/// f16 weight rows dotted with f32 activation rows, as [`dot_f32`].
+///
+/// # Safety
+/// As for [`dot_f32`].
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_f16(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    dot_float(FloatRow::F16, ws, xs, n, out)
+}
+
+/// bf16 weight rows dotted with f32 activation rows, as [`dot_f32`].
+///
+/// # Safety
+/// As for [`dot_f32`].
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn dot_bf16(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    dot_float(FloatRow::BF16, ws, xs, n, out)
 }
 
 /// `roundf` (half away from zero) of each lane, NaN and infinities kept.
@@ -719,5 +785,51 @@ mod tests {
         let s0: i32 = x[2..34].iter().map(|&b| i32::from(b as i8)).sum();
         assert_eq!(sums.s[0], 128 * s0);
         assert_eq!(sums.d[1], half::f16::from_le_bytes([x[34], x[35]]).to_f32());
+    }
+
+    #[test]
+    fn float_dots_match_f64_sums_for_any_length() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut rng = Lcg(99);
+        for n in [1, 15, 17, 64, 70, 200] {
+            let w: Vec<f32> = (0..n).map(|_| f32::from(rng.next()) / 32.0 - 4.0).collect();
+            let x: Vec<f32> = (0..n).map(|_| f32::from(rng.next()) / 64.0 - 2.0).collect();
+            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let w32: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let w16: Vec<u8> = w
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            let wb16: Vec<u8> = w
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+            let want = |f: &dyn Fn(f32) -> f32| -> f64 {
+                w.iter()
+                    .zip(&x)
+                    .map(|(&a, &b)| f64::from(f(a)) * f64::from(b))
+                    .sum()
+            };
+            let mut out = [0.0f32; 1];
+            type Dot = unsafe fn(&[&[u8]], &[&[u8]], usize, &mut [f32]);
+            let cases: [(&[u8], Dot, f64); 3] = [
+                (&w32, dot_f32, want(&|a| a)),
+                (&w16, dot_f16, want(&|a| half::f16::from_f32(a).to_f32())),
+                (&wb16, dot_bf16, want(&|a| half::bf16::from_f32(a).to_f32())),
+            ];
+            for (k, (wr, f, expect)) in cases.into_iter().enumerate() {
+                // SAFETY: AVX-512 F/BW detected above; rows hold n values.
+                unsafe { f(&[wr], &[&xb], n, &mut out) };
+                let tol = 1e-4 * (n as f64).max(1.0);
+                assert!(
+                    (f64::from(out[0]) - expect).abs() <= tol,
+                    "kind {k} n={n}: {} vs {expect}",
+                    out[0]
+                );
+            }
+        }
     }
 }

@@ -295,7 +295,7 @@ impl Model {
                     let mut g = vec![0.0f32; n * f];
                     let mut u = vec![0.0f32; n * f];
                     self.matmuls(vec![(gate, &h, n, &mut g[..]), (up, &h, n, &mut u[..])]);
-                    g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b);
+                    self.swiglu(&mut g, &u);
                     self.matmul(down, &g, n, &mut mix);
                 }
                 Ffn::Moe {
@@ -337,6 +337,19 @@ impl Model {
             it.state.pos += it.tokens.len();
         }
         Ok(out)
+    }
+
+    /// `g = silu(g) * u`, elementwise, spread over the pool when large.
+    fn swiglu(&self, g: &mut [f32], u: &[f32]) {
+        const CHUNK: usize = 16 * 1024;
+        if g.len() < 2 * CHUNK {
+            g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+            return;
+        }
+        self.pool.for_each_mut(g, CHUNK, &|i, part| {
+            let u = &u[i * CHUNK..];
+            part.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+        });
     }
 
     /// Mixture of experts: sigmoid router, bias for selection only, top-k,
@@ -432,7 +445,7 @@ impl Model {
         }
         self.matmuls(jobs);
         for (g, u) in gs.iter_mut().zip(&us) {
-            g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+            self.swiglu(g, u);
         }
         let mut dns: Vec<Vec<f32>> = experts
             .iter()

@@ -177,12 +177,17 @@ fn main() {
     let pool = ThreadPool::new(threads);
     for ty in WeightType::ALL {
         let name = lower(ty.name());
-        let wanted = |kind: &str| {
-            isas.iter()
-                .any(|i| run.wants(&format!("{kind}/{name}/{}", i.name())))
+        let names = |isa: Isa| {
+            let isa = isa.name();
+            [
+                format!("dot/{name}/{isa}/2x1"),
+                format!("dot/{name}/{isa}/2x4"),
+                format!("matmul/{name}/{isa}/decode"),
+                format!("matmul/{name}/{isa}/prefill{PREFILL}"),
+            ]
         };
-        if !(wanted("dot") || wanted("matmul")) {
-            continue;
+        if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n))) {
+            continue; // skip quantizing weights nobody asked for
         }
         let w = weights(ty);
         let row = ty.row_bytes(COLS);
@@ -191,35 +196,26 @@ fn main() {
         let act_rows: Vec<&[u8]> = acts.chunks_exact(act_row).collect();
         for &isa in &isas {
             let f: DotFn = dot_fn(isa, ty);
+            let [dot1, dot4, decode, prefill] = names(isa);
             // The register tiles matmul hands out: two weight rows against
             // one token (decode) or four (prefill).
-            for tokens in [1, 4] {
+            for (tokens, bench) in [(1, &dot1), (4, &dot4)] {
                 let xs = &act_rows[..tokens];
-                run.bench(
-                    &format!("dot/{name}/{}/2x{tokens}", isa.name()),
-                    w.len(),
-                    ROWS,
-                    || {
-                        let mut out = [0.0f32; 8];
-                        for pair in w.chunks_exact(2 * row) {
-                            let (a, b) = pair.split_at(row);
-                            f(&[a, b], xs, COLS, &mut out[..2 * tokens]);
-                            black_box(&out);
-                        }
-                    },
-                );
+                run.bench(bench, w.len(), ROWS, || {
+                    let mut out = [0.0f32; 8];
+                    for pair in w.chunks_exact(2 * row) {
+                        let (a, b) = pair.split_at(row);
+                        f(&[a, b], xs, COLS, &mut out[..2 * tokens]);
+                        black_box(&out);
+                    }
+                });
             }
-            for (shape, n) in [("decode", 1), ("prefill64", PREFILL)] {
+            for (n, bench) in [(1, &decode), (PREFILL, &prefill)] {
                 let mut y = vec![0.0f32; n * ROWS];
-                run.bench(
-                    &format!("matmul/{name}/{}/{shape}", isa.name()),
-                    w.len(),
-                    ROWS,
-                    || {
-                        matmul(&pool, f, &w, ROWS, COLS, row, &acts, act_row, n, &mut y);
-                        black_box(&y);
-                    },
-                );
+                run.bench(bench, w.len(), ROWS, || {
+                    matmul(&pool, f, &w, ROWS, COLS, row, &acts, act_row, n, &mut y);
+                    black_box(&y);
+                });
             }
         }
     }

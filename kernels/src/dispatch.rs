@@ -124,6 +124,32 @@ fn q8_0_vnni(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     unsafe { crate::x86::avx2::dot_q8_0_q8_0_vnni(ws, xs, out) }
 }
 
+/// Safe [`DotFn`]s around x86 kernels whose only precondition is the CPU
+/// features: the kernels check row lengths and tile shape themselves.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_dots {
+    ($($name:ident => $kernel:path,)*) => {
+        $(
+            fn $name(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+                // SAFETY: `dot_fn` hands this out only for an ISA whose
+                // detected features include the kernel's (AVX2/FMA/F16C, plus
+                // AVX-512 VNNI/VL for the `_vnni` ones).
+                unsafe { $kernel(ws, xs, out) }
+            }
+        )*
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_dots! {
+    q4_1_avx2 => crate::x86::legacy::dot_q4_1_q8_1,
+    q5_0_avx2 => crate::x86::legacy::dot_q5_0_q8_0,
+    q5_1_avx2 => crate::x86::legacy::dot_q5_1_q8_1,
+    q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
+    q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
+    q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,
+}
+
 #[cfg(target_arch = "x86_64")]
 fn q4k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
@@ -174,6 +200,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
         match ty {
             WeightType::Q4_0 => return q4_0_vnni,
             WeightType::Q8_0 => return q8_0_vnni,
+            WeightType::Q4_1 => return q4_1_vnni,
+            WeightType::Q5_0 => return q5_0_vnni,
+            WeightType::Q5_1 => return q5_1_vnni,
             _ => {}
         }
     }
@@ -182,6 +211,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
         match ty {
             WeightType::Q4_0 => return q4_0_avx2,
             WeightType::Q8_0 => return q8_0_avx2,
+            WeightType::Q4_1 => return q4_1_avx2,
+            WeightType::Q5_0 => return q5_0_avx2,
+            WeightType::Q5_1 => return q5_1_avx2,
             WeightType::Q4K => return q4k_avx2,
             WeightType::Q5K => return q5k_avx2,
             WeightType::Q6K => return q6k_avx2,

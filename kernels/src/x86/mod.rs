@@ -4,3 +4,8 @@
 
 pub mod avx2;
 pub mod kquants;
+pub mod legacy;
+mod simd;
+
+#[cfg(test)]
+mod tests;

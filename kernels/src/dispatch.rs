@@ -37,14 +37,6 @@ macro_rules! each {
     };
 }
 
-/// Runs a one-weight-row SIMD kernel `f(w, xs, out)` for each weight row.
-#[cfg(target_arch = "x86_64")]
-fn per_row(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32], f: impl Fn(&[u8], &[&[u8]], &mut [f32])) {
-    for (ri, w) in ws.iter().enumerate() {
-        f(w, xs, &mut out[ri * xs.len()..(ri + 1) * xs.len()]);
-    }
-}
-
 each!(dot_f32, |w, x, _n| f32s(w)
     .zip(f32s(x))
     .map(|(a, b)| a * b)
@@ -148,31 +140,12 @@ x86_dots! {
     q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
     q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
     q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q4k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
-    // the matmul driver passes 1..=4 Q8_K rows of the weight row's length.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q4k_q8k(w, xs, o)
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q5k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as for `q4k_avx2`.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q5k_q8k(w, xs, o)
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q6k_q8k(w, xs, o)
-    })
+    q4k_avx2 => crate::x86::kquants::dot_q4k_q8k,
+    q5k_avx2 => crate::x86::kquants::dot_q5k_q8k,
+    q6k_avx2 => crate::x86::kquants::dot_q6k_q8k,
+    q4k_vnni => crate::x86::kquants::dot_q4k_q8k_vnni,
+    q5k_vnni => crate::x86::kquants::dot_q5k_q8k_vnni,
+    q6k_vnni => crate::x86::kquants::dot_q6k_q8k_vnni,
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -203,6 +176,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
             WeightType::Q4_1 => return q4_1_vnni,
             WeightType::Q5_0 => return q5_0_vnni,
             WeightType::Q5_1 => return q5_1_vnni,
+            WeightType::Q4K => return q4k_vnni,
+            WeightType::Q5K => return q5k_vnni,
+            WeightType::Q6K => return q6k_vnni,
             _ => {}
         }
     }

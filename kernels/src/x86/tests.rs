@@ -1,9 +1,9 @@
-//! The x86 kernels of the 32-wide formats with a minimum or fifth bit
-//! against the scalar reference (random blocks, extreme fields,
+//! The x86 kernels of the 32-wide formats with a minimum or fifth bit and of
+//! the k-quants against the scalar reference (random blocks, extreme fields,
 //! odd block counts), their batch invariance (every tile shape gives every
 //! (row, token) the same bits) and VNNI = AVX2 bit for bit.
 
-use super::legacy;
+use super::{kquants, legacy};
 use crate::isa::Isa;
 use crate::scalar;
 use crate::types::{ActType, WeightType};
@@ -11,7 +11,7 @@ use crate::types::{ActType, WeightType};
 type Kernel = unsafe fn(&[&[u8]], &[&[u8]], &mut [f32]);
 
 /// The kernels under test: (type, AVX2 entry, AVX-512 VNNI entry).
-const KERNELS: [(WeightType, Kernel, Kernel); 3] = [
+const KERNELS: [(WeightType, Kernel, Kernel); 6] = [
     (
         WeightType::Q4_1,
         legacy::dot_q4_1_q8_1,
@@ -26,6 +26,21 @@ const KERNELS: [(WeightType, Kernel, Kernel); 3] = [
         WeightType::Q5_1,
         legacy::dot_q5_1_q8_1,
         legacy::dot_q5_1_q8_1_vnni,
+    ),
+    (
+        WeightType::Q4K,
+        kquants::dot_q4k_q8k,
+        kquants::dot_q4k_q8k_vnni,
+    ),
+    (
+        WeightType::Q5K,
+        kquants::dot_q5k_q8k,
+        kquants::dot_q5k_q8k_vnni,
+    ),
+    (
+        WeightType::Q6K,
+        kquants::dot_q6k_q8k,
+        kquants::dot_q6k_q8k_vnni,
     ),
 ];
 

@@ -7,7 +7,8 @@
 //! runs the benchmarks whose name contains any FILTER (all by default), as
 //! libtest benches do. Each benchmark reports its best pass (other load on
 //! the machine only ever slows a pass down); `LFM_BENCH_MS` sets the time
-//! spent per benchmark (default 150 ms, at least 3 passes).
+//! spent per benchmark (default 150 ms, at least 3 passes) and
+//! `LFM_BENCH_THREADS` the matmul pool's threads (default: every CPU).
 
 use lfm_kernels::dispatch::{dot_fn, quantize_activations};
 use lfm_kernels::isa::Isa;
@@ -128,7 +129,10 @@ fn weights(ty: WeightType) -> Vec<u8> {
 fn main() {
     let run = Runner::from_args();
     let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("LFM_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if !run.list {
         println!(
             "# {} (best: {}), {threads} threads, {ROWS}x{COLS} weights, prefill {PREFILL} tokens",

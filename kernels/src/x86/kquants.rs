@@ -1,7 +1,9 @@
 //! AVX2 dots of k-quant weight rows (Q4_K, Q5_K, Q6_K) with Q8_K activation
 //! rows, as register tiles of 1..=2 weight rows x 1..=4 activation rows: one
-//! super-block loop ([`rows`]) for every type, each type supplying only its
-//! block decoding ([`KQuant`]). Each activation load serves both weight rows.
+//! super-block loop (`rows`) for every type, each type supplying only its
+//! block decoding (`KQuant`). Each activation load serves both weight rows.
+//! An AVX-512 VNNI variant (on ymm registers) fuses each multiply-add of
+//! i16 pairs into one instruction, with bit-identical results.
 //!
 //! Each (row, token) pair has its own integer sums and 8-lane f32
 //! accumulator, fed by the same operations in the same order whatever else

@@ -43,14 +43,6 @@ macro_rules! each {
     };
 }
 
-/// Runs a one-weight-row SIMD kernel `f(w, xs, out)` for each weight row.
-#[cfg(target_arch = "x86_64")]
-fn per_row(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32], f: impl Fn(&[u8], &[&[u8]], &mut [f32])) {
-    for (ri, w) in ws.iter().enumerate() {
-        f(w, xs, &mut out[ri * xs.len()..(ri + 1) * xs.len()]);
-    }
-}
-
 each!(dot_f32, |w, x, _n| f32s(w)
     .zip(f32s(x))
     .map(|(a, b)| a * b)
@@ -171,6 +163,12 @@ fn q8_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     panel_rows(Format::Q8_0, ws, xs, n, out)
 }
 
+/// AVX-512 VNNI (and VL) on this CPU: the `_vnni` row kernels need both.
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
 /// AVX-512 with VNNI: what the panel kernels need.
 #[cfg(target_arch = "x86_64")]
 fn panel_available(isa: Isa) -> bool {
@@ -261,29 +259,33 @@ pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
     Kernel::Rows(dot_fn(isa, ty))
 }
 
+/// Safe [`DotFn`]s around x86 kernels whose only precondition is the CPU
+/// features: the kernels check row lengths and tile shape themselves.
 #[cfg(target_arch = "x86_64")]
-fn q4k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
-    // the matmul driver passes 1..=4 Q8_K rows of the weight row's length.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q4k_q8k(w, xs, o)
-    })
+macro_rules! x86_dots {
+    ($($name:ident => $kernel:path,)*) => {
+        $(
+            fn $name(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+                // SAFETY: `dot_fn` hands this out only for an ISA whose
+                // detected features include the kernel's (AVX2/FMA/F16C, plus
+                // AVX-512 VNNI/VL for the `_vnni` ones).
+                unsafe { $kernel(ws, xs, out) }
+            }
+        )*
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q5k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as for `q4k_avx2`.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q5k_q8k(w, xs, o)
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    per_row(ws, xs, out, |w, xs, o| unsafe {
-        crate::x86::kquants::dot_q6k_q8k(w, xs, o)
-    })
+x86_dots! {
+    q4_1_avx2 => crate::x86::legacy::dot_q4_1_q8_1,
+    q5_0_avx2 => crate::x86::legacy::dot_q5_0_q8_0,
+    q5_1_avx2 => crate::x86::legacy::dot_q5_1_q8_1,
+    q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
+    q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
+    q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,
+    q4k_avx2 => crate::x86::kquants::dot_q4k_q8k,
+    q5k_avx2 => crate::x86::kquants::dot_q5k_q8k,
+    q6k_avx2 => crate::x86::kquants::dot_q6k_q8k,
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -309,6 +311,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
             WeightType::F32 => return f32_avx512,
             WeightType::F16 => return f16_avx512,
             WeightType::BF16 => return bf16_avx512,
+            WeightType::Q4_1 if vnni() => return q4_1_vnni,
+            WeightType::Q5_0 if vnni() => return q5_0_vnni,
+            WeightType::Q5_1 if vnni() => return q5_1_vnni,
             _ => {}
         }
     }
@@ -330,6 +335,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
         match ty {
             WeightType::Q4_0 => return q4_0_avx2,
             WeightType::Q8_0 => return q8_0_avx2,
+            WeightType::Q4_1 => return q4_1_avx2,
+            WeightType::Q5_0 => return q5_0_avx2,
+            WeightType::Q5_1 => return q5_1_avx2,
             WeightType::Q4K => return q4k_avx2,
             WeightType::Q5K => return q5k_avx2,
             WeightType::Q6K => return q6k_avx2,

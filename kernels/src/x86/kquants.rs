@@ -1,375 +1,373 @@
-//! AVX2 dot products of k-quant weight rows (Q4_K, Q6_K) with Q8_K
-//! activation rows, for up to four activation rows per pass over a weight
-//! row. Per token the operations and their order do not depend on how many
-//! tokens share the call, so results are batch-invariant.
+//! AVX2 dots of k-quant weight rows (Q4_K, Q5_K, Q6_K) with Q8_K activation
+//! rows, as register tiles of 1..=2 weight rows x 1..=4 activation rows: one
+//! super-block loop (`rows`) for every type, each type supplying only its
+//! block decoding (`KQuant`). Each activation load serves both weight rows.
+//! An AVX-512 VNNI variant (on ymm registers) fuses each multiply-add of
+//! i16 pairs into one instruction, with bit-identical results.
 //!
-//! Layouts (ggml): Q4_K = d f16, dmin f16, 12 bytes of packed 6-bit scales
-//! and mins, 128 bytes of nibbles (per 64 values: 32 low nibbles then 32
-//! high); Q6_K = 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 i8
-//! scales, d f16; Q8_K = d f32, 256 i8, 16 i16 sums of 16.
+//! Each (row, token) pair has its own integer sums and 8-lane f32
+//! accumulator, fed by the same operations in the same order whatever else
+//! shares the call, so results are batch-invariant.
+//!
+//! Layouts (ggml): Q4_K = d, dmin (f16), 12 bytes of packed 6-bit scales and
+//! mins, 128 bytes of nibbles (per 64 values: 32 low nibbles then 32 high);
+//! Q5_K = the same plus 32 bytes of fifth bits before the nibbles (bit j of
+//! byte l: value 32j + l); Q6_K = 128 bytes of low nibbles, 64 bytes of 2-bit
+//! highs, 16 i8 scales, d (f16); Q8_K = d (f32), 256 i8, 16 i16 sums of 16.
 
-use crate::scalar::scale_min;
+use super::simd::{check_tile, f16_at, hsum_ps, load128, load256, prefetch, tile, u32_at};
 use std::arch::x86_64::*;
 
-const Q4K_BYTES: usize = 144;
-const Q5K_BYTES: usize = 176;
-const Q6K_BYTES: usize = 210;
 const Q8K_BYTES: usize = 292;
-/// Prefetch distance for the streamed weight row.
-const PREFETCH_AHEAD: usize = 4096;
+/// Offset of the Q8_K block's 16 i16 sums of 16 quants.
+const Q8K_BSUMS: usize = 260;
 
-#[inline]
-fn f16_bits_to_f32(lo: u8, hi: u8) -> f32 {
-    half::f16::from_le_bytes([lo, hi]).to_f32()
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-    _mm_cvtsi128_si32(s)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load(p: &[u8], at: usize) -> __m256i {
-    assert!(at + 32 <= p.len());
-    // SAFETY: bounds checked just above; the load is unaligned.
-    unsafe { _mm256_loadu_si256(p.as_ptr().add(at).cast()) }
-}
-
-/// Q8_K block fields: scale and the i16 sums of each 16 values.
-#[inline]
-fn q8k_d(x: &[u8]) -> f32 {
-    f32::from_le_bytes([x[0], x[1], x[2], x[3]])
-}
-
-#[inline]
-fn q8k_bsum(x: &[u8], k: usize) -> i32 {
-    i32::from(i16::from_le_bytes([x[260 + 2 * k], x[261 + 2 * k]]))
-}
-
-/// The super-block scale and min and the 8 sub-block scales and mins of a
-/// Q4_K / Q5_K block (same header layout).
-#[inline]
-fn k_header(wb: &[u8]) -> (f32, f32, [i16; 8], [i32; 8]) {
-    let packed: &[u8; 12] = wb[4..16].try_into().expect("12 scale bytes");
-    let mut sc = [0i16; 8];
-    let mut mn = [0i32; 8];
-    for j in 0..8 {
-        let (s, m) = scale_min(j, packed);
-        sc[j] = i16::from(s);
-        mn[j] = i32::from(m);
-    }
-    (
-        f16_bits_to_f32(wb[0], wb[1]),
-        f16_bits_to_f32(wb[2], wb[3]),
-        sc,
-        mn,
-    )
-}
-
-/// `d_y * (d * sum_j sc_j * (q_j . y_j) - dmin * sum_j mn_j * sum(y_j))` for
-/// one Q4_K / Q5_K block whose unsigned values are in `q`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn k_block_dot(
-    q: &[__m256i; 8],
+/// What the super-block loop needs of one decoded weight block.
+#[derive(Clone, Copy)]
+struct KBlock<E> {
     d: f32,
+    /// Scale of the mins (Q4_K / Q5_K); unused when the correction is integer.
     dmin: f32,
-    sc: &[i16; 8],
-    mn: &[i32; 8],
-    xb: &[u8],
-) -> f32 {
-    let mut sumi = _mm256_setzero_si256();
-    for j in 0..8 {
-        // Unsigned values (< 32) x i8 pairs stay below 2^15 in maddubs.
-        let p = _mm256_maddubs_epi16(q[j], load(xb, 4 + 32 * j));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[j])));
-    }
-    let mins: i32 = (0..8)
-        .map(|j| mn[j] * (q8k_bsum(xb, 2 * j) + q8k_bsum(xb, 2 * j + 1)))
-        .sum();
-    q8k_d(xb) * (d * hsum_i32(sumi) as f32 - dmin * mins as f32)
+    /// 16 i16 multipliers of the activation block's 16 sums: the result
+    /// loses `sum_k corr_k * bsum_k` (times `dmin`, or exactly, see
+    /// [`KQuant::INT_CORR`]).
+    corr: __m256i,
+    /// Whatever the type's runs are decoded from.
+    extra: E,
 }
 
+/// One k-quant format: the super-block's header and its 8 runs of 32 values.
+trait KQuant {
+    const BYTES: usize;
+    /// The correction is an integer offset of the values (Q6_K's +32),
+    /// subtracted from the integer sums before any rounding; else it is the
+    /// mins, scaled by `dmin`.
+    const INT_CORR: bool;
+    type Extra: Copy;
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    unsafe fn header(wb: &[u8]) -> KBlock<Self::Extra>;
+
+    /// Run `j` (0..8, values `32j..32j + 32`): the unsigned values (< 64) and
+    /// the i16 multipliers of their byte pairs.
+    ///
+    /// # Safety
+    /// As for [`KQuant::header`].
+    unsafe fn run(wb: &[u8], extra: &Self::Extra, j: usize) -> (__m256i, __m256i);
+}
+
+/// Sub-block scales (as i16, in both 128-bit halves) and the corrections
+/// `mins[k / 2]` of a Q4_K / Q5_K header.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q4k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / Q4K_BYTES;
-    for x in xs {
-        assert!(
-            x.len() >= nb * Q8K_BYTES,
-            "activation row shorter than the weight row"
-        );
-    }
-    let mut acc = [0.0f32; N];
-    let low = _mm256_set1_epi8(0x0f);
-    for i in 0..nb {
-        let wb = &w[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
-        _mm_prefetch::<_MM_HINT_T0>(
-            w.as_ptr()
-                .wrapping_add(i * Q4K_BYTES + PREFETCH_AHEAD)
-                .cast(),
-        );
-        let (d, dmin, sc, mn) = k_header(wb);
-        // Unpacked nibbles per 64-value group, shared by every token.
-        let mut q = [_mm256_setzero_si256(); 8];
-        for g in 0..4 {
-            let b = load(wb, 16 + 32 * g);
-            q[2 * g] = _mm256_and_si256(b, low);
-            q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(b), low);
-        }
-        for t in 0..N {
-            let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-            acc[t] += k_block_dot(&q, d, dmin, &sc, &mn, xb);
-        }
-    }
-    out[..N].copy_from_slice(&acc);
+fn scales_and_mins(wb: &[u8]) -> (__m256i, __m256i) {
+    // 6-bit scales and mins packed in 12 bytes (see `scalar::scale_min`):
+    // unpacked four at a time in u32 words, as ggml does.
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let (a, b, c) = (u32_at(wb, 4), u32_at(wb, 8), u32_at(wb, 12));
+    let scales_lo = a & LOW6;
+    let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_lo = b & LOW6;
+    let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let scales = _mm_cvtepu8_epi16(_mm_setr_epi32(scales_lo as i32, scales_hi as i32, 0, 0));
+    let mins = _mm_cvtepu8_epi16(_mm_setr_epi32(mins_lo as i32, mins_hi as i32, 0, 0));
+    let corr = _mm256_set_m128i(
+        _mm_unpackhi_epi16(mins, mins),
+        _mm_unpacklo_epi16(mins, mins),
+    );
+    (_mm256_broadcastsi128_si256(scales), corr)
 }
 
+/// Sub-block `j`'s scale in every i16 lane, from [`scales_and_mins`]'s scales.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q5k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / Q5K_BYTES;
-    for x in xs {
-        assert!(
-            x.len() >= nb * Q8K_BYTES,
-            "activation row shorter than the weight row"
-        );
-    }
-    let mut acc = [0.0f32; N];
-    let low = _mm256_set1_epi8(0x0f);
-    let sixteen = _mm256_set1_epi8(16);
-    for i in 0..nb {
-        let wb = &w[i * Q5K_BYTES..(i + 1) * Q5K_BYTES];
-        _mm_prefetch::<_MM_HINT_T0>(
-            w.as_ptr()
-                .wrapping_add(i * Q5K_BYTES + PREFETCH_AHEAD)
-                .cast(),
-        );
-        let (d, dmin, sc, mn) = k_header(wb);
-        // Sub-block j's fifth bits are bit j of the 32 high-bit bytes.
-        let qh = load(wb, 16);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for g in 0..4 {
-            let b = load(wb, 48 + 32 * g);
-            for (k, nib) in [
-                _mm256_and_si256(b, low),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(b), low),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let j = 2 * g + k;
-                let bit = _mm256_set1_epi8(1 << j);
-                let high =
-                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), sixteen);
-                q[j] = _mm256_or_si256(nib, high);
-            }
-        }
-        for t in 0..N {
-            let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-            acc[t] += k_block_dot(&q, d, dmin, &sc, &mn, xb);
-        }
-    }
-    out[..N].copy_from_slice(&acc);
+fn broadcast_scale(scales: __m256i, j: usize) -> __m256i {
+    let pick = (((2 * j + 1) << 8) | (2 * j)) as i16;
+    _mm256_shuffle_epi8(scales, _mm256_set1_epi16(pick))
 }
 
+/// The low or high nibbles of 32 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q6k<const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-    let nb = w.len() / Q6K_BYTES;
-    for x in xs {
-        assert!(
-            x.len() >= nb * Q8K_BYTES,
-            "activation row shorter than the weight row"
-        );
-    }
-    let mut acc = [0.0f32; N];
-    let low = _mm256_set1_epi8(0x0f);
-    let two = _mm256_set1_epi8(3);
-    for i in 0..nb {
-        let wb = &w[i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
-        _mm_prefetch::<_MM_HINT_T0>(
-            w.as_ptr()
-                .wrapping_add(i * Q6K_BYTES + PREFETCH_AHEAD)
-                .cast(),
-        );
-        let d = f16_bits_to_f32(wb[208], wb[209]);
-        let scales: [i8; 16] = std::array::from_fn(|k| wb[192 + k] as i8);
-        // Unsigned 6-bit values (0..63) of the 8 runs of 32, in value order,
-        // and the scale pair covering each run (16 values per scale).
-        let mut q = [_mm256_setzero_si256(); 8];
-        let mut sc = [_mm256_setzero_si256(); 8];
-        for half in 0..2 {
-            let ql0 = load(wb, 64 * half);
-            let ql1 = load(wb, 64 * half + 32);
-            let qh = load(wb, 128 + 32 * half);
-            let hi = |shift: i32| -> __m256i {
-                // (qh >> shift) & 3, moved to bits 4..5.
-                let v = match shift {
-                    0 => qh,
-                    2 => _mm256_srli_epi16::<2>(qh),
-                    4 => _mm256_srli_epi16::<4>(qh),
-                    _ => _mm256_srli_epi16::<6>(qh),
-                };
-                _mm256_slli_epi16::<4>(_mm256_and_si256(v, two))
-            };
-            q[4 * half] = _mm256_or_si256(_mm256_and_si256(ql0, low), hi(0));
-            q[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low), hi(2));
-            q[4 * half + 2] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low), hi(4));
-            q[4 * half + 3] =
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low), hi(6));
-            for r in 0..4 {
-                let (a, b) = (scales[8 * half + 2 * r], scales[8 * half + 2 * r + 1]);
-                sc[4 * half + r] = _mm256_setr_epi16(
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    a.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                    b.into(),
-                );
-            }
-        }
-        for t in 0..N {
-            let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
-            let mut sumi = _mm256_setzero_si256();
-            for r in 0..8 {
-                // 0..63 x i8 pairs stay below 2^15 (2 * 63 * 127).
-                let p = _mm256_maddubs_epi16(q[r], load(xb, 4 + 32 * r));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc[r]));
-            }
-            // The values are stored +32: subtract 32 * sum(scale * y).
-            let bias: i32 = (0..16)
-                .map(|k| i32::from(scales[k]) * q8k_bsum(xb, k))
-                .sum();
-            acc[t] += q8k_d(xb) * d * (hsum_i32(sumi) - 32 * bias) as f32;
-        }
-    }
-    out[..N].copy_from_slice(&acc);
+fn nibble_half(b: __m256i, high: bool) -> __m256i {
+    let b = if high { _mm256_srli_epi16::<4>(b) } else { b };
+    _mm256_and_si256(b, _mm256_set1_epi8(0x0f))
 }
 
-macro_rules! entry {
-    ($(#[$doc:meta])* $name:ident, $rows:ident) => {
-        $(#[$doc])*
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn $name(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
-            match xs.len() {
-                1 => $rows::<1>(w, xs, out),
-                2 => $rows::<2>(w, xs, out),
-                3 => $rows::<3>(w, xs, out),
-                4 => $rows::<4>(w, xs, out),
-                n => panic!("{} takes 1 to 4 activation rows, got {n}", stringify!($name)),
+struct Q4K;
+struct Q5K;
+struct Q6K;
+
+impl KQuant for Q4K {
+    const BYTES: usize = 144;
+    const INT_CORR: bool = false;
+    /// The sub-block scales.
+    type Extra = __m256i;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn header(wb: &[u8]) -> KBlock<__m256i> {
+        let (scales, corr) = scales_and_mins(wb);
+        KBlock {
+            d: f16_at(wb, 0),
+            dmin: f16_at(wb, 2),
+            corr,
+            extra: scales,
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run(wb: &[u8], scales: &__m256i, j: usize) -> (__m256i, __m256i) {
+        let q = nibble_half(load256(wb, 16 + 32 * (j / 2)), j % 2 == 1);
+        (q, broadcast_scale(*scales, j))
+    }
+}
+
+impl KQuant for Q5K {
+    const BYTES: usize = 176;
+    const INT_CORR: bool = false;
+    /// The sub-block scales and the 32 bytes of fifth bits.
+    type Extra = (__m256i, __m256i);
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn header(wb: &[u8]) -> KBlock<(__m256i, __m256i)> {
+        let (scales, corr) = scales_and_mins(wb);
+        KBlock {
+            d: f16_at(wb, 0),
+            dmin: f16_at(wb, 2),
+            corr,
+            extra: (scales, load256(wb, 16)),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run(wb: &[u8], extra: &(__m256i, __m256i), j: usize) -> (__m256i, __m256i) {
+        let (scales, qh) = *extra;
+        let low = nibble_half(load256(wb, 48 + 32 * (j / 2)), j % 2 == 1);
+        // Bit j of each qh byte moved to bit 4 (16-bit shifts: what crosses
+        // from the neighbouring byte never reaches bit 4).
+        let at4 = match j {
+            0 => _mm256_slli_epi16::<4>(qh),
+            1 => _mm256_slli_epi16::<3>(qh),
+            2 => _mm256_slli_epi16::<2>(qh),
+            3 => _mm256_slli_epi16::<1>(qh),
+            4 => qh,
+            5 => _mm256_srli_epi16::<1>(qh),
+            6 => _mm256_srli_epi16::<2>(qh),
+            _ => _mm256_srli_epi16::<3>(qh),
+        };
+        let q = _mm256_or_si256(low, _mm256_and_si256(at4, _mm256_set1_epi8(16)));
+        (q, broadcast_scale(scales, j))
+    }
+}
+
+impl KQuant for Q6K {
+    const BYTES: usize = 210;
+    const INT_CORR: bool = true;
+    /// The 16 i8 scales.
+    type Extra = __m128i;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn header(wb: &[u8]) -> KBlock<__m128i> {
+        let scales = load128(wb, 192);
+        // Values are stored +32: each 16-value group loses 32 * scale * sum(y).
+        let corr = _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(scales));
+        KBlock {
+            d: f16_at(wb, 208),
+            dmin: 0.0,
+            corr,
+            extra: scales,
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run(wb: &[u8], scales: &__m128i, j: usize) -> (__m256i, __m256i) {
+        // Run j = quarter j % 4 of half j / 4: low nibbles of ql bytes
+        // 64h + 32(j % 2) for quarters 0 and 1, high ones for 2 and 3, with
+        // bits 2(j % 4).. of the half's 32 qh bytes on top.
+        let (h, quarter) = (j / 4, j % 4);
+        let low = nibble_half(load256(wb, 64 * h + 32 * (quarter % 2)), quarter >= 2);
+        let qh = load256(wb, 128 + 32 * h);
+        let top = match quarter {
+            0 => qh,
+            1 => _mm256_srli_epi16::<2>(qh),
+            2 => _mm256_srli_epi16::<4>(qh),
+            _ => _mm256_srli_epi16::<6>(qh),
+        };
+        let top = _mm256_slli_epi16::<4>(_mm256_and_si256(top, _mm256_set1_epi8(3)));
+        // Scales 2j (first 16 values) and 2j + 1, widened to i16.
+        let pick = _mm_set_epi64x(
+            0x0101_0101_0101_0101 * (2 * j as i64 + 1),
+            0x0101_0101_0101_0101 * (2 * j as i64),
+        );
+        let m = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(*scales, pick));
+        (_mm256_or_si256(low, top), m)
+    }
+}
+
+/// Integer lane sums `acc + madd(p, m)` (AVX2: two instructions).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn madd_add(acc: __m256i, p: __m256i, m: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(p, m))
+}
+
+/// [`madd_add`] in one AVX-512 VNNI instruction: the same exact integers
+/// (the sums cannot wrap, see [`rows`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn madd_add_vnni(acc: __m256i, p: __m256i, m: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, p, m)
+}
+
+/// Generates the super-block loop for one instruction-set flavour.
+macro_rules! rows_fn {
+    ($name:ident, $features:literal, $madd_add:ident) => {
+        /// Dots of `R` weight rows of `K` with `N` Q8_K rows; `out[r * N + t]`.
+        ///
+        /// Integer sums are exact: values < 64 times |y| <= 127 fit a
+        /// maddubs pair (2 * 63 * 127 < 2^15), and each i32 lane gathers 32
+        /// products times a scale of at most 128 (< 2^25). Lanes convert to
+        /// f32 exactly below 2^24, which Q4_K/Q5_K lanes stay under; a Q6_K
+        /// lane (its +32 offset removed lane by lane) can pass it only in
+        /// extreme blocks, and then rounds by at most 2 units.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn $name<K: KQuant, const R: usize, const N: usize>(
+            ws: &[&[u8]],
+            xs: &[&[u8]],
+            out: &mut [f32],
+        ) {
+            let nb = check_tile(ws, xs, out, K::BYTES, Q8K_BYTES);
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            for i in 0..nb {
+                let (wo, xo) = (i * K::BYTES, i * Q8K_BYTES);
+                // (Plain loops, not closures: those would lose the target
+                // features and with them the intrinsics' inlining.)
+                let mut wb = [&ws[0][..0]; R];
+                for r in 0..R {
+                    wb[r] = &ws[r][wo..wo + K::BYTES];
+                    prefetch(ws[r], wo);
+                }
+                // SAFETY: this function's features include AVX2/FMA/F16C.
+                let mut hdr = [unsafe { K::header(wb[0]) }; R];
+                for r in 1..R {
+                    // SAFETY: as above.
+                    hdr[r] = unsafe { K::header(wb[r]) };
+                }
+                let mut sumi = [[_mm256_setzero_si256(); N]; R];
+                for j in 0..8 {
+                    let mut run = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
+                    for r in 0..R {
+                        // SAFETY: as above.
+                        run[r] = unsafe { K::run(wb[r], &hdr[r].extra, j) };
+                    }
+                    for t in 0..N {
+                        let y = load256(xs[t], xo + 4 + 32 * j);
+                        for r in 0..R {
+                            let p = _mm256_maddubs_epi16(run[r].0, y);
+                            sumi[r][t] = $madd_add(sumi[r][t], p, run[r].1);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    let xb = &xs[t][xo..xo + Q8K_BYTES];
+                    let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+                    let bsums = load256(xb, Q8K_BSUMS);
+                    for r in 0..R {
+                        let h = &hdr[r];
+                        let c = _mm256_madd_epi16(bsums, h.corr);
+                        let d = _mm256_set1_ps(dy * h.d);
+                        acc[r][t] = if K::INT_CORR {
+                            let s = _mm256_sub_epi32(sumi[r][t], c);
+                            _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t])
+                        } else {
+                            let a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                            let dmin = _mm256_set1_ps(dy * h.dmin);
+                            _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(c), a)
+                        };
+                    }
+                }
+            }
+            for r in 0..R {
+                for t in 0..N {
+                    out[r * N + t] = hsum_ps(acc[r][t]);
+                }
             }
         }
     };
 }
 
-entry!(
-    /// Dots of one Q4_K weight row with up to four Q8_K activation rows.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; every activation row must
-    /// hold as many blocks as `w`; `out.len() >= xs.len()`, `1 <= xs.len() <= 4`.
-    dot_q4k_q8k,
-    rows_q4k
-);
-entry!(
-    /// Dots of one Q5_K weight row with up to four Q8_K activation rows.
-    ///
-    /// # Safety
-    /// As for [`dot_q4k_q8k`].
-    dot_q5k_q8k,
-    rows_q5k
-);
-entry!(
-    /// Dots of one Q6_K weight row with up to four Q8_K activation rows.
-    ///
-    /// # Safety
-    /// As for [`dot_q4k_q8k`].
-    dot_q6k_q8k,
-    rows_q6k
+rows_fn!(rows, "avx2,fma,f16c", madd_add);
+rows_fn!(
+    rows_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    madd_add_vnni
 );
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::scalar;
-    use crate::types::{ActType, WeightType};
-
-    fn row(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|i| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0;
-                if i % 97 == 0 { v * 8.0 } else { v }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn match_the_scalar_reference_and_batching_changes_nothing() {
-        if !crate::isa::Isa::Avx2.available() {
-            eprintln!("skipped: no AVX2 on this CPU");
-            return;
+/// Generates a public entry point (1-2 weight rows, 1-4 activation rows).
+macro_rules! entry {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $rows:ident, $ty:ty) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
+            tile!($rows::<$ty>(ws, xs, out))
         }
-        for (ty, f) in [
-            (
-                WeightType::Q4K,
-                dot_q4k_q8k as unsafe fn(&[u8], &[&[u8]], &mut [f32]),
-            ),
-            (WeightType::Q6K, dot_q6k_q8k),
-        ] {
-            for blocks in [1, 2, 7] {
-                let n = 256 * blocks;
-                let mut wq = vec![0u8; ty.row_bytes(n)];
-                scalar::quantize_row(ty, &row(blocks as u64, n), &mut wq);
-                let xs: Vec<Vec<u8>> = (0..4)
-                    .map(|t| {
-                        let mut a = vec![0u8; ActType::Q8K.row_bytes(n)];
-                        scalar::quantize_acts(ActType::Q8K, &row(100 + t, n), &mut a);
-                        a
-                    })
-                    .collect();
-                let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
-                let mut four = [0.0f32; 4];
-                // SAFETY: AVX2 was detected above.
-                unsafe { f(&wq, &refs, &mut four) };
-                for t in 0..4 {
-                    let want = scalar::vec_dot(ty, &wq, refs[t], n);
-                    let mut one = [0.0f32];
-                    // SAFETY: as above.
-                    unsafe { f(&wq, &refs[t..t + 1], &mut one) };
-                    assert_eq!(
-                        one[0].to_bits(),
-                        four[t].to_bits(),
-                        "{ty:?} batching changed token {t}"
-                    );
-                    assert!(
-                        (one[0] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                        "{ty:?} n={n}: {} vs {want}",
-                        one[0]
-                    );
-                }
-            }
-        }
-    }
+    };
 }
+
+entry!(
+    /// Dots of one or two Q4_K weight rows with one to four Q8_K activation
+    /// rows; `out[r * xs.len() + t]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C. (Row lengths are checked:
+    /// all weight rows must have the same block count, every activation row
+    /// at least as many blocks, `out` room for every pair; activation quants
+    /// lie in -127..=127 and their sums match them, as the Q8_K quantizer
+    /// guarantees.)
+    dot_q4k_q8k, "avx2,fma,f16c", rows, Q4K
+);
+entry!(
+    /// Dots of Q5_K weight rows with Q8_K activation rows, as [`dot_q4k_q8k`].
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k`].
+    dot_q5k_q8k, "avx2,fma,f16c", rows, Q5K
+);
+entry!(
+    /// Dots of Q6_K weight rows with Q8_K activation rows, as [`dot_q4k_q8k`].
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k`].
+    dot_q6k_q8k, "avx2,fma,f16c", rows, Q6K
+);
+entry!(
+    /// [`dot_q4k_q8k`] with AVX-512 VNNI (bit-identical results).
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k`], and the CPU must support AVX-512 VNNI and VL.
+    dot_q4k_q8k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_vnni, Q4K
+);
+entry!(
+    /// [`dot_q5k_q8k`] with AVX-512 VNNI (bit-identical results).
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k_vnni`].
+    dot_q5k_q8k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_vnni, Q5K
+);
+entry!(
+    /// [`dot_q6k_q8k`] with AVX-512 VNNI (bit-identical results).
+    ///
+    /// # Safety
+    /// As for [`dot_q4k_q8k_vnni`].
+    dot_q6k_q8k_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", rows_vnni, Q6K
+);

@@ -6,3 +6,8 @@ pub mod avx2;
 pub mod avx512;
 pub mod avx512k;
 pub mod kquants;
+pub mod legacy;
+mod simd;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! Per-kernel benchmarks (figures, never assertions): activation
+//! quantization, the row dot of every weight type on every ISA this CPU runs
+//! (through `dispatch::dot_fn`), and the `matmul` driver for a decode-shaped
+//! (1 token) and a prefill-shaped (64 tokens) product through the kernel the
+//! engine uses (`dispatch::kernel`: AVX-512 panels where there are some).
+//!
+//! `cargo bench -p lfm-kernels --bench kernels [-- [--exact] [--list] FILTER...]`
+//! runs the benchmarks whose name contains any FILTER (all by default), as
+//! libtest benches do. Each benchmark reports its best pass (other load on
+//! the machine only ever slows a pass down); `LFM_BENCH_MS` sets the time
+//! spent per benchmark (default 150 ms, at least 3 passes) and
+//! `LFM_BENCH_THREADS` the matmul pool's threads (default: every CPU).
+
+use lfm_kernels::dispatch::{dot_fn, kernel, quantize_activations};
+use lfm_kernels::isa::Isa;
+use lfm_kernels::matmul::{DotFn, matmul};
+use lfm_kernels::pool::ThreadPool;
+use lfm_kernels::scalar;
+use lfm_kernels::types::{ActType, WeightType};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Columns of every matrix: the hidden size of the LFM2 models.
+const COLS: usize = 2048;
+/// Weight rows of the row-dot and matmul matrices.
+const ROWS: usize = 2048;
+/// Tokens of the prefill-shaped product and of the activation quantization.
+const PREFILL: usize = 64;
+/// Distinct quantized rows; the matrix repeats them (quantizing k-quants is slow).
+const TEMPLATE_ROWS: usize = 64;
+
+struct Runner {
+    filters: Vec<String>,
+    exact: bool,
+    list: bool,
+    budget: Duration,
+}
+
+impl Runner {
+    fn from_args() -> Runner {
+        let (mut filters, mut exact, mut list) = (Vec::new(), false, false);
+        for a in std::env::args().skip(1) {
+            match a.as_str() {
+                "--exact" => exact = true,
+                "--list" => list = true,
+                // `--bench` (added by cargo) and other libtest flags.
+                s if s.starts_with('-') => {}
+                s => filters.push(s.to_owned()),
+            }
+        }
+        let ms = std::env::var("LFM_BENCH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(150);
+        Runner {
+            filters,
+            exact,
+            list,
+            budget: Duration::from_millis(ms),
+        }
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.filters.is_empty()
+            || self.filters.iter().any(|f| {
+                if self.exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            })
+    }
+
+    /// Times `pass` (which moves `bytes` of the measured data and handles
+    /// `rows` rows) and prints GB/s and ns per row of its best pass.
+    fn bench(&self, name: &str, bytes: usize, rows: usize, mut pass: impl FnMut()) {
+        if !self.wants(name) {
+            return;
+        }
+        if self.list {
+            println!("{name}: bench");
+            return;
+        }
+        pass(); // warm caches, page in the buffers
+        let start = Instant::now();
+        let (mut best, mut passes) = (f64::MAX, 0u32);
+        while passes < 3 || start.elapsed() < self.budget {
+            let t = Instant::now();
+            pass();
+            best = best.min(t.elapsed().as_secs_f64());
+            passes += 1;
+        }
+        println!(
+            "{name:<34} {:>8.2} GB/s {:>11.1} ns/row  ({passes} passes)",
+            bytes as f64 / best / 1e9,
+            best / rows as f64 * 1e9,
+        );
+    }
+}
+
+fn lower(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+/// Deterministic values in about [-1, 1] with an occasional outlier.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0;
+            if i % 61 == 0 { v * 6.0 } else { v }
+        })
+        .collect()
+}
+
+/// A `ROWS x COLS` weight matrix of `ty` (the template rows, repeated).
+fn weights(ty: WeightType) -> Vec<u8> {
+    let row = ty.row_bytes(COLS);
+    let mut template = vec![0u8; TEMPLATE_ROWS * row];
+    let x = values(TEMPLATE_ROWS * COLS, 1);
+    for (xr, wr) in x.chunks_exact(COLS).zip(template.chunks_exact_mut(row)) {
+        scalar::quantize_row(ty, xr, wr);
+    }
+    template.repeat(ROWS / TEMPLATE_ROWS)
+}
+
+fn main() {
+    let run = Runner::from_args();
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    let threads = std::env::var("LFM_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !run.list {
+        println!(
+            "# {} (best: {}), {threads} threads, {ROWS}x{COLS} weights, prefill {PREFILL} tokens",
+            isas.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            Isa::detect(),
+        );
+    }
+
+    let x = values(PREFILL * COLS, 2);
+    for act in [ActType::Q8_0, ActType::Q8_1, ActType::Q8K] {
+        let mut out = vec![0u8; PREFILL * act.row_bytes(COLS)];
+        run.bench(
+            &format!("quantize/{}", lower(act.name())),
+            x.len() * 4,
+            PREFILL,
+            || {
+                for (xr, or) in x
+                    .chunks_exact(COLS)
+                    .zip(out.chunks_exact_mut(act.row_bytes(COLS)))
+                {
+                    scalar::quantize_acts(act, black_box(xr), or);
+                }
+                black_box(&out);
+            },
+        );
+    }
+
+    // The weight quantizers (what `lfmd synth` spends its time in).
+    let xw = &x[..16 * COLS];
+    for ty in WeightType::ALL.into_iter().filter(|t| t.block_size() > 1) {
+        let mut out = vec![0u8; ty.row_bytes(xw.len())];
+        run.bench(
+            &format!("quantize_weights/{}", lower(ty.name())),
+            xw.len() * 4,
+            16,
+            || {
+                scalar::quantize_row(ty, black_box(xw), &mut out);
+                black_box(&out);
+            },
+        );
+    }
+
+    let pool = ThreadPool::new(threads);
+    for ty in WeightType::ALL {
+        let name = lower(ty.name());
+        let names = |isa: Isa| {
+            let isa = isa.name();
+            [
+                format!("dot/{name}/{isa}/2x1"),
+                format!("dot/{name}/{isa}/2x4"),
+                format!("matmul/{name}/{isa}/decode"),
+                format!("matmul/{name}/{isa}/prefill{PREFILL}"),
+            ]
+        };
+        if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n))) {
+            continue; // skip quantizing weights nobody asked for
+        }
+        let w = weights(ty);
+        let row = ty.row_bytes(COLS);
+        let mut acts = Vec::new();
+        let act_row = quantize_activations(ty, &x, COLS, &mut acts);
+        let act_rows: Vec<&[u8]> = acts.chunks_exact(act_row).collect();
+        for &isa in &isas {
+            let f: DotFn = dot_fn(isa, ty);
+            let [dot1, dot4, decode, prefill] = names(isa);
+            // The register tiles matmul hands out: two weight rows against
+            // one token (decode) or four (prefill).
+            for (tokens, bench) in [(1, &dot1), (4, &dot4)] {
+                let xs = &act_rows[..tokens];
+                run.bench(bench, w.len(), ROWS, || {
+                    let mut out = [0.0f32; 8];
+                    for pair in w.chunks_exact(2 * row) {
+                        let (a, b) = pair.split_at(row);
+                        f(&[a, b], xs, COLS, &mut out[..2 * tokens]);
+                        black_box(&out);
+                    }
+                });
+            }
+            for (n, bench) in [(1, &decode), (PREFILL, &prefill)] {
+                let mut y = vec![0.0f32; n * ROWS];
+                run.bench(bench, w.len(), ROWS, || {
+                    matmul(
+                        &pool,
+                        kernel(isa, ty),
+                        &w,
+                        ROWS,
+                        COLS,
+                        row,
+                        &acts,
+                        act_row,
+                        n,
+                        &mut y,
+                    );
+                    black_box(&y);
+                });
+            }
+        }
+    }
+}

@@ -142,9 +142,13 @@ pub(crate) enum PanelFormat {
     K(crate::x86::avx512k::KFormat),
 }
 
+/// With many tokens, work units are dealt a few at a time: each panel
+/// prefetches the next while it computes, which pays when the next is the
+/// same thread's.
+const UNITS_PER_PREFILL_CHUNK: usize = 4;
 /// Weight rows per work unit: a panel, or 8 two-row tiles.
 const UNIT_ROWS: usize = 16;
-/// With more tokens than this, work units are dealt one at a time (each
+/// With more tokens than this, work units are dealt a few at a time (each
 /// is long and their costs differ with each job's token count).
 const FEW_TOKENS: usize = 4;
 
@@ -214,7 +218,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
     let jobs = &*jobs;
     let (outs, starts, sides) = (&outs, &starts, &sides);
     let chunk = if max_n > FEW_TOKENS {
-        1
+        UNITS_PER_PREFILL_CHUNK
     } else {
         total.div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
     };

@@ -428,11 +428,45 @@ unsafe fn panel_of<const Q8: bool>(
             packed.extend_from_slice(&q);
             packed.push(_mm512_castps_si512(d));
         }
+        let next = NextPanel::new(w, row_bytes, n);
         // SAFETY: as above; packed holds 9 * nb registers.
         tiles!(n, TILE, |t0, len| unsafe {
+            next.prefetch(t0 / TILE);
             by_len!(len, from_packed::<Q8>, (&packed, xs, sums, t0, out))
         });
     });
+}
+
+/// The panel after a packed one (16 rows down, usually this thread's next
+/// work unit), prefetched into L2 a slice per token tile while the packed
+/// panel is being used, so packing it does not wait on memory.
+#[derive(Clone, Copy)]
+pub(super) struct NextPanel {
+    ptr: *const u8,
+    len: usize,
+    per_tile: usize,
+}
+
+impl NextPanel {
+    pub(super) fn new(w: &[u8], row_bytes: usize, n_tokens: usize) -> NextPanel {
+        let len = PANEL * row_bytes;
+        NextPanel {
+            ptr: w.as_ptr().wrapping_add(len),
+            len,
+            per_tile: len.div_ceil(n_tokens.div_ceil(TILE).max(1)).div_ceil(64) * 64,
+        }
+    }
+
+    /// Prefetches the share of token tile `k`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn prefetch(self, k: usize) {
+        let end = ((k + 1) * self.per_tile).min(self.len);
+        for off in (k * self.per_tile..end).step_by(64) {
+            // A hint: an address past the mapping is harmless.
+            _mm_prefetch::<_MM_HINT_T1>(self.ptr.wrapping_add(off).cast());
+        }
+    }
 }
 
 /// How a float weight row is stored.

@@ -11,7 +11,7 @@
 //! bit-identical whatever the batch. The scalar reference follows ggml's
 //! 8-lane float order instead; the two agree to rounding (tested).
 
-use super::avx512::{Out, PANEL};
+use super::avx512::{NextPanel, Out, PANEL};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -406,9 +406,11 @@ unsafe fn panel_of<const F: u8>(
             // SAFETY: as `panel` checked.
             unsafe { gather::<F>(w.as_ptr(), idx, i, blk) };
         }
+        let next = NextPanel::new(w, row_bytes, n);
         let mut t0 = 0;
         while t0 < n {
             let len = (n - t0).min(TILE);
+            next.prefetch(t0 / TILE);
             // SAFETY: as `panel` checked; packed holds nb blocks.
             unsafe {
                 by_len!(

@@ -252,8 +252,7 @@ unsafe fn accumulate<const F: u8, const N: usize>(
     }
 }
 
-/// Tokens `t0..t0 + N` over all blocks; blocks come from `packed` when
-/// given, else are gathered one at a time.
+/// Tokens `t0..t0 + N` over all blocks, from `blocks`.
 ///
 /// # Safety
 /// As [`panel`] checked.
@@ -265,7 +264,7 @@ unsafe fn tile<const F: u8, const N: usize>(
     rows: usize,
     row_bytes: usize,
     nb: usize,
-    packed: Option<&[__m512i]>,
+    mut blocks: Blocks<'_>,
     xs: &[&[u8]],
     t0: usize,
     out: Out,
@@ -274,11 +273,10 @@ unsafe fn tile<const F: u8, const N: usize>(
     let r = regs(F);
     let ptrs: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let mut acc = [_mm512_setzero_ps(); N];
-    let mut buf = [_mm512_setzero_si512(); MAX_REGS];
     for i in 0..nb {
-        let blk: &[__m512i] = match packed {
-            Some(p) => &p[i * r..(i + 1) * r],
-            None => {
+        let blk: &[__m512i] = match &mut blocks {
+            Blocks::Packed(p) => &p[i * r..(i + 1) * r],
+            Blocks::Gather(buf) => {
                 for row in 0..rows {
                     // Prefetch the same block one panel down (a hint).
                     let p = w
@@ -289,7 +287,7 @@ unsafe fn tile<const F: u8, const N: usize>(
                     }
                 }
                 // SAFETY: as `panel` checked.
-                unsafe { gather::<F>(w.as_ptr(), idx, i, &mut buf) };
+                unsafe { gather::<F>(w.as_ptr(), idx, i, buf) };
                 &buf[..r]
             }
         };
@@ -302,7 +300,18 @@ unsafe fn tile<const F: u8, const N: usize>(
     }
 }
 
+/// Where a tile's blocks come from.
+enum Blocks<'a> {
+    /// Gathered from the mapping one block at a time into this scratch
+    /// (at least [`MAX_REGS`] registers).
+    Gather(&'a mut [__m512i]),
+    /// Already packed, `regs` registers per block.
+    Packed(&'a [__m512i]),
+}
+
 thread_local! {
+    /// The packed panel (or a one-block scratch) of the calling thread,
+    /// reused across calls.
     static PACKED: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -383,8 +392,15 @@ unsafe fn panel_of<const F: u8>(
 ) {
     let n = xs.len();
     if n <= DIRECT_MAX {
-        // SAFETY: as `panel` checked.
-        unsafe { by_len!(n, F, (w, idx, rows, row_bytes, nb, None, xs, 0, out)) };
+        PACKED.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < MAX_REGS {
+                scratch.resize(MAX_REGS, _mm512_setzero_si512());
+            }
+            let blocks = Blocks::Gather(&mut scratch[..MAX_REGS]);
+            // SAFETY: as `panel` checked.
+            unsafe { by_len!(n, F, (w, idx, rows, row_bytes, nb, blocks, xs, 0, out)) };
+        });
         return;
     }
     PACKED.with(|cell| {
@@ -416,7 +432,17 @@ unsafe fn panel_of<const F: u8>(
                 by_len!(
                     len,
                     F,
-                    (w, idx, rows, row_bytes, nb, Some(packed), xs, t0, out)
+                    (
+                        w,
+                        idx,
+                        rows,
+                        row_bytes,
+                        nb,
+                        Blocks::Packed(packed),
+                        xs,
+                        t0,
+                        out
+                    )
                 )
             };
             t0 += len;

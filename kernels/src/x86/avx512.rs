@@ -302,8 +302,46 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
 }
 
 thread_local! {
-    /// The packed panel of the calling thread, reused across calls.
+    /// The packed panel (or block scratch) of the calling thread, reused
+    /// across calls by every panel kernel.
     static PACKED: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's panel buffer, at least `len` registers long
+/// (grown, never shrunk or cleared: every user overwrites what it reads).
+#[target_feature(enable = "avx512f")]
+pub(super) fn with_panel_buffer<R>(len: usize, f: impl FnOnce(&mut [__m512i]) -> R) -> R {
+    PACKED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, _mm512_setzero_si512());
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// The checks every panel kernel makes before touching memory: 1..=16 rows
+/// of `row_bytes` (of which `used` hold blocks) inside `w`, gather offsets
+/// in i32 range, and room in `out` for `n` tokens.
+pub(super) fn check_panel(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    used: usize,
+    n: usize,
+    out: Out,
+) {
+    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
+    assert!(row_bytes >= used, "row shorter than its blocks");
+    assert!(
+        w.len() >= (rows - 1) * row_bytes + used,
+        "panel past the weights"
+    );
+    assert!(
+        i32::try_from(PANEL * row_bytes).is_ok(),
+        "rows too long for gather offsets"
+    );
+    assert!(out.rows == rows && out.fits(n), "output too short");
 }
 
 /// Runs `$f::<N>(args.., t0, out)` over all tokens in tiles of `$tile`.
@@ -355,25 +393,12 @@ pub unsafe fn panel(
     out: Out,
 ) {
     let (n, nb) = (xs.len(), sums.nb);
-    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
-    assert!(
-        row_bytes >= nb * format.block_bytes(),
-        "row shorter than its blocks"
-    );
-    assert!(
-        w.len() >= (rows - 1) * row_bytes + nb * format.block_bytes(),
-        "panel past the weights"
-    );
-    assert!(
-        i32::try_from(PANEL * row_bytes).is_ok(),
-        "rows too long for gather offsets"
-    );
+    check_panel(w, row_bytes, rows, nb * format.block_bytes(), n, out);
     assert_eq!(
         sums.d.len(),
         n * nb,
         "activation sums do not match the rows"
     );
-    assert!(out.rows == rows && out.fits(n), "output too short");
     let idx = row_offsets(rows, row_bytes);
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
@@ -410,10 +435,7 @@ unsafe fn panel_of<const Q8: bool>(
         });
         return;
     }
-    PACKED.with(|cell| {
-        let mut packed = cell.borrow_mut();
-        packed.clear();
-        packed.reserve(9 * nb);
+    with_panel_buffer(9 * nb, |packed| {
         let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
         for i in 0..nb {
             if i % (64 / bytes) == 0 {
@@ -425,14 +447,14 @@ unsafe fn panel_of<const Q8: bool>(
             }
             // SAFETY: as [`panel`] checked.
             let (q, d) = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
-            packed.extend_from_slice(&q);
-            packed.push(_mm512_castps_si512(d));
+            packed[9 * i..9 * i + 8].copy_from_slice(&q);
+            packed[9 * i + 8] = _mm512_castps_si512(d);
         }
         let next = NextPanel::new(w, row_bytes, n);
         // SAFETY: as above; packed holds 9 * nb registers.
         tiles!(n, TILE, |t0, len| unsafe {
             next.prefetch(t0 / TILE);
-            by_len!(len, from_packed::<Q8>, (&packed, xs, sums, t0, out))
+            by_len!(len, from_packed::<Q8>, (packed, xs, sums, t0, out))
         });
     });
 }

@@ -11,9 +11,8 @@
 //! bit-identical whatever the batch. The scalar reference follows ggml's
 //! 8-lane float order instead; the two agree to rounding (tested).
 
-use super::avx512::{NextPanel, Out, PANEL};
+use super::avx512::{NextPanel, Out, PANEL, check_panel, with_panel_buffer};
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 const Q8K_BYTES: usize = 292;
 /// Offset of the Q8_K block's quants and 16-element sums.
@@ -300,19 +299,13 @@ unsafe fn tile<const F: u8, const N: usize>(
     }
 }
 
-/// Where a tile's blocks come from.
+/// Where a tile's blocks come from (the thread's panel buffer either way).
 enum Blocks<'a> {
     /// Gathered from the mapping one block at a time into this scratch
     /// (at least [`MAX_REGS`] registers).
     Gather(&'a mut [__m512i]),
     /// Already packed, `regs` registers per block.
     Packed(&'a [__m512i]),
-}
-
-thread_local! {
-    /// The packed panel (or a one-block scratch) of the calling thread,
-    /// reused across calls.
-    static PACKED: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
 }
 
 macro_rules! by_len {
@@ -350,21 +343,10 @@ pub unsafe fn panel(
     nb: usize,
     out: Out,
 ) {
-    let bytes = format.block_bytes();
-    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
-    assert!(row_bytes >= nb * bytes, "row shorter than its blocks");
-    assert!(
-        w.len() >= (rows - 1) * row_bytes + nb * bytes,
-        "panel past the weights"
-    );
-    assert!(
-        i32::try_from(PANEL * row_bytes).is_ok(),
-        "rows too long for gather offsets"
-    );
+    check_panel(w, row_bytes, rows, nb * format.block_bytes(), xs.len(), out);
     for x in xs {
         assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
     }
-    assert!(out.rows == rows && out.fits(xs.len()), "output too short");
     let idx = super::avx512::row_offsets(rows, row_bytes);
     // SAFETY: features by the caller; lengths asserted above.
     unsafe {
@@ -392,24 +374,15 @@ unsafe fn panel_of<const F: u8>(
 ) {
     let n = xs.len();
     if n <= DIRECT_MAX {
-        PACKED.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            if scratch.len() < MAX_REGS {
-                scratch.resize(MAX_REGS, _mm512_setzero_si512());
-            }
-            let blocks = Blocks::Gather(&mut scratch[..MAX_REGS]);
+        with_panel_buffer(MAX_REGS, |scratch| {
+            let blocks = Blocks::Gather(scratch);
             // SAFETY: as `panel` checked.
             unsafe { by_len!(n, F, (w, idx, rows, row_bytes, nb, blocks, xs, 0, out)) };
         });
         return;
     }
-    PACKED.with(|cell| {
-        let mut packed = cell.borrow_mut();
-        let r = regs(F);
-        if packed.len() < nb * r {
-            packed.resize(nb * r, _mm512_setzero_si512());
-        }
-        let packed = &mut packed[..nb * r];
+    let r = regs(F);
+    with_panel_buffer(nb * r, |packed| {
         let bytes = bytes_of(F);
         for (i, blk) in packed.chunks_exact_mut(r).enumerate() {
             for row in 0..rows {

@@ -12,3 +12,28 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/lfm_descriptor.bin"));
 }
+
+/// Where the daemon listens and clients look when not told: the API's
+/// meeting point, so `lfmd` and `lfmctl` agree.
+pub mod socket {
+    use std::path::PathBuf;
+
+    /// The system service's socket (systemd `RuntimeDirectory=lfmd`).
+    pub const SYSTEM_SOCKET: &str = "/run/lfmd/lfmd.sock";
+    /// Environment variable naming the socket for clients.
+    pub const SOCKET_ENV: &str = "LFMD_SOCKET";
+
+    /// A user daemon's socket: `$XDG_RUNTIME_DIR/lfmd/lfmd.sock`.
+    pub fn user_socket(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        env("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map(|d| PathBuf::from(d).join("lfmd/lfmd.sock"))
+    }
+
+    /// Whether this process runs as root (a system daemon). `/proc/self`
+    /// belongs to the process's effective user.
+    pub fn running_as_root() -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    }
+}

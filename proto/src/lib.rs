@@ -37,3 +37,64 @@ pub mod socket {
         std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
     }
 }
+
+/// Connecting a client: to a Unix socket (the default) or TCP.
+pub mod client {
+    use crate::v1::lfm_client::LfmClient;
+    use hyper_util::rt::TokioIo;
+    use std::path::PathBuf;
+    use tonic::transport::{Channel, Endpoint};
+
+    /// Where a daemon listens, as `lfmd serve --grpc` spells it.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Target {
+        Unix(PathBuf),
+        Tcp(String),
+    }
+
+    impl Target {
+        /// `unix:PATH`, `tcp:HOST:PORT`, or a bare socket path.
+        pub fn parse(s: &str) -> Target {
+            match s.split_once(':') {
+                Some(("unix", p)) => Target::Unix(p.into()),
+                Some(("tcp", a)) => Target::Tcp(a.into()),
+                _ => Target::Unix(s.into()),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Target {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Target::Unix(p) => write!(f, "unix:{}", p.display()),
+                Target::Tcp(a) => write!(f, "tcp:{a}"),
+            }
+        }
+    }
+
+    /// Opens a connection now (so an absent daemon is an error here).
+    pub async fn connect(target: &Target) -> Result<LfmClient<Channel>, tonic::transport::Error> {
+        let channel = match target {
+            Target::Tcp(addr) => {
+                Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?
+            }
+            Target::Unix(path) => {
+                let path = path.clone();
+                // The URI is required but unused: the connector dials the socket.
+                Endpoint::from_static("http://lfmd.local")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(TokioIo::new)
+                        }
+                    }))
+                    .await?
+            }
+        };
+        Ok(LfmClient::new(channel))
+    }
+}

@@ -74,7 +74,13 @@ pub mod client {
 
     /// Opens a connection now (so an absent daemon is an error here).
     pub async fn connect(target: &Target) -> Result<LfmClient<Channel>, tonic::transport::Error> {
-        let channel = match target {
+        Ok(LfmClient::new(channel(target).await?))
+    }
+
+    /// A connected channel, for any service the daemon serves (health,
+    /// reflection, lfm.v1).
+    pub async fn channel(target: &Target) -> Result<Channel, tonic::transport::Error> {
+        Ok(match target {
             Target::Tcp(addr) => {
                 Endpoint::from_shared(format!("http://{addr}"))?
                     .connect()
@@ -94,7 +100,6 @@ pub mod client {
                     }))
                     .await?
             }
-        };
-        Ok(LfmClient::new(channel))
+        })
     }
 }

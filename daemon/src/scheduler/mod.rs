@@ -689,16 +689,16 @@ impl Handle {
         let rendered = render(&all)?;
         let c = &lease.conversation;
         let reuse = lease.state.is_some()
-            && !c.consumed_text.is_empty()
-            && rendered.starts_with(&c.consumed_text)
-            && rendered.len() > c.consumed_text.len();
+            && !c.text.is_empty()
+            && rendered.starts_with(&c.text)
+            && rendered.len() > c.text.len();
         let (tokens, context, state) = if reuse {
-            let suffix = &rendered[c.consumed_text.len()..];
-            (
-                self.tokenizer.encode(suffix, false, true),
-                c.tokens.clone(),
-                lease.state.take(),
-            )
+            let mut tokens = c.tail.clone();
+            tokens.extend(
+                self.tokenizer
+                    .encode(&rendered[c.text.len()..], false, true),
+            );
+            (tokens, c.tokens.clone(), lease.state.take())
         } else {
             // The state (if any) does not match this conversation: start over.
             lease.state = None;
@@ -723,29 +723,29 @@ impl Handle {
 
 impl SessionTurn {
     /// Checks the session back in after a finished turn: the reply joins the
-    /// conversation and `state` (which consumed `tokens`) is kept if the text
-    /// it consumed is known exactly.
+    /// conversation. `tail` says what of the reply the state has not
+    /// consumed (`None`: the state does not match the reply's text, as
+    /// after a stop string, and is dropped); `tokens` are what it has.
     pub(crate) fn finish(
         self,
         reply: String,
-        fed_text: Option<String>,
+        tail: Option<Vec<u32>>,
         tokens: Vec<u32>,
         state: SeqState,
     ) {
+        let text = format!("{}{reply}", self.rendered);
         let mut messages = self.messages;
         messages.push(ChatMessage::new("assistant", reply));
-        match fed_text {
-            Some(fed) => {
-                let consumed_text = self.rendered + &fed;
-                self.lease.finish(
-                    Conversation {
-                        messages,
-                        consumed_text,
-                        tokens,
-                    },
-                    state,
-                );
-            }
+        match tail {
+            Some(tail) => self.lease.finish(
+                Conversation {
+                    messages,
+                    text,
+                    tail,
+                    tokens,
+                },
+                state,
+            ),
             None => {
                 let mut lease = self.lease;
                 lease.conversation = Conversation {

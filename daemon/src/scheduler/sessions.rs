@@ -24,10 +24,14 @@ pub struct SessionKey {
 #[derive(Clone, Debug, Default)]
 pub struct Conversation {
     pub messages: Vec<ChatMessage>,
-    /// The text the state has consumed: the rendered conversation up to the
-    /// last reply's last fed token. A state is reusable for the next turn
-    /// exactly when the next render starts with this text.
-    pub consumed_text: String,
+    /// The rendered conversation through the last reply. The state has
+    /// consumed it all but `tail`; it is reusable for the next turn exactly
+    /// when the next render starts with this text (the turn then feeds
+    /// `tail` and the tokens of the rest).
+    pub text: String,
+    /// Tokens of `text` the state has not consumed: the reply's last token
+    /// when it ended on max_tokens (sampled, never fed).
+    pub tail: Vec<u32>,
     /// The tokens the state has consumed.
     pub tokens: Vec<u32>,
 }
@@ -132,7 +136,8 @@ impl SessionStore {
             let reusable = state.is_some();
             e.conversation = conversation;
             if !reusable {
-                e.conversation.consumed_text.clear();
+                e.conversation.text.clear();
+                e.conversation.tail.clear();
                 e.conversation.tokens.clear();
             }
             e.state = state;
@@ -189,7 +194,8 @@ mod tests {
     fn conv(text: &str) -> Conversation {
         Conversation {
             messages: vec![ChatMessage::new("user", text)],
-            consumed_text: text.into(),
+            text: text.into(),
+            tail: vec![4],
             tokens: vec![1, 2, 3],
         }
     }
@@ -214,8 +220,9 @@ mod tests {
         drop(lease);
         let lease = s.checkout(key("a"), t0).unwrap();
         assert_eq!(lease.conversation.messages.len(), 1);
-        // Without a state the consumed text is meaningless: cleared.
-        assert_eq!(lease.conversation.consumed_text, "");
+        // Without a state the consumed text and tail mean nothing: cleared.
+        assert_eq!(lease.conversation.text, "");
+        assert!(lease.conversation.tail.is_empty());
         assert!(lease.conversation.tokens.is_empty());
         assert_eq!(s.len(t0), 2);
     }

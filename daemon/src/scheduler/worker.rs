@@ -9,7 +9,7 @@
 use super::plan::{Running as View, plan_step};
 use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats};
 use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
-use crate::sequence::Sequence;
+use crate::sequence::{FinishReason, Sequence};
 use crate::tokenizer::Tokenizer;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -347,6 +347,8 @@ impl Worker {
     }
 
     /// Sends the final event and checks a session back in.
+    /// Checks a session back in, then sends the final event (in that
+    /// order, so a client may send its next turn as soon as it sees Done).
     fn finish(&self, r: Running, now: Instant) {
         let reason = r.seq.finish_reason().cloned().expect("finished");
         let first = r.first_token.unwrap_or(now);
@@ -358,28 +360,29 @@ impl Worker {
             time_to_first_token: first.duration_since(r.arrived),
             total: now.duration_since(r.arrived),
         };
+        let events = r.events;
         let session = r.session.as_ref().map(|t| t.lease.id().to_owned());
-        let _ = r.events.send(Event::Done(Done {
+        if let Some(turn) = r.session {
+            // A finished sequence has fed all it saw but its last sampled
+            // token. After an end-of-generation token the template closes
+            // the reply itself; after max_tokens the last token is still to
+            // feed. Other endings leave a state that does not match the
+            // reply's text.
+            let mut tokens = r.seq.history().to_vec();
+            let state = r.seq.into_state();
+            let last = tokens.pop();
+            let tail = match (&reason, last) {
+                (FinishReason::Eos, Some(_)) => Some(Vec::new()),
+                (FinishReason::Length, Some(t)) => Some(vec![t]),
+                _ => None,
+            }
+            .filter(|_| tokens.len() == state.len());
+            turn.finish(r.reply, tail, tokens, state);
+        }
+        let _ = events.send(Event::Done(Done {
             reason,
             stats,
             session,
         }));
-        let Some(turn) = r.session else { return };
-        // A finished sequence has fed all it saw but its last sampled token.
-        let history = r.seq.history().to_vec();
-        let n_gen = r.seq.generated().len();
-        let state = r.seq.into_state();
-        if history.len() != state.len() + 1 || n_gen == 0 {
-            return; // unexpected shape: drop the state, keep the text
-        }
-        let fed = &history[history.len() - n_gen..history.len() - 1];
-        let mut bytes = Vec::new();
-        for &id in fed {
-            bytes.extend_from_slice(self.tokenizer.piece(id, true).unwrap_or_default());
-        }
-        let fed_text = String::from_utf8(bytes).ok();
-        let mut tokens = history;
-        tokens.pop();
-        turn.finish(r.reply, fed_text, tokens, state);
     }
 }

@@ -77,9 +77,11 @@ struct Sampling {
     /// Default 1.05.
     #[arg(long)]
     repeat_penalty: Option<f32>,
-    #[arg(long)]
+    /// Default 0; negative values encourage repetition.
+    #[arg(long, allow_negative_numbers = true)]
     presence_penalty: Option<f32>,
-    #[arg(long)]
+    /// Default 0.
+    #[arg(long, allow_negative_numbers = true)]
     frequency_penalty: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,

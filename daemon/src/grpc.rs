@@ -213,7 +213,9 @@ impl Stream for EventStream {
 }
 
 impl LfmService {
-    fn submit(
+    /// Submits on a blocking thread: rendering and tokenizing a long prompt
+    /// takes milliseconds that the I/O threads should not spend.
+    async fn submit(
         &self,
         input: Input,
         options: Options,
@@ -221,15 +223,17 @@ impl LfmService {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Response<EventStream>, Status> {
-        let generation = self
-            .handle
-            .submit(scheduler::Request {
-                input,
-                options,
-                client,
-                priority,
-                deadline,
-            })
+        let handle = self.handle.clone();
+        let req = scheduler::Request {
+            input,
+            options,
+            client,
+            priority,
+            deadline,
+        };
+        let generation = tokio::task::spawn_blocking(move || handle.submit(req))
+            .await
+            .map_err(|e| Status::internal(format!("preparing the request failed: {e}")))?
             .map_err(status_from)?;
         Ok(Response::new(EventStream {
             events: generation.into_receiver(),
@@ -255,6 +259,7 @@ impl pb::lfm_server::Lfm for LfmService {
             add_bos: r.add_bos,
         };
         self.submit(input, options_from(r.options), client, priority, deadline)
+            .await
     }
 
     async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<EventStream>, Status> {
@@ -270,6 +275,7 @@ impl pb::lfm_server::Lfm for LfmService {
             session: r.session_id,
         };
         self.submit(input, options_from(r.options), client, priority, deadline)
+            .await
     }
 
     async fn tokenize(

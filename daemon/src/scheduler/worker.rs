@@ -205,16 +205,24 @@ impl Worker {
     /// whose deadline passed.
     fn drop_gone(&self, running: &mut Vec<Running>) {
         let now = Instant::now();
+        let before = running.len();
+        let mut expired = Vec::new();
         let mut i = 0;
         while i < running.len() {
             let r = &running[i];
             if r.events.is_closed() {
                 running.remove(i);
             } else if r.deadline.is_some_and(|d| now >= d) {
-                running.remove(i).fail(Failure::DeadlineExceeded);
+                expired.push(running.remove(i));
             } else {
                 i += 1;
             }
+        }
+        if running.len() != before {
+            self.shared.lock().active = running.len();
+        }
+        for r in expired {
+            r.fail(Failure::DeadlineExceeded);
         }
     }
 
@@ -273,12 +281,17 @@ impl Worker {
                 };
                 eprintln!("lfmd: a forward step failed ({why}); failing its requests");
                 let mut i = 0;
+                let mut failed = Vec::new();
                 for c in &chunks {
                     if c.is_empty() {
                         i += 1;
                     } else {
-                        running.remove(i).fail(Failure::Internal(why.clone()));
+                        failed.push(running.remove(i));
                     }
+                }
+                self.shared.lock().active = running.len();
+                for r in failed {
+                    r.fail(Failure::Internal(why.clone()));
                 }
                 return;
             }
@@ -318,15 +331,15 @@ impl Worker {
             }
         }
         let mut service = Vec::new();
+        let mut ended = Vec::new();
         for (i, outcome) in finished.into_iter().rev() {
             let r = running.remove(i);
             service.push(now.duration_since(r.admitted));
-            match outcome {
-                Ok(()) => self.finish(r, now),
-                Err(why) => r.fail(why),
-            }
+            ended.push((r, outcome));
         }
 
+        // Counts first, so a client that sees its final event and asks for
+        // the status no longer finds itself running.
         let mut g = self.shared.lock();
         g.generated_tokens_total += generated as u64;
         g.recent.push_back((now, generated, prefill as u32));
@@ -344,9 +357,15 @@ impl Worker {
             });
         }
         g.active = running.len();
+        drop(g);
+        for (r, outcome) in ended.into_iter().rev() {
+            match outcome {
+                Ok(()) => self.finish(r, now),
+                Err(why) => r.fail(why),
+            }
+        }
     }
 
-    /// Sends the final event and checks a session back in.
     /// Checks a session back in, then sends the final event (in that
     /// order, so a client may send its next turn as soon as it sees Done).
     fn finish(&self, r: Running, now: Instant) {

@@ -757,3 +757,71 @@ impl SessionTurn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgmlType, Gguf};
+
+    fn tiny_handle(config: Config) -> Handle {
+        let mut bytes = Vec::new();
+        let preset = crate::synth::find_preset("tiny-dense").unwrap();
+        crate::synth::write_to(preset, GgmlType::Q8_0, 1, &mut bytes).unwrap();
+        let g = Arc::new(Gguf::from_bytes(bytes).unwrap());
+        let opts = crate::engine::EngineOptions {
+            threads: Some(1),
+            ..Default::default()
+        };
+        let model = Model::from_gguf_with(g, opts).unwrap();
+        start(model, "tiny", config).unwrap().0
+    }
+
+    fn ask(h: &Handle, text: &str) -> Generation {
+        h.submit(Request {
+            input: Input::Prompt {
+                text: text.into(),
+                add_bos: Some(false),
+            },
+            options: Options {
+                max_tokens: Some(3),
+                ..Default::default()
+            },
+            client: Client {
+                id: "t".into(),
+                owner: "t".into(),
+            },
+            priority: Priority::Interactive,
+            deadline: None,
+        })
+        .unwrap()
+    }
+
+    async fn last(g: &mut Generation) -> Event {
+        loop {
+            match g.next().await.expect("a final event") {
+                Event::Delta(_) => {}
+                e => return e,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_step_fails_that_step_and_the_engine_serves_on() {
+        let h = tiny_handle(Config::default());
+        // The faulty prompt's prefill chunk (its whole length) panics.
+        let faulty = "This prompt meets a kernel bug on its way through the model.";
+        let n = h.tokenize(faulty, Some(false), true).len();
+        let fine = "Hi";
+        assert!(n > 1 && h.tokenize(fine, Some(false), true).len() != n);
+        worker::PANIC_ON_CHUNK.store(n, Ordering::Relaxed);
+        let mut bad = ask(&h, faulty);
+        let Event::Failed(Failure::Internal(why)) = last(&mut bad).await else {
+            panic!("the faulty step's request must fail");
+        };
+        assert!(why.contains("injected fault"), "{why}");
+        worker::PANIC_ON_CHUNK.store(0, Ordering::Relaxed);
+        let mut good = ask(&h, fine);
+        assert!(matches!(last(&mut good).await, Event::Done(_)));
+        assert_eq!(h.status().active, 0);
+    }
+}

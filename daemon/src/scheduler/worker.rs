@@ -61,6 +61,12 @@ impl Running {
     }
 }
 
+/// Tests arm this with a chunk length: a forward call feeding a chunk of
+/// exactly that many tokens panics, as a kernel bug would.
+#[cfg(test)]
+pub(crate) static PANIC_ON_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -254,6 +260,14 @@ impl Worker {
             .sum();
 
         let forward = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(test)]
+            {
+                let n = PANIC_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed);
+                assert!(
+                    n == 0 || chunks.iter().all(|c| c.len() != n),
+                    "injected fault"
+                );
+            }
             let mut items: Vec<BatchItem<'_>> = running
                 .iter_mut()
                 .zip(&chunks)

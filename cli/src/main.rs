@@ -277,17 +277,33 @@ struct Answer {
     done: Option<pb::Done>,
 }
 
+/// Text for a terminal: control characters other than newline and tab (a
+/// model's output could hold escape sequences that drive the terminal)
+/// become U+FFFD. Pipes and files get the text as generated.
+fn for_terminal(text: &str, tty: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if tty && text.contains(bad) {
+        text.chars()
+            .map(|c| if bad(c) { '\u{fffd}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 /// Reads a response stream, echoing text as it arrives when `echo`.
 async fn read_answer(
     mut stream: tonic::Streaming<pb::GenerateResponse>,
     echo: bool,
 ) -> Result<Answer> {
     let mut a = Answer::default();
+    let tty = std::io::stdout().is_terminal();
     while let Some(msg) = stream.message().await.map_err(rpc_failure)? {
         match msg.event {
             Some(pb::generate_response::Event::Delta(d)) => {
                 if echo {
-                    out(&d.text)?;
+                    out(&for_terminal(&d.text, tty))?;
                 }
                 a.text.push_str(&d.text);
                 a.token_ids.extend(d.token_ids);
@@ -586,5 +602,21 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             out(&format!("{}\n", serde_json::json!(r.token_ids)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminals_get_no_control_sequences_pipes_get_everything() {
+        let t = "a\u{1b}[2Jb\n\tc\u{7}";
+        assert_eq!(for_terminal(t, true), "a\u{fffd}[2Jb\n\tc\u{fffd}");
+        assert_eq!(for_terminal(t, false), t);
+        assert!(matches!(
+            for_terminal("plain\n", true),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

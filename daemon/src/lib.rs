@@ -2,19 +2,23 @@
 //!
 //! The library holds everything the `lfmd` binary does: the GGUF reader and
 //! writer over a memory mapping, the model description, and the synthetic
-//! model writer used for tests and benchmarks.
+//! model writer used for tests and benchmarks, the scheduler that batches
+//! many requests over one model, and the gRPC service (`serve`, `grpc`).
 
 pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
+pub mod grpc;
 pub mod inspect;
 pub mod model;
 pub mod paths;
 pub mod procstat;
 pub mod rng;
 pub mod sampler;
+pub mod scheduler;
 pub mod sequence;
+pub mod serve;
 pub mod stop;
 pub mod synth;
 pub mod tokenizer;

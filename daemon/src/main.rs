@@ -66,6 +66,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the model to local clients over gRPC (a Unix socket by default).
+    Serve(ServeArgs),
     /// Write a synthetic model with random weights in the real LFM2 layout.
     Synth {
         /// 8b-a1b, 350m, tiny-moe or tiny-dense.
@@ -122,6 +124,49 @@ struct GenerateArgs {
     #[arg(long)]
     json: bool,
     prompt: String,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The GGUF model (default: $LFMD_MODEL, else the first LFM2-8B-A1B GGUF in
+    /// the model directories; see README).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads (default: one per core).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Where to listen: unix:PATH or tcp:HOST:PORT (repeatable). Default:
+    /// unix:$XDG_RUNTIME_DIR/lfmd/lfmd.sock, or unix:/run/lfmd/lfmd.sock as root.
+    #[arg(long = "grpc", value_name = "unix:PATH|tcp:HOST:PORT")]
+    grpc: Vec<String>,
+    /// Allow tcp: listeners on non-loopback addresses (the API has no authentication).
+    #[arg(long)]
+    allow_remote: bool,
+    /// Sequences generated at once (the running batch).
+    #[arg(long, default_value_t = 8)]
+    max_concurrent: usize,
+    /// Requests that may wait for a slot; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Context tokens per sequence (default: 8192, at most the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Prompt tokens prefilled per engine step, so long prompts do not stall
+    /// running generations.
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+    /// Chat sessions kept (the least recently used idle one makes room).
+    #[arg(long, default_value_t = 16)]
+    max_sessions: usize,
+    /// Seconds before an idle chat session is dropped.
+    #[arg(long, default_value_t = 600)]
+    session_idle: u64,
+    /// max_tokens of requests that set none.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Seconds running requests get to finish at shutdown.
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_grace: f64,
 }
 
 fn main() -> ExitCode {
@@ -260,6 +305,106 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(a: ServeArgs) -> Result<()> {
+    use lfmd::serve::{Listen, default_listen};
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = if a.grpc.is_empty() {
+        vec![default_listen(
+            |k| std::env::var(k).ok(),
+            lfm_proto::socket::running_as_root(),
+        )?]
+    } else {
+        a.grpc
+            .iter()
+            .map(|s| s.parse::<Listen>())
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if a.max_concurrent == 0 {
+        bail!("--max-concurrent must be at least 1");
+    }
+    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
+        bail!("--shutdown-grace must be a number of seconds, 0 or more");
+    }
+    let model_path = match a.model {
+        Some(p) => p,
+        None => lfmd::paths::find_default_model(|k| std::env::var(k).ok()).context(
+            "no model given and none found: pass --model FILE.gguf, set LFMD_MODEL, or put \
+             LFM2-8B-A1B-Q4_0.gguf in ~/.local/share/lfmd/models (scripts/quickstart.sh \
+             synthesizes a small test model)",
+        )?,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lfmd-io")
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    rt.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        // Sockets first: a second daemon fails before loading anything.
+        let bound = lfmd::serve::bind_all(&listen, a.allow_remote).await?;
+        let model = lfmd::engine::Model::open_with(
+            &model_path,
+            lfmd::engine::EngineOptions {
+                threads: a.threads,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("loading {}", model_path.display()))?;
+        let n_ctx_train = model.desc.n_ctx_train;
+        let ctx = a
+            .ctx
+            .unwrap_or(lfmd::scheduler::DEFAULT_CONTEXT.min(n_ctx_train));
+        if ctx < 2 || ctx > n_ctx_train {
+            bail!("--ctx {ctx}: the model's context holds 2 to {n_ctx_train} tokens");
+        }
+        let config = lfmd::scheduler::Config {
+            max_concurrent: a.max_concurrent,
+            queue_capacity: a.queue,
+            prefill_chunk: a.prefill_chunk.max(1),
+            n_ctx: ctx,
+            max_sessions: a.max_sessions.max(1),
+            session_idle: std::time::Duration::from_secs(a.session_idle),
+            default_max_tokens: a.max_tokens.max(1),
+        };
+        let (handle, exit) =
+            lfmd::scheduler::start(model, &model_path.display().to_string(), config)
+                .context("starting the engine thread")?;
+        let info = handle.model_info();
+        eprintln!(
+            "lfmd: {} ({} {}), isa {}, {} threads, context {}, {} concurrent, queue {}",
+            model_path.display(),
+            info.architecture,
+            info.file_type,
+            info.isa,
+            info.threads,
+            info.context,
+            a.max_concurrent,
+            a.queue
+        );
+        let shutdown = async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            eprintln!("lfmd: {name} received");
+            // A second signal does not wait for the drain.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+                eprintln!("lfmd: second signal: exiting now");
+                std::process::exit(1);
+            });
+        };
+        let grace = std::time::Duration::from_secs_f64(a.shutdown_grace);
+        lfmd::serve::serve(handle, exit, bound, grace, shutdown).await?;
+        Ok(())
+    })
+}
+
 /// Writes to stdout; a closed pipe (`lfmd inspect … | head`) is not an error.
 fn write_stdout(text: &str) -> Result<()> {
     use std::io::Write;
@@ -295,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
             write_stdout(&(serde_json::to_string(&ids)? + "\n"))?;
         }
         Command::Generate(a) => generate(a)?,
+        Command::Serve(a) => serve(a)?,
         Command::Logits { model, tokens } => {
             let m = lfmd::engine::Model::open(&model)
                 .with_context(|| format!("loading {}", model.display()))?;

@@ -74,16 +74,44 @@ impl Sequence {
         max_tokens: usize,
         stop: StopText,
     ) -> Self {
+        Self::resume(
+            model,
+            tokenizer,
+            SeqState::new(model),
+            Vec::new(),
+            prompt,
+            params,
+            max_tokens,
+            stop,
+        )
+    }
+
+    /// Continues from `state`, which has consumed `context` (the tokens of
+    /// earlier turns, as far as the repetition penalties should see them):
+    /// only `prompt` goes through the model. With a fresh state and empty
+    /// context this is [`Sequence::new`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        model: &Model,
+        tokenizer: Arc<Tokenizer>,
+        state: SeqState,
+        mut context: Vec<u32>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: usize,
+        stop: StopText,
+    ) -> Self {
         let mut eog: Vec<u32> = tokenizer.eos().into_iter().collect();
         eog.extend(tokenizer.token_id("<|im_end|>"));
         eog.extend(tokenizer.token_id("<|endoftext|>"));
         eog.sort_unstable();
         eog.dedup();
         let decoder = StreamDecoder::new(tokenizer.clone());
+        context.extend_from_slice(&prompt);
         Sequence {
-            state: SeqState::new(model),
+            state,
             n_prompt: prompt.len(),
-            history: prompt.clone(),
+            history: context,
             pending: prompt,
             sampler: Sampler::new(params),
             stop,
@@ -101,6 +129,12 @@ impl Sequence {
     /// configured context size).
     pub fn set_context_limit(&mut self, n_ctx: usize) {
         self.n_ctx = self.n_ctx.min(n_ctx);
+    }
+
+    /// Generation runs on through end-of-generation tokens (they are
+    /// sampled and shown as text like any other), for benchmarks.
+    pub fn ignore_eos(&mut self) {
+        self.eog.clear();
     }
 
     /// Tokens to feed next: at most `max` of them (chunked prefill).
@@ -132,6 +166,22 @@ impl Sequence {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Every token this sequence has seen or made: context, prompt, output.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Tokens still to feed before the next sample.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The model state, for keeping a conversation (a finished sequence has
+    /// consumed all but its last sampled token).
+    pub fn into_state(self) -> SeqState {
+        self.state
     }
 
     /// Records that `n` pending tokens went through the model. With the

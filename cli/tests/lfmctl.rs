@@ -1,0 +1,215 @@
+//! The `lfmctl` binary against a daemon served in this process (the lfmd
+//! library on a temporary socket, a synthesized tiny model): answers,
+//! sessions, queries, and the exit codes 0 / 2 / 3 / 4.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        let preset = lfmd::synth::find_preset("tiny-moe").unwrap();
+        let ty = lfmd::synth::SynthQuant::parse("q8_0").unwrap();
+        lfmd::synth::write_model(preset, ty, 2, &model).unwrap();
+        let socket = dir.path().join("lfmd.sock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let sock = socket.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async move {
+                let bound = lfmd::serve::bind_unix(&sock).unwrap();
+                let opts = lfmd::engine::EngineOptions {
+                    threads: Some(1),
+                    ..Default::default()
+                };
+                let m = lfmd::engine::Model::open_with(&model, opts).unwrap();
+                let (handle, exit) =
+                    lfmd::scheduler::start(m, "tiny.gguf", Default::default()).unwrap();
+                ready_tx.send(()).unwrap();
+                let stop = async move {
+                    let _ = stopped.await;
+                };
+                lfmd::serve::serve(handle, exit, vec![bound], Duration::ZERO, stop)
+                    .await
+                    .unwrap();
+            });
+        });
+        ready.recv_timeout(Duration::from_secs(60)).unwrap();
+        Daemon {
+            _dir: dir,
+            socket,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lfmctl(socket: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lfmctl"))
+        .env("LFMD_SOCKET", socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn no_daemon_exits_3_and_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let out = lfmctl(&socket, &["status"], "");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "lfmd serve --model FILE.gguf --grpc unix:{}",
+            socket.display()
+        )),
+        "{err}"
+    );
+    // --socket wins over the environment.
+    let other = dir.path().join("other.sock");
+    let out = lfmctl(&socket, &["--socket", other.to_str().unwrap(), "info"], "");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out.stderr).contains("other.sock"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("none.sock");
+    for args in [
+        &["frobnicate"][..],
+        &["ask", "--temperature", "warm", "hi"],
+        &["ask", "--priority", "urgent", "hi"],
+        &["ask", "--raw", "--system", "s", "hi"],
+        &["--dbus", "status"],
+    ] {
+        let out = lfmctl(&s, args, "");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // An empty prompt on stdin is a usage error, found before connecting.
+    let out = lfmctl(&s, &["ask"], "  \n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("prompt is empty"));
+}
+
+#[test]
+fn ask_chat_and_queries_against_a_daemon() {
+    let d = Daemon::start();
+    let s = &d.socket;
+    let out = lfmctl(
+        s,
+        &[
+            "ask",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--json",
+            "Hello",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stats"]["generated_tokens"], 8);
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 8);
+    assert_eq!(v["finish_reason"], "length");
+    // The same question streamed, its prompt from stdin: the same text.
+    let out = lfmctl(
+        s,
+        &["ask", "--temperature", "0", "--max-tokens", "8"],
+        "Hello\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\n", v["text"].as_str().unwrap())
+    );
+
+    // Rejected by the daemon: 4, with its reason.
+    let out = lfmctl(s, &["ask", "--temperature=-1", "hi"], "");
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        text(&out.stderr).contains("temperature"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Two turns on one session.
+    let out = lfmctl(
+        s,
+        &[
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--session",
+            "t",
+        ],
+        "Hi\nAnd then?\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+
+    let out = lfmctl(s, &["status", "--json"], "");
+    assert_eq!(out.status.code(), Some(0));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["sessions"], 1);
+    assert_eq!(st["requests_total"], 4);
+    assert_eq!(st["active_requests"], 0);
+
+    let out = lfmctl(s, &["info", "--json"], "");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["architecture"], "lfm2moe");
+    let out = lfmctl(s, &["tokenize", "--no-bos", "<|im_start|>"], "");
+    assert_eq!(text(&out.stdout).trim(), "[6]");
+    let out = lfmctl(s, &["status"], "");
+    assert!(
+        text(&out.stdout).contains("1 sessions"),
+        "{}",
+        text(&out.stdout)
+    );
+}

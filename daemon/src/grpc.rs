@@ -1,0 +1,429 @@
+//! The gRPC edge: the `lfm.v1.Lfm` service over the scheduler. It converts
+//! wire messages to scheduler types and back and maps errors to status
+//! codes; no model logic lives here. The only module (with `serve`) that
+//! knows prost/tonic types.
+
+use crate::sampler::SamplingParams;
+use crate::scheduler::{
+    self, Client, Event, Failure, Handle, Input, Options, Priority, SessionError, SubmitError,
+};
+use crate::sequence::FinishReason;
+use lfm_proto::v1 as pb;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::Stream;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Code, Request, Response, Status};
+
+/// Trailer of a RESOURCE_EXHAUSTED answer: milliseconds to wait before
+/// retrying (gRPC's retry pushback).
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+pub struct LfmService {
+    handle: Handle,
+}
+
+impl LfmService {
+    pub fn new(handle: Handle) -> Self {
+        LfmService { handle }
+    }
+}
+
+/// Who is calling: the peer process on a Unix socket (fairness per process,
+/// sessions per user), the peer address on TCP.
+fn client_of<T>(req: &Request<T>) -> Client {
+    if let Some(cred) = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        let owner = format!("uid:{}", cred.uid());
+        let id = match cred.pid() {
+            Some(pid) => format!("{owner}/pid:{pid}"),
+            None => owner.clone(),
+        };
+        return Client { id, owner };
+    }
+    match req.remote_addr() {
+        Some(a) => Client {
+            id: format!("tcp:{a}"),
+            owner: "tcp".into(),
+        },
+        None => Client {
+            id: "unknown".into(),
+            owner: "unknown".into(),
+        },
+    }
+}
+
+/// The request's deadline from its `grpc-timeout` header.
+fn deadline_of(md: &MetadataMap) -> Option<Instant> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(v).map(|d| Instant::now() + d)
+}
+
+/// `grpc-timeout` is 1 to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn priority_from(p: i32) -> Result<Priority, Status> {
+    match pb::Priority::try_from(p) {
+        Ok(pb::Priority::Unspecified | pb::Priority::Interactive) => Ok(Priority::Interactive),
+        Ok(pb::Priority::Background) => Ok(Priority::Background),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "priority {p} is unknown; use PRIORITY_INTERACTIVE (1) or PRIORITY_BACKGROUND (2)"
+        ))),
+    }
+}
+
+fn options_from(o: Option<pb::SamplingOptions>) -> Options {
+    let o = o.unwrap_or_default();
+    let d = SamplingParams::default();
+    Options {
+        sampling: SamplingParams {
+            temperature: o.temperature.unwrap_or(d.temperature),
+            top_k: o.top_k.map_or(d.top_k, |k| k as usize),
+            top_p: o.top_p.unwrap_or(d.top_p),
+            min_p: o.min_p.unwrap_or(d.min_p),
+            repeat_penalty: o.repeat_penalty.unwrap_or(d.repeat_penalty),
+            presence_penalty: o.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: o.frequency_penalty.unwrap_or(d.frequency_penalty),
+            seed: o.seed.unwrap_or(d.seed),
+            ..d
+        },
+        max_tokens: o.max_tokens.map(|m| m as usize),
+        stop: o.stop,
+        ignore_eos: o.ignore_eos.unwrap_or(false),
+    }
+}
+
+fn status_from(e: SubmitError) -> Status {
+    let msg = e.to_string();
+    match e {
+        SubmitError::Invalid(_) => Status::invalid_argument(msg),
+        SubmitError::TooLong(_) => Status::out_of_range(msg),
+        SubmitError::QueueFull { retry_after, .. } => {
+            let mut md = MetadataMap::new();
+            md.insert(
+                RETRY_PUSHBACK,
+                MetadataValue::from(retry_after.as_millis() as u64),
+            );
+            Status::with_metadata(Code::ResourceExhausted, msg, md)
+        }
+        SubmitError::Session(SessionError::Busy(_)) => Status::failed_precondition(msg),
+        SubmitError::Session(SessionError::Full(_)) => Status::resource_exhausted(msg),
+        SubmitError::ShuttingDown | SubmitError::EngineDown(_) => Status::unavailable(msg),
+    }
+}
+
+fn failure_status(f: Failure) -> Status {
+    let msg = f.to_string();
+    match f {
+        Failure::DeadlineExceeded => Status::deadline_exceeded(msg),
+        Failure::ShuttingDown => Status::unavailable(msg),
+        Failure::Internal(_) => Status::internal(msg),
+    }
+}
+
+fn finish_reason(r: &FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Eos => pb::FinishReason::Stop,
+        FinishReason::StopString => pb::FinishReason::StopString,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::ContextFull => pb::FinishReason::ContextFull,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+fn response(ev: Event) -> Result<pb::GenerateResponse, Status> {
+    use pb::generate_response::Event as E;
+    let event = match ev {
+        Event::Delta(d) => E::Delta(pb::Delta {
+            text: d.text,
+            token_ids: d.tokens,
+        }),
+        Event::Done(d) => {
+            let s = &d.stats;
+            E::Done(pb::Done {
+                finish_reason: finish_reason(&d.reason).into(),
+                stats: Some(pb::GenerationStats {
+                    prompt_tokens: s.prompt_tokens as u32,
+                    prefilled_tokens: s.prefilled_tokens as u32,
+                    generated_tokens: s.generated_tokens as u32,
+                    queue_seconds: s.queue.as_secs_f64(),
+                    time_to_first_token_seconds: s.time_to_first_token.as_secs_f64(),
+                    total_seconds: s.total.as_secs_f64(),
+                    decode_tokens_per_second: s.decode_tokens_per_second(),
+                    prefill_tokens_per_second: s.prefill_tokens_per_second(),
+                }),
+                session_id: d.session,
+            })
+        }
+        Event::Failed(f) => return Err(failure_status(f)),
+    };
+    Ok(pb::GenerateResponse { event: Some(event) })
+}
+
+/// A request's events as a response stream. Dropping it (the client went
+/// away, or its deadline passed) drops the receiver, which cancels the
+/// request at the engine's next step.
+pub struct EventStream {
+    events: UnboundedReceiver<Event>,
+    ended: bool,
+}
+
+impl Stream for EventStream {
+    type Item = Result<pb::GenerateResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let item = match std::task::ready!(self.events.poll_recv(cx)) {
+            Some(ev) => {
+                self.ended = !matches!(ev, Event::Delta(_));
+                response(ev)
+            }
+            None => {
+                self.ended = true;
+                Err(Status::internal(
+                    "the lfmd engine stopped before finishing this request; see the daemon's log",
+                ))
+            }
+        };
+        Poll::Ready(Some(item))
+    }
+}
+
+impl LfmService {
+    /// Submits on a blocking thread: rendering and tokenizing a long prompt
+    /// takes milliseconds that the I/O threads should not spend.
+    async fn submit(
+        &self,
+        input: Input,
+        options: Options,
+        client: Client,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Response<EventStream>, Status> {
+        let handle = self.handle.clone();
+        let req = scheduler::Request {
+            input,
+            options,
+            client,
+            priority,
+            deadline,
+        };
+        let generation = tokio::task::spawn_blocking(move || handle.submit(req))
+            .await
+            .map_err(|e| Status::internal(format!("preparing the request failed: {e}")))?
+            .map_err(status_from)?;
+        Ok(Response::new(EventStream {
+            events: generation.into_receiver(),
+            ended: false,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::lfm_server::Lfm for LfmService {
+    type GenerateStream = EventStream;
+    type ChatStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let (client, deadline) = (client_of(&req), deadline_of(req.metadata()));
+        let r = req.into_inner();
+        let priority = priority_from(r.priority)?;
+        let input = Input::Prompt {
+            text: r.prompt,
+            add_bos: r.add_bos,
+        };
+        self.submit(input, options_from(r.options), client, priority, deadline)
+            .await
+    }
+
+    async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<EventStream>, Status> {
+        let (client, deadline) = (client_of(&req), deadline_of(req.metadata()));
+        let r = req.into_inner();
+        let priority = priority_from(r.priority)?;
+        let input = Input::Chat {
+            messages: r
+                .messages
+                .into_iter()
+                .map(|m| crate::chat::ChatMessage::new(m.role, m.content))
+                .collect(),
+            session: r.session_id,
+        };
+        self.submit(input, options_from(r.options), client, priority, deadline)
+            .await
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        let token_ids = self
+            .handle
+            .tokenize(&r.text, r.add_bos, r.parse_special.unwrap_or(true));
+        Ok(Response::new(pb::TokenizeResponse { token_ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let text = self
+            .handle
+            .detokenize(&req.into_inner().token_ids)
+            .map_err(status_from)?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let m = self.handle.model_info();
+        Ok(Response::new(pb::ModelInfo {
+            path: m.path.clone(),
+            architecture: m.architecture.clone(),
+            name: m.name.clone(),
+            file_type: m.file_type.clone(),
+            file_bytes: m.file_bytes,
+            n_params: m.n_params,
+            n_layer: m.n_layer as u32,
+            n_embd: m.n_embd as u32,
+            n_vocab: m.n_vocab as u32,
+            n_expert: m.n_expert as u32,
+            n_expert_used: m.n_expert_used as u32,
+            n_ctx_train: m.n_ctx_train as u32,
+            context_tokens: m.context as u32,
+            has_chat_template: m.has_chat_template,
+            isa: m.isa.clone(),
+            threads: m.threads as u32,
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::DaemonStatus>, Status> {
+        let s = self.handle.status();
+        let m = self.handle.model_info();
+        let mem = s.memory.unwrap_or_default();
+        Ok(Response::new(pb::DaemonStatus {
+            active_requests: s.active as u32,
+            queued_requests: s.queued as u32,
+            max_concurrent: s.max_concurrent as u32,
+            queue_capacity: s.queue_capacity as u32,
+            sessions: s.sessions as u32,
+            requests_total: s.requests_total,
+            prompt_tokens_total: s.prompt_tokens_total,
+            generated_tokens_total: s.generated_tokens_total,
+            generated_tokens_per_second: s.generated_tokens_per_second,
+            prefill_tokens_per_second: s.prefill_tokens_per_second,
+            isa: m.isa.clone(),
+            threads: m.threads as u32,
+            uptime_seconds: s.uptime.as_secs_f64(),
+            rss_bytes: mem.rss_bytes,
+            rss_anon_bytes: mem.rss_anon_bytes,
+            rss_file_bytes: mem.rss_file_bytes,
+            peak_rss_bytes: mem.peak_rss_bytes,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "12", "1x", "-1S", "123456789S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn unset_options_take_the_documented_defaults() {
+        let o = options_from(None);
+        assert_eq!(o.sampling, SamplingParams::default());
+        assert_eq!((o.max_tokens, o.stop.len(), o.ignore_eos), (None, 0, false));
+        let o = options_from(Some(pb::SamplingOptions {
+            temperature: Some(0.0),
+            top_k: Some(5),
+            max_tokens: Some(7),
+            ..Default::default()
+        }));
+        assert_eq!((o.sampling.temperature, o.sampling.top_k), (0.0, 5));
+        assert_eq!(o.sampling.min_p, 0.15);
+        assert_eq!(o.max_tokens, Some(7));
+        assert!(priority_from(9).is_err());
+        assert_eq!(priority_from(0).unwrap(), Priority::Interactive);
+        assert_eq!(priority_from(2).unwrap(), Priority::Background);
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_codes() {
+        let s = status_from(SubmitError::QueueFull {
+            queued: 4,
+            max_concurrent: 2,
+            retry_after: Duration::from_millis(1500),
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.metadata().get(RETRY_PUSHBACK).unwrap(), "1500");
+        assert!(s.message().contains("--queue"), "{}", s.message());
+        assert_eq!(
+            status_from(SubmitError::Invalid("x".into())).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            status_from(SubmitError::TooLong("x".into())).code(),
+            Code::OutOfRange
+        );
+        assert_eq!(
+            status_from(SubmitError::ShuttingDown).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            status_from(SubmitError::Session(SessionError::Busy("s".into()))).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            failure_status(Failure::DeadlineExceeded).code(),
+            Code::DeadlineExceeded
+        );
+    }
+}

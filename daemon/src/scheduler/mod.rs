@@ -1,0 +1,827 @@
+//! The scheduler: one engine thread owns the [`Model`] and runs continuous
+//! batching; any number of callers (the gRPC edge, later D-Bus) submit
+//! requests through a cloneable [`Handle`] and read [`Event`]s back.
+//!
+//! Requests are validated, rendered and tokenized on the caller's side, then
+//! wait in a bounded [`FairQueue`] (interactive first, round robin across
+//! clients). Between steps the engine admits waiting requests up to
+//! `max_concurrent`, drops the ones whose receiver is gone or whose deadline
+//! passed, and feeds every running sequence through one `Model::forward`:
+//! decodes one token each, prompts in chunks from a per-step budget
+//! ([`plan::plan_step`]). It never awaits; callers never touch the model.
+//!
+//! No wire types here: the edges convert to and from these.
+
+pub mod plan;
+pub mod queue;
+pub mod sessions;
+mod worker;
+
+pub use queue::{FairQueue, Priority};
+pub use sessions::{SessionError, SessionStore};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::engine::{Model, SeqState};
+use crate::sampler::SamplingParams;
+use crate::sequence::FinishReason;
+use crate::stop::StopText;
+use crate::tokenizer::Tokenizer;
+use sessions::{Conversation, Lease, SessionKey};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Longest session id, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 128;
+/// Context used when `--ctx` is not given (capped by the model's own).
+pub const DEFAULT_CONTEXT: usize = 8192;
+
+/// How the scheduler runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Sequences in the running batch.
+    pub max_concurrent: usize,
+    /// Requests that may wait for a slot; more are refused.
+    pub queue_capacity: usize,
+    /// Prompt tokens fed per engine step, over all prefilling sequences.
+    pub prefill_chunk: usize,
+    /// Context limit of every sequence, at most the model's.
+    pub n_ctx: usize,
+    pub max_sessions: usize,
+    /// Idle sessions are dropped after this long.
+    pub session_idle: Duration,
+    /// `max_tokens` of a request that sets none.
+    pub default_max_tokens: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_concurrent: 8,
+            queue_capacity: 64,
+            prefill_chunk: 256,
+            n_ctx: DEFAULT_CONTEXT,
+            max_sessions: 16,
+            session_idle: Duration::from_secs(600),
+            default_max_tokens: 256,
+        }
+    }
+}
+
+/// Who is asking: `id` is the unit of fairness (one process), `owner` the
+/// scope of its sessions (one user).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Client {
+    pub id: String,
+    pub owner: String,
+}
+
+/// Sampling and stopping; `None` takes the daemon default.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// What to continue.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Raw text; BOS as the model says unless `add_bos` is given.
+    Prompt { text: String, add_bos: Option<bool> },
+    /// A conversation through the chat template. With a session, the
+    /// messages are appended to the session's conversation.
+    Chat {
+        messages: Vec<ChatMessage>,
+        session: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub input: Input,
+    pub options: Options,
+    pub client: Client,
+    pub priority: Priority,
+    /// The request is failed with [`Failure::DeadlineExceeded`] after this.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a request was not accepted; every message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// A parameter is out of range or the input is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The prompt does not fit in the context.
+    #[error("{0}")]
+    TooLong(String),
+    #[error(
+        "the queue is full ({queued} requests wait for {max_concurrent} running ones); retry in about {:.1} s, or start lfmd with a larger --queue",
+        retry_after.as_secs_f64()
+    )]
+    QueueFull {
+        queued: usize,
+        max_concurrent: usize,
+        retry_after: Duration,
+    },
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("lfmd is shutting down; retry once it is running again")]
+    ShuttingDown,
+    #[error("the lfmd engine stopped ({0}); restart the daemon")]
+    EngineDown(String),
+}
+
+/// Why a running request ended without finishing.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Failure {
+    #[error(
+        "the request's deadline passed before it finished; allow more time or ask for fewer tokens"
+    )]
+    DeadlineExceeded,
+    #[error("lfmd is shutting down; the request was stopped")]
+    ShuttingDown,
+    #[error("the engine failed on this request ({0}); lfmd keeps serving, retry")]
+    Internal(String),
+}
+
+/// Text that became printable and the tokens behind it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delta {
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Context tokens before generation (earlier session turns included).
+    pub prompt_tokens: usize,
+    /// Of those, tokens fed through the model for this request.
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub queue: Duration,
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+}
+
+impl Stats {
+    /// Tokens after the first per second of decoding.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let t = self.total.saturating_sub(self.time_to_first_token);
+        if self.generated_tokens > 1 && !t.is_zero() {
+            (self.generated_tokens - 1) as f64 / t.as_secs_f64()
+        } else {
+            0.0
+        }
+    }
+
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        let t = self.time_to_first_token.saturating_sub(self.queue);
+        if t.is_zero() {
+            0.0
+        } else {
+            self.prefilled_tokens as f64 / t.as_secs_f64()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Done {
+    pub reason: FinishReason,
+    pub stats: Stats,
+    pub session: Option<String>,
+}
+
+/// What a request's receiver gets: deltas, then exactly one `Done` or
+/// `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Delta(Delta),
+    Done(Done),
+    Failed(Failure),
+}
+
+/// A submitted request. Dropping it cancels the request: the engine notices
+/// before its next step and frees the slot.
+pub struct Generation {
+    pub id: u64,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Generation {
+    /// The next event; `None` after the last one (or if the engine died).
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    pub fn into_receiver(self) -> mpsc::UnboundedReceiver<Event> {
+        self.events
+    }
+}
+
+/// The daemon's model, as clients see it.
+#[derive(Clone, Debug, Default)]
+pub struct ModelInfo {
+    pub path: String,
+    pub architecture: String,
+    pub name: String,
+    pub file_type: String,
+    pub file_bytes: u64,
+    pub n_params: u64,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_ctx_train: usize,
+    pub context: usize,
+    pub has_chat_template: bool,
+    pub isa: String,
+    pub threads: usize,
+}
+
+/// A snapshot for `GetStatus`.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub active: usize,
+    pub queued: usize,
+    pub max_concurrent: usize,
+    pub queue_capacity: usize,
+    pub sessions: usize,
+    pub requests_total: u64,
+    pub prompt_tokens_total: u64,
+    pub generated_tokens_total: u64,
+    /// Over the last [`RATE_WINDOW`].
+    pub generated_tokens_per_second: f64,
+    pub prefill_tokens_per_second: f64,
+    pub uptime: Duration,
+    pub memory: Option<crate::procstat::Memory>,
+}
+
+/// Window of the throughput figures in [`Status`].
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// A request ready for the engine: tokens to feed and how to sample.
+pub(crate) struct Job {
+    pub client: Client,
+    pub priority: Priority,
+    pub tokens: Vec<u32>,
+    /// Tokens already in `state` (a session's earlier turns).
+    pub context: Vec<u32>,
+    pub state: Option<SeqState>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: StopText,
+    pub ignore_eos: bool,
+    pub session: Option<SessionTurn>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub deadline: Option<Instant>,
+    pub arrived: Instant,
+}
+
+/// A chat turn on a session: what to check back in when it finishes.
+pub(crate) struct SessionTurn {
+    pub lease: Lease,
+    /// The conversation including this turn's new messages.
+    pub messages: Vec<ChatMessage>,
+    /// Their render, whose tokens the state will have consumed.
+    pub rendered: String,
+}
+
+pub(crate) struct Shutdown {
+    /// Running requests still going then are stopped.
+    pub cancel_at: Instant,
+}
+
+/// State shared by the engine thread and the handles.
+pub(crate) struct Inner {
+    pub queue: FairQueue<Job>,
+    pub active: usize,
+    pub shutdown: Option<Shutdown>,
+    /// Set when the engine thread has died.
+    pub dead: Option<String>,
+    pub requests_total: u64,
+    pub prompt_tokens_total: u64,
+    pub generated_tokens_total: u64,
+    /// (when, generated, prefilled) per engine step within the rate window.
+    pub recent: VecDeque<(Instant, u32, u32)>,
+    /// Moving average of the time a request holds a slot.
+    pub mean_service: Option<Duration>,
+}
+
+pub(crate) struct Shared {
+    pub inner: Mutex<Inner>,
+    pub wake: Condvar,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Resolves when the engine thread ends: `Ok` after a shutdown, `Err` with
+/// the reason if it died.
+pub struct EngineExit(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl EngineExit {
+    pub async fn wait(self) -> Result<(), String> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err("the engine thread vanished".into()))
+    }
+}
+
+/// The cloneable front of the scheduler.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    sessions: Arc<SessionStore>,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
+    /// Text of the BOS token, for chat templates.
+    bos_text: String,
+    info: Arc<ModelInfo>,
+    config: Arc<Config>,
+    next_id: Arc<AtomicU64>,
+    started: Instant,
+}
+
+/// Starts the engine thread with `model`; `info.path` is taken from the
+/// caller (the model does not know its file name).
+pub fn start(
+    model: Model,
+    path: &str,
+    mut config: Config,
+) -> std::io::Result<(Handle, EngineExit)> {
+    config.n_ctx = config.n_ctx.clamp(2, model.desc.n_ctx_train.max(2));
+    config.max_concurrent = config.max_concurrent.max(1);
+    let tokenizer = Arc::new(
+        Tokenizer::from_gguf(model.gguf())
+            .map_err(|e| std::io::Error::other(format!("the model's tokenizer: {e}")))?,
+    );
+    let template_src = model
+        .gguf()
+        .get("tokenizer.chat_template")
+        .and_then(crate::gguf::Value::as_str);
+    let template = match template_src.map(ChatTemplate::new) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            eprintln!(
+                "lfmd: the model's chat template is unusable ({e}); using the built-in LFM2 one"
+            );
+            ChatTemplate::builtin()
+        }
+        None => ChatTemplate::builtin(),
+    };
+    let bos_text = tokenizer
+        .bos()
+        .and_then(|b| tokenizer.piece(b, true))
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let info = model_info(&model, path, &config, template_src.is_some());
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            queue: FairQueue::new(config.queue_capacity),
+            active: 0,
+            shutdown: None,
+            dead: None,
+            requests_total: 0,
+            prompt_tokens_total: 0,
+            generated_tokens_total: 0,
+            recent: VecDeque::new(),
+            mean_service: None,
+        }),
+        wake: Condvar::new(),
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let worker = worker::Worker::new(model, tokenizer.clone(), shared.clone(), config.clone());
+    std::thread::Builder::new()
+        .name("lfmd-engine".into())
+        .spawn(move || {
+            let _ = tx.send(worker.run());
+        })?;
+    let handle = Handle {
+        shared,
+        sessions: SessionStore::new(config.max_sessions, config.session_idle),
+        tokenizer,
+        template: Arc::new(template),
+        bos_text,
+        info: Arc::new(info),
+        config: Arc::new(config),
+        next_id: Arc::new(AtomicU64::new(1)),
+        started: Instant::now(),
+    };
+    Ok((handle, EngineExit(rx)))
+}
+
+fn model_info(model: &Model, path: &str, config: &Config, has_template: bool) -> ModelInfo {
+    let d = &model.desc;
+    let report = crate::inspect::inspect(model.gguf().header(), path);
+    ModelInfo {
+        path: path.to_owned(),
+        architecture: report.architecture.unwrap_or_default(),
+        name: report.name.unwrap_or_default(),
+        file_type: report.file_type.unwrap_or_default(),
+        file_bytes: report.file_bytes,
+        n_params: report.total_params,
+        n_layer: d.n_layer,
+        n_embd: d.n_embd,
+        n_vocab: d.n_vocab,
+        n_expert: d.n_expert,
+        n_expert_used: d.n_expert_used,
+        n_ctx_train: d.n_ctx_train,
+        context: config.n_ctx,
+        has_chat_template: has_template,
+        isa: model.isa_name(),
+        threads: model.n_threads(),
+    }
+}
+
+impl Handle {
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of `text` (BOS as the model says unless told).
+    pub fn tokenize(&self, text: &str, add_bos: Option<bool>, parse_special: bool) -> Vec<u32> {
+        let bos = add_bos.unwrap_or(self.tokenizer.special_ids().add_bos);
+        self.tokenizer.encode(text, bos, parse_special)
+    }
+
+    /// Text of `ids` (special tokens as their text); ids outside the
+    /// vocabulary are refused.
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, SubmitError> {
+        let n = self.tokenizer.n_vocab();
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= n) {
+            return Err(SubmitError::Invalid(format!(
+                "token_ids[{i}] = {id} is outside the vocabulary (0..{n})"
+            )));
+        }
+        Ok(self.tokenizer.decode(ids))
+    }
+
+    pub fn status(&self) -> Status {
+        let now = Instant::now();
+        let mut g = self.shared.lock();
+        while g
+            .recent
+            .front()
+            .is_some_and(|(t, ..)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            g.recent.pop_front();
+        }
+        let (generated, prefilled) = g.recent.iter().fold((0u64, 0u64), |(a, b), (_, x, y)| {
+            (a + *x as u64, b + *y as u64)
+        });
+        let window = RATE_WINDOW
+            .min(now.duration_since(self.started))
+            .as_secs_f64()
+            .max(1e-3);
+        let s = Status {
+            active: g.active,
+            queued: g.queue.len(),
+            max_concurrent: self.config.max_concurrent,
+            queue_capacity: self.config.queue_capacity,
+            sessions: 0,
+            requests_total: g.requests_total,
+            prompt_tokens_total: g.prompt_tokens_total,
+            generated_tokens_total: g.generated_tokens_total,
+            generated_tokens_per_second: generated as f64 / window,
+            prefill_tokens_per_second: prefilled as f64 / window,
+            uptime: now.duration_since(self.started),
+            memory: crate::procstat::memory(),
+        };
+        drop(g);
+        Status {
+            sessions: self.sessions.len(now),
+            ..s
+        }
+    }
+
+    /// Stops taking requests: waiting ones fail now, running ones get
+    /// `grace` to finish, then are stopped. The engine thread then exits
+    /// (see [`EngineExit`]).
+    pub fn shutdown(&self, grace: Duration) {
+        let mut g = self.shared.lock();
+        if g.shutdown.is_none() {
+            g.shutdown = Some(Shutdown {
+                cancel_at: Instant::now() + grace,
+            });
+        }
+        drop(g);
+        self.shared.wake.notify_all();
+    }
+
+    /// Validates, renders and tokenizes `req`, then queues it.
+    pub fn submit(&self, req: Request) -> Result<Generation, SubmitError> {
+        let arrived = Instant::now();
+        let Request {
+            input,
+            options,
+            client,
+            priority,
+            deadline,
+        } = req;
+        options
+            .sampling
+            .validate()
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let max_tokens = options.max_tokens.unwrap_or(self.config.default_max_tokens);
+        if max_tokens == 0 {
+            return Err(SubmitError::Invalid(
+                "max_tokens must be at least 1 (leave it unset for the default)".into(),
+            ));
+        }
+        let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let (tokens, context, mut state, mut session) = match input {
+            Input::Prompt { text, add_bos } => {
+                if text.is_empty() {
+                    return Err(SubmitError::Invalid(
+                        "the prompt is empty: give some text to continue".into(),
+                    ));
+                }
+                (self.tokenize(&text, add_bos, true), Vec::new(), None, None)
+            }
+            Input::Chat { messages, session } => {
+                self.prepare_chat(messages, session, &client, arrived)?
+            }
+        };
+        let prompt_tokens = context.len() + tokens.len();
+        if prompt_tokens >= self.config.n_ctx {
+            // The session keeps its state: this turn never ran.
+            if let Some(turn) = &mut session {
+                turn.lease.state = state.take();
+            }
+            let what = if context.is_empty() {
+                format!("the prompt is {} tokens", tokens.len())
+            } else {
+                format!(
+                    "the session's conversation would be {prompt_tokens} tokens ({} earlier, {} new)",
+                    context.len(),
+                    tokens.len()
+                )
+            };
+            return Err(SubmitError::TooLong(format!(
+                "{what}, but this daemon's context holds {} (lfmd serve --ctx, at most the model's {}); {}",
+                self.config.n_ctx,
+                self.info.n_ctx_train,
+                if context.is_empty() {
+                    "shorten the prompt"
+                } else {
+                    "start a new session"
+                }
+            )));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            client,
+            priority,
+            tokens,
+            context,
+            state,
+            sampling: options.sampling,
+            max_tokens,
+            stop,
+            ignore_eos: options.ignore_eos,
+            session,
+            events,
+            deadline,
+            arrived,
+        };
+        let mut g = self.shared.lock();
+        if let Some(why) = &g.dead {
+            return Err(SubmitError::EngineDown(why.clone()));
+        }
+        if g.shutdown.is_some() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let (client_id, prio) = (job.client.id.clone(), job.priority);
+        let headroom = self.config.max_concurrent.saturating_sub(g.active);
+        if let Err(mut job) = g.queue.push(&client_id, prio, job, headroom) {
+            let queued = g.queue.len();
+            let mean = g.mean_service.unwrap_or(Duration::from_secs(1));
+            drop(g);
+            // The session keeps its state: this turn never ran.
+            if let Some(turn) = &mut job.session {
+                turn.lease.state = job.state.take();
+            }
+            let slots = self.config.max_concurrent as u32;
+            let retry_after = (mean * (queued as u32 / slots).max(1))
+                .clamp(Duration::from_millis(100), Duration::from_secs(60));
+            return Err(SubmitError::QueueFull {
+                queued,
+                max_concurrent: self.config.max_concurrent,
+                retry_after,
+            });
+        }
+        drop(g);
+        self.shared.wake.notify_one();
+        Ok(Generation { id, events: rx })
+    }
+
+    /// Tokens to feed for a chat request, the context and state they
+    /// continue, and the session turn if any.
+    #[allow(clippy::type_complexity)]
+    fn prepare_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+        session: Option<String>,
+        client: &Client,
+        now: Instant,
+    ) -> Result<(Vec<u32>, Vec<u32>, Option<SeqState>, Option<SessionTurn>), SubmitError> {
+        if messages.is_empty() {
+            return Err(SubmitError::Invalid(
+                "no messages: send at least one {role, content} message".into(),
+            ));
+        }
+        if let Some(i) = messages.iter().position(|m| m.role.is_empty()) {
+            return Err(SubmitError::Invalid(format!(
+                "messages[{i}] has an empty role; use system, user, assistant or tool"
+            )));
+        }
+        let render = |msgs: &[ChatMessage]| {
+            self.template
+                .render(msgs, None, true, &self.bos_text)
+                .map_err(|e| {
+                    SubmitError::Invalid(format!(
+                        "the model's chat template cannot render these messages: {e}"
+                    ))
+                })
+        };
+        let Some(id) = session else {
+            let text = render(&messages)?;
+            return Ok((
+                self.tokenizer.encode(&text, false, true),
+                Vec::new(),
+                None,
+                None,
+            ));
+        };
+        if id.is_empty() || id.len() > MAX_SESSION_ID_BYTES {
+            return Err(SubmitError::Invalid(format!(
+                "session_id must be 1 to {MAX_SESSION_ID_BYTES} bytes, got {}",
+                id.len()
+            )));
+        }
+        let mut lease = self.sessions.checkout(
+            SessionKey {
+                owner: client.owner.clone(),
+                id,
+            },
+            now,
+        )?;
+        let mut all = lease.conversation.messages.clone();
+        all.extend(messages);
+        let rendered = render(&all)?;
+        let c = &lease.conversation;
+        let reuse = lease.state.is_some()
+            && !c.text.is_empty()
+            && rendered.starts_with(&c.text)
+            && rendered.len() > c.text.len();
+        let (tokens, context, state) = if reuse {
+            let mut tokens = c.tail.clone();
+            tokens.extend(
+                self.tokenizer
+                    .encode(&rendered[c.text.len()..], false, true),
+            );
+            (tokens, c.tokens.clone(), lease.state.take())
+        } else {
+            // The state (if any) does not match this conversation: start over.
+            lease.state = None;
+            (
+                self.tokenizer.encode(&rendered, false, true),
+                Vec::new(),
+                None,
+            )
+        };
+        Ok((
+            tokens,
+            context,
+            state,
+            Some(SessionTurn {
+                lease,
+                messages: all,
+                rendered,
+            }),
+        ))
+    }
+}
+
+impl SessionTurn {
+    /// Checks the session back in after a finished turn: the reply joins the
+    /// conversation. `tail` says what of the reply the state has not
+    /// consumed (`None`: the state does not match the reply's text, as
+    /// after a stop string, and is dropped); `tokens` are what it has.
+    pub(crate) fn finish(
+        self,
+        reply: String,
+        tail: Option<Vec<u32>>,
+        tokens: Vec<u32>,
+        state: SeqState,
+    ) {
+        let text = format!("{}{reply}", self.rendered);
+        let mut messages = self.messages;
+        messages.push(ChatMessage::new("assistant", reply));
+        match tail {
+            Some(tail) => self.lease.finish(
+                Conversation {
+                    messages,
+                    text,
+                    tail,
+                    tokens,
+                },
+                state,
+            ),
+            None => {
+                let mut lease = self.lease;
+                lease.conversation = Conversation {
+                    messages,
+                    ..Default::default()
+                };
+                lease.state = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgmlType, Gguf};
+
+    fn tiny_handle(config: Config) -> Handle {
+        let mut bytes = Vec::new();
+        let preset = crate::synth::find_preset("tiny-dense").unwrap();
+        crate::synth::write_to(preset, GgmlType::Q8_0, 1, &mut bytes).unwrap();
+        let g = Arc::new(Gguf::from_bytes(bytes).unwrap());
+        let opts = crate::engine::EngineOptions {
+            threads: Some(1),
+            ..Default::default()
+        };
+        let model = Model::from_gguf_with(g, opts).unwrap();
+        start(model, "tiny", config).unwrap().0
+    }
+
+    fn ask(h: &Handle, text: &str) -> Generation {
+        h.submit(Request {
+            input: Input::Prompt {
+                text: text.into(),
+                add_bos: Some(false),
+            },
+            options: Options {
+                max_tokens: Some(3),
+                ..Default::default()
+            },
+            client: Client {
+                id: "t".into(),
+                owner: "t".into(),
+            },
+            priority: Priority::Interactive,
+            deadline: None,
+        })
+        .unwrap()
+    }
+
+    async fn last(g: &mut Generation) -> Event {
+        loop {
+            match g.next().await.expect("a final event") {
+                Event::Delta(_) => {}
+                e => return e,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_step_fails_that_step_and_the_engine_serves_on() {
+        let h = tiny_handle(Config::default());
+        // The faulty prompt's prefill chunk (its whole length) panics.
+        let faulty = "This prompt meets a kernel bug on its way through the model.";
+        let n = h.tokenize(faulty, Some(false), true).len();
+        let fine = "Hi";
+        assert!(n > 1 && h.tokenize(fine, Some(false), true).len() != n);
+        worker::PANIC_ON_CHUNK.store(n, Ordering::Relaxed);
+        let mut bad = ask(&h, faulty);
+        let Event::Failed(Failure::Internal(why)) = last(&mut bad).await else {
+            panic!("the faulty step's request must fail");
+        };
+        assert!(why.contains("injected fault"), "{why}");
+        worker::PANIC_ON_CHUNK.store(0, Ordering::Relaxed);
+        let mut good = ask(&h, fine);
+        assert!(matches!(last(&mut good).await, Event::Done(_)));
+        assert_eq!(h.status().active, 0);
+    }
+}

@@ -1,0 +1,421 @@
+//! The engine thread's loop. Each turn: admit waiting requests into free
+//! slots, drop running ones whose receiver is gone or whose deadline passed,
+//! then one forward step over everything running (decodes plus a bounded
+//! prefill budget), sample, and send the events. It sleeps only when
+//! nothing runs. A panic inside a step fails the requests of that step and
+//! the loop goes on; a panic elsewhere ends the thread, failing everything,
+//! and is reported through `EngineExit`.
+
+use super::plan::{Running as View, plan_step};
+use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats};
+use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
+use crate::sequence::{FinishReason, Sequence};
+use crate::tokenizer::Tokenizer;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+pub(crate) struct Worker {
+    model: Model,
+    tokenizer: Arc<Tokenizer>,
+    shared: Arc<Shared>,
+    config: Config,
+}
+
+/// A request holding a slot.
+struct Running {
+    seq: Sequence,
+    priority: Priority,
+    events: UnboundedSender<Event>,
+    deadline: Option<Instant>,
+    arrived: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    prompt_tokens: usize,
+    prefilled_tokens: usize,
+    /// The text sent so far (kept for sessions only).
+    reply: String,
+    session: Option<SessionTurn>,
+}
+
+impl Job {
+    /// Gives a session back its untouched state (the job never ran).
+    fn abandon(mut self) {
+        if let Some(turn) = &mut self.session {
+            turn.lease.state = self.state.take();
+        }
+    }
+
+    fn fail(self, why: Failure) {
+        let _ = self.events.send(Event::Failed(why));
+        self.abandon();
+    }
+}
+
+impl Running {
+    fn fail(self, why: Failure) {
+        // The session (if any) keeps its conversation; its state was
+        // partly advanced, so it is dropped with the sequence.
+        let _ = self.events.send(Event::Failed(why));
+    }
+}
+
+/// Tests arm this with a chunk length: a forward call feeding a chunk of
+/// exactly that many tokens panics, as a kernel bug would.
+#[cfg(test)]
+pub(crate) static PANIC_ON_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+impl Worker {
+    pub fn new(
+        model: Model,
+        tokenizer: Arc<Tokenizer>,
+        shared: Arc<Shared>,
+        config: Config,
+    ) -> Self {
+        Worker {
+            model,
+            tokenizer,
+            shared,
+            config,
+        }
+    }
+
+    /// Runs until shutdown (`Ok`) or an unrecoverable failure (`Err`).
+    pub fn run(self) -> Result<(), String> {
+        let mut running = Vec::new();
+        match catch_unwind(AssertUnwindSafe(|| self.serve(&mut running))) {
+            Ok(()) => Ok(()),
+            Err(p) => {
+                let msg = panic_message(&*p);
+                eprintln!("lfmd: the engine thread failed and stops serving: {msg}");
+                let mut g = self.shared.lock();
+                g.dead = Some(msg.clone());
+                g.active = 0;
+                let queued = g.queue.drain();
+                drop(g);
+                for job in queued {
+                    job.fail(Failure::Internal(msg.clone()));
+                }
+                for r in running.drain(..) {
+                    r.fail(Failure::Internal(msg.clone()));
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    fn serve(&self, running: &mut Vec<Running>) {
+        while self.admit(running) {
+            self.drop_gone(running);
+            if !running.is_empty() {
+                self.step(running);
+            }
+        }
+    }
+
+    /// Housekeeping under the lock, then fills free slots. Waits while
+    /// nothing runs; returns false when shut down and drained.
+    fn admit(&self, running: &mut Vec<Running>) -> bool {
+        let mut g = self.shared.lock();
+        loop {
+            let now = Instant::now();
+            let gone = g
+                .queue
+                .retain(|j| !j.events.is_closed() && j.deadline.is_none_or(|d| now < d));
+            for job in gone {
+                if job.events.is_closed() {
+                    job.abandon();
+                } else {
+                    job.fail(Failure::DeadlineExceeded);
+                }
+            }
+            if let Some(sd) = &g.shutdown {
+                let cancel = now >= sd.cancel_at;
+                for job in g.queue.drain() {
+                    job.fail(Failure::ShuttingDown);
+                }
+                if cancel {
+                    for r in running.drain(..) {
+                        r.fail(Failure::ShuttingDown);
+                    }
+                }
+            }
+            while running.len() < self.config.max_concurrent {
+                let Some(job) = g.queue.pop() else { break };
+                g.requests_total += 1;
+                g.prompt_tokens_total += job.tokens.len() as u64;
+                running.push(self.start(job, now));
+            }
+            g.active = running.len();
+            if !running.is_empty() {
+                return true;
+            }
+            if g.shutdown.is_some() {
+                return false;
+            }
+            g = self
+                .shared
+                .wake
+                .wait_timeout(g, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn start(&self, mut job: Job, now: Instant) -> Running {
+        let state = job
+            .state
+            .take()
+            .unwrap_or_else(|| SeqState::new(&self.model));
+        let prompt_tokens = state.len() + job.tokens.len();
+        let prefilled_tokens = job.tokens.len();
+        let mut seq = Sequence::resume(
+            &self.model,
+            self.tokenizer.clone(),
+            state,
+            std::mem::take(&mut job.context),
+            std::mem::take(&mut job.tokens),
+            std::mem::take(&mut job.sampling),
+            job.max_tokens,
+            std::mem::take(&mut job.stop),
+        );
+        seq.set_context_limit(self.config.n_ctx);
+        if job.ignore_eos {
+            seq.ignore_eos();
+        }
+        Running {
+            seq,
+            priority: job.priority,
+            events: job.events.clone(),
+            deadline: job.deadline,
+            arrived: job.arrived,
+            admitted: now,
+            first_token: None,
+            prompt_tokens,
+            prefilled_tokens,
+            reply: String::new(),
+            session: job.session.take(),
+        }
+    }
+
+    /// Frees the slots of requests whose client went away (cancelled) or
+    /// whose deadline passed.
+    fn drop_gone(&self, running: &mut Vec<Running>) {
+        let now = Instant::now();
+        let before = running.len();
+        let mut expired = Vec::new();
+        let mut i = 0;
+        while i < running.len() {
+            let r = &running[i];
+            if r.events.is_closed() {
+                running.remove(i);
+            } else if r.deadline.is_some_and(|d| now >= d) {
+                expired.push(running.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        if running.len() != before {
+            self.shared.lock().active = running.len();
+        }
+        for r in expired {
+            r.fail(Failure::DeadlineExceeded);
+        }
+    }
+
+    /// One forward call over every running sequence, then sampling.
+    fn step(&self, running: &mut Vec<Running>) {
+        let views: Vec<View> = running
+            .iter()
+            .map(|r| View {
+                pending: r.seq.pending_len(),
+                priority: r.priority,
+            })
+            .collect();
+        let take = plan_step(&views, self.config.prefill_chunk);
+        let chunks: Vec<Vec<u32>> = running
+            .iter()
+            .zip(&take)
+            .map(|(r, &n)| r.seq.next_input(n).to_vec())
+            .collect();
+        let wants: Vec<bool> = running
+            .iter()
+            .zip(&chunks)
+            .map(|(r, c)| !c.is_empty() && r.seq.needs_logits(c.len()))
+            .collect();
+        let prefill: usize = running
+            .iter()
+            .zip(&chunks)
+            .filter(|(r, _)| r.seq.generated().is_empty())
+            .map(|(_, c)| c.len())
+            .sum();
+
+        let forward = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(test)]
+            {
+                let n = PANIC_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed);
+                assert!(
+                    n == 0 || chunks.iter().all(|c| c.len() != n),
+                    "injected fault"
+                );
+            }
+            let mut items: Vec<BatchItem<'_>> = running
+                .iter_mut()
+                .zip(&chunks)
+                .zip(&wants)
+                .filter(|((_, c), _)| !c.is_empty())
+                .map(|((r, c), &want)| BatchItem {
+                    state: &mut r.seq.state,
+                    tokens: c,
+                    logits: if want {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                })
+                .collect();
+            self.model.forward(&mut items)
+        }));
+        let logits = match forward {
+            Ok(Ok(l)) => l,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(p) => panic_message(&*p),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                eprintln!("lfmd: a forward step failed ({why}); failing its requests");
+                let mut i = 0;
+                let mut failed = Vec::new();
+                for c in &chunks {
+                    if c.is_empty() {
+                        i += 1;
+                    } else {
+                        failed.push(running.remove(i));
+                    }
+                }
+                self.shared.lock().active = running.len();
+                for r in failed {
+                    r.fail(Failure::Internal(why.clone()));
+                }
+                return;
+            }
+        };
+
+        let now = Instant::now();
+        let mut generated = 0u32;
+        let mut finished = Vec::new();
+        let mut k = 0;
+        for (i, r) in running.iter_mut().enumerate() {
+            let (chunk, want) = (&chunks[i], wants[i]);
+            if chunk.is_empty() {
+                continue;
+            }
+            let row = want.then(|| &logits[k][..]);
+            k += 1;
+            let advanced = catch_unwind(AssertUnwindSafe(|| r.seq.advance(chunk.len(), row)));
+            let step = match advanced {
+                Ok(s) => s,
+                Err(p) => {
+                    finished.push((i, Err(Failure::Internal(panic_message(&*p)))));
+                    continue;
+                }
+            };
+            let Some(step) = step else { continue };
+            generated += 1;
+            r.first_token.get_or_insert(now);
+            if r.session.is_some() {
+                r.reply.push_str(&step.text);
+            }
+            let _ = r.events.send(Event::Delta(super::Delta {
+                text: step.text,
+                tokens: vec![step.token],
+            }));
+            if step.finished.is_some() {
+                finished.push((i, Ok(())));
+            }
+        }
+        let mut service = Vec::new();
+        let mut ended = Vec::new();
+        for (i, outcome) in finished.into_iter().rev() {
+            let r = running.remove(i);
+            service.push(now.duration_since(r.admitted));
+            ended.push((r, outcome));
+        }
+
+        // Counts first, so a client that sees its final event and asks for
+        // the status no longer finds itself running.
+        let mut g = self.shared.lock();
+        g.generated_tokens_total += generated as u64;
+        g.recent.push_back((now, generated, prefill as u32));
+        while g
+            .recent
+            .front()
+            .is_some_and(|(t, ..)| now.duration_since(*t) > super::RATE_WINDOW)
+        {
+            g.recent.pop_front();
+        }
+        for s in service {
+            g.mean_service = Some(match g.mean_service {
+                Some(m) => (m * 7 + s) / 8,
+                None => s,
+            });
+        }
+        g.active = running.len();
+        drop(g);
+        for (r, outcome) in ended.into_iter().rev() {
+            match outcome {
+                Ok(()) => self.finish(r, now),
+                Err(why) => r.fail(why),
+            }
+        }
+    }
+
+    /// Checks a session back in, then sends the final event (in that
+    /// order, so a client may send its next turn as soon as it sees Done).
+    fn finish(&self, r: Running, now: Instant) {
+        let reason = r.seq.finish_reason().cloned().expect("finished");
+        let first = r.first_token.unwrap_or(now);
+        let stats = Stats {
+            prompt_tokens: r.prompt_tokens,
+            prefilled_tokens: r.prefilled_tokens,
+            generated_tokens: r.seq.generated().len(),
+            queue: r.admitted.duration_since(r.arrived),
+            time_to_first_token: first.duration_since(r.arrived),
+            total: now.duration_since(r.arrived),
+        };
+        let events = r.events;
+        let session = r.session.as_ref().map(|t| t.lease.id().to_owned());
+        if let Some(turn) = r.session {
+            // A finished sequence has fed all it saw but its last sampled
+            // token. After an end-of-generation token the template closes
+            // the reply itself; after max_tokens the last token is still to
+            // feed. Other endings leave a state that does not match the
+            // reply's text.
+            let mut tokens = r.seq.history().to_vec();
+            let state = r.seq.into_state();
+            let last = tokens.pop();
+            let tail = match (&reason, last) {
+                (FinishReason::Eos, Some(_)) => Some(Vec::new()),
+                (FinishReason::Length, Some(t)) => Some(vec![t]),
+                _ => None,
+            }
+            .filter(|_| tokens.len() == state.len());
+            turn.finish(r.reply, tail, tokens, state);
+        }
+        let _ = events.send(Event::Done(Done {
+            reason,
+            stats,
+            session,
+        }));
+    }
+}

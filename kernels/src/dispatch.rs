@@ -149,17 +149,38 @@ fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
     })
 }
 
+/// Safe [`DotFn`] wrappers around the aarch64 kernels.
 #[cfg(target_arch = "aarch64")]
-fn q4_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when NEON is present; rows as for
-    // the x86 kernels.
-    unsafe { crate::arm::neon::dot_q4_0_q8_0(ws, xs, out) }
+macro_rules! neon_dots {
+    ($($name:ident => $kernel:path,)*) => {$(
+        fn $name(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+            // SAFETY: handed out by `dot_fn` only when NEON is present, and
+            // the `_sdot` ones only when dotprod is too; the matmul driver
+            // passes 1..=2 weight rows and 1..=4 activation rows of the same
+            // length (the kernels assert it).
+            unsafe { $kernel(ws, xs, out) }
+        }
+    )*};
 }
 
 #[cfg(target_arch = "aarch64")]
-fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { crate::arm::neon::dot_q8_0_q8_0(ws, xs, out) }
+neon_dots! {
+    f32_neon => crate::arm::float::f32_f32,
+    f16_neon => crate::arm::float::f16_f32,
+    bf16_neon => crate::arm::float::bf16_f32,
+    q4_0_neon => crate::arm::legacy::q4_0,
+    q4_1_neon => crate::arm::legacy::q4_1,
+    q5_0_neon => crate::arm::legacy::q5_0,
+    q5_1_neon => crate::arm::legacy::q5_1,
+    q8_0_neon => crate::arm::legacy::q8_0,
+    q4_0_sdot => crate::arm::legacy::q4_0_sdot,
+    q4_1_sdot => crate::arm::legacy::q4_1_sdot,
+    q5_0_sdot => crate::arm::legacy::q5_0_sdot,
+    q5_1_sdot => crate::arm::legacy::q5_1_sdot,
+    q8_0_sdot => crate::arm::legacy::q8_0_sdot,
+    q4k_neon => crate::arm::kquants::q4k,
+    q5k_neon => crate::arm::kquants::q5k,
+    q6k_neon => crate::arm::kquants::q6k,
 }
 
 /// The row dot for weights of `ty` against activations of
@@ -190,11 +211,26 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon && isa.available() {
-        match ty {
-            WeightType::Q4_0 => return q4_0_neon,
-            WeightType::Q8_0 => return q8_0_neon,
-            _ => {}
-        }
+        // The k-quants have no sdot variant (see `arm::kquants`).
+        let sdot = crate::arm::has_dotprod();
+        return match ty {
+            WeightType::F32 => f32_neon,
+            WeightType::F16 => f16_neon,
+            WeightType::BF16 => bf16_neon,
+            WeightType::Q4_0 if sdot => q4_0_sdot,
+            WeightType::Q4_0 => q4_0_neon,
+            WeightType::Q4_1 if sdot => q4_1_sdot,
+            WeightType::Q4_1 => q4_1_neon,
+            WeightType::Q5_0 if sdot => q5_0_sdot,
+            WeightType::Q5_0 => q5_0_neon,
+            WeightType::Q5_1 if sdot => q5_1_sdot,
+            WeightType::Q5_1 => q5_1_neon,
+            WeightType::Q8_0 if sdot => q8_0_sdot,
+            WeightType::Q8_0 => q8_0_neon,
+            WeightType::Q4K => q4k_neon,
+            WeightType::Q5K => q5k_neon,
+            WeightType::Q6K => q6k_neon,
+        };
     }
     match ty {
         WeightType::F32 => dot_f32,

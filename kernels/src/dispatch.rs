@@ -264,6 +264,49 @@ pub fn quantize_activations(ty: WeightType, x: &[f32], cols: usize, out: &mut Ve
 mod tests {
     use super::*;
 
+    /// On aarch64 the NEON entry of every quantized type gives the scalar
+    /// entry's bits for every tile shape (so each type is wired to its own
+    /// kernel, and the sdot choice changes nothing).
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_quantized_entries_give_the_scalar_bits() {
+        let mut seed = 11u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for ty in WeightType::ALL
+            .into_iter()
+            .filter(|t| act_type_for(*t) != ActType::F32)
+        {
+            let n = 5 * ty.block_size();
+            let ws: Vec<Vec<u8>> = (0..2)
+                .map(|_| {
+                    let w: Vec<f32> = (0..n).map(|_| rnd()).collect();
+                    let mut wq = vec![0u8; ty.row_bytes(n)];
+                    scalar::quantize_row(ty, &w, &mut wq);
+                    wq
+                })
+                .collect();
+            let x: Vec<f32> = (0..4 * n).map(|_| rnd() * 3.0).collect();
+            let mut xq = Vec::new();
+            let row = quantize_activations(ty, &x, n, &mut xq);
+            let xs: Vec<&[u8]> = xq.chunks_exact(row).collect();
+            for r in 1..=2 {
+                let wr: Vec<&[u8]> = ws[..r].iter().map(Vec::as_slice).collect();
+                for t in 1..=4 {
+                    let (mut got, mut want) = (vec![0.0f32; r * t], vec![0.0f32; r * t]);
+                    dot_fn(Isa::Neon, ty)(&wr, &xs[..t], n, &mut got);
+                    dot_fn(Isa::Scalar, ty)(&wr, &xs[..t], n, &mut want);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{ty:?} {r}x{t}");
+                }
+            }
+        }
+    }
+
     /// Every (ISA, type) entry agrees with the scalar reference of the same
     /// pairing on random rows, including odd block counts.
     #[test]

@@ -9,7 +9,7 @@
 //! the batch. Error: at most about (n / 16 + 16) f32 roundings of the sum
 //! of |w * x|, which the tests check against an f64 reference.
 
-use super::simd::f16x4_to_f32;
+use super::simd::{block, f16x4_to_f32};
 use std::arch::aarch64::*;
 
 /// Accumulators per (row, token): 4 vectors of 4 lanes keep four
@@ -24,11 +24,11 @@ trait FloatRow {
     /// Bytes per weight.
     const BYTES: usize;
 
-    /// Weights `at..at + 16` of row `w` as f32.
+    /// The 16 weights of `chunk` (16 x `BYTES` bytes) as f32.
     ///
     /// # Safety
     /// NEON must be available (it is baseline on aarch64 Linux).
-    unsafe fn load16(w: &[u8], at: usize) -> [float32x4_t; 4];
+    unsafe fn load16(chunk: &[u8]) -> [float32x4_t; 4];
 
     /// Weight `at` of row `w` as f32.
     fn get(w: &[u8], at: usize) -> f32;
@@ -59,8 +59,13 @@ impl FloatRow for F32 {
 
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn load16(w: &[u8], at: usize) -> [float32x4_t; 4] {
-        std::array::from_fn(|k| f32x4_at(w, 4 * at + 16 * k))
+    unsafe fn load16(w: &[u8]) -> [float32x4_t; 4] {
+        [
+            f32x4_at(w, 0),
+            f32x4_at(w, 16),
+            f32x4_at(w, 32),
+            f32x4_at(w, 48),
+        ]
     }
 
     fn get(w: &[u8], at: usize) -> f32 {
@@ -73,10 +78,10 @@ impl FloatRow for F16 {
 
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn load16(w: &[u8], at: usize) -> [float32x4_t; 4] {
+    unsafe fn load16(w: &[u8]) -> [float32x4_t; 4] {
         let (a, b) = (
-            vreinterpretq_u16_u8(bytes16(w, 2 * at)),
-            vreinterpretq_u16_u8(bytes16(w, 2 * at + 16)),
+            vreinterpretq_u16_u8(bytes16(w, 0)),
+            vreinterpretq_u16_u8(bytes16(w, 16)),
         );
         [
             f16x4_to_f32(vget_low_u16(a)),
@@ -96,11 +101,11 @@ impl FloatRow for Bf16 {
 
     #[inline]
     #[target_feature(enable = "neon")]
-    unsafe fn load16(w: &[u8], at: usize) -> [float32x4_t; 4] {
+    unsafe fn load16(w: &[u8]) -> [float32x4_t; 4] {
         // A bf16 is the top half of an f32: widen each u16 into the high bits.
         let (a, b) = (
-            vreinterpretq_u16_u8(bytes16(w, 2 * at)),
-            vreinterpretq_u16_u8(bytes16(w, 2 * at + 16)),
+            vreinterpretq_u16_u8(bytes16(w, 0)),
+            vreinterpretq_u16_u8(bytes16(w, 16)),
         );
         [
             vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(a))),
@@ -126,12 +131,19 @@ fn tile<K: FloatRow, const R: usize, const N: usize>(
     out: &mut [f32],
 ) {
     let mut acc = [[[vdupq_n_f32(0.0); 4]; N]; R];
-    let body = n / LANES * LANES;
-    for at in (0..body).step_by(LANES) {
-        // SAFETY: NEON is baseline on aarch64.
-        let w: [[float32x4_t; 4]; R] = std::array::from_fn(|r| unsafe { K::load16(ws[r], at) });
+    let chunks = n / LANES;
+    for c in 0..chunks {
+        // SAFETY: c < n / 16, and the rows hold n elements (checked by `rows`).
+        let first = unsafe { K::load16(block(ws[0], c, LANES * K::BYTES)) };
+        let mut w = [first; R];
+        for r in 1..R {
+            // SAFETY: as above.
+            w[r] = unsafe { K::load16(block(ws[r], c, LANES * K::BYTES)) };
+        }
         for t in 0..N {
-            let x: [float32x4_t; 4] = std::array::from_fn(|k| f32x4_at(xs[t], 4 * at + 16 * k));
+            // SAFETY: as above; activations are f32.
+            let xb = unsafe { block(xs[t], c, LANES * 4) };
+            let x = [0, 1, 2, 3].map(|k| f32x4_at(xb, 16 * k));
             for r in 0..R {
                 for k in 0..4 {
                     acc[r][t][k] = vfmaq_f32(acc[r][t][k], w[r][k], x[k]);
@@ -139,6 +151,7 @@ fn tile<K: FloatRow, const R: usize, const N: usize>(
             }
         }
     }
+    let body = chunks * LANES;
     for r in 0..R {
         for t in 0..N {
             let [a0, a1, a2, a3] = acc[r][t];

@@ -1,6 +1,13 @@
 //! NEON dots of the k-quant super-blocks (Q4_K, Q5_K, Q6_K) with Q8_K
 //! activations, for 1-2 weight rows x 1-4 activation rows per call.
 //!
+//! Each weight block is expanded once and serves up to four tokens, but the
+//! rows of a call run one after the other: an expanded super-block is 16
+//! vectors, two of them do not fit the 32 registers beside the activations,
+//! and the spills cost more than sharing the activation loads saves
+//! (measured: a 2-row x 4-token Q4_K tile took ~70% more instructions per
+//! dot than two 1 x 4 passes).
+//!
 //! Bit-identical to `scalar::vec_dot`, which follows ggml's generic order:
 //! per super-block, integer products go to 8 interleaved lanes (element `e`
 //! to lane `e % 8`), each lane is converted and scaled into its own f32 sum,
@@ -16,7 +23,7 @@
 //! byte transpose of every activation block for every weight row, which
 //! costs more than the `sdot`s save over the i16 multiply-accumulates here.
 
-use super::simd::{f16_to_f32, le_f32, le_u16, load_s8, load_u8};
+use super::simd::{block, f16_to_f32, le_f32, le_u16, load_s8, load_u8};
 use std::arch::aarch64::*;
 
 const Q8K_BYTES: usize = 292;
@@ -98,6 +105,10 @@ fn sub16<const L: i32>(li: &mut [int32x4_t; 2], w: int8x16_t, x: int8x16_t, scal
 
 /// One k-quant format: its block expanded once per call, the integer lanes
 /// against a Q8_K block, and the float update of one (row, token).
+///
+/// The implementations are `#[inline(always)]`, which `#[target_feature]`
+/// forbids, hence `unsafe fn` without it: left to the inliner, the larger
+/// ones stay out of line and pass their 16 vectors through memory.
 trait KQuant {
     const BYTES: usize;
     type Unpacked: Copy;
@@ -106,11 +117,11 @@ trait KQuant {
     /// NEON must be available (it is baseline on aarch64 Linux).
     unsafe fn unpack(b: &[u8]) -> Self::Unpacked;
 
-    /// The 8 interleaved integer lanes of each row against Q8_K block `xb`.
+    /// The 8 interleaved integer lanes of `w` against Q8_K block `xb`.
     ///
     /// # Safety
     /// As for [`KQuant::unpack`].
-    unsafe fn lanes<const R: usize>(w: &[Self::Unpacked; R], xb: &[u8]) -> [[int32x4_t; 2]; R];
+    unsafe fn lanes(w: &Self::Unpacked, xb: &[u8]) -> [int32x4_t; 2];
 
     /// Folds one row's lanes `li` for Q8_K block `xb` (scale `xd`) into `acc`.
     ///
@@ -161,15 +172,12 @@ fn affine_header(b: &[u8], q: [int8x16_t; 16]) -> Affine {
 /// Integer lanes shared by Q4_K and Q5_K (same element order and scales).
 #[inline]
 #[target_feature(enable = "neon")]
-fn affine_lanes<const R: usize>(w: &[Affine; R], xb: &[u8]) -> [[int32x4_t; 2]; R] {
-    let mut li = [[vdupq_n_s32(0); 2]; R];
+fn affine_lanes(w: &Affine, xb: &[u8]) -> [int32x4_t; 2] {
+    let mut li = [vdupq_n_s32(0); 2];
     macro_rules! sub_block {
         ($($j:literal)*) => {$(
             let (x0, x1) = (load_s8(xb, 4 + 32 * $j), load_s8(xb, 20 + 32 * $j));
-            for r in 0..R {
-                let q = &w[r].q;
-                sub32::<$j>(&mut li[r], q[2 * $j], q[2 * $j + 1], x0, x1, w[r].scales);
-            }
+            sub32::<$j>(&mut li, w.q[2 * $j], w.q[2 * $j + 1], x0, x1, w.scales);
         )*};
     }
     sub_block!(0 1 2 3 4 5 6 7);
@@ -197,33 +205,35 @@ impl KQuant for Q4K {
     const BYTES: usize = 144;
     type Unpacked = Affine;
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn unpack(b: &[u8]) -> Affine {
-        let mut q = [vdupq_n_s8(0); 16];
-        let low = vdupq_n_u8(0x0f);
-        for c in 0..4 {
-            // Bytes 32c..32c+32 of qs: sub-block 2c in the low nibbles,
-            // 2c + 1 in the high ones.
-            let (a, b) = (load_u8(b, 16 + 32 * c), load_u8(b, 32 + 32 * c));
-            q[4 * c] = vreinterpretq_s8_u8(vandq_u8(a, low));
-            q[4 * c + 1] = vreinterpretq_s8_u8(vandq_u8(b, low));
-            q[4 * c + 2] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(a));
-            q[4 * c + 3] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(b));
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe {
+            let mut q = [vdupq_n_s8(0); 16];
+            let low = vdupq_n_u8(0x0f);
+            for c in 0..4 {
+                // Bytes 32c..32c+32 of qs: sub-block 2c in the low nibbles,
+                // 2c + 1 in the high ones.
+                let (a, b) = (load_u8(b, 16 + 32 * c), load_u8(b, 32 + 32 * c));
+                q[4 * c] = vreinterpretq_s8_u8(vandq_u8(a, low));
+                q[4 * c + 1] = vreinterpretq_s8_u8(vandq_u8(b, low));
+                q[4 * c + 2] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(a));
+                q[4 * c + 3] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(b));
+            }
+            affine_header(b, q)
         }
-        affine_header(b, q)
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
-    unsafe fn lanes<const R: usize>(w: &[Affine; R], xb: &[u8]) -> [[int32x4_t; 2]; R] {
-        affine_lanes(w, xb)
+    #[inline(always)]
+    unsafe fn lanes(w: &Affine, xb: &[u8]) -> [int32x4_t; 2] {
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe { affine_lanes(w, xb) }
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn accumulate(acc: &mut Acc, w: &Affine, li: [int32x4_t; 2], xb: &[u8], xd: f32) {
-        affine_accumulate(acc, w, li, xb, xd)
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe { affine_accumulate(acc, w, li, xb, xd) }
     }
 }
 
@@ -231,41 +241,43 @@ impl KQuant for Q5K {
     const BYTES: usize = 176;
     type Unpacked = Affine;
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn unpack(b: &[u8]) -> Affine {
-        let mut q = [vdupq_n_s8(0); 16];
-        let low = vdupq_n_u8(0x0f);
-        let bit4 = vdupq_n_u8(0x10);
-        // Sub-block j's fifth bits are bit j of qh[0..32].
-        let qh = [load_u8(b, 16), load_u8(b, 32)];
-        for c in 0..4 {
-            let qs = [load_u8(b, 48 + 32 * c), load_u8(b, 64 + 32 * c)];
-            for k in 0..2 {
-                for (half, nib) in [vandq_u8(qs[k], low), vshrq_n_u8::<4>(qs[k])]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let j = 2 * c + half;
-                    // Bit j moved to bit 4 (a negative shift moves right).
-                    let high = vandq_u8(vshlq_u8(qh[k], vdupq_n_s8(4 - j as i8)), bit4);
-                    q[2 * j + k] = vreinterpretq_s8_u8(vorrq_u8(nib, high));
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe {
+            let mut q = [vdupq_n_s8(0); 16];
+            let low = vdupq_n_u8(0x0f);
+            let bit4 = vdupq_n_u8(0x10);
+            // Sub-block j's fifth bits are bit j of qh[0..32].
+            let qh = [load_u8(b, 16), load_u8(b, 32)];
+            for c in 0..4 {
+                let qs = [load_u8(b, 48 + 32 * c), load_u8(b, 64 + 32 * c)];
+                for k in 0..2 {
+                    for (half, nib) in [vandq_u8(qs[k], low), vshrq_n_u8::<4>(qs[k])]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let j = 2 * c + half;
+                        // Bit j moved to bit 4 (a negative shift moves right).
+                        let high = vandq_u8(vshlq_u8(qh[k], vdupq_n_s8(4 - j as i8)), bit4);
+                        q[2 * j + k] = vreinterpretq_s8_u8(vorrq_u8(nib, high));
+                    }
                 }
             }
+            affine_header(b, q)
         }
-        affine_header(b, q)
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
-    unsafe fn lanes<const R: usize>(w: &[Affine; R], xb: &[u8]) -> [[int32x4_t; 2]; R] {
-        affine_lanes(w, xb)
+    #[inline(always)]
+    unsafe fn lanes(w: &Affine, xb: &[u8]) -> [int32x4_t; 2] {
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe { affine_lanes(w, xb) }
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn accumulate(acc: &mut Acc, w: &Affine, li: [int32x4_t; 2], xb: &[u8], xd: f32) {
-        affine_accumulate(acc, w, li, xb, xd)
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe { affine_accumulate(acc, w, li, xb, xd) }
     }
 }
 
@@ -282,98 +294,123 @@ impl KQuant for Q6K {
     const BYTES: usize = 210;
     type Unpacked = Six;
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn unpack(b: &[u8]) -> Six {
-        let mut q = [vdupq_n_s8(0); 16];
-        let (three, offset) = (vdupq_n_u8(3), vdupq_n_s8(32));
-        for h in 0..2 {
-            for k in 0..2 {
-                // Lanes 16k..16k+16 of quarter q of half h: the low (q < 2)
-                // or high nibble of ql[64h + 32 * (q % 2) + l], bits 2q..2q+2
-                // of qh[32h + l] on top.
-                let a = load_u8(b, 64 * h + 16 * k);
-                let c = load_u8(b, 64 * h + 32 + 16 * k);
-                let hb = load_u8(b, 128 + 32 * h + 16 * k);
-                let codes = [
-                    vsliq_n_u8::<4>(a, vandq_u8(hb, three)),
-                    vsliq_n_u8::<4>(c, vandq_u8(vshrq_n_u8::<2>(hb), three)),
-                    vsliq_n_u8::<4>(vshrq_n_u8::<4>(a), vandq_u8(vshrq_n_u8::<4>(hb), three)),
-                    vsliq_n_u8::<4>(vshrq_n_u8::<4>(c), vshrq_n_u8::<6>(hb)),
-                ];
-                for (quarter, code) in codes.into_iter().enumerate() {
-                    q[8 * h + 2 * quarter + k] = vsubq_s8(vreinterpretq_s8_u8(code), offset);
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe {
+            let mut q = [vdupq_n_s8(0); 16];
+            let (three, offset) = (vdupq_n_u8(3), vdupq_n_s8(32));
+            for h in 0..2 {
+                for k in 0..2 {
+                    // Lanes 16k..16k+16 of quarter q of half h: the low (q < 2)
+                    // or high nibble of ql[64h + 32 * (q % 2) + l], bits 2q..2q+2
+                    // of qh[32h + l] on top.
+                    let a = load_u8(b, 64 * h + 16 * k);
+                    let c = load_u8(b, 64 * h + 32 + 16 * k);
+                    let hb = load_u8(b, 128 + 32 * h + 16 * k);
+                    let codes = [
+                        vsliq_n_u8::<4>(a, vandq_u8(hb, three)),
+                        vsliq_n_u8::<4>(c, vandq_u8(vshrq_n_u8::<2>(hb), three)),
+                        vsliq_n_u8::<4>(vshrq_n_u8::<4>(a), vandq_u8(vshrq_n_u8::<4>(hb), three)),
+                        vsliq_n_u8::<4>(vshrq_n_u8::<4>(c), vshrq_n_u8::<6>(hb)),
+                    ];
+                    for (quarter, code) in codes.into_iter().enumerate() {
+                        q[8 * h + 2 * quarter + k] = vsubq_s8(vreinterpretq_s8_u8(code), offset);
+                    }
                 }
             }
-        }
-        let sc = load_s8(b, 192);
-        Six {
-            q,
-            d: f16_to_f32(le_u16(b, 208)),
-            scales: [vmovl_s8(vget_low_s8(sc)), vmovl_high_s8(sc)],
+            let sc = load_s8(b, 192);
+            Six {
+                q,
+                d: f16_to_f32(le_u16(b, 208)),
+                scales: [vmovl_s8(vget_low_s8(sc)), vmovl_high_s8(sc)],
+            }
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
-    unsafe fn lanes<const R: usize>(w: &[Six; R], xb: &[u8]) -> [[int32x4_t; 2]; R] {
-        let mut li = [[vdupq_n_s32(0); 2]; R];
-        // Two products per i16 lane: |value| <= 32, so far below 2^15.
-        macro_rules! group {
-            ($($g:literal)*) => {$(
-                let x = load_s8(xb, 4 + 16 * $g);
-                for r in 0..R {
-                    sub16::<{ $g % 8 }>(&mut li[r], w[r].q[$g], x, w[r].scales[$g / 8]);
-                }
-            )*};
+    #[inline(always)]
+    unsafe fn lanes(w: &Six, xb: &[u8]) -> [int32x4_t; 2] {
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe {
+            let mut li = [vdupq_n_s32(0); 2];
+            // Two products per i16 lane: |value| <= 32, so far below 2^15.
+            macro_rules! group {
+                ($($g:literal)*) => {$(
+                    let x = load_s8(xb, 4 + 16 * $g);
+                    sub16::<{ $g % 8 }>(&mut li, w.q[$g], x, w.scales[$g / 8]);
+                )*};
+            }
+            group!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            li
         }
-        group!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-        li
     }
 
-    #[inline]
-    #[target_feature(enable = "neon")]
+    #[inline(always)]
     unsafe fn accumulate(acc: &mut Acc, w: &Six, li: [int32x4_t; 2], _xb: &[u8], xd: f32) {
-        acc.add_lanes(w.d * xd, li);
+        // SAFETY: the caller guarantees NEON (this function's contract).
+        unsafe {
+            acc.add_lanes(w.d * xd, li);
+        }
     }
 }
 
-/// Dots of `R` weight rows of format `K` with `N` Q8_K activation rows;
-/// `out[r * N + t]`. Each weight block is expanded once per call and each
-/// activation block's loads serve both rows.
+/// Dots of weight row `w` of format `K` with `N` Q8_K activation rows;
+/// `out[t]`. Each weight block is expanded once for all the tokens.
 #[inline]
 #[target_feature(enable = "neon")]
-fn tile<K: KQuant, const R: usize, const N: usize>(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
-    let nb = ws[0].len() / K::BYTES;
-    for w in ws {
-        assert_eq!(w.len() / K::BYTES, nb, "weight rows differ in length");
-    }
+fn tile<K: KQuant, const N: usize>(w: &[u8], xs: &[&[u8]], out: &mut [f32]) {
+    let nb = w.len() / K::BYTES;
     for x in xs {
         assert!(
             x.len() >= nb * Q8K_BYTES,
             "activation row shorter than the weight row"
         );
     }
-    assert!(out.len() >= R * N, "output shorter than rows x tokens");
-    let mut acc = [[Acc::new(); N]; R];
+    assert!(out.len() >= N, "output shorter than the tokens");
+    // Row slices in locals, so the loop keeps their pointers in registers.
+    let xrows: [&[u8]; N] = std::array::from_fn(|t| xs[t]);
+    let mut acc = [Acc::new(); N];
     for i in 0..nb {
-        // SAFETY: NEON is baseline on aarch64.
-        let w: [K::Unpacked; R] =
-            std::array::from_fn(|r| unsafe { K::unpack(&ws[r][i * K::BYTES..(i + 1) * K::BYTES]) });
+        // SAFETY: i < nb, and every row holds nb blocks (`w` by definition of
+        // nb, the activations asserted above); NEON is baseline on aarch64.
+        let wb = unsafe { K::unpack(block(w, i, K::BYTES)) };
         for t in 0..N {
-            let xb = &xs[t][i * Q8K_BYTES..(i + 1) * Q8K_BYTES];
+            // SAFETY: as above.
+            let xb = unsafe { block(xrows[t], i, Q8K_BYTES) };
             let xd = le_f32(xb, 0);
             // SAFETY: NEON is baseline on aarch64.
-            let li = unsafe { K::lanes(&w, xb) };
-            for r in 0..R {
-                // SAFETY: as above.
-                unsafe { K::accumulate(&mut acc[r][t], &w[r], li[r], xb, xd) };
+            unsafe {
+                let li = K::lanes(&wb, xb);
+                K::accumulate(&mut acc[t], &wb, li, xb, xd);
             }
         }
     }
-    for r in 0..R {
-        for t in 0..N {
-            out[r * N + t] = acc[r][t].finish();
+    for t in 0..N {
+        out[t] = acc[t].finish();
+    }
+}
+
+/// All tokens against each weight row in turn; `out[r * xs.len() + t]`.
+#[inline]
+#[target_feature(enable = "neon")]
+fn rows<K: KQuant>(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
+    let nb = ws[0].len() / K::BYTES;
+    for w in ws {
+        assert_eq!(w.len() / K::BYTES, nb, "weight rows differ in length");
+    }
+    let n = xs.len();
+    assert!(
+        out.len() >= ws.len() * n,
+        "output shorter than rows x tokens"
+    );
+    for (r, w) in ws.iter().enumerate() {
+        let o = &mut out[r * n..(r + 1) * n];
+        match n {
+            1 => tile::<K, 1>(w, xs, o),
+            2 => tile::<K, 2>(w, xs, o),
+            3 => tile::<K, 3>(w, xs, o),
+            4 => tile::<K, 4>(w, xs, o),
+            _ => unreachable!("checked by the entry point"),
         }
     }
 }
@@ -384,20 +421,14 @@ macro_rules! entry {
         $(#[$doc])*
         #[target_feature(enable = "neon")]
         pub unsafe fn $name(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
-            match (ws.len(), xs.len()) {
-                (1, 1) => tile::<$kind, 1, 1>(ws, xs, out),
-                (1, 2) => tile::<$kind, 1, 2>(ws, xs, out),
-                (1, 3) => tile::<$kind, 1, 3>(ws, xs, out),
-                (1, 4) => tile::<$kind, 1, 4>(ws, xs, out),
-                (2, 1) => tile::<$kind, 2, 1>(ws, xs, out),
-                (2, 2) => tile::<$kind, 2, 2>(ws, xs, out),
-                (2, 3) => tile::<$kind, 2, 3>(ws, xs, out),
-                (2, 4) => tile::<$kind, 2, 4>(ws, xs, out),
-                (r, n) => panic!(
-                    "{} takes 1-2 weight rows and 1-4 activation rows, got {r} and {n}",
-                    stringify!($name)
-                ),
-            }
+            assert!(
+                (1..=2).contains(&ws.len()) && (1..=4).contains(&xs.len()),
+                "{} takes 1-2 weight rows and 1-4 activation rows, got {} and {}",
+                stringify!($name),
+                ws.len(),
+                xs.len()
+            );
+            rows::<$kind>(ws, xs, out)
         }
     };
 }

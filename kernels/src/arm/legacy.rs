@@ -9,7 +9,9 @@
 //! with one token per vector lane: each lane sees exactly the operations a
 //! lone token would, so a result never depends on what shares the call.
 
-use super::simd::{f16_splat, f16x4_to_f32, le_u16, load_s8, load_u8, reduce4, sdot, set_lane_u16};
+use super::simd::{
+    block, f16_splat, f16x4_to_f32, le_u16, load_s8, load_u8, reduce, sdot, set_lane_u16,
+};
 use std::arch::aarch64::*;
 
 /// One 32-wide weight format: how to expand a block to signed bytes and
@@ -24,6 +26,10 @@ pub(super) trait Legacy {
     /// Whether |weight| can reach 128, so that four products per i16 lane
     /// could overflow and the plain path must widen after every product pair.
     const WIDE: bool = false;
+    /// Whether a lone token's two weight rows run as two 1-row passes: the
+    /// 5-bit expansion needs enough registers that a 2-row x 4-block tile
+    /// spills and costs more than it saves (measured).
+    const SPLIT_ROWS: bool = false;
 
     /// The 32 weights of block `b` as signed bytes: elements 0..16 and 16..32.
     ///
@@ -142,6 +148,7 @@ impl Legacy for Q4_1 {
 impl Legacy for Q5_0 {
     const BYTES: usize = 22;
     const ACT_BYTES: usize = 34;
+    const SPLIT_ROWS: bool = true;
 
     #[inline]
     #[target_feature(enable = "neon")]
@@ -177,6 +184,7 @@ impl Legacy for Q5_0 {
 impl Legacy for Q5_1 {
     const BYTES: usize = 24;
     const ACT_BYTES: usize = 36;
+    const SPLIT_ROWS: bool = true;
 
     #[inline]
     #[target_feature(enable = "neon")]
@@ -289,25 +297,79 @@ macro_rules! tile_fn {
             }
             assert!(out.len() >= R * N, "output shorter than rows x tokens");
             let qs_at = K::ACT_BYTES - 32;
+            // Row slices in locals, so the loop keeps their pointers in registers.
+            let wrows: [&[u8]; R] = std::array::from_fn(|r| ws[r]);
+            let xrows: [&[u8]; N] = std::array::from_fn(|t| xs[t]);
             // Lane t: token t's running sum, as the scalar's `sum` for it.
             let mut acc = [vdupq_n_f32(0.0); R];
-            for i in 0..nb {
+            let mut start = 0;
+            if N == 1 {
+                // One token (decode): four blocks per vector instead, so the
+                // reduction and the float expression serve four blocks; the
+                // contributions are then added one by one in block order.
+                // Each block sees the same operations as below: same bits.
+                let x = xrows[0];
+                let mut sum = [0.0f32; R];
+                for g in 0..nb / 4 {
+                    let (mut dx, mut sx) = (vdup_n_u16(0), vdup_n_u16(0));
+                    let mut xv = [(vdupq_n_s8(0), vdupq_n_s8(0)); 4];
+                    for k in 0..4 {
+                        // SAFETY: 4g + k < nb, and every row holds nb blocks.
+                        let b = unsafe { block(x, 4 * g + k, K::ACT_BYTES) };
+                        dx = set_lane_u16(dx, k, le_u16(b, 0));
+                        if K::ACT_BYTES == 36 {
+                            sx = set_lane_u16(sx, k, le_u16(b, 2));
+                        }
+                        xv[k] = (load_s8(b, qs_at), load_s8(b, qs_at + 16));
+                    }
+                    let (dx, sx) = (f16x4_to_f32(dx), f16x4_to_f32(sx));
+                    for r in 0..R {
+                        let (mut dw, mut mw) = (vdup_n_u16(0), vdup_n_u16(0));
+                        let mut sums = [vdupq_n_s32(0); 4];
+                        for k in 0..4 {
+                            // SAFETY: as above.
+                            let b = unsafe { block(wrows[r], 4 * g + k, K::BYTES) };
+                            // SAFETY: NEON is baseline on aarch64.
+                            let (w0, w1) = unsafe { K::unpack(b) };
+                            let (d, m) = K::scales(b);
+                            dw = set_lane_u16(dw, k, d);
+                            mw = set_lane_u16(mw, k, m);
+                            sums[k] = $dot::<K>(w0, w1, xv[k].0, xv[k].1);
+                        }
+                        let sumf = vcvtq_f32_s32(reduce(sums, 4));
+                        let (dw, mw) = (f16x4_to_f32(dw), f16x4_to_f32(mw));
+                        // SAFETY: NEON is baseline on aarch64.
+                        let c = unsafe { K::combine(sumf, dw, mw, dx, sx) };
+                        sum[r] += vgetq_lane_f32::<0>(c);
+                        sum[r] += vgetq_lane_f32::<1>(c);
+                        sum[r] += vgetq_lane_f32::<2>(c);
+                        sum[r] += vgetq_lane_f32::<3>(c);
+                    }
+                }
+                start = nb / 4 * 4;
+                for r in 0..R {
+                    acc[r] = vsetq_lane_f32::<0>(sum[r], acc[r]);
+                }
+            }
+            for i in start..nb {
                 let mut w = [(vdupq_n_s8(0), vdupq_n_s8(0)); R];
                 let mut dw = [vdupq_n_f32(0.0); R];
                 let mut mw = [vdupq_n_f32(0.0); R];
                 for r in 0..R {
-                    let b = &ws[r][i * K::BYTES..(i + 1) * K::BYTES];
+                    // SAFETY: i < nb, and every row holds nb blocks (asserted).
+                    let b = unsafe { block(wrows[r], i, K::BYTES) };
                     // SAFETY: NEON is baseline on aarch64.
                     w[r] = unsafe { K::unpack(b) };
                     let (d, m) = K::scales(b);
                     dw[r] = f16_splat(d);
                     mw[r] = f16_splat(m);
                 }
-                // Lanes past N stay zero and are never stored.
+                // Lanes past N are unspecified and never stored.
                 let (mut dx, mut sx) = (vdup_n_u16(0), vdup_n_u16(0));
                 let mut sums = [[vdupq_n_s32(0); 4]; R];
                 for t in 0..N {
-                    let b = &xs[t][i * K::ACT_BYTES..(i + 1) * K::ACT_BYTES];
+                    // SAFETY: as above, for the activation rows.
+                    let b = unsafe { block(xrows[t], i, K::ACT_BYTES) };
                     dx = set_lane_u16(dx, t, le_u16(b, 0));
                     if K::ACT_BYTES == 36 {
                         sx = set_lane_u16(sx, t, le_u16(b, 2));
@@ -319,7 +381,7 @@ macro_rules! tile_fn {
                 }
                 let (dx, sx) = (f16x4_to_f32(dx), f16x4_to_f32(sx));
                 for r in 0..R {
-                    let sumf = vcvtq_f32_s32(reduce4(sums[r]));
+                    let sumf = vcvtq_f32_s32(reduce(sums[r], N));
                     // SAFETY: NEON is baseline on aarch64.
                     let c = unsafe { K::combine(sumf, dw[r], mw[r], dx, sx) };
                     acc[r] = vaddq_f32(acc[r], c);
@@ -349,6 +411,10 @@ macro_rules! entry {
                 (1, 2) => $tile::<$kind, 1, 2>(ws, xs, out),
                 (1, 3) => $tile::<$kind, 1, 3>(ws, xs, out),
                 (1, 4) => $tile::<$kind, 1, 4>(ws, xs, out),
+                (2, 1) if <$kind as Legacy>::SPLIT_ROWS => {
+                    $tile::<$kind, 1, 1>(&ws[..1], xs, &mut out[..1]);
+                    $tile::<$kind, 1, 1>(&ws[1..], xs, &mut out[1..]);
+                }
                 (2, 1) => $tile::<$kind, 2, 1>(ws, xs, out),
                 (2, 2) => $tile::<$kind, 2, 2>(ws, xs, out),
                 (2, 3) => $tile::<$kind, 2, 3>(ws, xs, out),

@@ -81,13 +81,36 @@ pub(super) fn set_lane_u16(v: uint16x4_t, lane: usize, x: u16) -> uint16x4_t {
     }
 }
 
-/// Lane `t` of the result is the sum of the four lanes of `s[t]`: one
-/// horizontal reduction for four (row, token) integer sums. Integer sums are
-/// exact, so the order of the additions does not matter.
+/// Block `i` (`bytes` long) of `row`, without a bounds check: the kernels
+/// check every row's length once, not once per block and load.
+///
+/// # Safety
+/// `(i + 1) * bytes <= row.len()`.
+#[inline]
+pub(super) unsafe fn block(row: &[u8], i: usize, bytes: usize) -> &[u8] {
+    debug_assert!((i + 1) * bytes <= row.len());
+    // SAFETY: in bounds by the caller's contract.
+    unsafe { row.get_unchecked(i * bytes..(i + 1) * bytes) }
+}
+
+/// Lane `t < n` of the result is the sum of the four lanes of `s[t]`: one
+/// horizontal reduction for up to four (row, token) integer sums; lanes from
+/// `n` on are unspecified. Integer sums are exact, so the order of the
+/// additions does not matter.
 #[inline]
 #[target_feature(enable = "neon")]
-pub(super) fn reduce4(s: [int32x4_t; 4]) -> int32x4_t {
-    vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]))
+pub(super) fn reduce(s: [int32x4_t; 4], n: usize) -> int32x4_t {
+    match n {
+        1 => {
+            let p = vpaddq_s32(s[0], s[0]);
+            vpaddq_s32(p, p)
+        }
+        2 => {
+            let p = vpaddq_s32(s[0], s[1]);
+            vpaddq_s32(p, p)
+        }
+        _ => vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3])),
+    }
 }
 
 /// `acc += a * b` with `a`, `b` 16 signed bytes each, as ARMv8.2 `sdot`

@@ -19,9 +19,11 @@
 //! order, per (row, token), so batching changes nothing.
 //!
 //! No dotprod variant: `sdot` adds four *adjacent* byte products into a
-//! lane, which mixes the interleaved lanes. Keeping them apart would take a
-//! byte transpose of every activation block for every weight row, which
-//! costs more than the `sdot`s save over the i16 multiply-accumulates here.
+//! lane, which mixes the interleaved lanes. Keeping them apart means
+//! transposing the activations (elements `k, k+8, k+16, k+24` side by side)
+//! for every weight row; per sub-block of 32 that is two table lookups, two
+//! zeroed accumulators, two `sdot`s and two scale multiply-adds, against
+//! the six i16 multiply-accumulates here.
 
 use super::simd::{block, f16_to_f32, le_f32, le_u16, load_s8, load_u8};
 use std::arch::aarch64::*;
@@ -106,13 +108,16 @@ fn sub16<const L: i32>(li: &mut [int32x4_t; 2], w: int8x16_t, x: int8x16_t, scal
 /// One k-quant format: its block expanded once per call, the integer lanes
 /// against a Q8_K block, and the float update of one (row, token).
 ///
-/// The implementations are `#[inline(always)]`, which `#[target_feature]`
-/// forbids, hence `unsafe fn` without it: left to the inliner, the larger
-/// ones stay out of line and pass their 16 vectors through memory.
+/// The implementations are `#[inline(always)]`, which cannot be combined
+/// with `#[target_feature]`, hence plain `unsafe fn`s: left to the inliner,
+/// the larger ones stayed out of line and passed their 16 vectors through
+/// memory.
 trait KQuant {
     const BYTES: usize;
     type Unpacked: Copy;
 
+    /// Block `b` expanded for [`KQuant::lanes`].
+    ///
     /// # Safety
     /// NEON must be available (it is baseline on aarch64 Linux).
     unsafe fn unpack(b: &[u8]) -> Self::Unpacked;
@@ -153,7 +158,8 @@ fn affine_header(b: &[u8], q: [int8x16_t; 16]) -> Affine {
     let u = |k: usize| u32::from_le_bytes([b[4 + 4 * k], b[5 + 4 * k], b[6 + 4 * k], b[7 + 4 * k]]);
     let (u0, u1, u2) = (u(0), u(1), u(2));
     // Sub-blocks 0..4 keep the low 6 bits of bytes 0..4 (scales) and 4..8
-    // (mins); 4..8 take a nibble of bytes 8..12 and the top 2 bits of those.
+    // (mins); sub-blocks 4..8 take a nibble of bytes 8..12, topped with the
+    // high 2 bits of bytes 0..4 (scales) or 4..8 (mins).
     let scales = u64::from(u0 & K1) | u64::from((u2 & K2) | (((u0 >> 6) & K3) << 4)) << 32;
     let mins = u64::from(u1 & K1) | u64::from(((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4)) << 32;
     let mins = vmovl_u8(vcreate_u8(mins));

@@ -6,8 +6,10 @@
 //! (any order gives the same integer), then the block's float expression is
 //! evaluated with the scalar's operations in the scalar's association (no
 //! fused multiply-add), and blocks are added in order. The float steps run
-//! with one token per vector lane: each lane sees exactly the operations a
-//! lone token would, so a result never depends on what shares the call.
+//! with one token per vector lane, or for a lone token with one block per
+//! lane (the contributions then added one at a time): either way every block
+//! of every (row, token) goes through the scalar's operations, so a result
+//! never depends on what shares the call.
 
 use super::simd::{
     block, f16_splat, f16x4_to_f32, le_u16, load_s8, load_u8, reduce, sdot, set_lane_u16,
@@ -412,6 +414,8 @@ macro_rules! entry {
                 (1, 3) => $tile::<$kind, 1, 3>(ws, xs, out),
                 (1, 4) => $tile::<$kind, 1, 4>(ws, xs, out),
                 (2, 1) if <$kind as Legacy>::SPLIT_ROWS => {
+                    let bytes = <$kind as Legacy>::BYTES;
+                    assert_eq!(ws[0].len() / bytes, ws[1].len() / bytes, "weight rows differ in length");
                     $tile::<$kind, 1, 1>(&ws[..1], xs, &mut out[..1]);
                     $tile::<$kind, 1, 1>(&ws[1..], xs, &mut out[1..]);
                 }

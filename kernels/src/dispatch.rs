@@ -288,17 +288,38 @@ x86_dots! {
     q6k_avx2 => crate::x86::kquants::dot_q6k_q8k,
 }
 
+/// Safe [`DotFn`] wrappers around the aarch64 kernels.
 #[cfg(target_arch = "aarch64")]
-fn q4_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when NEON is present; rows as for
-    // the x86 kernels.
-    unsafe { crate::arm::neon::dot_q4_0_q8_0(ws, xs, out) }
+macro_rules! neon_dots {
+    ($($name:ident => $kernel:path,)*) => {$(
+        fn $name(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
+            // SAFETY: handed out by `dot_fn` only when NEON is present, and
+            // the `_sdot` ones only when dotprod is too; the matmul driver
+            // passes 1..=2 weight rows and 1..=4 activation rows of the same
+            // length (the kernels assert it).
+            unsafe { $kernel(ws, xs, out) }
+        }
+    )*};
 }
 
 #[cfg(target_arch = "aarch64")]
-fn q8_0_neon(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { crate::arm::neon::dot_q8_0_q8_0(ws, xs, out) }
+neon_dots! {
+    f32_neon => crate::arm::float::f32_f32,
+    f16_neon => crate::arm::float::f16_f32,
+    bf16_neon => crate::arm::float::bf16_f32,
+    q4_0_neon => crate::arm::legacy::q4_0,
+    q4_1_neon => crate::arm::legacy::q4_1,
+    q5_0_neon => crate::arm::legacy::q5_0,
+    q5_1_neon => crate::arm::legacy::q5_1,
+    q8_0_neon => crate::arm::legacy::q8_0,
+    q4_0_sdot => crate::arm::legacy::q4_0_sdot,
+    q4_1_sdot => crate::arm::legacy::q4_1_sdot,
+    q5_0_sdot => crate::arm::legacy::q5_0_sdot,
+    q5_1_sdot => crate::arm::legacy::q5_1_sdot,
+    q8_0_sdot => crate::arm::legacy::q8_0_sdot,
+    q4k_neon => crate::arm::kquants::q4k,
+    q5k_neon => crate::arm::kquants::q5k,
+    q6k_neon => crate::arm::kquants::q6k,
 }
 
 /// The row dot for weights of `ty` against activations of
@@ -346,11 +367,26 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon && isa.available() {
-        match ty {
-            WeightType::Q4_0 => return q4_0_neon,
-            WeightType::Q8_0 => return q8_0_neon,
-            _ => {}
-        }
+        // The k-quants have no sdot variant (see `arm::kquants`).
+        let sdot = crate::arm::has_dotprod();
+        return match ty {
+            WeightType::F32 => f32_neon,
+            WeightType::F16 => f16_neon,
+            WeightType::BF16 => bf16_neon,
+            WeightType::Q4_0 if sdot => q4_0_sdot,
+            WeightType::Q4_0 => q4_0_neon,
+            WeightType::Q4_1 if sdot => q4_1_sdot,
+            WeightType::Q4_1 => q4_1_neon,
+            WeightType::Q5_0 if sdot => q5_0_sdot,
+            WeightType::Q5_0 => q5_0_neon,
+            WeightType::Q5_1 if sdot => q5_1_sdot,
+            WeightType::Q5_1 => q5_1_neon,
+            WeightType::Q8_0 if sdot => q8_0_sdot,
+            WeightType::Q8_0 => q8_0_neon,
+            WeightType::Q4K => q4k_neon,
+            WeightType::Q5K => q5k_neon,
+            WeightType::Q6K => q6k_neon,
+        };
     }
     match ty {
         WeightType::F32 => dot_f32,
@@ -471,6 +507,49 @@ mod tests {
                             "{ty:?} on {isa}, {threads} threads, {n} rows"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// On aarch64 the NEON entry of every quantized type gives the scalar
+    /// entry's bits for every tile shape (so each type is wired to its own
+    /// kernel, and the sdot choice changes nothing).
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_quantized_entries_give_the_scalar_bits() {
+        let mut seed = 11u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for ty in WeightType::ALL
+            .into_iter()
+            .filter(|t| act_type_for(*t) != ActType::F32)
+        {
+            let n = 5 * ty.block_size();
+            let ws: Vec<Vec<u8>> = (0..2)
+                .map(|_| {
+                    let w: Vec<f32> = (0..n).map(|_| rnd()).collect();
+                    let mut wq = vec![0u8; ty.row_bytes(n)];
+                    scalar::quantize_row(ty, &w, &mut wq);
+                    wq
+                })
+                .collect();
+            let x: Vec<f32> = (0..4 * n).map(|_| rnd() * 3.0).collect();
+            let mut xq = Vec::new();
+            let row = quantize_activations(ty, &x, n, &mut xq);
+            let xs: Vec<&[u8]> = xq.chunks_exact(row).collect();
+            for r in 1..=2 {
+                let wr: Vec<&[u8]> = ws[..r].iter().map(Vec::as_slice).collect();
+                for t in 1..=4 {
+                    let (mut got, mut want) = (vec![0.0f32; r * t], vec![0.0f32; r * t]);
+                    dot_fn(Isa::Neon, ty)(&wr, &xs[..t], n, &mut got);
+                    dot_fn(Isa::Scalar, ty)(&wr, &xs[..t], n, &mut want);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{ty:?} {r}x{t}");
                 }
             }
         }

@@ -165,16 +165,16 @@ pub struct MatJob<'a> {
 }
 
 /// What a panel product needs beside the activation rows.
+#[cfg(target_arch = "x86_64")]
 enum Side {
     None,
-    #[cfg(target_arch = "x86_64")]
     Sums(crate::x86::avx512::ActSums),
 }
 
+#[cfg(target_arch = "x86_64")]
 fn side(job: &MatJob<'_>) -> Side {
     match job.kernel {
         Kernel::Rows(_) => Side::None,
-        #[cfg(target_arch = "x86_64")]
         Kernel::Panel(PanelKernel {
             format: PanelFormat::Legacy(f),
         }) => Side::Sums(crate::x86::avx512::ActSums::new(
@@ -182,10 +182,7 @@ fn side(job: &MatJob<'_>) -> Side {
             &job.acts,
             job.cols / 32,
         )),
-        #[cfg(target_arch = "x86_64")]
         Kernel::Panel(_) => Side::None,
-        #[cfg(not(target_arch = "x86_64"))]
-        Kernel::Panel(p) => match p.never {},
     }
 }
 
@@ -213,10 +210,13 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
     if total == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
     let sides: Vec<Side> = jobs.iter().map(side).collect();
     let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.y.as_mut_ptr())).collect();
     let jobs = &*jobs;
-    let (outs, starts, sides) = (&outs, &starts, &sides);
+    let (outs, starts) = (&outs, &starts);
+    #[cfg(target_arch = "x86_64")]
+    let sides = &sides;
     let chunk = if max_n > FEW_TOKENS {
         UNITS_PER_PREFILL_CHUNK
     } else {

@@ -1,9 +1,12 @@
 //! `lfmctl`: the command-line client of the lfmd daemon, over gRPC (the
 //! `lfm.v1` API of `lfm-proto`). `ask` streams an answer, `chat` holds a
-//! conversation on a daemon session, `status`, `info` and `tokenize` query.
+//! conversation on a daemon session, `status`, `info` and `tokenize` query,
+//! `load` generates load.
 //!
 //! Exit codes: 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected,
 //! 1 anything else (such as a failed write to stdout).
+
+mod load;
 
 use clap::{Args, Parser, Subcommand};
 use lfm_proto::client::{Target, connect};
@@ -47,6 +50,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Load generator: N concurrent clients, random cancels and
+    /// disconnects; reports outcomes, time to first token, RSS over time.
+    Load(load::LoadArgs),
     /// Token ids of TEXT as a JSON array.
     Tokenize {
         /// Do not add the BOS token.
@@ -474,6 +480,7 @@ async fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Ask(a) => ask(&cli, a).await,
         Cmd::Chat(a) => chat(&cli, a).await,
+        Cmd::Load(a) => load::run(&cli, a).await,
         Cmd::Status { json } => {
             let (mut c, target) = client(&cli).await?;
             let s = c

@@ -213,3 +213,48 @@ fn ask_chat_and_queries_against_a_daemon() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn load_accounts_for_every_request_and_leaves_nothing_behind() {
+    let d = Daemon::start();
+    let out = lfmctl(
+        &d.socket,
+        &[
+            "load",
+            "--clients",
+            "6",
+            "--requests",
+            "3",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--temperature",
+            "0",
+            "--cancel-rate",
+            "0.3",
+            "--disconnect-rate",
+            "0.2",
+            "--load-seed",
+            "7",
+            "--json",
+        ],
+        "",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+    assert_eq!(n("requests"), 18);
+    // Every request ended one way or another, and none failed.
+    assert_eq!(
+        n("completed") + n("cancelled") + n("disconnected") + n("rejected_queue_full"),
+        18,
+        "{r}"
+    );
+    assert_eq!(n("failed"), 0, "{r}");
+    assert!(n("cancelled") > 0 && n("disconnected") > 0, "the seed picks both: {r}");
+    // Completed requests ran to max_tokens (end-of-generation ignored).
+    assert_eq!(r["finish_reasons"]["length"].as_u64(), Some(n("completed")), "{r}");
+    // The daemon let go of everything: cancellations freed their slots.
+    assert_eq!((n("left_running"), n("left_queued")), (0, 0), "{r}");
+    assert!(!r["rss_bytes"].as_array().unwrap().is_empty());
+}

@@ -6,9 +6,9 @@
 use crate::isa::Isa;
 #[cfg(target_arch = "x86_64")]
 use crate::matmul::PanelFormat;
-use crate::matmul::{DotFn, Kernel};
 #[cfg(target_arch = "x86_64")]
 use crate::matmul::PanelKernel;
+use crate::matmul::{DotFn, Kernel};
 use crate::scalar;
 use crate::types::{ActType, WeightType};
 #[cfg(target_arch = "x86_64")]

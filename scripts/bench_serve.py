@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Serving benchmark: lfmd (gRPC, through lfmctl) against llama-server -np N
+on the same model and threads, with 1, 4, 8 and 16 concurrent clients.
+
+Each client sends REQS requests one after another: a distinct raw prompt of
+about PROMPT words, GEN tokens generated (end-of-generation ignored, greedy),
+so both servers do the same work. lfmd is driven by `lfmctl load` (one
+process, a connection per client), llama-server by threads here. Reported
+per server and client count: aggregate generated tokens/s over the wall
+time, and p50/p99 time to first token as the client sees it (request sent
+to first streamed token).
+
+Usage: scripts/bench_serve.py MODEL [--threads T] [--clients 1,4,8,16]
+       [--reqs 2] [--gen 64] [--prompt 96] [--llama-server PATH]
+Figures only: nothing here asserts a speed.
+"""
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the quick brown fox jumps over the lazy dog while a small robot "
+         "reads the weather report and counts the clouds above the hills").split()
+
+
+def prompt(client, req, words):
+    body = " ".join(WORDS[(client * 7 + req * 3 + i) % len(WORDS)] for i in range(words))
+    return f"Request {client}-{req}: {body}"
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def wait_for(check, what, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if check():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not come up within {timeout} s")
+
+
+def run_clients(n, reqs, one):
+    """Runs n client threads of reqs requests each; returns (wall, results)."""
+    results, lock = [], threading.Lock()
+
+    def client(c):
+        for r in range(reqs):
+            res = one(c, r)
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.time() - t0, results
+
+
+def bench_lfmd(args, n):
+    lfmd = os.path.join(ROOT, "target/release/lfmd")
+    lfmctl = os.path.join(ROOT, "target/release/lfmctl")
+    tmp = tempfile.mkdtemp(prefix="lfmd-bench.")
+    sock = os.path.join(tmp, "lfmd.sock")
+    daemon = subprocess.Popen(
+        [lfmd, "serve", "--model", args.model, "--threads", str(args.threads),
+         "--grpc", f"unix:{sock}", "--max-concurrent", str(n), "--queue", "256",
+         "--ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            if not os.path.exists(sock):
+                return False
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(sock)
+                return True
+            except OSError:
+                return False
+            finally:
+                s.close()
+        wait_for(up, "lfmd serve")
+
+        out = subprocess.run(
+            [lfmctl, "--socket", f"unix:{sock}", "load", "--clients", str(n),
+             "--requests", str(args.reqs), "--temperature", "0", "--ignore-eos",
+             "--max-tokens", str(args.gen), "--prompt-words", str(args.prompt), "--json"],
+            capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout)
+        return r["tokens_per_second"], r["ttft_p50_seconds"], r["ttft_p99_seconds"]
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+def bench_llama(args, n, port=18181):
+    server = subprocess.Popen(
+        [args.llama_server, "-m", args.model, "-t", str(args.threads), "-np", str(n),
+         "-c", str(2048 * n), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                h = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                h.request("GET", "/health")
+                return h.getresponse().status == 200
+            except OSError:
+                return False
+        wait_for(up, "llama-server")
+
+        def one(c, r):
+            h = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            body = json.dumps({"prompt": prompt(c, r, args.prompt), "n_predict": args.gen,
+                               "temperature": 0, "ignore_eos": True, "stream": True,
+                               "cache_prompt": False})
+            t0 = time.time()
+            h.request("POST", "/completion", body, {"Content-Type": "application/json"})
+            resp = h.getresponse()
+            ttft, tokens = None, 0
+            for line in resp:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                ev = json.loads(line[5:])
+                if ev.get("content") and ttft is None:
+                    ttft = time.time() - t0
+                if ev.get("stop"):
+                    tokens = ev.get("tokens_predicted", tokens)
+                    break
+            return tokens, ttft if ttft is not None else float("nan")
+        wall, res = run_clients(n, args.reqs, one)
+        ttfts = [f for _, f in res]
+        return sum(t for t, _ in res) / wall, pct(ttfts, 50), pct(ttfts, 99)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--reqs", type=int, default=2)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=96, help="prompt words")
+    ap.add_argument("--llama-server", default=os.path.join(os.environ.get("LLB", ""), "llama-server"))
+    args = ap.parse_args()
+    have_llama = os.path.exists(args.llama_server)
+    print(f"model {args.model}, {args.threads} threads, {args.reqs} requests per client, "
+          f"{args.gen} tokens each, prompts of ~{args.prompt} words")
+    print(f"{'clients':>7} {'server':<12} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'ratio':>6}")
+    for n in [int(x) for x in args.clients.split(",")]:
+        rows = []
+        for name, fn in [("lfmd", bench_lfmd), ("llama-server", bench_llama)]:
+            if name == "llama-server" and not have_llama:
+                continue
+            tps, p50, p99 = fn(args, n)
+            rows.append((name, tps, p50, p99))
+        for name, tps, p50, p99 in rows:
+            ratio = tps / rows[1][1] if len(rows) > 1 and name == "lfmd" else float("nan")
+            print(f"{n:>7} {name:<12} {tps:>8.2f} {p50:>8.2f}s {p99:>8.2f}s {ratio:>6.2f}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -242,7 +242,10 @@ fn load_accounts_for_every_request_and_leaves_nothing_behind() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+    let n = |k: &str| {
+        r[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
     assert_eq!(n("requests"), 18);
     // Every request ended one way or another, and none failed.
     assert_eq!(
@@ -251,9 +254,16 @@ fn load_accounts_for_every_request_and_leaves_nothing_behind() {
         "{r}"
     );
     assert_eq!(n("failed"), 0, "{r}");
-    assert!(n("cancelled") > 0 && n("disconnected") > 0, "the seed picks both: {r}");
+    assert!(
+        n("cancelled") > 0 && n("disconnected") > 0,
+        "the seed picks both: {r}"
+    );
     // Completed requests ran to max_tokens (end-of-generation ignored).
-    assert_eq!(r["finish_reasons"]["length"].as_u64(), Some(n("completed")), "{r}");
+    assert_eq!(
+        r["finish_reasons"]["length"].as_u64(),
+        Some(n("completed")),
+        "{r}"
+    );
     // The daemon let go of everything: cancellations freed their slots.
     assert_eq!((n("left_running"), n("left_queued")), (0, 0), "{r}");
     assert!(!r["rss_bytes"].as_array().unwrap().is_empty());

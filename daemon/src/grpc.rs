@@ -18,6 +18,11 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status};
 
+/// Largest request message the daemon decodes (tonic's default is 4 MiB).
+/// Big enough that an oversized prompt reaches the scheduler and gets its
+/// explanation; bigger messages get the transport's `OUT_OF_RANGE`.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
 /// Trailer of a RESOURCE_EXHAUSTED answer: milliseconds to wait before
 /// retrying (gRPC's retry pushback).
 pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
@@ -283,9 +288,13 @@ impl pb::lfm_server::Lfm for LfmService {
         req: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let r = req.into_inner();
-        let token_ids = self
-            .handle
-            .tokenize(&r.text, r.add_bos, r.parse_special.unwrap_or(true));
+        let handle = self.handle.clone();
+        // Megabytes of text take a while: keep it off the I/O threads.
+        let token_ids = tokio::task::spawn_blocking(move || {
+            handle.tokenize(&r.text, r.add_bos, r.parse_special.unwrap_or(true))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizing failed: {e}")))?;
         Ok(Response::new(pb::TokenizeResponse { token_ids }))
     }
 

@@ -252,7 +252,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(lfm_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let lfm = LfmServer::new(LfmService::new(handle.clone()));
+    let lfm = LfmServer::new(LfmService::new(handle.clone()))
+        .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = Vec::new();
     let mut guards = Vec::new();

@@ -417,6 +417,28 @@ async fn a_session_follow_up_prefills_only_its_new_tokens() {
     assert!(stateless.stats.prefilled_tokens > 2 * s2.prefilled_tokens);
 }
 
+/// `GenerateRequest` with the prompt as bytes, to send what a `string`
+/// field cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGenerateRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    prompt: Vec<u8>,
+}
+
+async fn generate_raw_bytes(d: &Daemon, prompt: &[u8]) -> Result<(), tonic::Status> {
+    let channel = channel(&d.target).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawGenerateRequest, pb::GenerateResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/lfm.v1.Lfm/Generate");
+    let req = tonic::Request::new(RawGenerateRequest {
+        prompt: prompt.to_vec(),
+    });
+    let mut stream = grpc.server_streaming(req, path, codec).await?.into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_requests_get_invalid_argument_or_out_of_range_and_the_daemon_serves_on() {
     let d = Daemon::start(&["--ctx", "64"]).await;
@@ -477,6 +499,36 @@ async fn bad_requests_get_invalid_argument_or_out_of_range_and_the_daemon_serves
             ),
             "stop strings",
         ),
+        (
+            raw(
+                "hi",
+                pb::SamplingOptions {
+                    stop: (0..5000).map(|i| i.to_string()).collect(),
+                    ..Default::default()
+                },
+            ),
+            "stop strings",
+        ),
+        (
+            raw(
+                "hi",
+                pb::SamplingOptions {
+                    temperature: Some(f32::NAN),
+                    ..Default::default()
+                },
+            ),
+            "temperature",
+        ),
+        (
+            raw(
+                "hi",
+                pb::SamplingOptions {
+                    top_p: Some(f32::INFINITY),
+                    ..Default::default()
+                },
+            ),
+            "top_p",
+        ),
         (raw("", Default::default()), "prompt is empty"),
         (
             pb::GenerateRequest {
@@ -495,6 +547,26 @@ async fn bad_requests_get_invalid_argument_or_out_of_range_and_the_daemon_serves
     let e = c.chat(pb::ChatRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("no messages"), "{}", e.message());
+    for id in [String::new(), "s".repeat(129)] {
+        let e = c
+            .chat(pb::ChatRequest {
+                messages: vec![user("hi")],
+                session_id: Some(id),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("session_id"), "{}", e.message());
+    }
+    // A prompt that is not UTF-8 never reaches lfmd: the decoder refuses it.
+    let e = generate_raw_bytes(&d, b"caf\xc3(").await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message().contains("invalid string value"),
+        "{}",
+        e.message()
+    );
     let e = c
         .detokenize(pb::DetokenizeRequest {
             token_ids: vec![1, 100_000],
@@ -515,13 +587,31 @@ async fn bad_requests_get_invalid_argument_or_out_of_range_and_the_daemon_serves
         "{}",
         e.message()
     );
-    // A prompt that fits runs until the context is full.
+    // 10 MB is refused by its size alone, without seconds of tokenizing;
+    // beyond the transport's limit the message is not even decoded.
+    for (bytes, what) in [(10 << 20, "shorten the prompt"), (20 << 20, "too large")] {
+        let e = c
+            .generate(raw(&"x".repeat(bytes), Default::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{bytes} bytes: {e:?}");
+        assert!(e.message().contains(what), "{bytes} bytes: {}", e.message());
+    }
+    let e = c
+        .chat(pb::ChatRequest {
+            messages: vec![user(&"y".repeat(10 << 20))],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // A prompt that fits runs until the context is full, whatever max_tokens.
     let a = ask(
         &mut c,
         &Ask::Raw("Hi".into()),
         pb::SamplingOptions {
             ignore_eos: Some(true),
-            ..greedy(1000)
+            ..greedy(1_000_000_000)
         },
     )
     .await;

@@ -345,6 +345,8 @@ pub struct Handle {
     template: Arc<ChatTemplate>,
     /// Text of the BOS token, for chat templates.
     bos_text: String,
+    /// Bytes of the longest token, to refuse hopeless prompts unencoded.
+    longest_token: usize,
     info: Arc<ModelInfo>,
     config: Arc<Config>,
     next_id: Arc<AtomicU64>,
@@ -384,6 +386,7 @@ pub fn start(
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let info = model_info(&model, path, &config, template_src.is_some());
+    let tokenizer_longest = tokenizer.longest_token_bytes();
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             queue: FairQueue::new(config.queue_capacity),
@@ -411,6 +414,7 @@ pub fn start(
         tokenizer,
         template: Arc::new(template),
         bos_text,
+        longest_token: tokenizer_longest,
         info: Arc::new(info),
         config: Arc::new(config),
         next_id: Arc::new(AtomicU64::new(1)),
@@ -546,6 +550,7 @@ impl Handle {
             ));
         }
         let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        self.check_input_bytes(&input)?;
         let (tokens, context, mut state, mut session) = match input {
             Input::Prompt { text, add_bos } => {
                 if text.is_empty() {
@@ -631,6 +636,25 @@ impl Handle {
         drop(g);
         self.shared.wake.notify_one();
         Ok(Generation { id, events: rx })
+    }
+
+    /// Refuses, before any encoding, input whose bytes cannot fit in the
+    /// context even if every token were the vocabulary's longest: a 10 MB
+    /// prompt costs a comparison, not seconds of tokenizing.
+    fn check_input_bytes(&self, input: &Input) -> Result<(), SubmitError> {
+        let bytes = match input {
+            Input::Prompt { text, .. } => text.len(),
+            Input::Chat { messages, .. } => messages.iter().map(|m| m.content.len()).sum(),
+        };
+        let limit = self.config.n_ctx.saturating_mul(self.longest_token);
+        if bytes <= limit {
+            return Ok(());
+        }
+        Err(SubmitError::TooLong(format!(
+            "the input is {bytes} bytes, more than this daemon's context of {} tokens can hold \
+             (at most {limit} bytes with this vocabulary); shorten the prompt",
+            self.config.n_ctx
+        )))
     }
 
     /// Tokens to feed for a chat request, the context and state they

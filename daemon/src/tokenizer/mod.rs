@@ -406,6 +406,17 @@ impl Tokenizer {
         fragments
     }
 
+    /// Bytes of the longest token: a text of `n` bytes is at least
+    /// `n / longest_token_bytes()` tokens, a bound that costs no encoding.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| p.len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// What a token renders as, raw bytes (special tokens: their text).
     /// `None` for an id outside the vocab.
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {

@@ -46,20 +46,30 @@ fn client_of<T>(req: &Request<T>) -> Client {
         .and_then(|i| i.peer_cred)
     {
         let owner = format!("uid:{}", cred.uid());
-        let id = match cred.pid() {
+        let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+        let id = match pid {
             Some(pid) => format!("{owner}/pid:{pid}"),
             None => owner.clone(),
         };
-        return Client { id, owner };
+        return Client {
+            id,
+            owner,
+            uid: Some(cred.uid()),
+            pid,
+        };
     }
+    // TCP peers have no credentials: they share one owner (and one
+    // per-user budget).
     match req.remote_addr() {
         Some(a) => Client {
             id: format!("tcp:{a}"),
             owner: "tcp".into(),
+            ..Default::default()
         },
         None => Client {
             id: "unknown".into(),
             owner: "unknown".into(),
+            ..Default::default()
         },
     }
 }
@@ -133,7 +143,9 @@ fn status_from(e: SubmitError) -> Status {
             Status::with_metadata(Code::ResourceExhausted, msg, md)
         }
         SubmitError::Session(SessionError::Busy(_)) => Status::failed_precondition(msg),
-        SubmitError::Session(SessionError::Full(_)) => Status::resource_exhausted(msg),
+        SubmitError::Session(SessionError::Full(_)) | SubmitError::UserLimit { .. } => {
+            Status::resource_exhausted(msg)
+        }
         SubmitError::ShuttingDown | SubmitError::EngineDown(_) => Status::unavailable(msg),
     }
 }
@@ -229,6 +241,16 @@ impl LfmService {
         deadline: Option<Instant>,
     ) -> Result<Response<EventStream>, Status> {
         let handle = self.handle.clone();
+        crate::debug!(
+            "{} request from {} (uid {}, pid {})",
+            match &input {
+                Input::Prompt { .. } => "generate",
+                Input::Chat { .. } => "chat",
+            },
+            client.id,
+            client.uid.map_or("-".into(), |u| u.to_string()),
+            client.pid.map_or("-".into(), |p| p.to_string()),
+        );
         let req = scheduler::Request {
             input,
             options,

@@ -3,14 +3,18 @@
 //! The library holds everything the `lfmd` binary does: the GGUF reader and
 //! writer over a memory mapping, the model description, and the synthetic
 //! model writer used for tests and benchmarks, the scheduler that batches
-//! many requests over one model, and the gRPC service (`serve`, `grpc`).
+//! many requests over one model, and the gRPC service (`serve`, `grpc`)
+//! with its configuration, logging and systemd integration (`config`,
+//! `log`, `systemd`).
 
 pub mod bench;
 pub mod chat;
+pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod grpc;
 pub mod inspect;
+pub mod log;
 pub mod model;
 pub mod paths;
 pub mod procstat;
@@ -21,4 +25,5 @@ pub mod sequence;
 pub mod serve;
 pub mod stop;
 pub mod synth;
+pub mod systemd;
 pub mod tokenizer;

@@ -126,8 +126,19 @@ struct GenerateArgs {
     prompt: String,
 }
 
-#[derive(clap::Args)]
+/// `lfmd serve`'s flags. Each overrides the config file's key of the same
+/// name (README lists them with their defaults); unset ones leave it.
+#[derive(clap::Args, Clone)]
 struct ServeArgs {
+    /// The config file (an error if missing). Default: /etc/lfmd/lfmd.toml
+    /// with --system or as root, else $XDG_CONFIG_HOME/lfmd/lfmd.toml (a
+    /// missing default file is fine).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Run as the system service: /etc/lfmd/lfmd.toml and /run/lfmd/lfmd.sock
+    /// (implied when running as root).
+    #[arg(long)]
+    system: bool,
     /// The GGUF model (default: $LFMD_MODEL, else the first LFM2-8B-A1B GGUF in
     /// the model directories; see README).
     #[arg(long)]
@@ -136,44 +147,120 @@ struct ServeArgs {
     #[arg(short = 't', long)]
     threads: Option<usize>,
     /// Where to listen: unix:PATH or tcp:HOST:PORT (repeatable). Default:
-    /// unix:$XDG_RUNTIME_DIR/lfmd/lfmd.sock, or unix:/run/lfmd/lfmd.sock as root.
+    /// unix:$XDG_RUNTIME_DIR/lfmd/lfmd.sock, or unix:/run/lfmd/lfmd.sock as
+    /// the system service; with socket activation, the sockets systemd passes.
     #[arg(long = "grpc", value_name = "unix:PATH|tcp:HOST:PORT")]
-    grpc: Vec<String>,
+    grpc: Vec<lfmd::serve::Listen>,
     /// Allow tcp: listeners on non-loopback addresses (the API has no authentication).
     #[arg(long)]
     allow_remote: bool,
-    /// Sequences generated at once (the running batch).
-    #[arg(long, default_value_t = 8)]
-    max_concurrent: usize,
-    /// Requests that may wait for a slot; more are refused (RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 64)]
-    queue: usize,
+    /// Sequences generated at once (the running batch) [default: 8].
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// Requests that may wait for a slot; more are refused (RESOURCE_EXHAUSTED) [default: 64].
+    #[arg(long)]
+    queue: Option<usize>,
+    /// Requests (running and waiting) one user may have; 0: no limit [default: 32].
+    #[arg(long)]
+    max_per_user: Option<usize>,
     /// Context tokens per sequence (default: 8192, at most the model's).
     #[arg(long)]
     ctx: Option<usize>,
     /// Prompt tokens prefilled per engine step, so long prompts do not stall
-    /// running generations.
-    #[arg(long, default_value_t = 256)]
-    prefill_chunk: usize,
-    /// Chat sessions kept (the least recently used idle one makes room).
-    #[arg(long, default_value_t = 16)]
-    max_sessions: usize,
-    /// Seconds before an idle chat session is dropped.
-    #[arg(long, default_value_t = 600)]
-    session_idle: u64,
-    /// max_tokens of requests that set none.
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// Seconds running requests get to finish at shutdown.
-    #[arg(long, default_value_t = 5.0)]
-    shutdown_grace: f64,
+    /// running generations [default: 256].
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Chat sessions kept (the least recently used idle one makes room) [default: 16].
+    #[arg(long)]
+    max_sessions: Option<usize>,
+    /// Seconds before an idle chat session is dropped [default: 600].
+    #[arg(long)]
+    session_idle: Option<u64>,
+    /// max_tokens of requests that set none [default: 256].
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Seconds running requests get to finish at shutdown [default: 5].
+    #[arg(long)]
+    shutdown_grace: Option<f64>,
+    /// error, warn, info or debug [default: info].
+    #[arg(long)]
+    log_level: Option<lfmd::log::Level>,
+    /// Group given the Unix socket ("" for none) [default: lfm, if it exists].
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Memory budget for the model's pages, e.g. 3GiB [default: none].
+    #[arg(long)]
+    memory_budget: Option<lfmd::config::ByteSize>,
+}
+
+impl ServeArgs {
+    /// Whether this is the system service.
+    fn system(&self) -> bool {
+        self.system || lfm_proto::socket::running_as_root()
+    }
+
+    /// The config file and whether it must exist.
+    fn config_path(&self) -> Option<(PathBuf, bool)> {
+        match &self.config {
+            Some(p) => Some((p.clone(), true)),
+            None => lfmd::config::default_path(self.system(), |k| std::env::var(k).ok())
+                .map(|p| (p, false)),
+        }
+    }
+
+    /// The config file (if any) with these flags over it.
+    fn settings(&self) -> Result<lfmd::config::Settings> {
+        let mut s = match self.config_path() {
+            Some((path, required)) => lfmd::config::Settings::load(&path, required)?,
+            None => lfmd::config::Settings::default(),
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { s.$f = v.clone(); } )* };
+        }
+        over!(
+            threads,
+            max_concurrent,
+            queue,
+            max_per_user,
+            ctx,
+            prefill_chunk,
+            max_sessions,
+            session_idle,
+            max_tokens,
+            shutdown_grace,
+            log_level,
+            socket_group,
+            memory_budget
+        );
+        if self.model.is_some() {
+            s.model = self.model.clone();
+        }
+        if !self.grpc.is_empty() {
+            s.grpc = self.grpc.clone();
+        }
+        s.allow_remote |= self.allow_remote;
+        for (key, v) in [
+            ("--max-concurrent", s.max_concurrent),
+            ("--prefill-chunk", s.prefill_chunk),
+            ("--max-sessions", s.max_sessions),
+            ("--max-tokens", s.max_tokens),
+        ] {
+            if v == 0 {
+                bail!("{key} must be at least 1");
+            }
+        }
+        if !(s.shutdown_grace.is_finite() && s.shutdown_grace >= 0.0) {
+            bail!("--shutdown-grace must be a number of seconds, 0 or more");
+        }
+        Ok(s)
+    }
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lfmd: {e:#}");
+            lfmd::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
@@ -306,26 +393,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    use lfmd::serve::{Listen, default_listen};
-    use tokio::signal::unix::{SignalKind, signal};
-    let listen = if a.grpc.is_empty() {
-        vec![default_listen(
-            |k| std::env::var(k).ok(),
-            lfm_proto::socket::running_as_root(),
-        )?]
+    use lfmd::serve::default_listen;
+    // Before any thread: taking them clears LISTEN_FDS and LISTEN_PID.
+    let inherited = lfmd::systemd::take_inherited().map_err(anyhow::Error::msg)?;
+    let settings = a.settings()?;
+    lfmd::log::init(settings.log_level);
+    let listen = if settings.grpc.is_empty() && inherited.is_empty() {
+        vec![default_listen(|k| std::env::var(k).ok(), a.system())?]
     } else {
-        a.grpc
-            .iter()
-            .map(|s| s.parse::<Listen>())
-            .collect::<Result<Vec<_>, _>>()?
+        settings.grpc.clone()
     };
-    if a.max_concurrent == 0 {
-        bail!("--max-concurrent must be at least 1");
-    }
-    if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
-        bail!("--shutdown-grace must be a number of seconds, 0 or more");
-    }
-    let model_path = match a.model {
+    let model_path = match settings.model.clone() {
         Some(p) => p,
         None => lfmd::paths::find_default_model(|k| std::env::var(k).ok()).context(
             "no model given and none found: pass --model FILE.gguf, set LFMD_MODEL, or put \
@@ -333,6 +411,25 @@ fn serve(a: ServeArgs) -> Result<()> {
              synthesizes a small test model)",
         )?,
     };
+    if let Some((path, _)) = a.config_path().filter(|(p, _)| p.exists()) {
+        lfmd::info!("configuration: {}", path.display());
+    }
+    if let Some(b) = settings.memory_budget.0 {
+        lfmd::info!(
+            "memory budget {} (recorded; expert paging does not use it yet)",
+            lfmd::config::ByteSize(Some(b))
+        );
+    }
+    for (s, name) in &inherited {
+        lfmd::info!(
+            "socket activation: {} socket {name:?}",
+            match s {
+                lfmd::systemd::Inherited::Unix(_) => "Unix",
+                lfmd::systemd::Inherited::Tcp(_) => "TCP",
+            }
+        );
+    }
+    let watchdog = lfmd::systemd::watchdog_period();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lfmd-io")
@@ -340,67 +437,69 @@ fn serve(a: ServeArgs) -> Result<()> {
         .build()
         .context("starting the I/O runtime")?;
     rt.block_on(async move {
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let signals = lfmd::serve::Signals::install().context("installing signal handlers")?;
         // Sockets first: a second daemon fails before loading anything.
-        let bound = lfmd::serve::bind_all(&listen, a.allow_remote).await?;
+        let bound = lfmd::serve::bind_all(
+            inherited.into_iter().map(|(s, _)| s).collect(),
+            &listen,
+            settings.allow_remote,
+            &settings.socket_group,
+        )
+        .await?;
         let model = lfmd::engine::Model::open_with(
             &model_path,
             lfmd::engine::EngineOptions {
-                threads: a.threads,
+                threads: (settings.threads > 0).then_some(settings.threads),
                 ..Default::default()
             },
         )
         .with_context(|| format!("loading {}", model_path.display()))?;
         let n_ctx_train = model.desc.n_ctx_train;
-        let ctx = a
-            .ctx
-            .unwrap_or(lfmd::scheduler::DEFAULT_CONTEXT.min(n_ctx_train));
+        let ctx = match settings.ctx {
+            0 => lfmd::scheduler::DEFAULT_CONTEXT.min(n_ctx_train),
+            n => n,
+        };
         if ctx < 2 || ctx > n_ctx_train {
             bail!("--ctx {ctx}: the model's context holds 2 to {n_ctx_train} tokens");
         }
         let config = lfmd::scheduler::Config {
-            max_concurrent: a.max_concurrent,
-            queue_capacity: a.queue,
-            prefill_chunk: a.prefill_chunk.max(1),
+            max_concurrent: settings.max_concurrent,
+            queue_capacity: settings.queue,
+            max_per_user: settings.max_per_user,
+            prefill_chunk: settings.prefill_chunk,
             n_ctx: ctx,
-            max_sessions: a.max_sessions.max(1),
-            session_idle: std::time::Duration::from_secs(a.session_idle),
-            default_max_tokens: a.max_tokens.max(1),
+            max_sessions: settings.max_sessions,
+            session_idle: std::time::Duration::from_secs(settings.session_idle),
+            default_max_tokens: settings.max_tokens,
+            idle_wakeup: lfmd::systemd::engine_wakeup(watchdog),
         };
         let (handle, exit) =
             lfmd::scheduler::start(model, &model_path.display().to_string(), config)
                 .context("starting the engine thread")?;
         let info = handle.model_info();
-        eprintln!(
-            "lfmd: {} ({} {}), isa {}, {} threads, context {}, {} concurrent, queue {}",
+        lfmd::info!(
+            "{} ({} {}), isa {}, {} threads, context {}, {} concurrent, queue {}, {} per user",
             model_path.display(),
             info.architecture,
             info.file_type,
             info.isa,
             info.threads,
             info.context,
-            a.max_concurrent,
-            a.queue
+            settings.max_concurrent,
+            settings.queue,
+            settings.max_per_user
         );
-        let shutdown = async move {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            eprintln!("lfmd: {name} received");
-            // A second signal does not wait for the drain.
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = int.recv() => {},
-                }
-                eprintln!("lfmd: second signal: exiting now");
-                std::process::exit(1);
-            });
+        let reload = {
+            let a = a.clone();
+            move || a.settings().map_err(|e| format!("{e:#}"))
         };
-        let grace = std::time::Duration::from_secs_f64(a.shutdown_grace);
-        lfmd::serve::serve(handle, exit, bound, grace, shutdown).await?;
+        let control = lfmd::serve::Control {
+            signals,
+            settings,
+            reload,
+            watchdog,
+        };
+        lfmd::serve::serve(handle, exit, bound, control).await?;
         Ok(())
     })
 }

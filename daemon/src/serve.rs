@@ -1,12 +1,16 @@
 //! `lfmd serve`: binds the listeners (a Unix socket by default, loopback TCP
-//! when asked), serves gRPC (`lfm.v1.Lfm`, `grpc.health.v1`, server
-//! reflection) over the scheduler, and shuts down cleanly: stop accepting,
-//! let running requests finish within a grace period, stop the engine,
-//! remove the socket.
+//! when asked, or the sockets systemd passes), serves gRPC (`lfm.v1.Lfm`,
+//! `grpc.health.v1`, server reflection) over the scheduler, tells systemd
+//! how it is doing, reloads its settings on SIGHUP, and shuts down cleanly
+//! on SIGTERM/SIGINT: stop accepting, let running requests finish within a
+//! grace period, stop the engine, remove the socket.
 
+use crate::config::Settings;
 use crate::grpc::LfmService;
 use crate::scheduler::{EngineExit, Handle};
+use crate::systemd;
 use lfm_proto::v1::lfm_server::LfmServer;
+use sd_notify::NotifyState;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -82,6 +86,10 @@ pub enum ServeError {
         target: String,
         source: io::Error,
     },
+    #[error(
+        "socket_group {0:?} is not a group here (looked in /etc/group); create it, or set socket_group = \"\" to keep the daemon's own group"
+    )]
+    NoSuchGroup(String),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the engine stopped: {0}")]
@@ -113,8 +121,10 @@ impl Drop for SocketGuard {
     }
 }
 
+/// A listener ready to serve. Sockets we bound carry a guard (they are
+/// ours to remove); sockets systemd passed do not (they are its).
 pub enum Bound {
-    Unix(UnixListener, SocketGuard),
+    Unix(UnixListener, Option<SocketGuard>),
     Tcp(TcpListener),
 }
 
@@ -122,19 +132,83 @@ impl Bound {
     /// What clients connect to (`unix:PATH`, `tcp:ADDR` with the real port).
     pub fn describe(&self) -> String {
         match self {
-            Bound::Unix(_, g) => format!("unix:{}", g.path.display()),
+            Bound::Unix(_, Some(g)) => format!("unix:{}", g.path.display()),
+            Bound::Unix(l, None) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
+                Some(p) => format!("unix:{p}"),
+                None => "unix:(unnamed)".into(),
+            },
             Bound::Tcp(l) => match l.local_addr() {
                 Ok(a) => format!("tcp:{a}"),
                 Err(_) => "tcp:?".into(),
             },
         }
     }
+
+    /// The path of a Unix listener.
+    pub fn unix_path(&self) -> Option<PathBuf> {
+        match self {
+            Bound::Unix(_, Some(g)) => Some(g.path.clone()),
+            Bound::Unix(l, None) => l.local_addr().ok()?.as_pathname().map(Path::to_path_buf),
+            Bound::Tcp(_) => None,
+        }
+    }
 }
 
-/// Binds a Unix socket at `path` with mode 0660. A socket file left by a
-/// daemon that died is removed; a live daemon on it is an error. A lock file
-/// beside it (`PATH.lock`, held while serving) makes this race-free.
-pub fn bind_unix(path: &Path) -> Result<Bound, ServeError> {
+/// The group given the Unix sockets when none is configured, if it exists.
+pub const DEFAULT_SOCKET_GROUP: &str = "lfm";
+
+/// The gid of `name` (a group name or number) from `/etc/group`. `""` is
+/// none; so is the default group when it does not exist; any other
+/// unknown group is an error.
+pub fn resolve_group(name: &str) -> Result<Option<u32>, ServeError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(Some(gid));
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    match find_group(&groups, name) {
+        Some(gid) => Ok(Some(gid)),
+        None if name == DEFAULT_SOCKET_GROUP => Ok(None),
+        None => Err(ServeError::NoSuchGroup(name.into())),
+    }
+}
+
+/// `name`'s gid in the text of an `/etc/group` file.
+fn find_group(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Gives `path` to group `gid`; only the default group may fail to apply
+/// (a user daemon is usually not in it).
+fn chown_group(path: &Path, gid: u32, group: &str) -> Result<(), ServeError> {
+    match std::os::unix::fs::chown(path, None, Some(gid)) {
+        Ok(()) => Ok(()),
+        Err(e) if group == DEFAULT_SOCKET_GROUP => {
+            crate::debug!("not giving {} to group {group}: {e}", path.display());
+            Ok(())
+        }
+        Err(e) => Err(io_err(
+            "giving to group",
+            format!("{group}: {}", path.display()),
+        )(e)),
+    }
+}
+
+/// Binds a Unix socket at `path` with mode 0660, owned by `group` if given
+/// (`(name, gid)`; a directory created for it too). A socket file left by
+/// a daemon that died is removed; a live daemon on it is an error. A lock
+/// file beside it (`PATH.lock`, held while serving) makes this race-free.
+pub fn bind_unix(path: &Path, group: Option<(&str, u32)>) -> Result<Bound, ServeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
     {
@@ -143,6 +217,9 @@ pub fn bind_unix(path: &Path) -> Result<Bound, ServeError> {
             .mode(0o750)
             .create(dir)
             .map_err(io_err("creating the socket directory", dir.display()))?;
+        if let Some((name, gid)) = group {
+            chown_group(dir, gid, name)?;
+        }
     }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
@@ -176,15 +253,16 @@ pub fn bind_unix(path: &Path) -> Result<Bound, ServeError> {
         Err(e) => return Err(io_err("checking", path.display())(e)),
     }
     let listener = UnixListener::bind(path).map_err(io_err("binding", path.display()))?;
+    let guard = SocketGuard {
+        path: path.into(),
+        _lock: lock,
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io_err("setting the mode of", path.display()))?;
-    Ok(Bound::Unix(
-        listener,
-        SocketGuard {
-            path: path.into(),
-            _lock: lock,
-        },
-    ))
+    if let Some((name, gid)) = group {
+        chown_group(path, gid, name)?;
+    }
+    Ok(Bound::Unix(listener, Some(guard)))
 }
 
 /// Binds a TCP listener; only loopback addresses unless `allow_remote`.
@@ -204,44 +282,95 @@ pub async fn bind_tcp(addr: &str, allow_remote: bool) -> Result<Bound, ServeErro
     Ok(Bound::Tcp(l))
 }
 
-/// Binds every listener (the default one when none is given).
-pub async fn bind_all(listen: &[Listen], allow_remote: bool) -> Result<Vec<Bound>, ServeError> {
+/// Binds every listener: the sockets systemd passed (`inherited`), then
+/// those of `listen` (a Unix path systemd already passed is not bound
+/// again). Unix sockets we bind get `socket_group` (see [`resolve_group`]).
+pub async fn bind_all(
+    inherited: Vec<systemd::Inherited>,
+    listen: &[Listen],
+    allow_remote: bool,
+    socket_group: &str,
+) -> Result<Vec<Bound>, ServeError> {
     let mut bound = Vec::new();
+    for s in inherited {
+        bound.push(match s {
+            systemd::Inherited::Unix(l) => {
+                let l = l
+                    .set_nonblocking(true)
+                    .and_then(|()| UnixListener::from_std(l))
+                    .map_err(io_err("using", "the Unix socket systemd passed"))?;
+                Bound::Unix(l, None)
+            }
+            systemd::Inherited::Tcp(l) => {
+                let l = l
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+                    .map_err(io_err("using", "the TCP socket systemd passed"))?;
+                Bound::Tcp(l)
+            }
+        });
+    }
+    let passed: Vec<PathBuf> = bound.iter().filter_map(Bound::unix_path).collect();
+    let gid = resolve_group(socket_group)?;
     for l in listen {
         bound.push(match l {
-            Listen::Unix(p) => bind_unix(p)?,
+            Listen::Unix(p) if passed.iter().any(|q| q == p) => continue,
+            Listen::Unix(p) => bind_unix(p, gid.map(|g| (socket_group, g)))?,
             Listen::Tcp(a) => bind_tcp(a, allow_remote).await?,
         });
     }
     Ok(bound)
 }
 
-/// Tells systemd (`Type=notify`) about our state, if it is listening.
-pub fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => UnixAddr::from_abstract_name(name),
-        None => UnixAddr::from_pathname(Path::new(&path)),
-    };
-    if let (Ok(sock), Ok(addr)) = (UnixDatagram::unbound(), addr) {
-        let _ = sock.send_to_addr(state.as_bytes(), &addr);
+/// The signals the daemon answers, installed early (before the model is
+/// loaded) so none of them kills it by default action.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
-/// Serves gRPC on `bound` until `shutdown` resolves (then drains: running
-/// requests get `grace` to finish) or the engine dies (an error).
-pub async fn serve(
+/// How `serve` runs beyond its listeners.
+pub struct Control<R> {
+    pub signals: Signals,
+    /// The settings in force at start.
+    pub settings: Settings,
+    /// Reads the settings again (SIGHUP): the config file under the flags.
+    pub reload: R,
+    /// systemd's watchdog period, if it asked for one.
+    pub watchdog: Option<Duration>,
+}
+
+/// Serves gRPC on `bound` until SIGTERM/SIGINT (then drains: running
+/// requests get the shutdown grace to finish) or the engine dies (an
+/// error). SIGHUP reloads the settings (`control.reload`).
+pub async fn serve<R>(
     handle: Handle,
     exit: EngineExit,
     bound: Vec<Bound>,
-    grace: Duration,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), ServeError> {
+    control: Control<R>,
+) -> Result<(), ServeError>
+where
+    R: FnMut() -> Result<Settings, String>,
+{
+    let Control {
+        mut signals,
+        settings: started,
+        mut reload,
+        watchdog,
+    } = control;
+    let mut grace = started.shutdown_grace();
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LfmServer<LfmService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -268,7 +397,7 @@ pub async fn serve(
             let _ = rx.wait_for(|s| *s).await;
         };
         let name = b.describe();
-        eprintln!("lfmd: listening on {name}");
+        crate::info!("listening on {name}");
         let task = match b {
             Bound::Unix(l, guard) => {
                 guards.push(guard);
@@ -282,25 +411,75 @@ pub async fn serve(
         };
         servers.push((name, task));
     }
-    notify_systemd("READY=1");
-    eprintln!("lfmd: ready");
+    let status = systemd::status_line(&handle);
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    crate::info!("ready");
+    let mut background = vec![tokio::spawn(systemd::report_status(
+        handle.clone(),
+        Duration::from_secs(1),
+        status,
+    ))];
+    if let Some(period) = watchdog {
+        crate::info!(
+            "systemd watchdog: {:.1} s; pinging while the engine is responsive",
+            period.as_secs_f64()
+        );
+        background.push(tokio::spawn(systemd::feed_watchdog(handle.clone(), period)));
+    }
 
     let mut exit = std::pin::pin!(exit.wait());
-    let died = tokio::select! {
-        () = shutdown => None,
-        r = &mut exit => Some(r.err().unwrap_or_else(|| "it exited unasked".into())),
+    let died = loop {
+        let name = tokio::select! {
+            _ = signals.term.recv() => "SIGTERM",
+            _ = signals.int.recv() => "SIGINT",
+            _ = signals.hup.recv() => {
+                systemd::notify_reloading();
+                match reload() {
+                    Ok(new) => {
+                        apply_reload(&handle, &started, &new);
+                        grace = new.shutdown_grace();
+                    }
+                    Err(e) => crate::error!("reload failed; the running settings stay: {e}"),
+                }
+                let status = systemd::status_line(&handle);
+                systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                continue;
+            }
+            r = &mut exit => break Some(r.err().unwrap_or_else(|| "it exited unasked".into())),
+        };
+        crate::info!("{name} received");
+        break None;
     };
-    notify_systemd("STOPPING=1");
+    let (active, _) = handle.load();
+    let stopping = format!(
+        "stopping: {active} running requests get {:.1} s to finish",
+        grace.as_secs_f64()
+    );
+    systemd::notify(&[NotifyState::Stopping, NotifyState::Status(&stopping)]);
+    if died.is_none() {
+        // A second signal does not wait for the drain.
+        let Signals {
+            mut term, mut int, ..
+        } = signals;
+        background.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            crate::warn!("second signal: exiting now");
+            std::process::exit(1);
+        }));
+    }
     health.set_not_serving::<LfmServer<LfmService>>().await;
     let _ = stop_tx.send(true);
     let result = match died {
         Some(why) => {
-            eprintln!("lfmd: the engine stopped ({why}); exiting");
+            crate::error!("the engine stopped ({why}); exiting");
             Err(ServeError::EngineDied(why))
         }
         None => {
-            eprintln!(
-                "lfmd: shutting down: no new requests; running ones get {:.1} s to finish",
+            crate::info!(
+                "shutting down: no new requests; running ones get {:.1} s to finish",
                 grace.as_secs_f64()
             );
             handle.shutdown(grace);
@@ -311,16 +490,40 @@ pub async fn serve(
     for (name, task) in servers {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => eprintln!("lfmd: gRPC server on {name}: {e}"),
-            Ok(Err(e)) => eprintln!("lfmd: gRPC server on {name} failed: {e}"),
-            Err(_) => eprintln!("lfmd: gRPC server on {name} did not close in time"),
+            Ok(Ok(Err(e))) => crate::warn!("gRPC server on {name}: {e}"),
+            Ok(Err(e)) => crate::warn!("gRPC server on {name} failed: {e}"),
+            Err(_) => crate::warn!("gRPC server on {name} did not close in time"),
         }
+    }
+    for task in background {
+        task.abort();
     }
     drop(guards);
     if result.is_ok() {
-        eprintln!("lfmd: stopped");
+        crate::info!("stopped");
     }
     result
+}
+
+/// Applies what a reload may change (limits, log level, shutdown grace)
+/// and warns about changed settings that need a restart.
+fn apply_reload(handle: &Handle, started: &Settings, new: &Settings) {
+    crate::log::set_level(new.log_level);
+    handle.set_limits(new.limits());
+    for key in new.restart_only_changes(started) {
+        crate::warn!("{key} changed in the configuration; it takes effect at the next restart");
+    }
+    let l = new.limits();
+    crate::info!(
+        "reloaded: {} concurrent, queue {}, {} per user, prefill chunk {}, max_tokens {}, log level {}, shutdown grace {:.1} s",
+        l.max_concurrent,
+        l.queue_capacity,
+        l.max_per_user,
+        l.prefill_chunk,
+        l.default_max_tokens,
+        new.log_level.as_str(),
+        new.shutdown_grace
+    );
 }
 
 #[cfg(test)]
@@ -356,11 +559,11 @@ mod tests {
     async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/lfmd.sock");
-        let first = bind_unix(&path).unwrap();
+        let first = bind_unix(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
         // A second daemon on the same path is refused (the lock is held).
-        assert!(matches!(bind_unix(&path), Err(ServeError::InUse(_))));
+        assert!(matches!(bind_unix(&path, None), Err(ServeError::InUse(_))));
         drop(first);
         assert!(!path.exists(), "a clean exit removes the socket");
 
@@ -368,18 +571,36 @@ mod tests {
         let stale = dir.path().join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());
-        assert!(matches!(bind_unix(&stale), Ok(Bound::Unix(..))));
+        assert!(matches!(bind_unix(&stale, None), Ok(Bound::Unix(..))));
 
         // Something live without our lock (another program): refused.
         let live = dir.path().join("live.sock");
         let _other = std::os::unix::net::UnixListener::bind(&live).unwrap();
-        assert!(matches!(bind_unix(&live), Err(ServeError::InUse(_))));
+        assert!(matches!(bind_unix(&live, None), Err(ServeError::InUse(_))));
 
         // Not a socket: left alone.
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(bind_unix(&file), Err(ServeError::NotASocket(_))));
+        assert!(matches!(
+            bind_unix(&file, None),
+            Err(ServeError::NotASocket(_))
+        ));
         assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn groups_resolve_from_etc_group() {
+        let groups = "root:x:0:\nlfm:x:990:alice,bob\nbad:x\n";
+        assert_eq!(find_group(groups, "lfm"), Some(990));
+        assert_eq!(find_group(groups, "root"), Some(0));
+        assert_eq!(find_group(groups, "bad"), None);
+        assert_eq!(find_group(groups, "nope"), None);
+        assert_eq!(resolve_group("").unwrap(), None);
+        assert_eq!(resolve_group("1234").unwrap(), Some(1234));
+        assert!(matches!(
+            resolve_group("no-such-group-here"),
+            Err(ServeError::NoSuchGroup(_))
+        ));
     }
 
     #[tokio::test]

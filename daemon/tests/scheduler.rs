@@ -43,6 +43,7 @@ fn request(client: &str, priority: Priority, max_tokens: usize) -> Request {
         client: Client {
             id: client.into(),
             owner: "uid:1000".into(),
+            ..Default::default()
         },
         priority,
         deadline: None,

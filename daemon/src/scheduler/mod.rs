@@ -45,6 +45,8 @@ pub struct Config {
     pub max_concurrent: usize,
     /// Requests that may wait for a slot; more are refused.
     pub queue_capacity: usize,
+    /// Requests (running and waiting) one user may have; 0 is no limit.
+    pub max_per_user: usize,
     /// Prompt tokens fed per engine step, over all prefilling sequences.
     pub prefill_chunk: usize,
     /// Context limit of every sequence, at most the model's.
@@ -54,6 +56,10 @@ pub struct Config {
     pub session_idle: Duration,
     /// `max_tokens` of a request that sets none.
     pub default_max_tokens: usize,
+    /// Longest the engine sleeps when idle: its heartbeat
+    /// ([`Handle::engine_heartbeat_age`]) is at most this old while it
+    /// is healthy and idle.
+    pub idle_wakeup: Duration,
 }
 
 impl Default for Config {
@@ -61,21 +67,49 @@ impl Default for Config {
         Config {
             max_concurrent: 8,
             queue_capacity: 64,
+            max_per_user: 32,
             prefill_chunk: 256,
             n_ctx: DEFAULT_CONTEXT,
             max_sessions: 16,
             session_idle: Duration::from_secs(600),
             default_max_tokens: 256,
+            idle_wakeup: Duration::from_secs(1),
         }
     }
 }
 
-/// Who is asking: `id` is the unit of fairness (one process), `owner` the
-/// scope of its sessions (one user).
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_concurrent: self.max_concurrent,
+            queue_capacity: self.queue_capacity,
+            max_per_user: self.max_per_user,
+            prefill_chunk: self.prefill_chunk,
+            default_max_tokens: self.default_max_tokens,
+        }
+    }
+}
+
+/// The part of [`Config`] that can change while serving
+/// ([`Handle::set_limits`], on SIGHUP).
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_concurrent: usize,
+    pub queue_capacity: usize,
+    pub max_per_user: usize,
+    pub prefill_chunk: usize,
+    pub default_max_tokens: usize,
+}
+
+/// Who is asking: `id` is the unit of fairness (one process), `owner` the
+/// scope of its sessions and of the per-user limit (one user). `uid` and
+/// `pid` are the peer's credentials on a Unix socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Client {
     pub id: String,
     pub owner: String,
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
 }
 
 /// Sampling and stopping; `None` takes the daemon default.
@@ -127,6 +161,14 @@ pub enum SubmitError {
         queued: usize,
         max_concurrent: usize,
         retry_after: Duration,
+    },
+    #[error(
+        "{owner} already has {held} requests running or waiting, and one user may have at most {limit} (the per-user limit); wait for one to finish, or raise max_per_user in lfmd.toml (or lfmd serve --max-per-user) and reload the daemon"
+    )]
+    UserLimit {
+        owner: String,
+        held: usize,
+        limit: usize,
     },
     #[error(transparent)]
     Session(#[from] SessionError),
@@ -268,6 +310,8 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// A request ready for the engine: tokens to feed and how to sample.
 pub(crate) struct Job {
     pub client: Client,
+    /// Counts this request against its user's limit while it lives.
+    pub user_slot: Option<UserSlot>,
     pub priority: Priority,
     pub tokens: Vec<u32>,
     /// Tokens already in `state` (a session's earlier turns).
@@ -292,6 +336,24 @@ pub(crate) struct SessionTurn {
     pub rendered: String,
 }
 
+/// One request's place in its user's count; dropping it gives it back.
+pub(crate) struct UserSlot {
+    shared: Arc<Shared>,
+    owner: String,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut users = self.shared.lock_users();
+        if let Some(n) = users.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.owner);
+            }
+        }
+    }
+}
+
 pub(crate) struct Shutdown {
     /// Running requests still going then are stopped.
     pub cancel_at: Instant,
@@ -311,16 +373,34 @@ pub(crate) struct Inner {
     pub recent: VecDeque<(Instant, u32, u32)>,
     /// Moving average of the time a request holds a slot.
     pub mean_service: Option<Duration>,
+    /// The limits in force (a reload changes them).
+    pub limits: Limits,
 }
 
 pub(crate) struct Shared {
     pub inner: Mutex<Inner>,
     pub wake: Condvar,
+    /// Requests (running and waiting) per owner. Its own lock, taken alone
+    /// or inside `inner`'s, never the other way round.
+    pub users: Mutex<std::collections::HashMap<String, usize>>,
+    /// When the engine loop last went round, in ms since `epoch`.
+    pub heartbeat: AtomicU64,
+    pub epoch: Instant,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn lock_users(&self) -> MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.users.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by the engine thread each time round its loop.
+    pub fn beat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.heartbeat.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -373,8 +453,8 @@ pub fn start(
     let template = match template_src.map(ChatTemplate::new) {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
-            eprintln!(
-                "lfmd: the model's chat template is unusable ({e}); using the built-in LFM2 one"
+            crate::warn!(
+                "the model's chat template is unusable ({e}); using the built-in LFM2 one"
             );
             ChatTemplate::builtin()
         }
@@ -398,8 +478,12 @@ pub fn start(
             generated_tokens_total: 0,
             recent: VecDeque::new(),
             mean_service: None,
+            limits: config.limits(),
         }),
         wake: Condvar::new(),
+        users: Mutex::new(Default::default()),
+        heartbeat: AtomicU64::new(0),
+        epoch: Instant::now(),
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let worker = worker::Worker::new(model, tokenizer.clone(), shared.clone(), config.clone());
@@ -451,8 +535,46 @@ impl Handle {
         &self.info
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration, with the limits in force now.
+    pub fn config(&self) -> Config {
+        let limits = self.shared.lock().limits.clone();
+        Config {
+            max_concurrent: limits.max_concurrent,
+            queue_capacity: limits.queue_capacity,
+            max_per_user: limits.max_per_user,
+            prefill_chunk: limits.prefill_chunk,
+            default_max_tokens: limits.default_max_tokens,
+            ..(*self.config).clone()
+        }
+    }
+
+    /// Changes the limits while serving (a reload). Running requests are
+    /// never stopped: a lower `max_concurrent` takes effect as they finish,
+    /// and requests already waiting keep their places.
+    pub fn set_limits(&self, mut limits: Limits) {
+        limits.max_concurrent = limits.max_concurrent.max(1);
+        limits.prefill_chunk = limits.prefill_chunk.max(1);
+        limits.default_max_tokens = limits.default_max_tokens.max(1);
+        let mut g = self.shared.lock();
+        g.queue.set_capacity(limits.queue_capacity);
+        g.limits = limits;
+        drop(g);
+        self.shared.wake.notify_all();
+    }
+
+    /// How long since the engine loop last went round: at most about
+    /// `idle_wakeup` when idle, one step's time when busy; larger means
+    /// the engine is stuck (or has stopped).
+    pub fn engine_heartbeat_age(&self) -> Duration {
+        let last = self.shared.heartbeat.load(Ordering::Relaxed);
+        let now = self.shared.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// Running and waiting requests, cheaply (no memory figures).
+    pub fn load(&self) -> (usize, usize) {
+        let g = self.shared.lock();
+        (g.active, g.queue.len())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -497,8 +619,8 @@ impl Handle {
         let s = Status {
             active: g.active,
             queued: g.queue.len(),
-            max_concurrent: self.config.max_concurrent,
-            queue_capacity: self.config.queue_capacity,
+            max_concurrent: g.limits.max_concurrent,
+            queue_capacity: g.limits.queue_capacity,
             sessions: 0,
             requests_total: g.requests_total,
             prompt_tokens_total: g.prompt_tokens_total,
@@ -543,7 +665,8 @@ impl Handle {
             .sampling
             .validate()
             .map_err(|e| SubmitError::Invalid(e.to_string()))?;
-        let max_tokens = options.max_tokens.unwrap_or(self.config.default_max_tokens);
+        let limits = self.shared.lock().limits.clone();
+        let max_tokens = options.max_tokens.unwrap_or(limits.default_max_tokens);
         if max_tokens == 0 {
             return Err(SubmitError::Invalid(
                 "max_tokens must be at least 1 (leave it unset for the default)".into(),
@@ -590,10 +713,20 @@ impl Handle {
                 }
             )));
         }
+        let user_slot = match self.take_user_slot(&client.owner, limits.max_per_user) {
+            Ok(slot) => slot,
+            Err(e) => {
+                if let Some(turn) = &mut session {
+                    turn.lease.state = state.take();
+                }
+                return Err(e);
+            }
+        };
         let (events, rx) = mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             client,
+            user_slot: Some(user_slot),
             priority,
             tokens,
             context,
@@ -615,7 +748,8 @@ impl Handle {
             return Err(SubmitError::ShuttingDown);
         }
         let (client_id, prio) = (job.client.id.clone(), job.priority);
-        let headroom = self.config.max_concurrent.saturating_sub(g.active);
+        let max_concurrent = g.limits.max_concurrent;
+        let headroom = max_concurrent.saturating_sub(g.active);
         if let Err(mut job) = g.queue.push(&client_id, prio, job, headroom) {
             let queued = g.queue.len();
             let mean = g.mean_service.unwrap_or(Duration::from_secs(1));
@@ -624,12 +758,12 @@ impl Handle {
             if let Some(turn) = &mut job.session {
                 turn.lease.state = job.state.take();
             }
-            let slots = self.config.max_concurrent as u32;
+            let slots = max_concurrent as u32;
             let retry_after = (mean * (queued as u32 / slots).max(1))
                 .clamp(Duration::from_millis(100), Duration::from_secs(60));
             return Err(SubmitError::QueueFull {
                 queued,
-                max_concurrent: self.config.max_concurrent,
+                max_concurrent,
                 retry_after,
             });
         }
@@ -655,6 +789,26 @@ impl Handle {
              (at most {limit} bytes with this vocabulary); shorten the prompt",
             self.config.n_ctx
         )))
+    }
+
+    /// Counts a request against its owner's limit (0: none), or refuses it.
+    fn take_user_slot(&self, owner: &str, limit: usize) -> Result<UserSlot, SubmitError> {
+        let mut users = self.shared.lock_users();
+        let n = users.entry(owner.to_owned()).or_insert(0);
+        if limit > 0 && *n >= limit {
+            let held = *n;
+            drop(users);
+            return Err(SubmitError::UserLimit {
+                owner: owner.replace("uid:", "uid "),
+                held,
+                limit,
+            });
+        }
+        *n += 1;
+        Ok(UserSlot {
+            shared: self.shared.clone(),
+            owner: owner.to_owned(),
+        })
     }
 
     /// Tokens to feed for a chat request, the context and state they
@@ -813,6 +967,7 @@ mod tests {
             client: Client {
                 id: "t".into(),
                 owner: "t".into(),
+                ..Default::default()
             },
             priority: Priority::Interactive,
             deadline: None,

@@ -124,6 +124,12 @@ impl<T> FairQueue<T> {
         self.capacity
     }
 
+    /// A new capacity (a reload); requests already waiting beyond it keep
+    /// their places.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
     /// Adds a request at the back of its client's line; a full queue hands
     /// it back. `headroom` are slots free right now: requests about to be
     /// admitted do not count against the capacity.

@@ -7,13 +7,13 @@
 //! and is reported through `EngineExit`.
 
 use super::plan::{Running as View, plan_step};
-use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats};
+use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats, UserSlot};
 use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
 use crate::sequence::{FinishReason, Sequence};
 use crate::tokenizer::Tokenizer;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub(crate) struct Worker {
@@ -37,6 +37,9 @@ struct Running {
     /// The text sent so far (kept for sessions only).
     reply: String,
     session: Option<SessionTurn>,
+    /// Given back before the final event, so a client that sees it may
+    /// send its next request at once.
+    user_slot: Option<UserSlot>,
 }
 
 impl Job {
@@ -47,16 +50,18 @@ impl Job {
         }
     }
 
-    fn fail(self, why: Failure) {
+    fn fail(mut self, why: Failure) {
+        drop(self.user_slot.take());
         let _ = self.events.send(Event::Failed(why));
         self.abandon();
     }
 }
 
 impl Running {
-    fn fail(self, why: Failure) {
+    fn fail(mut self, why: Failure) {
         // The session (if any) keeps its conversation; its state was
         // partly advanced, so it is dropped with the sequence.
+        drop(self.user_slot.take());
         let _ = self.events.send(Event::Failed(why));
     }
 }
@@ -96,7 +101,7 @@ impl Worker {
             Ok(()) => Ok(()),
             Err(p) => {
                 let msg = panic_message(&*p);
-                eprintln!("lfmd: the engine thread failed and stops serving: {msg}");
+                crate::error!("the engine thread failed and stops serving: {msg}");
                 let mut g = self.shared.lock();
                 g.dead = Some(msg.clone());
                 g.active = 0;
@@ -114,19 +119,21 @@ impl Worker {
     }
 
     fn serve(&self, running: &mut Vec<Running>) {
-        while self.admit(running) {
+        while let Some(prefill_chunk) = self.admit(running) {
             self.drop_gone(running);
             if !running.is_empty() {
-                self.step(running);
+                self.step(running, prefill_chunk);
             }
         }
     }
 
     /// Housekeeping under the lock, then fills free slots. Waits while
-    /// nothing runs; returns false when shut down and drained.
-    fn admit(&self, running: &mut Vec<Running>) -> bool {
+    /// nothing runs; returns the step's prefill budget, or `None` when shut
+    /// down and drained.
+    fn admit(&self, running: &mut Vec<Running>) -> Option<usize> {
         let mut g = self.shared.lock();
         loop {
+            self.shared.beat();
             let now = Instant::now();
             let gone = g
                 .queue
@@ -149,7 +156,7 @@ impl Worker {
                     }
                 }
             }
-            while running.len() < self.config.max_concurrent {
+            while running.len() < g.limits.max_concurrent {
                 let Some(job) = g.queue.pop() else { break };
                 g.requests_total += 1;
                 g.prompt_tokens_total += job.tokens.len() as u64;
@@ -157,15 +164,15 @@ impl Worker {
             }
             g.active = running.len();
             if !running.is_empty() {
-                return true;
+                return Some(g.limits.prefill_chunk);
             }
             if g.shutdown.is_some() {
-                return false;
+                return None;
             }
             g = self
                 .shared
                 .wake
-                .wait_timeout(g, Duration::from_secs(1))
+                .wait_timeout(g, self.config.idle_wakeup)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -204,6 +211,7 @@ impl Worker {
             prefilled_tokens,
             reply: String::new(),
             session: job.session.take(),
+            user_slot: job.user_slot.take(),
         }
     }
 
@@ -233,7 +241,7 @@ impl Worker {
     }
 
     /// One forward call over every running sequence, then sampling.
-    fn step(&self, running: &mut Vec<Running>) {
+    fn step(&self, running: &mut Vec<Running>, prefill_chunk: usize) {
         let views: Vec<View> = running
             .iter()
             .map(|r| View {
@@ -241,7 +249,7 @@ impl Worker {
                 priority: r.priority,
             })
             .collect();
-        let take = plan_step(&views, self.config.prefill_chunk);
+        let take = plan_step(&views, prefill_chunk);
         let chunks: Vec<Vec<u32>> = running
             .iter()
             .zip(&take)
@@ -293,7 +301,7 @@ impl Worker {
                     Err(p) => panic_message(&*p),
                     Ok(Ok(_)) => unreachable!(),
                 };
-                eprintln!("lfmd: a forward step failed ({why}); failing its requests");
+                crate::error!("a forward step failed ({why}); failing its requests");
                 let mut i = 0;
                 let mut failed = Vec::new();
                 for c in &chunks {
@@ -393,6 +401,7 @@ impl Worker {
             time_to_first_token: first.duration_since(r.arrived),
             total: now.duration_since(r.arrived),
         };
+        drop(r.user_slot);
         let events = r.events;
         let session = r.session.as_ref().map(|t| t.lease.id().to_owned());
         if let Some(turn) = r.session {

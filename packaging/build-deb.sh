@@ -3,7 +3,7 @@
 # /etc/lfmd/lfmd.toml, man pages): release binaries, man pages generated from
 # their clap definitions (`lfmd man`, `lfmctl man`, hidden commands), then
 # `cargo deb --no-build` with the metadata in daemon/Cargo.toml.
-# Prints the .deb's path on the last line. Needs cargo-deb
+# Prints the .deb's path on the last line (a -dbgsym .ddeb is written beside it). Needs cargo-deb
 # (`cargo install cargo-deb --locked`) and dpkg-dev.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +23,6 @@ rm -rf "$man"
 gzip -9n "$man"/*.1
 
 # --no-build: cargo-deb alone would build only the lfmd crate, not lfmctl.
-out=$(cargo deb -p lfmd --no-build --locked --output "$target/debian" | tail -n 1)
-echo "$out"
+# --dbgsym: stripped binaries in the .deb (6 MB instead of 37 MB for lfmd),
+# their line tables in lfmd-dbgsym_*.ddeb beside it.
+cargo deb -p lfmd --no-build --locked --dbgsym --output "$target/debian" | grep '\.deb$'

@@ -64,6 +64,9 @@ dpkg-deb -x "$deb" "$root"
 for m in "$root"/usr/share/man/man1/*.1.gz; do
   gzip -dc "$m" | grep -q '^\.TH ' || fail "$m is not a gzipped man page"
 done
+for b in lfmd lfmctl; do
+  [ "$(readelf -SW "$root/usr/bin/$b" | grep -cE '\.debug_(info|line) ')" = 0 ] || fail "usr/bin/$b is not stripped (build-deb.sh moves debug info to the -dbgsym .ddeb)"
+done
 cmp -s packaging/lfmd.toml "$root/etc/lfmd/lfmd.toml" || fail "etc/lfmd/lfmd.toml differs from packaging/lfmd.toml"
 
 [ "$(dpkg-deb -f "$deb" Package)" = lfmd ] || fail "package name is not lfmd"

@@ -8,10 +8,12 @@
 #   4. `systemd-analyze security`: lfmd.service exposure <= 2.0;
 #   5. the D-Bus policy on a private system bus, with real users: the lfmd
 #      user owns org.lfm.Daemon1, root and group lfm call methods, anyone
-#      else only reads properties; the activation files are accepted.
+#      else only reads properties; the activation files are accepted;
+#   6. dpkg -i and dpkg --purge (only without systemd as PID 1 and with no
+#      lfmd package installed).
 # It creates the lfmd user and lfm group (from our sysusers.d file) and a
-# test member of lfm, lfmtest, on the machine; nothing else outside a
-# temporary directory.
+# test member of lfm, lfmtest, on the machine, and installs then purges the
+# package (step 6); nothing else outside a temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -261,5 +263,25 @@ pids+=("$(cat "$bus/session.pid")")
 dbus-send --bus="unix:path=$bus/session_bus_socket" --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.ListActivatableNames \
   | grep -q '"org.lfm.Daemon1"' || fail "the session bus does not list org.lfm.Daemon1 as activatable"
 echo "D-Bus policy: $checks verdicts as intended; activation files accepted"
+
+# --- 6. install and purge ------------------------------------------------------------
+# The maintainer scripts for real: dpkg -i, then dpkg --purge leaves nothing.
+# Only where it cannot disturb anything: no systemd as PID 1 (postinst would
+# start the socket) and no lfmd package installed already (purge removes it).
+echo "== packaging: dpkg -i, dpkg --purge"
+if [ -d /run/systemd/system ] || dpkg -s lfmd >/dev/null 2>&1; then
+  echo "skipped: systemd is running here or lfmd is installed"
+else
+  dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || fail "dpkg -i: $(cat "$tmp/dpkg.log")"
+  [ "$(stat -c '%a %U %G' /var/lib/lfmd)" = "750 lfmd lfm" ] || fail "after install /var/lib/lfmd is $(stat -c '%a %U %G' /var/lib/lfmd)"
+  [ -d /var/lib/lfmd/models ] && [ -f /etc/lfmd/lfmd.toml ] || fail "after install: no /var/lib/lfmd/models or /etc/lfmd/lfmd.toml"
+  [ -L /etc/systemd/system/sockets.target.wants/lfmd.socket ] || fail "postinst did not enable lfmd.socket"
+  /usr/bin/lfmd --version >/dev/null && /usr/bin/lfmctl --version >/dev/null || fail "the installed binaries do not run"
+  dpkg --purge lfmd >"$tmp/dpkg.log" 2>&1 || fail "dpkg --purge: $(cat "$tmp/dpkg.log")"
+  for f in /usr/bin/lfmd /etc/lfmd /var/lib/lfmd /etc/systemd/system/sockets.target.wants/lfmd.socket; do
+    [ ! -e "$f" ] && [ ! -L "$f" ] || fail "$f is left after dpkg --purge"
+  done
+  echo "installed and purged cleanly"
+fi
 
 echo "packaging: all checks passed (exposure $level)"

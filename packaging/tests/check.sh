@@ -193,13 +193,14 @@ dbus-daemon --config-file="$bus/system.conf" --fork --print-address=3 --print-pi
 pids+=("$(cat "$bus/pid")")
 addr=$(head -n 1 "$bus/address")
 
-dsend() { # USER DEST PATH IFACE.MEMBER [ARGS]: "reached" or the D-Bus error name
-  local u=$1 out
+dsend() { # USER DEST PATH IFACE.MEMBER [ARGS]: "reached", else the D-Bus error name (or all output)
+  local u=$1 out name
   shift
   if out=$(as "$u" dbus-send --bus="$addr" --print-reply --reply-timeout=5000 --dest="$@" 2>&1); then
     echo reached
   else
-    echo "$out" | grep -o 'org\.freedesktop\.DBus\.Error\.[A-Za-z]*' | head -n 1
+    name=$(echo "$out" | grep -o 'org\.freedesktop\.DBus\.Error\.[A-Za-z]*' | head -n 1) || true
+    echo "${name:-$out}"
   fi
 }
 has_owner() {

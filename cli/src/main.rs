@@ -8,7 +8,7 @@
 
 mod load;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use lfm_proto::client::{Target, connect};
 use lfm_proto::v1 as pb;
 use lfm_proto::v1::lfm_client::LfmClient;
@@ -62,6 +62,13 @@ enum Cmd {
         #[arg(long)]
         no_special: bool,
         text: String,
+    },
+    /// Write man pages (lfmctl.1 and one per subcommand) into DIR; used by
+    /// packaging/build-deb.sh.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
     },
 }
 
@@ -481,6 +488,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Ask(a) => ask(&cli, a).await,
         Cmd::Chat(a) => chat(&cli, a).await,
         Cmd::Load(a) => load::run(&cli, a).await,
+        Cmd::Man { out } => std::fs::create_dir_all(out)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), out))
+            .map_err(|e| Failure::Other(format!("writing man pages to {}: {e}", out.display()))),
         Cmd::Status { json } => {
             let (mut c, target) = client(&cli).await?;
             let s = c

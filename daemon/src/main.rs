@@ -1,7 +1,7 @@
 //! The `lfmd` binary: the daemon and its offline tools.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lfmd::gguf::Gguf;
 use lfmd::{inspect, synth};
 use std::path::PathBuf;
@@ -81,6 +81,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Where to write the model.
+        out: PathBuf,
+    },
+    /// Write man pages (lfmd.1 and one per subcommand) into DIR; used by
+    /// packaging/build-deb.sh.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
 }
@@ -583,6 +590,11 @@ fn run(cli: Cli) -> Result<()> {
                 )
             };
             write_stdout(&text)?;
+        }
+        Command::Man { out } => {
+            std::fs::create_dir_all(&out)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &out))
+                .with_context(|| format!("writing man pages to {}", out.display()))?;
         }
         Command::Synth {
             preset,

@@ -94,6 +94,13 @@ def bench_lfmd(args, n):
             finally:
                 s.close()
         wait_for(up, "lfmd serve")
+        # Warm-up, untimed: the first request faults the model's pages in
+        # (llama-server does the same with its warm-up run at load).
+        subprocess.run(
+            [lfmctl, "--socket", f"unix:{sock}", "load", "--clients", "1", "--requests", "1",
+             "--temperature", "0", "--ignore-eos", "--max-tokens", "4",
+             "--prompt-words", str(args.prompt), "--json"],
+            capture_output=True, text=True, check=True)
 
         out = subprocess.run(
             [lfmctl, "--socket", f"unix:{sock}", "load", "--clients", str(n),
@@ -142,6 +149,7 @@ def bench_llama(args, n, port=18181):
                     tokens = ev.get("tokens_predicted", tokens)
                     break
             return tokens, ttft if ttft is not None else float("nan")
+        one(n, 0)  # warm-up, untimed, as for lfmd
         wall, res = run_clients(n, args.reqs, one)
         ttfts = [f for _, f in res]
         return sum(t for t, _ in res) / wall, pct(ttfts, 50), pct(ttfts, 99)

@@ -3,10 +3,12 @@
 //! The library holds everything the `lfmd` binary does: the GGUF reader and
 //! writer over a memory mapping, the model description, and the synthetic
 //! model writer used for tests and benchmarks, the scheduler that batches
-//! many requests over one model, and the gRPC service (`serve`, `grpc`).
+//! many requests over one model, and its edges: the gRPC service (`serve`,
+//! `grpc`) and the D-Bus one (`dbus`).
 
 pub mod bench;
 pub mod chat;
+pub mod dbus;
 pub mod engine;
 pub mod gguf;
 pub mod grpc;

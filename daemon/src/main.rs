@@ -167,6 +167,14 @@ struct ServeArgs {
     /// Seconds running requests get to finish at shutdown.
     #[arg(long, default_value_t = 5.0)]
     shutdown_grace: f64,
+    /// Also serve the D-Bus API (org.lfm.Daemon1) on this bus: session,
+    /// system, a bus address (unix:path=/run/x/bus), or none.
+    #[arg(
+        long,
+        value_name = "session|system|ADDRESS|none",
+        default_value = "none"
+    )]
+    dbus: String,
 }
 
 fn main() -> ExitCode {
@@ -322,6 +330,13 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_concurrent == 0 {
         bail!("--max-concurrent must be at least 1");
     }
+    let dbus_bus = match a.dbus.as_str() {
+        "none" => None,
+        s => Some(
+            s.parse::<lfm_proto::dbus::Bus>()
+                .map_err(|e| anyhow::anyhow!("--dbus {e}, or none"))?,
+        ),
+    };
     if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
         bail!("--shutdown-grace must be a number of seconds, 0 or more");
     }
@@ -400,7 +415,16 @@ fn serve(a: ServeArgs) -> Result<()> {
             });
         };
         let grace = std::time::Duration::from_secs_f64(a.shutdown_grace);
+        let dbus = match &dbus_bus {
+            Some(bus) => {
+                let d = lfmd::dbus::serve(handle.clone(), bus).await?;
+                eprintln!("lfmd: D-Bus: {} on {bus}", lfm_proto::dbus::BUS_NAME);
+                Some(d)
+            }
+            None => None,
+        };
         lfmd::serve::serve(handle, exit, bound, grace, shutdown).await?;
+        drop(dbus);
         Ok(())
     })
 }

@@ -1,11 +1,12 @@
 //! `lfmctl`: the command-line client of the lfmd daemon, over gRPC (the
-//! `lfm.v1` API of `lfm-proto`). `ask` streams an answer, `chat` holds a
+//! `lfm.v1` API of `lfm-proto`), or D-Bus for `ask --dbus`. `ask` streams an answer, `chat` holds a
 //! conversation on a daemon session, `status`, `info` and `tokenize` query,
 //! `load` generates load.
 //!
 //! Exit codes: 0 ok, 2 usage, 3 daemon unreachable, 4 request rejected,
 //! 1 anything else (such as a failed write to stdout).
 
+mod dbus;
 mod load;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -27,9 +28,18 @@ struct Cli {
     /// system daemon's /run/lfmd/lfmd.sock.
     #[arg(long, global = true, env = "LFMD_SOCKET")]
     socket: Option<String>,
-    /// Talk over D-Bus instead of gRPC (not available yet).
-    #[arg(long, global = true)]
-    dbus: bool,
+    /// Ask over D-Bus instead of gRPC: --dbus (the session bus),
+    /// --dbus=system, or --dbus=ADDRESS (unix:path=/run/x/bus). `ask` only.
+    #[arg(
+        long,
+        global = true,
+        env = "LFMD_DBUS",
+        value_name = "BUS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "session"
+    )]
+    dbus: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -148,6 +158,8 @@ enum Failure {
     Usage(String),
     Unreachable(String),
     Rejected(Status),
+    /// Refused over D-Bus: the daemon's message and error name.
+    Refused(String),
     Other(String),
 }
 
@@ -160,6 +172,7 @@ impl Failure {
                 4,
                 format!("the daemon refused: {} ({:?})", s.message(), s.code()),
             ),
+            Failure::Refused(m) => (4, format!("the daemon refused: {m}")),
             Failure::Other(m) => (1, m),
         };
         eprintln!("lfmctl: {msg}");
@@ -196,9 +209,9 @@ fn default_target() -> Target {
 }
 
 async fn client(cli: &Cli) -> Result<(LfmClient<Channel>, Target)> {
-    if cli.dbus {
+    if cli.bus().is_some() {
         return Err(Failure::Usage(
-            "--dbus is not available yet: the D-Bus interface arrives with a later release; use gRPC (the default)".into(),
+            "--dbus works with ask only; drop it (and unset LFMD_DBUS) to use gRPC".into(),
         ));
     }
     let target = match &cli.socket {
@@ -374,7 +387,19 @@ fn read_prompt(words: &[String]) -> Result<String> {
     Ok(prompt)
 }
 
+impl Cli {
+    /// The bus of `--dbus` / `LFMD_DBUS` (empty means unset).
+    fn bus(&self) -> Option<&str> {
+        self.dbus.as_deref().filter(|b| !b.is_empty())
+    }
+}
+
 async fn ask(cli: &Cli, a: &AskArgs) -> Result<()> {
+    if let Some(bus) = cli.bus() {
+        let bus = dbus::parse_bus(bus)?;
+        let prompt = read_prompt(&a.prompt)?;
+        return dbus::ask(&bus, a, prompt).await;
+    }
     let (opts, priority) = options(&a.sampling)?;
     let prompt = read_prompt(&a.prompt)?;
     let (mut c, _) = client(cli).await?;

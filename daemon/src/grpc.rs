@@ -5,7 +5,7 @@
 
 use crate::sampler::SamplingParams;
 use crate::scheduler::{
-    self, Client, Event, Failure, Handle, Input, Options, Priority, SessionError, SubmitError,
+    self, Client, ErrorKind, Event, Failure, Handle, Input, Options, Priority, SubmitError,
 };
 use crate::sequence::FinishReason;
 use lfm_proto::v1 as pb;
@@ -129,34 +129,35 @@ fn options_from(o: Option<pb::SamplingOptions>) -> Options {
     }
 }
 
-fn status_from(e: SubmitError) -> Status {
-    let msg = e.to_string();
-    match e {
-        SubmitError::Invalid(_) => Status::invalid_argument(msg),
-        SubmitError::TooLong(_) => Status::out_of_range(msg),
-        SubmitError::QueueFull { retry_after, .. } => {
-            let mut md = MetadataMap::new();
-            md.insert(
-                RETRY_PUSHBACK,
-                MetadataValue::from(retry_after.as_millis() as u64),
-            );
-            Status::with_metadata(Code::ResourceExhausted, msg, md)
-        }
-        SubmitError::Session(SessionError::Busy(_)) => Status::failed_precondition(msg),
-        SubmitError::Session(SessionError::Full(_)) | SubmitError::UserLimit { .. } => {
-            Status::resource_exhausted(msg)
-        }
-        SubmitError::ShuttingDown | SubmitError::EngineDown(_) => Status::unavailable(msg),
+/// The status code of each class of error.
+fn code_of(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
     }
 }
 
-fn failure_status(f: Failure) -> Status {
-    let msg = f.to_string();
-    match f {
-        Failure::DeadlineExceeded => Status::deadline_exceeded(msg),
-        Failure::ShuttingDown => Status::unavailable(msg),
-        Failure::Internal(_) => Status::internal(msg),
+fn status_from(e: SubmitError) -> Status {
+    let code = code_of(e.kind());
+    let msg = e.to_string();
+    if let SubmitError::QueueFull { retry_after, .. } = e {
+        let mut md = MetadataMap::new();
+        md.insert(
+            RETRY_PUSHBACK,
+            MetadataValue::from(retry_after.as_millis() as u64),
+        );
+        return Status::with_metadata(code, msg, md);
     }
+    Status::new(code, msg)
+}
+
+fn failure_status(f: Failure) -> Status {
+    Status::new(code_of(f.kind()), f.to_string())
 }
 
 fn finish_reason(r: &FinishReason) -> pb::FinishReason {
@@ -389,6 +390,7 @@ impl pb::lfm_server::Lfm for LfmService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::SessionError;
 
     #[test]
     fn grpc_timeouts_parse_and_garbage_does_not() {

@@ -3,13 +3,14 @@
 //! The library holds everything the `lfmd` binary does: the GGUF reader and
 //! writer over a memory mapping, the model description, and the synthetic
 //! model writer used for tests and benchmarks, the scheduler that batches
-//! many requests over one model, and the gRPC service (`serve`, `grpc`)
-//! with its configuration, logging and systemd integration (`config`,
-//! `log`, `systemd`).
+//! many requests over one model, and its edges: the gRPC service (`serve`,
+//! `grpc`) and the D-Bus one (`dbus`), with their configuration, logging and
+//! systemd integration (`config`, `log`, `systemd`).
 
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod dbus;
 pub mod engine;
 pub mod gguf;
 pub mod grpc;

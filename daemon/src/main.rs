@@ -198,6 +198,10 @@ struct ServeArgs {
     /// Memory budget for the model's pages, e.g. 3GiB [default: none].
     #[arg(long)]
     memory_budget: Option<lfmd::config::ByteSize>,
+    /// Also serve the D-Bus API (org.lfm.Daemon1) on this bus: session,
+    /// system, a bus address (unix:path=/run/x/bus), or none [default: none].
+    #[arg(long, value_name = "session|system|ADDRESS|none")]
+    dbus: Option<String>,
 }
 
 impl ServeArgs {
@@ -213,6 +217,23 @@ impl ServeArgs {
             None => lfmd::config::default_path(self.system(), |k| std::env::var(k).ok())
                 .map(|p| (p, false)),
         }
+    }
+
+    /// The D-Bus bus to serve on: the flag, else the config file's `dbus`.
+    fn dbus_bus(&self, s: &lfmd::config::Settings) -> Result<Option<lfm_proto::dbus::Bus>> {
+        use lfm_proto::dbus::Bus;
+        Ok(match self.dbus.as_deref() {
+            Some("none") => None,
+            Some(b) => Some(
+                b.parse::<Bus>()
+                    .map_err(|e| anyhow::anyhow!("--dbus {e}, or none"))?,
+            ),
+            None => match s.dbus {
+                lfmd::config::Bus::None => None,
+                lfmd::config::Bus::Session => Some(Bus::Session),
+                lfmd::config::Bus::System => Some(Bus::System),
+            },
+        })
     }
 
     /// The config file (if any) with these flags over it.
@@ -410,6 +431,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     } else {
         settings.grpc.clone()
     };
+    let dbus_bus = a.dbus_bus(&settings)?;
     let model_path = match settings.model.clone() {
         Some(p) => p,
         None => lfmd::paths::find_default_model(|k| std::env::var(k).ok()).context(
@@ -500,6 +522,14 @@ fn serve(a: ServeArgs) -> Result<()> {
             let a = a.clone();
             move || a.settings().map_err(|e| format!("{e:#}"))
         };
+        let dbus = match &dbus_bus {
+            Some(bus) => {
+                let d = lfmd::dbus::serve(handle.clone(), bus).await?;
+                lfmd::info!("D-Bus: {} on {bus}", lfm_proto::dbus::BUS_NAME);
+                Some(d)
+            }
+            None => None,
+        };
         let control = lfmd::serve::Control {
             signals,
             settings,
@@ -507,6 +537,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             watchdog,
         };
         lfmd::serve::serve(handle, exit, bound, control).await?;
+        drop(dbus);
         Ok(())
     })
 }

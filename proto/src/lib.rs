@@ -3,7 +3,8 @@
 //! needed), and the encoded descriptor set that server reflection serves.
 //!
 //! Nothing else in the workspace runs codegen; only the daemon's gRPC edge
-//! and `lfmctl` use these types.
+//! and `lfmctl` use these types. [`dbus`] names the D-Bus interface (the
+//! daemon's `dbus` module and `lfmctl --dbus` agree through it).
 
 pub mod v1 {
     tonic::include_proto!("lfm.v1");
@@ -11,6 +12,66 @@ pub mod v1 {
     /// The encoded `FileDescriptorSet` of `lfm/v1/lfm.proto` (for reflection).
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/lfm_descriptor.bin"));
+}
+
+/// The D-Bus API's names and how a bus is chosen (no D-Bus library here).
+pub mod dbus {
+    /// The daemon's well-known name, its object and that object's interface.
+    pub const BUS_NAME: &str = "org.lfm.Daemon1";
+    pub const OBJECT_PATH: &str = "/org/lfm/Daemon1";
+    pub const INTERFACE: &str = "org.lfm.Daemon1";
+    /// `Ask` creates `REQUESTS_PATH/N` with this interface.
+    pub const REQUEST_INTERFACE: &str = "org.lfm.Request1";
+    pub const REQUESTS_PATH: &str = "/org/lfm/Daemon1/requests";
+    /// Prefix of the daemon's error names (`….InvalidArgument`, …).
+    pub const ERROR_PREFIX: &str = "org.lfm.Daemon1.Error";
+    /// Environment variable choosing the bus for clients.
+    pub const BUS_ENV: &str = "LFMD_DBUS";
+
+    /// Which bus: the user's session bus, the system bus, or any address
+    /// (`unix:path=/run/x/bus`, a private bus for tests).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Bus {
+        Session,
+        System,
+        Address(String),
+    }
+
+    impl std::str::FromStr for Bus {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Bus, String> {
+            match s {
+                "session" => Ok(Bus::Session),
+                "system" => Ok(Bus::System),
+                // A D-Bus address is `transport:key=value,…`.
+                a if a.contains(':') && a.contains('=') => Ok(Bus::Address(a.to_owned())),
+                _ => Err(format!(
+                    "{s:?} is not a bus: use session, system or an address like unix:path=/run/user/1000/bus"
+                )),
+            }
+        }
+    }
+
+    impl std::fmt::Display for Bus {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Bus::Session => f.write_str("the session bus"),
+                Bus::System => f.write_str("the system bus"),
+                Bus::Address(a) => write!(f, "the bus at {a}"),
+            }
+        }
+    }
+
+    impl Bus {
+        /// How `lfmd serve --dbus` and `lfmctl --dbus=` spell it.
+        pub fn flag(&self) -> &str {
+            match self {
+                Bus::Session => "session",
+                Bus::System => "system",
+                Bus::Address(a) => a,
+            }
+        }
+    }
 }
 
 /// Where the daemon listens and clients look when not told: the API's

@@ -178,6 +178,35 @@ pub enum SubmitError {
     EngineDown(String),
 }
 
+impl SubmitError {
+    /// The class of refusal, which each edge names its own way (gRPC status
+    /// codes, D-Bus error names).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SubmitError::Invalid(_) => ErrorKind::InvalidArgument,
+            SubmitError::TooLong(_) => ErrorKind::OutOfRange,
+            SubmitError::QueueFull { .. }
+            | SubmitError::Session(SessionError::Full(_))
+            | SubmitError::UserLimit { .. } => ErrorKind::ResourceExhausted,
+            SubmitError::Session(SessionError::Busy(_)) => ErrorKind::FailedPrecondition,
+            SubmitError::ShuttingDown | SubmitError::EngineDown(_) => ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// Classes of refusals and failures, shared by the edges (the names are
+/// gRPC's canonical codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    OutOfRange,
+    ResourceExhausted,
+    FailedPrecondition,
+    Unavailable,
+    DeadlineExceeded,
+    Internal,
+}
+
 /// Why a running request ended without finishing.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Failure {
@@ -189,6 +218,16 @@ pub enum Failure {
     ShuttingDown,
     #[error("the engine failed on this request ({0}); lfmd keeps serving, retry")]
     Internal(String),
+}
+
+impl Failure {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Failure::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Failure::ShuttingDown => ErrorKind::Unavailable,
+            Failure::Internal(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Text that became printable and the tokens behind it.
@@ -304,6 +343,13 @@ pub struct Status {
     pub memory: Option<crate::procstat::Memory>,
 }
 
+/// Requests running and waiting; [`Handle::watch_load`] sees every change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Load {
+    pub active: usize,
+    pub queued: usize,
+}
+
 /// Window of the throughput figures in [`Status`].
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -375,6 +421,25 @@ pub(crate) struct Inner {
     pub mean_service: Option<Duration>,
     /// The limits in force (a reload changes them).
     pub limits: Limits,
+    /// Published on every change of `active` or the queue's length.
+    pub load: tokio::sync::watch::Sender<Load>,
+}
+
+impl Inner {
+    pub fn set_active(&mut self, n: usize) {
+        self.active = n;
+        self.publish_load();
+    }
+
+    /// Tells watchers the current load if it changed.
+    pub fn publish_load(&self) {
+        let now = Load {
+            active: self.active,
+            queued: self.queue.len(),
+        };
+        self.load
+            .send_if_modified(|l| std::mem::replace(l, now) != now);
+    }
 }
 
 pub(crate) struct Shared {
@@ -479,6 +544,7 @@ pub fn start(
             recent: VecDeque::new(),
             mean_service: None,
             limits: config.limits(),
+            load: tokio::sync::watch::Sender::new(Load::default()),
         }),
         wake: Condvar::new(),
         users: Mutex::new(Default::default()),
@@ -597,6 +663,12 @@ impl Handle {
             )));
         }
         Ok(self.tokenizer.decode(ids))
+    }
+
+    /// The load now and at every change (for edges that push it, like
+    /// D-Bus property signals).
+    pub fn watch_load(&self) -> tokio::sync::watch::Receiver<Load> {
+        self.shared.lock().load.subscribe()
     }
 
     pub fn status(&self) -> Status {
@@ -767,6 +839,7 @@ impl Handle {
                 retry_after,
             });
         }
+        g.publish_load();
         drop(g);
         self.shared.wake.notify_one();
         Ok(Generation { id, events: rx })

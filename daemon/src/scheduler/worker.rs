@@ -104,8 +104,8 @@ impl Worker {
                 crate::error!("the engine thread failed and stops serving: {msg}");
                 let mut g = self.shared.lock();
                 g.dead = Some(msg.clone());
-                g.active = 0;
                 let queued = g.queue.drain();
+                g.set_active(0);
                 drop(g);
                 for job in queued {
                     job.fail(Failure::Internal(msg.clone()));
@@ -162,7 +162,7 @@ impl Worker {
                 g.prompt_tokens_total += job.tokens.len() as u64;
                 running.push(self.start(job, now));
             }
-            g.active = running.len();
+            g.set_active(running.len());
             if !running.is_empty() {
                 return Some(g.limits.prefill_chunk);
             }
@@ -233,7 +233,7 @@ impl Worker {
             }
         }
         if running.len() != before {
-            self.shared.lock().active = running.len();
+            self.shared.lock().set_active(running.len());
         }
         for r in expired {
             r.fail(Failure::DeadlineExceeded);
@@ -311,7 +311,7 @@ impl Worker {
                         failed.push(running.remove(i));
                     }
                 }
-                self.shared.lock().active = running.len();
+                self.shared.lock().set_active(running.len());
                 for r in failed {
                     r.fail(Failure::Internal(why.clone()));
                 }
@@ -378,7 +378,7 @@ impl Worker {
                 None => s,
             });
         }
-        g.active = running.len();
+        g.set_active(running.len());
         drop(g);
         for (r, outcome) in ended.into_iter().rev() {
             match outcome {

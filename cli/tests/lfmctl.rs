@@ -27,7 +27,7 @@ impl Daemon {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
-                let bound = lfmd::serve::bind_unix(&sock).unwrap();
+                let bound = lfmd::serve::bind_unix(&sock, None).unwrap();
                 let opts = lfmd::engine::EngineOptions {
                     threads: Some(1),
                     ..Default::default()
@@ -36,10 +36,16 @@ impl Daemon {
                 let (handle, exit) =
                     lfmd::scheduler::start(m, "tiny.gguf", Default::default()).unwrap();
                 ready_tx.send(()).unwrap();
-                let stop = async move {
-                    let _ = stopped.await;
+                let control = lfmd::serve::Control {
+                    signals: lfmd::serve::Signals::install().unwrap().with_stop(stopped),
+                    settings: lfmd::config::Settings {
+                        shutdown_grace: 0.0,
+                        ..Default::default()
+                    },
+                    reload: || Err("no reload here".to_owned()),
+                    watchdog: None,
                 };
-                lfmd::serve::serve(handle, exit, vec![bound], Duration::ZERO, stop)
+                lfmd::serve::serve(handle, exit, vec![bound], control)
                     .await
                     .unwrap();
             });

@@ -328,6 +328,8 @@ pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    /// Stops like SIGTERM when it fires (an in-process daemon in tests).
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Signals {
@@ -337,7 +339,14 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            stop: None,
         })
+    }
+
+    /// Also stops when `stop` fires or is dropped.
+    pub fn with_stop(mut self, stop: tokio::sync::oneshot::Receiver<()>) -> Signals {
+        self.stop = Some(stop);
+        self
     }
 }
 
@@ -432,6 +441,14 @@ where
         let name = tokio::select! {
             _ = signals.term.recv() => "SIGTERM",
             _ = signals.int.recv() => "SIGINT",
+            _ = async {
+                match &mut signals.stop {
+                    Some(rx) => {
+                        let _ = rx.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => "a stop request",
             _ = signals.hup.recv() => {
                 systemd::notify_reloading();
                 match reload() {

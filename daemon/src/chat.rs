@@ -8,7 +8,7 @@
 //! (fuel), recursion depth and output size.
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::Serde;
+use minijinja::value::{Kwargs, Serde};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, State, Value, context};
 use serde::Serialize;
 
@@ -56,30 +56,132 @@ pub struct ChatTemplate {
 }
 
 /// Python's `json.dumps(x, ensure_ascii=False)` spacing: ", " and ": ".
-fn tojson(value: &Value, indent: Option<Value>) -> Result<Value, JinjaError> {
-    let v: serde_json::Value = serde_json::to_value(value)
-        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let out = match indent.and_then(|i| i.as_usize()) {
+///
+/// Serializes straight into a buffer capped by the fuel left (one fuel per
+/// 64 bytes, as the engine charges for data): a lazily repeated list
+/// (`[[0] * 10**8] * 10**8`) fails after the cap instead of walking 10^16
+/// items.
+fn tojson(
+    state: &State,
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> Result<Value, JinjaError> {
+    // `tojson(4)` or, as templates written for transformers say, `tojson(indent=4)`.
+    let indent = match indent {
+        Some(i) => Some(i),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    kwargs.assert_all_used()?;
+    let mut out = Capped::new(byte_budget(state));
+    let done = match indent.and_then(|i| i.as_usize()) {
         Some(n) => {
             let ind = vec![b' '; n.min(16)];
-            let mut buf = Vec::new();
             let mut ser = serde_json::Serializer::with_formatter(
-                &mut buf,
+                &mut out,
                 serde_json::ser::PrettyFormatter::with_indent(&ind),
             );
-            v.serialize(&mut ser)
-                .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            String::from_utf8(buf).expect("serde_json writes UTF-8")
+            value.serialize(&mut ser)
         }
-        None => {
-            let mut buf = Vec::new();
-            let mut ser = serde_json::Serializer::with_formatter(&mut buf, PySeparators);
-            v.serialize(&mut ser)
-                .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            String::from_utf8(buf).expect("serde_json writes UTF-8")
-        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PySeparators,
+        )),
     };
-    Ok(Value::from_safe_string(out))
+    if out.overflowed {
+        return Err(out_of_budget("tojson"));
+    }
+    done.map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    charge_bytes(state, out.buf.len())?;
+    let text = String::from_utf8(out.buf)
+        .map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, "tojson: not UTF-8"))?;
+    Ok(Value::from_safe_string(text))
+}
+
+/// One fuel pays for this many bytes of data (minijinja's own rate).
+const BYTES_PER_FUEL: u64 = 64;
+
+/// Bytes a custom filter or method may produce: what the fuel left pays for,
+/// and never more than a whole prompt.
+fn byte_budget(state: &State) -> usize {
+    let left = state.fuel_levels().map_or(u64::MAX, |(_, left)| left);
+    usize::try_from(left.saturating_mul(BYTES_PER_FUEL))
+        .unwrap_or(usize::MAX)
+        .min(MAX_RENDER_BYTES)
+}
+
+fn charge_bytes(state: &State, bytes: usize) -> Result<(), JinjaError> {
+    state.consume_fuel((bytes as u64).div_ceil(BYTES_PER_FUEL))
+}
+
+fn out_of_budget(what: &str) -> JinjaError {
+    JinjaError::new(
+        ErrorKind::OutOfFuel,
+        format!("{what}: the result is larger than the fuel left pays for"),
+    )
+}
+
+/// A buffer that refuses to grow past `cap` bytes, as an `io::Write` (for
+/// serde_json) and a `fmt::Write` (for `Display`), so that producing a value
+/// stops at the cap rather than after the whole value was walked.
+struct Capped {
+    buf: Vec<u8>,
+    cap: usize,
+    overflowed: bool,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Self {
+        Capped {
+            buf: Vec::new(),
+            cap,
+            overflowed: false,
+        }
+    }
+
+    fn push(&mut self, b: &[u8]) -> bool {
+        if self.overflowed || self.buf.len() + b.len() > self.cap {
+            self.overflowed = true;
+            return false;
+        }
+        self.buf.extend_from_slice(b);
+        true
+    }
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.push(b) {
+            Ok(b.len())
+        } else {
+            Err(std::io::Error::other("over the byte budget"))
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.push(s.as_bytes()) {
+            Ok(())
+        } else {
+            Err(std::fmt::Error)
+        }
+    }
+}
+
+/// `value`'s `Display` text, bounded by the fuel left and charged for.
+fn bounded_display(state: &State, value: &Value, what: &str) -> Result<String, JinjaError> {
+    use std::fmt::Write;
+    let mut out = Capped::new(byte_budget(state));
+    if write!(out, "{value}").is_err() {
+        return Err(out_of_budget(what));
+    }
+    charge_bytes(state, out.buf.len())?;
+    // Only `&str`s went in.
+    Ok(String::from_utf8(out.buf).unwrap_or_default())
 }
 
 struct PySeparators;
@@ -105,16 +207,106 @@ impl serde_json::ser::Formatter for PySeparators {
 }
 
 /// Python's `str()`: `True`, `False`, `None` where Jinja-in-Rust would say
-/// `true`, `false`, `none`.
-fn py_string(value: &Value) -> Value {
-    match value.kind() {
+/// `true`, `false`, `none`. Containers are formatted within the fuel left.
+fn py_string(state: &State, value: &Value) -> Result<Value, JinjaError> {
+    Ok(match value.kind() {
         minijinja::value::ValueKind::Bool if value.is_true() => Value::from("True"),
         minijinja::value::ValueKind::Bool => Value::from("False"),
         minijinja::value::ValueKind::None | minijinja::value::ValueKind::Undefined => {
             Value::from("None")
         }
-        _ => Value::from(value.to_string()),
+        minijinja::value::ValueKind::String => value.clone(),
+        _ => Value::from(bounded_display(state, value, "string")?),
+    })
+}
+
+/// Python methods on values (`"-".join(xs)`, `"{:>4}".format(x)`,
+/// `xs.count(x)`) as minijinja-contrib's `pycompat` implements them, with
+/// the ones whose cost their arguments decide bounded by fuel first:
+/// `format` pays for every width and precision it is asked for, `join`
+/// builds its string within the fuel left, `count` on a list pays per item.
+fn py_method(
+    state: &mut State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, JinjaError> {
+    use minijinja::value::ValueKind;
+    match (value.kind(), method) {
+        (ValueKind::String, "format") => {
+            charge_bytes(state, format_spec_bytes(value.as_str().unwrap_or_default()))?;
+        }
+        (ValueKind::String, "join") => {
+            use std::fmt::Write;
+            let sep = value.as_str().unwrap_or_default();
+            let (items,): (&Value,) = minijinja::value::from_args(args)?;
+            let mut out = Capped::new(byte_budget(state));
+            for (i, item) in items.try_iter()?.enumerate() {
+                state.consume_fuel(1)?;
+                let fits = (i == 0 || out.write_str(sep).is_ok()) && write!(out, "{item}").is_ok();
+                if !fits {
+                    return Err(out_of_budget("join"));
+                }
+            }
+            charge_bytes(state, out.buf.len())?;
+            return Ok(Value::from(String::from_utf8(out.buf).unwrap_or_default()));
+        }
+        (ValueKind::Seq, "count") => {
+            // Each comparison is paid for: a byte per 64 of a string needle,
+            // and containers (whose comparison walks them) are refused.
+            let (needle,): (&Value,) = minijinja::value::from_args(args)?;
+            let per_item = match needle.kind() {
+                ValueKind::Seq | ValueKind::Map | ValueKind::Iterable | ValueKind::Plain => {
+                    return Err(JinjaError::new(
+                        ErrorKind::InvalidOperation,
+                        "count() of a container is not supported in chat templates",
+                    ));
+                }
+                _ => {
+                    1 + needle
+                        .as_str()
+                        .map_or(0, |s| s.len() as u64 / BYTES_PER_FUEL)
+                }
+            };
+            let mut n = 0usize;
+            for item in value.try_iter()? {
+                state.consume_fuel(per_item)?;
+                n += usize::from(&item == needle);
+            }
+            return Ok(Value::from(n));
+        }
+        _ => {}
     }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// An upper bound on the bytes `str.format` may pad to: the sum of every
+/// number written inside a replacement field (widths, precisions, and
+/// harmlessly, field indices).
+fn format_spec_bytes(fmt: &str) -> usize {
+    let mut total = 0usize;
+    let mut in_field = false;
+    let mut number = 0usize;
+    let mut chars = fmt.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // `{{` and `}}` outside a field are literal braces.
+            '{' | '}' if !in_field && chars.peek() == Some(&c) => {
+                chars.next();
+            }
+            '{' => in_field = true,
+            '}' => in_field = false,
+            _ => {}
+        }
+        match c.to_digit(10) {
+            Some(d) if in_field => number = number.saturating_mul(10).saturating_add(d as usize),
+            _ => {
+                total = total.saturating_add(number);
+                number = 0;
+            }
+        }
+    }
+    total.saturating_add(number)
 }
 
 /// Transformers' `{% generation %}…{% endgeneration %}` marks assistant text
@@ -183,7 +375,7 @@ impl ChatTemplate {
         env.set_recursion_limit(64);
         env.add_filter("tojson", tojson);
         env.add_filter("string", py_string);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(py_method);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", rewrite_generation_tags(source))
             .map_err(|e| ChatError::Compile(e.to_string()))?;
@@ -256,5 +448,189 @@ impl std::io::Write for LimitedWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders `src` over one short message; it must fail, with an error
+    /// that names the limit that stopped it. Every limit here is reached
+    /// within `RENDER_FUEL` instructions and `MAX_RENDER_BYTES` (or, for
+    /// fuel, an allocation budget of `RENDER_FUEL * 64` bytes), so each case
+    /// ends in bounded time and memory by construction, not by a timer.
+    #[track_caller]
+    fn stopped_by(src: &str, limit: &str) {
+        let msgs = [ChatMessage::new("user", "hi")];
+        let e = ChatTemplate::new(src)
+            .and_then(|t| t.render(&msgs, None, true, ""))
+            .expect_err(src);
+        let text = format!("{e:#}");
+        assert!(text.contains(limit), "{src}\n  stopped by: {text}");
+    }
+
+    const FUEL: &str = "ran out of fuel";
+
+    #[test]
+    fn huge_loops_are_refused_or_run_out_of_fuel() {
+        stopped_by(
+            "{% for i in range(10**9) %}x{% endfor %}",
+            "too many elements",
+        );
+        stopped_by(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            FUEL,
+        );
+        // Lazily repeated lists have no range cap: fuel per iteration.
+        stopped_by("{% for x in [0] * 10**8 %}{% endfor %}", FUEL);
+        stopped_by(
+            "{% for x in [[0] * 10**8] * 10**8 %}{% for y in x %}{% endfor %}{% endfor %}",
+            FUEL,
+        );
+        // A loop that calls itself without end.
+        stopped_by(
+            "{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}",
+            "recursion limit",
+        );
+    }
+
+    #[test]
+    fn recursion_hits_the_limit() {
+        stopped_by(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        );
+        stopped_by(
+            "{% macro f(n) %}{{ f(n) ~ f(n) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        );
+        // Mutual recursion, and a macro doubling its output at every level
+        // (2^64 bytes if unbounded).
+        stopped_by(
+            "{% macro a() %}{{ b() }}{% endmacro %}{% macro b() %}{{ a() }}{% endmacro %}{{ a() }}",
+            "recursion limit",
+        );
+        stopped_by(
+            "{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% else %}x{% endif %}{% endmacro %}{{ f(0) }}",
+            "",
+        );
+    }
+
+    #[test]
+    fn huge_strings_are_refused_before_they_exist() {
+        stopped_by("{{ 'x' * 10**9 }}", FUEL);
+        stopped_by("{{ 'x' * 10**18 }}", FUEL);
+        // 10^8 bytes may be built, but not written out nor built twice.
+        stopped_by("{{ 'x' * 10**8 }}", "");
+        stopped_by("{% set a = 'x' * 10**8 %}{% set b = a ~ a %}", FUEL);
+        // Doubling a string in a loop.
+        stopped_by(
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            FUEL,
+        );
+        // Nested loops building output.
+        stopped_by(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'abcdefgh' * 1000 }}{% endfor %}{% endfor %}",
+            "",
+        );
+    }
+
+    #[test]
+    fn filters_and_methods_of_ours_are_bounded() {
+        // Our `tojson` and `string` walk lazily repeated lists: 10^16 items.
+        stopped_by("{{ ([[0] * 10**8] * 10**8)|tojson }}", FUEL);
+        stopped_by("{{ ([[0] * 10**8] * 10**8)|tojson(indent=4) }}", FUEL);
+        stopped_by("{{ ([[0] * 10**8] * 10**8)|string }}", FUEL);
+        // pycompat's methods, bounded by ours in front of them.
+        stopped_by("{{ ''.join([[0] * 10**8] * 10**8) }}", FUEL);
+        stopped_by("{{ ''.join([''] * 10**8) }}", FUEL);
+        stopped_by("{{ '{:>99999999999999}'.format(1) }}", FUEL);
+        stopped_by("{{ '{0:.99999999999f}'.format(1.5) }}", FUEL);
+        // 10^5 counts over 10^5 items: 10^10 comparisons unless paid for.
+        stopped_by(
+            "{% set t = (0,) * 10**5 %}{% for i in range(10**5) %}{{ t.count(1) }}{% endfor %}",
+            FUEL,
+        );
+        stopped_by("{{ [[0]].count([0] * 10**8) }}", "container");
+        // Built-ins of minijinja itself that size their output up front.
+        stopped_by("{{ 'x'|indent(10**12) }}", "");
+        stopped_by("{{ 'ab'|replace('', 'x' * 10**6) * 1000 }}", "");
+        // Not here: `{{ [0] * 10**8 }}`, `([0] * 10**8)|join(',')`, `|list`
+        // and `|sort` walk all 10^8 items inside minijinja (tens of seconds,
+        // hundreds of MB) before fuel stops them; see fuzz/README.md.
+    }
+
+    #[test]
+    fn ordinary_use_of_the_bounded_filters_is_unchanged() {
+        let t = ChatTemplate::new(concat!(
+            "{{ tools|tojson }}|{{ tools|tojson(indent=2) }}|{{ [1, none, true]|string }}|",
+            "{{ true|string }}|{{ '-'.join(['a', 1, [2]]) }}|{{ '{:>4}|{:.2f}|{{x}}'.format(7, 1.5) }}|",
+            "{{ [1, 2, 1].count(1) }}|{{ 'aXbXc'.split('X')|length }}"
+        ))
+        .unwrap();
+        let tools = serde_json::json!([{"name": "f", "b": [1, 2], "a": null}]);
+        let out = t.render(&[], Some(&tools), false, "").unwrap();
+        assert_eq!(
+            out,
+            "[{\"name\": \"f\", \"b\": [1, 2], \"a\": null}]|[\n  {\n    \"name\": \"f\",\n    \"b\": [\n      1,\n      2\n    ],\n    \"a\": null\n  }\n]|[1, None, True]|True|a-1-[2]|   7|1.50|{x}|2|3"
+        );
+    }
+
+    #[test]
+    fn format_spec_bytes_counts_widths_in_fields_only() {
+        assert_eq!(format_spec_bytes("{:>10}{0:.5f}"), 15);
+        assert_eq!(format_spec_bytes("123 {{456}} {}"), 0);
+        assert_eq!(format_spec_bytes("{:99999999999999999999999}"), usize::MAX);
+    }
+
+    /// Pieces of templates, hostile and ordinary, glued at random: most
+    /// glue does not compile, the rest renders or stops at a limit.
+    fn template_piece() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "{% for m in messages %}",
+            "{% for i in range(10**5) %}",
+            "{% for x in [0] * 10**8 %}",
+            "{% endfor %}",
+            "{% macro f(n) %}",
+            "{% endmacro %}",
+            "{{ f(1) }}",
+            "{{ f(n) ~ f(n) }}",
+            "{% if m.role == 'user' %}",
+            "{% endif %}",
+            "{{ m.content }}",
+            "{{ m.content * 10**6 }}",
+            "{{ 'x' * 10**7 }}",
+            "{{ messages|tojson }}",
+            "{{ ([[0] * 10**4] * 10**4)|tojson }}",
+            "{{ ([0] * 10**6)|string }}",
+            "{{ ''.join(['ab'] * 10**6) }}",
+            "{{ '{:>9999999}'.format(1) }}",
+            "{% set ns = namespace(s='ab') %}",
+            "{% set ns.s = ns.s ~ ns.s %}",
+            "{{ ns.s }}",
+            "{{ loop.index }}",
+            "{{ raise_exception('no') }}",
+            "<|im_start|>",
+            "text\n",
+        ])
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 16, ..Default::default() })]
+
+        #[test]
+        fn glued_templates_end_in_an_error_or_a_bounded_prompt(
+            pieces in proptest::collection::vec(template_piece(), 1..10),
+            content in "[a-z<|> ]{0,12}",
+        ) {
+            let src = pieces.concat();
+            let msgs = [ChatMessage::new("user", content)];
+            if let Ok(t) = ChatTemplate::new(&src)
+                && let Ok(out) = t.render(&msgs, None, true, "<s>")
+            {
+                proptest::prop_assert!(out.len() <= MAX_RENDER_BYTES);
+            }
+        }
     }
 }

@@ -129,6 +129,31 @@ fn options_from(o: Option<pb::SamplingOptions>) -> Options {
     }
 }
 
+/// What a `GenerateRequest` asks for, in scheduler terms. Pure: the
+/// handler, the tests and the request fuzzer all convert through this.
+pub fn generate_parts(r: pb::GenerateRequest) -> Result<(Input, Options, Priority), Status> {
+    let priority = priority_from(r.priority)?;
+    let input = Input::Prompt {
+        text: r.prompt,
+        add_bos: r.add_bos,
+    };
+    Ok((input, options_from(r.options), priority))
+}
+
+/// What a `ChatRequest` asks for, in scheduler terms (see [`generate_parts`]).
+pub fn chat_parts(r: pb::ChatRequest) -> Result<(Input, Options, Priority), Status> {
+    let priority = priority_from(r.priority)?;
+    let input = Input::Chat {
+        messages: r
+            .messages
+            .into_iter()
+            .map(|m| crate::chat::ChatMessage::new(m.role, m.content))
+            .collect(),
+        session: r.session_id,
+    };
+    Ok((input, options_from(r.options), priority))
+}
+
 /// The status code of each class of error.
 fn code_of(kind: ErrorKind) -> Code {
     match kind {
@@ -142,7 +167,8 @@ fn code_of(kind: ErrorKind) -> Code {
     }
 }
 
-fn status_from(e: SubmitError) -> Status {
+/// The status a refused request gets.
+pub fn status_from(e: SubmitError) -> Status {
     let code = code_of(e.kind());
     let msg = e.to_string();
     if let SubmitError::QueueFull { retry_after, .. } = e {
@@ -280,29 +306,15 @@ impl pb::lfm_server::Lfm for LfmService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let (client, deadline) = (client_of(&req), deadline_of(req.metadata()));
-        let r = req.into_inner();
-        let priority = priority_from(r.priority)?;
-        let input = Input::Prompt {
-            text: r.prompt,
-            add_bos: r.add_bos,
-        };
-        self.submit(input, options_from(r.options), client, priority, deadline)
+        let (input, options, priority) = generate_parts(req.into_inner())?;
+        self.submit(input, options, client, priority, deadline)
             .await
     }
 
     async fn chat(&self, req: Request<pb::ChatRequest>) -> Result<Response<EventStream>, Status> {
         let (client, deadline) = (client_of(&req), deadline_of(req.metadata()));
-        let r = req.into_inner();
-        let priority = priority_from(r.priority)?;
-        let input = Input::Chat {
-            messages: r
-                .messages
-                .into_iter()
-                .map(|m| crate::chat::ChatMessage::new(m.role, m.content))
-                .collect(),
-            session: r.session_id,
-        };
-        self.submit(input, options_from(r.options), client, priority, deadline)
+        let (input, options, priority) = chat_parts(req.into_inner())?;
+        self.submit(input, options, client, priority, deadline)
             .await
     }
 
@@ -391,6 +403,7 @@ impl pb::lfm_server::Lfm for LfmService {
 mod tests {
     use super::*;
     use crate::scheduler::SessionError;
+    use proptest::prelude::*;
 
     #[test]
     fn grpc_timeouts_parse_and_garbage_does_not() {
@@ -458,5 +471,138 @@ mod tests {
             failure_status(Failure::DeadlineExceeded).code(),
             Code::DeadlineExceeded
         );
+    }
+
+    /// Floats at and around every documented bound, and non-finite ones.
+    fn edgy_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            prop::sample::select(vec![
+                0.0,
+                -0.0,
+                1.0,
+                10.0,
+                -10.0,
+                100.0,
+                f32::MIN_POSITIVE,
+                1.0 + f32::EPSILON,
+                10.000_001,
+                -10.000_001,
+                100.000_01,
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+            ]),
+            -200.0f32..200.0,
+            any::<f32>(),
+        ]
+    }
+
+    fn any_options() -> impl Strategy<Value = pb::SamplingOptions> {
+        let stop = prop_oneof![
+            Just(String::new()),
+            "[a-z<|>]{1,8}",
+            Just("x".repeat(256)),
+            Just("y".repeat(257)),
+        ];
+        (
+            prop::array::uniform7(prop::option::of(edgy_f32())),
+            prop::option::of(any::<u32>()),
+            prop::option::of(prop_oneof![Just(0u32), Just(1), any::<u32>()]),
+            prop::collection::vec(stop, 0..20),
+            prop::option::of(any::<u64>()),
+        )
+            .prop_map(|(f, top_k, max_tokens, stop, seed)| pb::SamplingOptions {
+                temperature: f[0],
+                top_p: f[1],
+                min_p: f[2],
+                repeat_penalty: f[3],
+                presence_penalty: f[4],
+                frequency_penalty: f[5],
+                top_k,
+                seed,
+                max_tokens,
+                stop,
+                ignore_eos: f[6].map(|x| x > 0.0),
+            })
+    }
+
+    /// The ranges `lfm.proto` documents, written out independently of
+    /// `SamplingParams::validate`.
+    fn documented(o: &pb::SamplingOptions) -> bool {
+        let within = |v: Option<f32>, ok: fn(f32) -> bool| v.is_none_or(ok);
+        within(o.temperature, |t| (0.0..=100.0).contains(&t))
+            && within(o.top_p, |p| p > 0.0 && p <= 1.0)
+            && within(o.min_p, |m| (0.0..=1.0).contains(&m))
+            && within(o.repeat_penalty, |r| r > 0.0 && r <= 10.0)
+            && within(o.presence_penalty, |p| (-10.0..=10.0).contains(&p))
+            && within(o.frequency_penalty, |p| (-10.0..=10.0).contains(&p))
+            && o.max_tokens != Some(0)
+            && o.stop.len() <= 16
+            && o.stop.iter().all(|s| (1..=256).contains(&s.len()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn options_are_accepted_exactly_in_their_documented_ranges(o in any_options()) {
+            let want = documented(&o);
+            let r = pb::GenerateRequest {
+                prompt: "x".into(),
+                options: Some(o.clone()),
+                ..Default::default()
+            };
+            let (input, options, _) = generate_parts(r).unwrap();
+            let got = scheduler::validate(&input, &options);
+            prop_assert_eq!(got.is_ok(), want, "{:?}: {:?}", o, got.err());
+            if let Err(e) = got {
+                prop_assert_eq!(status_from(e).code(), Code::InvalidArgument);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_to_typed_errors(bytes in prop::collection::vec(any::<u8>(), 0..256), chat: bool) {
+            use prost::Message;
+            let parts = if chat {
+                match pb::ChatRequest::decode(&bytes[..]) {
+                    Ok(r) => chat_parts(r),
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                match pb::GenerateRequest::decode(&bytes[..]) {
+                    Ok(r) => generate_parts(r),
+                    Err(_) => return Ok(()),
+                }
+            };
+            match parts {
+                Ok((input, options, _)) => {
+                    if let Err(e) = scheduler::validate(&input, &options) {
+                        prop_assert_eq!(status_from(e).code(), Code::InvalidArgument);
+                    }
+                }
+                Err(status) => prop_assert_eq!(status.code(), Code::InvalidArgument),
+            }
+        }
+
+        #[test]
+        fn chat_requests_are_checked_before_any_model_work(
+            roles in prop::collection::vec(prop_oneof![Just(String::new()), "[a-z]{1,9}"], 0..4),
+            session in prop::option::of(prop_oneof![Just(0usize), Just(1), Just(128), Just(129), 0usize..300]),
+        ) {
+            let r = pb::ChatRequest {
+                messages: roles
+                    .iter()
+                    .map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into() })
+                    .collect(),
+                session_id: session.map(|n| "s".repeat(n)),
+                ..Default::default()
+            };
+            let (input, options, _) = chat_parts(r).unwrap();
+            let want = !roles.is_empty()
+                && roles.iter().all(|r| !r.is_empty())
+                && session.is_none_or(|n| (1..=128).contains(&n));
+            prop_assert_eq!(scheduler::validate(&input, &options).is_ok(), want);
+        }
     }
 }

@@ -26,6 +26,16 @@ pub struct StopText {
 
 impl StopText {
     pub fn new(stops: Vec<String>) -> Result<Self, StopError> {
+        Self::check(&stops)?;
+        Ok(StopText {
+            stops,
+            pending: String::new(),
+            stopped: false,
+        })
+    }
+
+    /// The checks `new` makes: count, emptiness, length.
+    pub fn check(stops: &[String]) -> Result<(), StopError> {
         if stops.len() > MAX_STOP_STRINGS {
             return Err(StopError::TooMany(stops.len()));
         }
@@ -40,11 +50,7 @@ impl StopText {
                 });
             }
         }
-        Ok(StopText {
-            stops,
-            pending: String::new(),
-            stopped: false,
-        })
+        Ok(())
     }
 
     pub fn stopped(&self) -> bool {

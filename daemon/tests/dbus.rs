@@ -195,7 +195,7 @@ async fn generate(
             &(prompt, opts),
         )
         .await?;
-    Ok(reply.body().deserialize()?)
+    reply.body().deserialize()
 }
 
 /// An `Ask` that follows the protocol: subscribed before asking.

@@ -733,26 +733,13 @@ impl Handle {
             priority,
             deadline,
         } = req;
-        options
-            .sampling
-            .validate()
-            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        validate(&input, &options)?;
         let limits = self.shared.lock().limits.clone();
         let max_tokens = options.max_tokens.unwrap_or(limits.default_max_tokens);
-        if max_tokens == 0 {
-            return Err(SubmitError::Invalid(
-                "max_tokens must be at least 1 (leave it unset for the default)".into(),
-            ));
-        }
         let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
         self.check_input_bytes(&input)?;
         let (tokens, context, mut state, mut session) = match input {
             Input::Prompt { text, add_bos } => {
-                if text.is_empty() {
-                    return Err(SubmitError::Invalid(
-                        "the prompt is empty: give some text to continue".into(),
-                    ));
-                }
                 (self.tokenize(&text, add_bos, true), Vec::new(), None, None)
             }
             Input::Chat { messages, session } => {
@@ -894,16 +881,6 @@ impl Handle {
         client: &Client,
         now: Instant,
     ) -> Result<(Vec<u32>, Vec<u32>, Option<SeqState>, Option<SessionTurn>), SubmitError> {
-        if messages.is_empty() {
-            return Err(SubmitError::Invalid(
-                "no messages: send at least one {role, content} message".into(),
-            ));
-        }
-        if let Some(i) = messages.iter().position(|m| m.role.is_empty()) {
-            return Err(SubmitError::Invalid(format!(
-                "messages[{i}] has an empty role; use system, user, assistant or tool"
-            )));
-        }
         let render = |msgs: &[ChatMessage]| {
             self.template
                 .render(msgs, None, true, &self.bos_text)
@@ -922,12 +899,6 @@ impl Handle {
                 None,
             ));
         };
-        if id.is_empty() || id.len() > MAX_SESSION_ID_BYTES {
-            return Err(SubmitError::Invalid(format!(
-                "session_id must be 1 to {MAX_SESSION_ID_BYTES} bytes, got {}",
-                id.len()
-            )));
-        }
         let mut lease = self.sessions.checkout(
             SessionKey {
                 owner: client.owner.clone(),
@@ -969,6 +940,47 @@ impl Handle {
                 rendered,
             }),
         ))
+    }
+}
+
+/// The checks of a request that need no model, in the order
+/// [`Handle::submit`] makes them first: sampling ranges, `max_tokens`, stop
+/// strings, an empty prompt or conversation, a message without a role, the
+/// session id's length. Pure, so that the edges' conversions can be fuzzed
+/// and tested without a model.
+pub fn validate(input: &Input, options: &Options) -> Result<(), SubmitError> {
+    let invalid = |msg: String| Err(SubmitError::Invalid(msg));
+    if let Err(e) = options.sampling.validate() {
+        return invalid(e.to_string());
+    }
+    if options.max_tokens == Some(0) {
+        return invalid("max_tokens must be at least 1 (leave it unset for the default)".into());
+    }
+    if let Err(e) = StopText::check(&options.stop) {
+        return invalid(e.to_string());
+    }
+    match input {
+        Input::Prompt { text, .. } if text.is_empty() => {
+            invalid("the prompt is empty: give some text to continue".into())
+        }
+        Input::Prompt { .. } => Ok(()),
+        Input::Chat { messages, session } => {
+            if messages.is_empty() {
+                return invalid("no messages: send at least one {role, content} message".into());
+            }
+            if let Some(i) = messages.iter().position(|m| m.role.is_empty()) {
+                return invalid(format!(
+                    "messages[{i}] has an empty role; use system, user, assistant or tool"
+                ));
+            }
+            match session {
+                Some(id) if id.is_empty() || id.len() > MAX_SESSION_ID_BYTES => invalid(format!(
+                    "session_id must be 1 to {MAX_SESSION_ID_BYTES} bytes, got {}",
+                    id.len()
+                )),
+                _ => Ok(()),
+            }
+        }
     }
 }
 

@@ -388,6 +388,137 @@ proptest! {
     }
 }
 
+/// A vocab as the `tokenizer_vocab` fuzz target builds one: optionally the
+/// 256 byte tokens, then `extra` (text, raw type: 7 is invalid), then for
+/// each `(a, b, add)` the merge `"tokens[a] tokens[b]"`, with `add` also the
+/// merged token.
+fn arbitrary_vocab(
+    with_bytes: bool,
+    extra: Vec<(String, i32)>,
+    pairs: Vec<(usize, usize, bool)>,
+    special: SpecialIds,
+) -> Result<Tokenizer, TokenizerError> {
+    let mut tokens: Vec<String> = Vec::new();
+    let mut types = Vec::new();
+    if with_bytes {
+        tokens.extend(bytes::BYTE_TO_CHAR.iter().map(|c| c.to_string()));
+        types.resize(256, TokenKind::Normal as i32);
+    }
+    for (t, ty) in extra {
+        tokens.push(t);
+        types.push(ty);
+    }
+    let mut merges = Vec::new();
+    for (a, b, add) in pairs {
+        if tokens.is_empty() {
+            break;
+        }
+        let a = tokens[a % tokens.len()].clone();
+        let b = tokens[b % tokens.len()].clone();
+        if add {
+            tokens.push(format!("{a}{b}"));
+            types.push(TokenKind::Normal as i32);
+        }
+        merges.push(format!("{a} {b}"));
+    }
+    Tokenizer::from_parts(tokens, types, merges, special)
+}
+
+/// Whether `decode(encode(s)) == s` must hold for every `s`: each byte is
+/// spelled by a token, and each token whose text is in the byte alphabet
+/// (so raw text can reach it) renders as exactly those bytes.
+fn round_trips(tok: &Tokenizer) -> bool {
+    let spells_every_byte = bytes::BYTE_TO_CHAR
+        .iter()
+        .all(|c| tok.token_id(&c.to_string()).is_some());
+    spells_every_byte
+        && (0..tok.n_vocab() as u32).all(|id| {
+            let text = tok.token_text(id).unwrap();
+            bytes::text_to_bytes(text).is_none_or(|raw| tok.token_bytes(id) == Some(&raw[..]))
+        })
+}
+
+fn streamed(tok: &Tokenizer, ids: &[u32], special: bool) -> String {
+    let mut dec = StreamDecoder::with_special(tok, special);
+    let mut out: String = ids.iter().map(|&id| dec.push(id)).collect();
+    out.push_str(&dec.finish());
+    out
+}
+
+#[test]
+fn unreachable_specials_do_not_break_round_trips() {
+    // Byte tokens plus specials whose texts are outside the byte alphabet
+    // (real spaces): every kind, round trips hold with and without parsing.
+    let specials = [
+        ("<a b>", TokenKind::Control),
+        ("<c d>", TokenKind::UserDefined),
+        ("<e f>", TokenKind::Unused),
+        ("<g h>", TokenKind::Unknown),
+        ("<i j>", TokenKind::Undefined),
+    ];
+    let tok = toy(&["ab"], &specials, &["a b"]);
+    assert!(round_trips(&tok));
+    for ps in [false, true] {
+        let text = "x<a b>ab<c d><e f> <g h><i j>";
+        assert_eq!(tok.decode(&tok.encode(text, false, ps)), text);
+    }
+    // An unused token spelled in the alphabet is reachable and renders as
+    // nothing: no round trip, as in llama.cpp.
+    let tok = toy(&[], &[("zz", TokenKind::Unused)], &[]);
+    assert!(!round_trips(&tok));
+    assert_eq!(tok.decode(&tok.encode("zz", false, false)), "");
+}
+
+fn vocab_text() -> impl Strategy<Value = String> {
+    // Short texts over a few byte-alphabet characters (`Ġ` is a space) and
+    // some outside it, so tokens collide, merge and match in raw text.
+    "[abĠ<>|é ]{0,4}"
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_vocabs_load_or_fail_and_never_panic(
+        with_bytes: bool,
+        extra in prop::collection::vec((vocab_text(), 0i32..8), 0..12),
+        pairs in prop::collection::vec((0usize..300, 0usize..300, any::<bool>()), 0..8),
+        bos in prop::option::of(0u32..300),
+        add_bos: bool,
+        text in "[abé <>|\\PC]{0,24}",
+        ids in prop::collection::vec(0u32..320, 0..16),
+    ) {
+        let special = SpecialIds { bos, eos: None, pad: None, add_bos };
+        let Ok(tok) = arbitrary_vocab(with_bytes, extra, pairs, special) else {
+            return Ok(());
+        };
+        for ps in [false, true] {
+            let enc = tok.encode(&text, true, ps);
+            prop_assert!(enc.iter().all(|&id| (id as usize) < tok.n_vocab()));
+            prop_assert_eq!(streamed(&tok, &enc, true), tok.decode(&enc));
+            if round_trips(&tok) {
+                prop_assert_eq!(tok.decode(&tok.encode(&text, false, ps)), text.clone());
+            }
+        }
+        prop_assert_eq!(streamed(&tok, &ids, true), tok.decode(&ids));
+    }
+
+    #[test]
+    fn any_string_round_trips(text in any::<String>(), parse_special: bool) {
+        let tok = trained();
+        let ids = tok.encode(&text, false, parse_special);
+        prop_assert_eq!(tok.decode(&ids), text.clone());
+        prop_assert_eq!(streamed(tok, &ids, true), text);
+    }
+
+    #[test]
+    fn streaming_without_specials_equals_joined_pieces(ids in prop::collection::vec(0u32..2100, 0..40)) {
+        let tok = trained();
+        let raw: Vec<u8> = ids.iter().flat_map(|&id| tok.piece(id, false).unwrap_or_default().to_vec()).collect();
+        prop_assert_eq!(streamed(tok, &ids, false), String::from_utf8_lossy(&raw));
+    }
+}
+
 /// FNV-1a over a trained vocab's tokens and merges, to tell "the trainer or
 /// corpus changed" apart from "encoding is wrong".
 fn fingerprint(v: &TrainedVocab) -> u64 {

@@ -28,13 +28,7 @@ impl Daemon {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 let bound = lfmd::serve::bind_unix(&sock, None).unwrap();
-                let opts = lfmd::engine::EngineOptions {
-                    threads: Some(1),
-                    ..Default::default()
-                };
-                let m = lfmd::engine::Model::open_with(&model, opts).unwrap();
-                let (handle, exit) =
-                    lfmd::scheduler::start(m, "tiny.gguf", Default::default()).unwrap();
+                let (handle, exit) = start_engine(&model);
                 ready_tx.send(()).unwrap();
                 let control = lfmd::serve::Control {
                     signals: lfmd::serve::Signals::install().unwrap().with_stop(stopped),
@@ -58,6 +52,16 @@ impl Daemon {
             thread: Some(thread),
         }
     }
+}
+
+/// The tiny model on one thread behind a scheduler with default limits.
+fn start_engine(model: &Path) -> (lfmd::scheduler::Handle, lfmd::scheduler::EngineExit) {
+    let opts = lfmd::engine::EngineOptions {
+        threads: Some(1),
+        ..Default::default()
+    };
+    let m = lfmd::engine::Model::open_with(model, opts).unwrap();
+    lfmd::scheduler::start(m, "tiny.gguf", Default::default()).unwrap()
 }
 
 impl Drop for Daemon {
@@ -339,13 +343,7 @@ fn ask_over_dbus_streams_the_answer_grpc_gives_and_exit_3_without_a_daemon() {
     let server = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
-            let opts = lfmd::engine::EngineOptions {
-                threads: Some(1),
-                ..Default::default()
-            };
-            let m = lfmd::engine::Model::open_with(&model, opts).unwrap();
-            let (handle, _exit) =
-                lfmd::scheduler::start(m, "tiny.gguf", Default::default()).unwrap();
+            let (handle, _exit) = start_engine(&model);
             let served = lfmd::dbus::serve(handle, &lfm_proto::dbus::Bus::Address(addr))
                 .await
                 .unwrap();

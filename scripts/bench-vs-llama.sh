@@ -2,7 +2,8 @@
 # lfmd vs llama.cpp on the same file and threads, in one run:
 #   scripts/bench-vs-llama.sh MODEL.gguf [THREADS] [PP] [TG] [-- extra llama-bench args, e.g. --repack 0]
 # Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg).
-# Needs the reference build (scripts/ref-noamx.sh).
+# Needs the reference build: scripts/ref-noamx.sh on AVX-512 machines that advertise
+# AMX, the native ../shared/reference/setup-llama.sh build on AVX2-only ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; T=${2:-2}; PP=${3:-512}; TG=${4:-128}

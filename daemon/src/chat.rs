@@ -8,7 +8,7 @@
 //! (fuel), recursion depth and output size.
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Serde};
+use minijinja::value::{Kwargs, Rest, Serde, ValueOrKwargs};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, State, Value, context};
 use serde::Serialize;
 
@@ -73,6 +73,7 @@ fn tojson(
         None => kwargs.get::<Option<Value>>("indent")?,
     };
     kwargs.assert_all_used()?;
+    pay_for_items(state, value, "tojson")?;
     let mut out = Capped::new(byte_budget(state));
     let done = match indent.and_then(|i| i.as_usize()) {
         Some(n) => {
@@ -216,7 +217,10 @@ fn py_string(state: &State, value: &Value) -> Result<Value, JinjaError> {
             Value::from("None")
         }
         minijinja::value::ValueKind::String => value.clone(),
-        _ => Value::from(bounded_display(state, value, "string")?),
+        _ => {
+            pay_for_items(state, value, "string")?;
+            Value::from(bounded_display(state, value, "string")?)
+        }
     })
 }
 
@@ -351,6 +355,108 @@ fn split_ws_markers(inner: &str) -> (&str, &str, &str) {
     (lead, &inner[..inner.len() - trail.len()], trail)
 }
 
+/// Built-in filters that visit every item of their input (or, for `first`,
+/// of its iterator). minijinja charges them per item as they go, so a lazily
+/// repeated list (`[0] * 10**8`: 10^8 items for free) used to run for
+/// millions of items before the fuel ran out. In front of each we pay for
+/// the input's length up front.
+const ITEM_WALKING_FILTERS: &[&str] = &[
+    "join",
+    "list",
+    "sort",
+    "unique",
+    "reverse",
+    "sum",
+    "min",
+    "max",
+    "last",
+    "map",
+    "select",
+    "reject",
+    "selectattr",
+    "rejectattr",
+    "batch",
+    "slice",
+    "groupby",
+    "items",
+    "dictsort",
+    "pprint",
+    "escape",
+    "e",
+    "format",
+];
+
+/// The built-in filter `name` as a callable value.
+fn builtin_filter(name: &str) -> Option<Value> {
+    use minijinja::filters as f;
+    Some(match name {
+        "join" => Value::from_function(f::join),
+        "list" => Value::from_function(f::list),
+        "sort" => Value::from_function(f::sort),
+        "unique" => Value::from_function(f::unique),
+        "reverse" => Value::from_function(f::reverse),
+        "sum" => Value::from_function(f::sum),
+        "min" => Value::from_function(f::min),
+        "max" => Value::from_function(f::max),
+        "last" => Value::from_function(f::last),
+        "map" => Value::from_function(f::map),
+        "select" => Value::from_function(f::select),
+        "reject" => Value::from_function(f::reject),
+        "selectattr" => Value::from_function(f::selectattr),
+        "rejectattr" => Value::from_function(f::rejectattr),
+        "batch" => Value::from_function(f::batch),
+        "slice" => Value::from_function(f::slice),
+        "groupby" => Value::from_function(f::groupby),
+        "items" => Value::from_function(f::items),
+        "dictsort" => Value::from_function(f::dictsort),
+        "pprint" => Value::from_function(f::pprint),
+        "escape" | "e" => Value::from_function(f::escape),
+        "format" => Value::from_function(f::format),
+        _ => return None,
+    })
+}
+
+/// Fails unless the fuel left pays for one fuel per item of `value` (a
+/// sequence, map or sized iterable; strings and scalars pass).
+fn pay_for_items(state: &State, value: &Value, what: &str) -> Result<(), JinjaError> {
+    use minijinja::value::ValueKind;
+    if !matches!(
+        value.kind(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+    ) {
+        return Ok(());
+    }
+    let items = value.len().unwrap_or(0) as u64;
+    let left = state.fuel_levels().map_or(u64::MAX, |(_, left)| left);
+    if items >= left {
+        return Err(JinjaError::new(
+            ErrorKind::OutOfFuel,
+            format!("{what}: {items} items are more than the fuel left ({left}) pays for"),
+        ));
+    }
+    Ok(())
+}
+
+/// Prints `{{ value }}`: containers through [`bounded_display`] (their
+/// items paid for first), everything else as minijinja does.
+fn bounded_formatter(
+    out: &mut minijinja::Output,
+    state: &mut State,
+    value: &Value,
+) -> Result<(), JinjaError> {
+    use minijinja::value::ValueKind;
+    if matches!(
+        value.kind(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+    ) {
+        pay_for_items(state, value, "printing")?;
+        let text = bounded_display(state, value, "printing")?;
+        return std::fmt::Write::write_str(out, &text)
+            .map_err(|_| JinjaError::new(ErrorKind::WriteFailure, "writing the prompt failed"));
+    }
+    minijinja::escape_formatter(out, state, value)
+}
+
 fn raise_exception(_: &State, msg: String) -> Result<Value, JinjaError> {
     Err(JinjaError::new(
         ErrorKind::InvalidOperation,
@@ -373,6 +479,19 @@ impl ChatTemplate {
         );
         env.set_fuel(Some(RENDER_FUEL));
         env.set_recursion_limit(64);
+        for &name in ITEM_WALKING_FILTERS {
+            let Some(builtin) = builtin_filter(name) else {
+                continue;
+            };
+            env.add_filter(name, move |state: &mut State, args: Rest<ValueOrKwargs>| {
+                let args = args.into_values();
+                for arg in &args {
+                    pay_for_items(state, arg, name)?;
+                }
+                builtin.call(state, &args)
+            });
+        }
+        env.set_formatter(bounded_formatter);
         env.add_filter("tojson", tojson);
         env.add_filter("string", py_string);
         env.set_unknown_method_callback(py_method);
@@ -556,9 +675,58 @@ mod tests {
         // Built-ins of minijinja itself that size their output up front.
         stopped_by("{{ 'x'|indent(10**12) }}", "");
         stopped_by("{{ 'ab'|replace('', 'x' * 10**6) * 1000 }}", "");
-        // Not here: `{{ [0] * 10**8 }}`, `([0] * 10**8)|join(',')`, `|list`
-        // and `|sort` walk all 10^8 items inside minijinja (tens of seconds,
-        // hundreds of MB) before fuel stops them; see fuzz/README.md.
+    }
+
+    /// minijinja's own filters charge per item as they walk, and printing a
+    /// container charged nothing until it was written: on a lazily repeated
+    /// list (10^8 items, free to make) each ran for millions of items first.
+    /// Now they pay for the input's length before walking it, so each of
+    /// these fails at once with the fuel error that names the filter.
+    #[test]
+    fn walking_a_huge_lazy_list_is_paid_for_up_front() {
+        let items = "100000000 items are more than the fuel left";
+        for f in [
+            "join",
+            "join(',')",
+            "list",
+            "sort",
+            "unique",
+            "reverse",
+            "sum",
+            "min",
+            "max",
+            "last",
+            "map('string')",
+            "select",
+            "reject",
+            "selectattr('x')",
+            "batch(3)",
+            "slice(3)",
+            "groupby('x')",
+            "items",
+            "pprint",
+            "e",
+            "tojson",
+            "string",
+            "sort(attribute='x', reverse=true)",
+        ] {
+            let name = f.split('(').next().unwrap();
+            stopped_by(
+                &format!("{{{{ ([0] * 10**8)|{f} }}}}"),
+                &format!("{name}: {items}"),
+            );
+        }
+        stopped_by("{{ [0] * 10**8 }}", &format!("printing: {items}"));
+        stopped_by("{{ ([0] * 10**8) + [1] }}", "printing: 100000001 items");
+        stopped_by(
+            "{{ '%s'|format([0] * 10**8) }}",
+            &format!("format: {items}"),
+        );
+        stopped_by("{{ [[0] * 10**8] * 10**8 }}", "printing: 100000000 items");
+        // Not covered (operators, which a template cannot override):
+        // `1 in [0] * 10**8`, `([0] * 10**8) == ([0] * 10**8)` and
+        // `([0] * 10**8) ~ 'x'` walk the 10^8 items (tens of seconds)
+        // before the fuel stops them; see fuzz/README.md.
     }
 
     #[test]
@@ -566,14 +734,16 @@ mod tests {
         let t = ChatTemplate::new(concat!(
             "{{ tools|tojson }}|{{ tools|tojson(indent=2) }}|{{ [1, none, true]|string }}|",
             "{{ true|string }}|{{ '-'.join(['a', 1, [2]]) }}|{{ '{:>4}|{:.2f}|{{x}}'.format(7, 1.5) }}|",
-            "{{ [1, 2, 1].count(1) }}|{{ 'aXbXc'.split('X')|length }}"
+            "{{ [1, 2, 1].count(1) }}|{{ 'aXbXc'.split('X')|length }}|",
+            "{{ [3, 1, 2]|sort(reverse=true)|join(',') }}|{{ [{'a': 2}, {'a': 1}]|sort(attribute='a')|map(attribute='a')|join }}|",
+            "{{ [1, 2] }}|{{ {'k': 'v'} }}|{{ [1, 2, 3]|sum(start=10) }}|{{ '%s-%d'|format('a', 3) }}"
         ))
         .unwrap();
         let tools = serde_json::json!([{"name": "f", "b": [1, 2], "a": null}]);
         let out = t.render(&[], Some(&tools), false, "").unwrap();
         assert_eq!(
             out,
-            "[{\"name\": \"f\", \"b\": [1, 2], \"a\": null}]|[\n  {\n    \"name\": \"f\",\n    \"b\": [\n      1,\n      2\n    ],\n    \"a\": null\n  }\n]|[1, None, True]|True|a-1-[2]|   7|1.50|{x}|2|3"
+            "[{\"name\": \"f\", \"b\": [1, 2], \"a\": null}]|[\n  {\n    \"name\": \"f\",\n    \"b\": [\n      1,\n      2\n    ],\n    \"a\": null\n  }\n]|[1, None, True]|True|a-1-[2]|   7|1.50|{x}|2|3|3,2,1|12|[1, 2]|{'k': 'v'}|16|a-3"
         );
     }
 

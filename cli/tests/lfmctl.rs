@@ -378,3 +378,82 @@ fn ask_over_dbus_streams_the_answer_grpc_gives_and_exit_3_without_a_daemon() {
     let _ = bus.kill();
     let _ = bus.wait();
 }
+
+/// The daemon's status, over gRPC.
+fn status(socket: &Path) -> lfm_proto::v1::DaemonStatus {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let target = lfm_proto::client::Target::Unix(socket.into());
+        let mut c = lfm_proto::client::connect(&target).await.unwrap();
+        c.get_status(lfm_proto::v1::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
+#[test]
+fn a_client_killed_mid_stream_frees_its_slot_and_its_compute() {
+    use std::io::Read;
+    let d = Daemon::start();
+    let mut asking = Command::new(env!("CARGO_BIN_EXE_lfmctl"))
+        .env("LFMD_SOCKET", &d.socket)
+        .args(["ask", "--raw", "--temperature", "0", "--ignore-eos"])
+        .args(["--max-tokens", "100000", "Once upon a time"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The answer is streaming: its first bytes arrived.
+    let mut first = [0u8; 1];
+    asking
+        .stdout
+        .take()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(status(&d.socket).active_requests, 1);
+    asking.kill().unwrap(); // SIGKILL: no goodbye on the connection
+    asking.wait().unwrap();
+
+    // The daemon notices the closed connection and stops the request.
+    let t0 = std::time::Instant::now();
+    let idle = loop {
+        let s = status(&d.socket);
+        if s.active_requests == 0 && s.queued_requests == 0 {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the killed client's request still runs: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Compute stopped too: the next request's 4 tokens are the only ones
+    // generated from here on.
+    let out = lfmctl(
+        &d.socket,
+        &[
+            "ask",
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+        ],
+        "hello",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = status(&d.socket);
+    assert_eq!(
+        after.generated_tokens_total,
+        idle.generated_tokens_total + 4,
+        "{idle:?}\n{after:?}"
+    );
+    assert_eq!(after.requests_total, idle.requests_total + 1);
+}

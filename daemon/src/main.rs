@@ -475,6 +475,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             &settings.socket_group,
         )
         .await?;
+        let mapped_file = file_identity(&model_path);
         let model = lfmd::engine::Model::open_with(
             &model_path,
             lfmd::engine::EngineOptions {
@@ -520,7 +521,18 @@ fn serve(a: ServeArgs) -> Result<()> {
         );
         let reload = {
             let a = a.clone();
-            move || a.settings().map_err(|e| format!("{e:#}"))
+            let model_path = model_path.clone();
+            move || {
+                // The mapping stays on the file lfmd opened; a file renamed
+                // over its path is served from the next start.
+                if mapped_file.is_some() && file_identity(&model_path) != mapped_file {
+                    lfmd::warn!(
+                        "{} was replaced on disk; lfmd keeps serving the model it mapped at start; restart it (systemctl restart lfmd) to serve the new file",
+                        model_path.display()
+                    );
+                }
+                a.settings().map_err(|e| format!("{e:#}"))
+            }
         };
         let dbus = match &dbus_bus {
             Some(bus) => {
@@ -540,6 +552,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         drop(dbus);
         Ok(())
     })
+}
+
+/// The (device, inode) of the file at `path`: which file a path names now.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Writes to stdout; a closed pipe (`lfmd inspect … | head`) is not an error.

@@ -6,140 +6,42 @@
 //! `LFM_REQUIRE_DBUS=1` (CI), which makes them fail.
 
 use lfm_proto::client::{Target, connect};
+
+mod common;
+use common::{Lfmd, PrivateBus, private_bus};
 use lfm_proto::dbus::{BUS_NAME, INTERFACE, OBJECT_PATH, REQUEST_INTERFACE, REQUESTS_PATH};
 use lfm_proto::v1 as pb;
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, MatchRule, MessageStream};
 
-/// A private session bus; killed when dropped.
-struct PrivateBus {
-    child: Child,
-    address: String,
-}
-
-impl Drop for PrivateBus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// Starts a bus in `dir`, or `None` (after a loud message) when
-/// `dbus-daemon` or `busctl` is missing and `LFM_REQUIRE_DBUS` is not 1.
-fn private_bus(dir: &Path) -> Option<PrivateBus> {
-    if !(have("dbus-daemon") && have("busctl")) {
-        let required = std::env::var("LFM_REQUIRE_DBUS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "LFM_REQUIRE_DBUS=1 but dbus-daemon or busctl is missing: apt-get install dbus-daemon systemd"
-        );
-        eprintln!(
-            "\n*** SKIPPED: dbus-daemon or busctl is not installed, so the D-Bus tests did not run \
-             (apt-get install dbus-daemon systemd; LFM_REQUIRE_DBUS=1 makes this a failure) ***\n"
-        );
-        return None;
-    }
-    let mut child = Command::new("dbus-daemon")
-        .arg("--session")
-        .arg("--nofork")
-        .arg("--print-address=1")
-        .arg(format!(
-            "--address=unix:path={}",
-            dir.join("bus.sock").display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting dbus-daemon");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line.trim().to_owned();
-    assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
-    Some(PrivateBus { child, address })
-}
-
-/// The real `lfmd serve` on a private bus and a gRPC socket.
+/// The real `lfmd serve` on a private bus and a gRPC socket (the daemon
+/// drops first, then the bus).
 struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    target: Target,
+    lfmd: Lfmd,
     bus: PrivateBus,
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Daemon {
+    type Target = Lfmd;
+    fn deref(&self) -> &Lfmd {
+        &self.lfmd
     }
 }
 
 impl Daemon {
     /// `None` when D-Bus is not available here (see [`private_bus`]).
+    /// gRPC answers only after D-Bus is up (lfmd starts D-Bus first).
     async fn start(args: &[&str]) -> Option<Daemon> {
-        let dir = tempfile::tempdir().unwrap();
-        let bus = private_bus(dir.path())?;
-        let model = dir.path().join("tiny-moe-q8_0.gguf");
-        let preset = lfmd::synth::find_preset("tiny-moe").unwrap();
-        let ty = lfmd::synth::SynthQuant::parse("q8_0").unwrap();
-        lfmd::synth::write_model(preset, ty, 1, &model).unwrap();
-        let socket = dir.path().join("lfmd.sock");
-        let log = std::fs::File::create(dir.path().join("lfmd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lfmd"))
-            .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .arg("--grpc")
-            .arg(format!("unix:{}", socket.display()))
-            .args(["--dbus", &bus.address, "--threads", "1"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            dir,
-            target: Target::Unix(socket),
-            bus,
-        };
-        // gRPC answers only after D-Bus is up (lfmd starts D-Bus first).
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut c) = connect(&d.target).await
-                && c.get_status(pb::GetStatusRequest {}).await.is_ok()
-            {
-                return Some(d);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "lfmd did not come up: {}",
-                d.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("lfmd.log")).unwrap_or_default()
+        let tmp = tempfile::tempdir().unwrap();
+        let bus = private_bus(tmp.path())?;
+        let mut all = vec!["--dbus", bus.address.as_str()];
+        all.extend_from_slice(args);
+        let lfmd = Lfmd::start_in(tmp, &all).await;
+        Some(Daemon { lfmd, bus })
     }
 
     async fn conn(&self) -> Connection {
@@ -686,6 +588,246 @@ async fn active_requests_changes_are_signalled() {
             }
         }
         assert_eq!(seen.first(), Some(&1), "{seen:?}");
+    })
+    .await;
+}
+
+/// What a bare connection to the bus saw.
+#[derive(Debug)]
+enum Raw {
+    /// The bus closed the connection before sending the awaited bytes.
+    Closed,
+    /// The awaited bytes arrived.
+    Found,
+}
+
+/// Talks to the bus at `address` over a bare socket: authenticates (EXTERNAL,
+/// the socket's credentials), sends `messages` (serialized D-Bus messages,
+/// `Hello` first) and reads until the bus closes the connection or sends
+/// `until`; fails after 30 s of neither.
+fn raw_bus_exchange(address: &str, messages: &[Vec<u8>], until: &[u8]) -> Raw {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let path = address
+        .strip_prefix("unix:path=")
+        .and_then(|a| a.split(',').next())
+        .expect("a unix:path= address");
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let line = |s: &mut UnixStream| {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n") {
+            s.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    s.write_all(b"\0AUTH EXTERNAL\r\n").unwrap();
+    assert_eq!(line(&mut s), "DATA\r\n");
+    s.write_all(b"DATA\r\n").unwrap();
+    assert!(line(&mut s).starts_with("OK "));
+    s.write_all(b"BEGIN\r\n").unwrap();
+    for m in messages {
+        s.write_all(m).unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Raw::Closed,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Raw::Closed,
+            Err(e) => panic!("the bus neither answered nor closed: {e}"),
+        }
+        if got.windows(until.len()).any(|w| w == until) {
+            return Raw::Found;
+        }
+    }
+}
+
+/// `Generate(prompt, {})` as bytes on the wire.
+fn generate_message(prompt: &str) -> Vec<u8> {
+    zbus::Message::method_call(OBJECT_PATH, "Generate")
+        .unwrap()
+        .destination(BUS_NAME)
+        .unwrap()
+        .interface(INTERFACE)
+        .unwrap()
+        .build(&(prompt, HashMap::<&str, Value<'_>>::new()))
+        .unwrap()
+        .data()
+        .to_vec()
+}
+
+/// A `Generate` call whose prompt's `MARK` is turned into bytes that are
+/// not UTF-8 (D-Bus has no checksum; the lengths stay right).
+fn generate_with_invalid_utf8() -> Vec<u8> {
+    let mut bytes = generate_message("say MARK twice");
+    let at = bytes.windows(4).position(|w| w == b"MARK").unwrap();
+    bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
+    assert!(std::str::from_utf8(&bytes[at - 4..at + 10]).is_err());
+    bytes
+}
+
+fn hello() -> Vec<u8> {
+    zbus::Message::method_call("/org/freedesktop/DBus", "Hello")
+        .unwrap()
+        .destination("org.freedesktop.DBus")
+        .unwrap()
+        .interface("org.freedesktop.DBus")
+        .unwrap()
+        .build(&())
+        .unwrap()
+        .data()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_their_errors_and_the_daemon_serves_on() {
+    let Some(d) = Daemon::start(&["--ctx", "64"]).await else {
+        return;
+    };
+    within(120, async {
+        let conn = d.conn().await;
+        // Another client's generation runs through all of it.
+        let mut o = greedy(40);
+        o.insert("ignore_eos", Value::Bool(true));
+        let bystander = ask(&conn, "meanwhile", o).await.unwrap();
+        let stops: Vec<String> = (0..5000).map(|i| format!("stop{i}")).collect();
+        let ten_mb = "a".repeat(10 << 20);
+        let cases: Vec<(&str, HashMap<&str, Value<'_>>, &str, &str)> = vec![
+            (
+                "hi",
+                HashMap::from([("temperature", Value::F64(-1.0))]),
+                "InvalidArgument",
+                "temperature",
+            ),
+            (
+                "hi",
+                HashMap::from([("temperature", Value::F64(f64::INFINITY))]),
+                "InvalidArgument",
+                "temperature",
+            ),
+            (
+                "hi",
+                HashMap::from([("top_p", Value::F64(f64::NAN))]),
+                "InvalidArgument",
+                "top_p",
+            ),
+            (
+                "hi",
+                HashMap::from([("top_p", Value::F64(-0.5))]),
+                "InvalidArgument",
+                "top_p",
+            ),
+            (
+                "hi",
+                HashMap::from([("min_p", Value::F64(f64::NAN))]),
+                "InvalidArgument",
+                "min_p",
+            ),
+            (
+                "hi",
+                HashMap::from([("temperature", Value::from("hot"))]),
+                "InvalidArgument",
+                "double",
+            ),
+            (
+                "hi",
+                HashMap::from([("stop", Value::from("\n"))]),
+                "InvalidArgument",
+                "array of strings",
+            ),
+            (
+                "hi",
+                HashMap::from([("priority", Value::from("urgent"))]),
+                "InvalidArgument",
+                "priority",
+            ),
+            (
+                "hi",
+                HashMap::from([("stop", Value::from(stops.clone()))]),
+                "InvalidArgument",
+                "at most 16 stop strings",
+            ),
+            (
+                "hi",
+                HashMap::from([("stop", Value::from(vec!["x".repeat(300)]))]),
+                "InvalidArgument",
+                "256",
+            ),
+            (
+                &ten_mb,
+                HashMap::new(),
+                "OutOfRange",
+                "context of 64 tokens",
+            ),
+            (
+                &ten_mb,
+                HashMap::from([("raw", Value::Bool(true))]),
+                "OutOfRange",
+                "context of 64 tokens",
+            ),
+        ];
+        for (prompt, opts, name, says) in cases {
+            for method in ["Generate", "Ask"] {
+                let e = conn
+                    .call_method(
+                        Some(BUS_NAME),
+                        OBJECT_PATH,
+                        Some(INTERFACE),
+                        method,
+                        &(prompt, opts.clone()),
+                    )
+                    .await
+                    .unwrap_err();
+                let got = error_name(&e);
+                assert!(
+                    got.starts_with(&format!("org.lfm.Daemon1.Error.{name} "))
+                        && got.contains(says),
+                    "{method} {} bytes {:?}: {got}",
+                    prompt.len(),
+                    opts.keys()
+                );
+            }
+        }
+
+        // max_tokens 10^9 is accepted and ends when the context is full.
+        let mut o = greedy(1_000_000_000);
+        o.insert("ignore_eos", Value::Bool(true));
+        let (_, info) = generate(&conn, "hi", o).await.unwrap();
+        assert_eq!(str_of(&info, "finish_reason"), "context_full", "{info:?}");
+        assert!(u32_of(&info, "prompt_tokens") + u32_of(&info, "generated_tokens") <= 64);
+
+        // Invalid UTF-8 in a string never reaches lfmd: the bus daemon
+        // validates every message and drops the connection that sent it.
+        let address = d.bus.address.clone();
+        let error = b"org.lfm.Daemon1.Error".as_slice();
+        let bad = tokio::task::spawn_blocking(move || {
+            raw_bus_exchange(&address, &[hello(), generate_with_invalid_utf8()], error)
+        })
+        .await
+        .unwrap();
+        assert!(matches!(bad, Raw::Closed), "{bad:?}");
+        // The same bytes with a valid (empty) prompt do reach lfmd, which
+        // answers with its error.
+        let address = d.bus.address.clone();
+        let good = tokio::task::spawn_blocking(move || {
+            raw_bus_exchange(&address, &[hello(), generate_message("")], error)
+        })
+        .await
+        .unwrap();
+        assert!(matches!(good, Raw::Found), "{good:?}");
+
+        // Everyone else was served throughout.
+        let (text, reason, info) = bystander.collect().await;
+        assert_eq!(reason, "length", "{info:?}");
+        assert!(!text.is_empty());
+        let (_, info) = generate(&conn, "hello", greedy(4)).await.unwrap();
+        assert_eq!(u32_of(&info, "generated_tokens"), 4);
+        wait_idle(&conn, "after the hostile requests").await;
+        assert!(!d.log().contains("panicked"), "{}", d.log());
     })
     .await;
 }

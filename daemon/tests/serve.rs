@@ -7,104 +7,14 @@
 use lfm_proto::client::{Target, channel, connect};
 use lfm_proto::v1 as pb;
 use lfm_proto::v1::lfm_client::LfmClient;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    target: Target,
-}
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny-moe-q8_0.gguf");
-    let preset = lfmd::synth::find_preset("tiny-moe").unwrap();
-    let ty = lfmd::synth::SynthQuant::parse("q8_0").unwrap();
-    lfmd::synth::write_model(preset, ty, 1, &path).unwrap();
-    path
-}
-
-impl Daemon {
-    /// Starts `lfmd serve` with `args` and waits until it answers.
-    async fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let model = synth_model(dir.path());
-        let socket = dir.path().join("run/lfmd.sock");
-        let log = std::fs::File::create(dir.path().join("lfmd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lfmd"))
-            .arg("serve")
-            .arg("--model")
-            .arg(&model)
-            .arg("--grpc")
-            .arg(format!("unix:{}", socket.display()))
-            .args(["--threads", "1"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            dir,
-            target: Target::Unix(socket),
-        };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut c) = connect(&d.target).await
-                && c.get_status(pb::GetStatusRequest {}).await.is_ok()
-            {
-                return d;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "lfmd did not come up: {}",
-                d.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn client(&self) -> LfmClient<Channel> {
-        connect(&self.target).await.unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("lfmd.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits for the daemon to exit (after a signal); its exit code.
-    fn wait(&mut self) -> Option<i32> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(t0.elapsed() < Duration::from_secs(30), "lfmd did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::Lfmd as Daemon;
 
 fn greedy(max_tokens: u32) -> pb::SamplingOptions {
     pb::SamplingOptions {
@@ -696,7 +606,7 @@ async fn sigterm_drains_and_exits_zero_and_a_second_daemon_is_refused() {
         unreachable!()
     };
     // Another daemon on the same socket refuses to start.
-    let model = d.dir.path().join("tiny-moe-q8_0.gguf");
+    let model = d.dir.join(common::MODEL_FILE);
     let out = Command::new(env!("CARGO_BIN_EXE_lfmd"))
         .arg("serve")
         .arg("--model")
@@ -734,4 +644,76 @@ async fn sigterm_drains_and_exits_zero_and_a_second_daemon_is_refused() {
     assert_eq!(d.wait(), Some(0), "{}", d.log());
     assert!(!socket.exists(), "the socket is removed");
     assert!(d.log().contains("lfmd: stopped"), "{}", d.log());
+}
+
+/// `lfmd serve` on `model`, its socket and log in `dir`, once it answers.
+async fn start_on(model: &Path, dir: &Path) -> Daemon {
+    let socket = dir.join("run/lfmd.sock");
+    let d = Daemon::spawn(common::serve_command(model, &socket), dir, socket);
+    d.answering().await;
+    d
+}
+
+#[tokio::test]
+async fn a_model_replaced_by_rename_leaves_requests_alone_and_a_restart_serves_the_new_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = common::synth_model(dir);
+    let mut d = start_on(&model, dir).await;
+    let mut c = d.client().await;
+    let request = pb::GenerateRequest {
+        prompt: "Once upon a time".into(),
+        options: Some(pb::SamplingOptions {
+            ignore_eos: Some(true),
+            ..greedy(64)
+        }),
+        ..Default::default()
+    };
+    let alone = collect(c.generate(request.clone()).await.unwrap().into_inner())
+        .await
+        .unwrap();
+
+    // The same request again; once it streams, another model (seed 2) is
+    // written beside the file and renamed over it, as the README says to.
+    let mut s = c.generate(request.clone()).await.unwrap().into_inner();
+    let Some(pb::generate_response::Event::Delta(first)) =
+        s.message().await.unwrap().unwrap().event
+    else {
+        panic!("no first token");
+    };
+    let staged = dir.join(".incoming.gguf");
+    common::synth_model_at(&staged, 2);
+    std::fs::rename(&staged, &model).unwrap();
+    let rest = collect(s).await.unwrap();
+    assert_eq!(format!("{}{}", first.text, rest.text), alone.text);
+    assert_eq!([first.token_ids, rest.ids].concat(), alone.ids);
+    // The old mapping stays in use until a restart, also after SIGHUP,
+    // which says so; a new request gets the old model's answer.
+    d.signal("HUP");
+    let t0 = Instant::now();
+    while !d.log().contains("was replaced on disk") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = collect(c.generate(request.clone()).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    assert_eq!(again.ids, alone.ids);
+
+    // After a restart the new file is served.
+    d.signal("TERM");
+    assert_eq!(d.wait(), Some(0), "{}", d.log());
+    let d = start_on(&model, dir).await;
+    let mut c = d.client().await;
+    let info = c
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(Path::new(&info.path), model);
+    let new = collect(c.generate(request).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    assert_eq!(new.ids.len(), alone.ids.len());
+    assert_ne!(new.ids, alone.ids, "the seed-2 weights answer differently");
 }

@@ -5,25 +5,17 @@
 //! `systemd-socket-activate`, the config file and flags, and the per-user
 //! limit. Every wait has a deadline, so a hang fails.
 
-use lfm_proto::client::{Target, connect};
 use lfm_proto::v1 as pb;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-const LFMD: &str = env!("CARGO_BIN_EXE_lfmd");
-
-fn synth_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny-moe-q8_0.gguf");
-    let preset = lfmd::synth::find_preset("tiny-moe").unwrap();
-    let ty = lfmd::synth::SynthQuant::parse("q8_0").unwrap();
-    lfmd::synth::write_model(preset, ty, 1, &path).unwrap();
-    path
-}
+mod common;
+use common::{LFMD, Lfmd, synth_model};
 
 /// The service manager's end of `NOTIFY_SOCKET`: every datagram, in order.
 struct Notify {
@@ -87,88 +79,6 @@ impl Notify {
     }
 }
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("lfmd.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn wait(&mut self) -> Option<i32> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "lfmd did not exit: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    async fn client(&self) -> pb::lfm_client::LfmClient<tonic::transport::Channel> {
-        connect(&Target::Unix(self.socket.clone())).await.unwrap()
-    }
-
-    /// Waits until the daemon answers on its socket.
-    async fn answering(&self) {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut c) = connect(&Target::Unix(self.socket.clone())).await
-                && c.get_status(pb::GetStatusRequest {}).await.is_ok()
-            {
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "lfmd did not come up: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `cmd` with stderr to `dir/lfmd.log`.
-fn spawn(mut cmd: Command, dir: &Path, socket: PathBuf) -> Daemon {
-    let log = std::fs::File::create(dir.join("lfmd.log")).unwrap();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Daemon {
-        child,
-        dir: dir.into(),
-        socket,
-    }
-}
-
 fn long_stream() -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: "Once upon a time".into(),
@@ -213,7 +123,7 @@ async fn notify_watchdog_reload_and_stop() {
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "200000")
         .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
-    let mut d = spawn(cmd, dir, socket.clone());
+    let mut d = Lfmd::spawn(cmd, dir, socket.clone());
 
     // READY=1 (with a STATUS=) once the socket accepts connections.
     let ready = notify.wait("READY=1", |l| l == "READY=1");
@@ -316,7 +226,7 @@ async fn the_watchdog_is_for_the_pid_systemd_names_only() {
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "200000")
         .env("WATCHDOG_PID", "1");
-    let mut d = spawn(cmd, dir, socket);
+    let mut d = Lfmd::spawn(cmd, dir, socket);
     notify.wait("READY=1", |l| l == "READY=1");
     let got = notify.during(Duration::from_millis(400));
     assert!(
@@ -354,7 +264,7 @@ async fn flags_override_the_file_and_the_per_user_limit_answers_resource_exhaust
         .arg(format!("unix:{}", socket.display()))
         .args(["--max-per-user", "1"])
         .env_remove("NOTIFY_SOCKET");
-    let d = spawn(cmd, dir, socket);
+    let d = Lfmd::spawn(cmd, dir, socket);
     d.answering().await;
     let mut c = d.client().await;
     let mut running = c.generate(long_stream()).await.unwrap().into_inner();
@@ -472,7 +382,7 @@ async fn socket_activation_serves_on_the_socket_systemd_passes() {
         .arg("--model")
         .arg(&model)
         .args(["--threads", "1", "--config", "/dev/null"]);
-    let mut d = spawn(cmd, dir, socket.clone());
+    let mut d = Lfmd::spawn(cmd, dir, socket.clone());
     d.answering().await;
     let mut c = d.client().await;
     let a = c

@@ -98,38 +98,36 @@ each!(ref_q5k, |w, x, n| scalar::vec_dot(WeightType::Q5K, w, x, n));
 each!(ref_q6k, |w, x, n| scalar::vec_dot(WeightType::Q6K, w, x, n));
 
 #[cfg(target_arch = "x86_64")]
-fn q4_0_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: handed out by `dot_fn` only when AVX2/FMA/F16C are present;
-    // the matmul driver passes 1..=2 weight rows and 1..=4 activation rows
-    // of the same block count.
-    unsafe { crate::x86::avx2::dot_q4_0_q8_0(ws, xs, out) }
+fn q4_0_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    panel_rows(PanelFormat::Avx2(Format::Q4_0), ws, xs, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], _n: usize, out: &mut [f32]) {
-    // SAFETY: as above.
-    unsafe { crate::x86::avx2::dot_q8_0_q8_0(ws, xs, out) }
+fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    panel_rows(PanelFormat::Avx2(Format::Q8_0), ws, xs, n, out)
 }
 
 /// A panel kernel's results for up to two arbitrary rows, through the
 /// same code as whole panels (bit-identical to them).
 #[cfg(target_arch = "x86_64")]
-fn panel_rows(format: Format, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    let format = match kind {
+        PanelFormat::Legacy(f) | PanelFormat::Avx2(f) => f,
+        PanelFormat::K(_) => unreachable!("k-quant panels go through kpanel_rows"),
+    };
     let sums = ActSums::new(format, xs, n / 32);
     let mut tmp = vec![0.0f32; xs.len() * PANEL];
     for (ri, w) in ws.iter().enumerate() {
-        // SAFETY: handed out by `dot_fn` only when `panel_available()`.
-        unsafe {
-            crate::x86::avx512::panel(
-                format,
-                w,
-                w.len(),
-                1,
-                xs,
-                &sums,
-                Out::new(&mut tmp, PANEL, 1),
-            )
-        };
+        let dst = Out::new(&mut tmp, PANEL, 1);
+        match kind {
+            // SAFETY: handed out by `dot_fn` only when `panel_available()`.
+            PanelFormat::Legacy(_) => unsafe {
+                crate::x86::avx512::panel(format, w, w.len(), 1, xs, &sums, dst)
+            },
+            // SAFETY: handed out by `dot_fn` only when `avx2_panel_format`
+            // found AVX2/FMA/F16C.
+            _ => unsafe { crate::x86::avx2::panel(format, w, w.len(), 1, xs, &sums, dst) },
+        }
         for t in 0..xs.len() {
             out[ri * xs.len() + t] = tmp[t * PANEL];
         }
@@ -157,12 +155,12 @@ fn bf16_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn q4_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    panel_rows(Format::Q4_0, ws, xs, n, out)
+    panel_rows(PanelFormat::Legacy(Format::Q4_0), ws, xs, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 fn q8_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    panel_rows(Format::Q8_0, ws, xs, n, out)
+    panel_rows(PanelFormat::Legacy(Format::Q8_0), ws, xs, n, out)
 }
 
 /// AVX-512 VNNI (and VL) on this CPU: the `_vnni` row kernels need both.
@@ -181,6 +179,20 @@ fn panel_available(isa: Isa) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn panel_format(isa: Isa, ty: WeightType) -> Option<Format> {
     if !panel_available(isa) {
+        return None;
+    }
+    match ty {
+        WeightType::Q4_0 => Some(Format::Q4_0),
+        WeightType::Q8_0 => Some(Format::Q8_0),
+        _ => None,
+    }
+}
+
+/// The legacy format for `ty` if it runs as AVX2 8-row groups on `isa`:
+/// AVX2, or AVX-512 without the VNNI its own panels need.
+#[cfg(target_arch = "x86_64")]
+fn avx2_panel_format(isa: Isa, ty: WeightType) -> Option<Format> {
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512) || !isa.available() || panel_available(isa) {
         return None;
     }
     match ty {
@@ -256,6 +268,12 @@ pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
     if let Some(f) = kpanel_format(isa, ty) {
         return Kernel::Panel(PanelKernel {
             format: PanelFormat::K(f),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = avx2_panel_format(isa, ty) {
+        return Kernel::Panel(PanelKernel {
+            format: PanelFormat::Avx2(f),
         });
     }
     Kernel::Rows(dot_fn(isa, ty))
@@ -552,6 +570,81 @@ mod tests {
                     dot_fn(Isa::Scalar, ty)(&wr, &xs[..t], n, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{ty:?} {r}x{t}");
+                }
+            }
+        }
+    }
+
+    /// Q4_0 and Q8_0 products through the kernel the engine uses (panels,
+    /// AVX2 groups or row dots) give the scalar reference's bits on every
+    /// ISA, whatever the threads, the token count (direct and packed paths,
+    /// every tile remainder) or the rows (partial groups), and so do the
+    /// row-dot entries in every tile shape.
+    #[test]
+    fn legacy_products_give_the_scalar_bits_on_every_isa() {
+        let mut seed = 5u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let (rows, cols) = (37, 96);
+        for ty in [WeightType::Q4_0, WeightType::Q8_0] {
+            let row = ty.row_bytes(cols);
+            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+            let mut wq = vec![0u8; rows * row];
+            for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
+                scalar::quantize_row(ty, x, q);
+            }
+            let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
+            let mut xq = Vec::new();
+            let act_row = quantize_activations(ty, &x, cols, &mut xq);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                for threads in [1, 2, 3] {
+                    let pool = crate::pool::ThreadPool::new(threads);
+                    for n in [1, 2, 3, 4, 5, 6, 7, 9] {
+                        let mut y = vec![f32::NAN; n * rows];
+                        crate::matmul::matmul(
+                            &pool,
+                            kernel(isa, ty),
+                            &wq,
+                            rows,
+                            cols,
+                            row,
+                            &xq,
+                            act_row,
+                            n,
+                            &mut y,
+                        );
+                        let mut want = vec![0.0f32; n * rows];
+                        for t in 0..n {
+                            for r in 0..rows {
+                                want[t * rows + r] = scalar::vec_dot(
+                                    ty,
+                                    &wq[r * row..(r + 1) * row],
+                                    &xq[t * act_row..(t + 1) * act_row],
+                                    cols,
+                                );
+                            }
+                        }
+                        assert_eq!(
+                            bits(&y),
+                            bits(&want),
+                            "{ty:?} on {isa}, {threads} threads, {n} tokens"
+                        );
+                    }
+                }
+                let ws = [&wq[..row], &wq[row..2 * row]];
+                let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
+                for r in 1..=2 {
+                    for t in 1..=4 {
+                        let (mut got, mut want) = (vec![0.0f32; r * t], vec![0.0f32; r * t]);
+                        dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
+                        dot_fn(Isa::Scalar, ty)(&ws[..r], &xs[..t], cols, &mut want);
+                        assert_eq!(bits(&got), bits(&want), "{ty:?} on {isa}: {r}x{t}");
+                    }
                 }
             }
         }

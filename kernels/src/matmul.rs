@@ -120,7 +120,8 @@ mod tests {
 pub enum Kernel {
     /// Row dots, 1-2 weight rows x 1-4 activation rows per call.
     Rows(DotFn),
-    /// Panels of 16 weight rows x every token (AVX-512 VNNI).
+    /// Panels of 16 weight rows x every token (AVX-512 VNNI, or AVX2 in
+    /// two groups of 8).
     Panel(PanelKernel),
 }
 
@@ -139,6 +140,8 @@ pub struct PanelKernel {
 #[derive(Clone, Copy)]
 pub(crate) enum PanelFormat {
     Legacy(crate::x86::avx512::Format),
+    /// 8-row groups on AVX2 (`x86/avx2.rs`), the same bits as `Legacy`.
+    Avx2(crate::x86::avx512::Format),
     K(crate::x86::avx512k::KFormat),
 }
 
@@ -176,7 +179,7 @@ fn side(job: &MatJob<'_>) -> Side {
     match job.kernel {
         Kernel::Rows(_) => Side::None,
         Kernel::Panel(PanelKernel {
-            format: PanelFormat::Legacy(f),
+            format: PanelFormat::Legacy(f) | PanelFormat::Avx2(f),
         }) => Side::Sums(crate::x86::avx512::ActSums::new(
             f,
             &job.acts,
@@ -255,8 +258,8 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                         )
                     };
                     match (p.format, &sides[k]) {
-                        // SAFETY: a PanelKernel exists only after dispatch
-                        // found AVX-512 F/BW/VL/VNNI on this CPU.
+                        // SAFETY: a Legacy or K PanelKernel exists only after
+                        // dispatch found AVX-512 F/BW/VL/VNNI on this CPU.
                         (PanelFormat::Legacy(f), Side::Sums(sums)) => unsafe {
                             crate::x86::avx512::panel(
                                 f,
@@ -280,7 +283,12 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                                 out,
                             )
                         },
-                        (PanelFormat::Legacy(_), Side::None) => {
+                        // SAFETY: an AVX2 PanelKernel exists only after
+                        // dispatch found AVX2/FMA/F16C on this CPU.
+                        (PanelFormat::Avx2(f), Side::Sums(sums)) => unsafe {
+                            crate::x86::avx2::panel(f, w, job.row_bytes, rows, &job.acts, sums, out)
+                        },
+                        (PanelFormat::Legacy(_) | PanelFormat::Avx2(_), Side::None) => {
                             unreachable!("legacy panel jobs get activation sums")
                         }
                     }

@@ -1,311 +1,527 @@
-//! AVX2 + FMA + F16C dot products of quantized weight rows with Q8_0
-//! activation rows (block layouts as in ggml; rows are byte slices straight
-//! from the mapping, so every load is unaligned).
+//! AVX2 products of Q4_0 / Q8_0 weight rows with Q8_0 activations, in
+//! groups of [`GROUP`] weight rows: one ymm lane per weight row, so every
+//! block's integer dot ends in its own lane with no horizontal sum, and one
+//! broadcast activation dword feeds 8 rows' `vpmaddubsw`.
+//!
+//! The weights stay where they are (the model mapping): a group's blocks are
+//! transposed into the lane layout as they are used (decode: few tokens,
+//! each block serves every token of the call) or unpacked once per group
+//! into a small thread-local buffer that every token tile then reads from
+//! L1/L2 (prefill). No copy of a matrix outlives the call.
+//!
+//! Numerics: each block's integer dot is exact, and the float steps are the
+//! scalar reference's, in its order (`(sum * d_w) * d_x` for Q4_0,
+//! `sum * (d_w * d_x)` for Q8_0, then `acc += block` from block 0 up), so
+//! every output is bit-identical to `scalar::vec_dot` (and to the AVX-512
+//! panels) whatever the batch, group position or path.
+//!
+//! `vpmaddubsw` multiplies unsigned by signed bytes into saturating i16 pair
+//! sums, so weights enter as 4-bit unsigned values: a pair is at most
+//! 2 * 15 * 128 = 3840 in magnitude and a block's 8 pairs per lane add up
+//! exactly in i16 (<= 30720) before one `vpmaddwd` widens them. Q4_0 nibbles
+//! are `q + 8`; a Q8_0 byte enters as `q + 128 = 16 * hi + lo`, two nibble
+//! dots. `offset * sum(x)` per activation block ([`ActSums`]) is subtracted
+//! after.
 
+use super::avx512::{ActSums, Format, Out, check_panel};
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
-const Q4_0_BYTES: usize = 18;
-/// How far ahead of the current block weight rows are prefetched.
-const PREFETCH_AHEAD: usize = 4096;
+/// Weight rows per group: one per 32-bit lane of a ymm register.
+pub const GROUP: usize = 8;
+/// Tokens per register tile of the packed path.
+const TILE: usize = 4;
+/// Token counts up to this are computed from blocks transposed on the fly;
+/// more tokens pay for unpacking the group once.
+const DIRECT_MAX: usize = 4;
 const Q8_0_BYTES: usize = 34;
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn f16_at(p: &[u8]) -> f32 {
-    let bits = u16::from_le_bytes([p[0], p[1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+/// One block of a group in the lane layout: register `k` holds 4 unsigned
+/// 4-bit weights per row (lane), the ones that meet activation dword `k`;
+/// `hi` is only used by Q8_0 (the high nibbles of `q + 128`).
+#[derive(Clone, Copy)]
+struct Block {
+    lo: [__m256i; 8],
+    hi: [__m256i; 8],
+    d: __m256,
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps::<1>(v);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
+/// Registers a packed block takes in the thread-local buffer.
+const fn packed_regs(q8: bool) -> usize {
+    if q8 { 17 } else { 9 }
 }
 
-/// Integer products of one weight block's 32 signed values with one
-/// activation block, as 8 i32 lane sums (lane k covers bytes 4k..4k+4).
-/// `wabs` is |w|; `w` supplies the signs. maddubs cannot saturate here
-/// (|w| <= 128, |x| <= 127, two products per i16).
+/// A 4x4 transpose of dwords in each 128-bit lane: lane `r` of output `k`
+/// is dword `k` of input `r % 4`'s lane `r / 4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn lanes_i8(wabs: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    let sx = _mm256_sign_epi8(x, w);
-    _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, sx), _mm256_set1_epi16(1))
+fn transpose4(v: [__m256i; 4]) -> [__m256i; 4] {
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t2 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    [
+        _mm256_unpacklo_epi64(t0, t1),
+        _mm256_unpackhi_epi64(t0, t1),
+        _mm256_unpacklo_epi64(t2, t3),
+        _mm256_unpackhi_epi64(t2, t3),
+    ]
 }
 
-/// The 32 weights of a Q4_0 block as signed bytes (values -8..=7):
-/// elements 0..16 are the low nibbles, 16..32 the high ones.
+/// 16 bytes at `p + at` of rows `a` (low lane) and `a + 4` (high lane).
+///
+/// # Safety
+/// Both 16-byte ranges must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn unpack_q4_0(wb: &[u8]) -> __m256i {
-    // SAFETY: callers pass whole blocks: wb[2..18] is 16 readable bytes.
-    let qs = unsafe { _mm_loadu_si128(wb.as_ptr().add(2).cast()) };
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs);
-    _mm256_sub_epi8(
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0f)),
-        _mm256_set1_epi8(8),
+unsafe fn load_pair(rows: &[*const u8; GROUP], a: usize, at: usize) -> __m256i {
+    // SAFETY: by the caller; the loads are unaligned.
+    unsafe {
+        _mm256_set_m128i(
+            _mm_loadu_si128(rows[a + 4].add(at).cast()),
+            _mm_loadu_si128(rows[a].add(at).cast()),
+        )
+    }
+}
+
+/// Block `i` of the group's rows in the lane layout.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be present and block `i` of every row readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize) -> Block {
+    let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
+    let at = i * bytes;
+    let m = _mm256_set1_epi8(0x0f);
+    let mut b = Block {
+        lo: [_mm256_setzero_si256(); 8],
+        hi: [_mm256_setzero_si256(); 8],
+        d: _mm256_setzero_ps(),
+    };
+    // SAFETY (all loads): block i of every row is readable (the caller);
+    // the reads are its 2-byte scale and its quant bytes.
+    let h = |r: usize| unsafe { rows[r].add(at).cast::<i16>().read_unaligned() };
+    b.d = _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ));
+    if Q8 {
+        // Dwords 0..4 then 4..8 of the 32 quant bytes.
+        let flip = _mm256_set1_epi8(i8::MIN);
+        for half in 0..2 {
+            let at = at + 2 + 16 * half;
+            // SAFETY: see above.
+            let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at)) };
+            for (k, p) in transpose4(v).into_iter().enumerate() {
+                let u = _mm256_xor_si256(p, flip);
+                b.lo[4 * half + k] = _mm256_and_si256(u, m);
+                b.hi[4 * half + k] = _mm256_and_si256(_mm256_srli_epi16::<4>(u), m);
+            }
+        }
+    } else {
+        // SAFETY: see above.
+        let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at + 2)) };
+        for (k, p) in transpose4(v).into_iter().enumerate() {
+            // Packed byte j holds elements j (low) and j + 16 (high).
+            b.lo[k] = _mm256_and_si256(p, m);
+            b.lo[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(p), m);
+        }
+    }
+    b
+}
+
+/// Adds block `i` of `N` tokens (Q8_0 rows `x`, with their scales `d` and
+/// offset sums `s` for this block) to their accumulators.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be present and every `x[t]` hold block `i`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate<const Q8: bool, const N: usize>(
+    lo: &[__m256i; 8],
+    hi: &[__m256i; 8],
+    dw: __m256,
+    x: &[*const u8; N],
+    i: usize,
+    d: [f32; N],
+    s: [i32; N],
+    acc: &mut [__m256; N],
+) {
+    let mut a_lo = [_mm256_setzero_si256(); N];
+    let mut a_hi = [_mm256_setzero_si256(); N];
+    for k in 0..8 {
+        for t in 0..N {
+            // SAFETY: the caller guarantees block i of x[t]; this reads 4 of
+            // its quant bytes (unaligned).
+            let xk = unsafe {
+                x[t].add(i * Q8_0_BYTES + 2 + 4 * k)
+                    .cast::<i32>()
+                    .read_unaligned()
+            };
+            let xk = _mm256_set1_epi32(xk);
+            // Exact: see the module comment for the i16 bound.
+            a_lo[t] = _mm256_add_epi16(a_lo[t], _mm256_maddubs_epi16(lo[k], xk));
+            if Q8 {
+                a_hi[t] = _mm256_add_epi16(a_hi[t], _mm256_maddubs_epi16(hi[k], xk));
+            }
+        }
+    }
+    for t in 0..N {
+        let mut sum = _mm256_madd_epi16(a_lo[t], _mm256_set1_epi16(1));
+        if Q8 {
+            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(a_hi[t], _mm256_set1_epi16(16)));
+        }
+        let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(s[t])));
+        let block = if Q8 {
+            // scalar: sum as f32 * (d_w * d_x)
+            _mm256_mul_ps(f, _mm256_mul_ps(dw, _mm256_set1_ps(d[t])))
+        } else {
+            // scalar: sum as f32 * d_w * d_x
+            _mm256_mul_ps(_mm256_mul_ps(f, dw), _mm256_set1_ps(d[t]))
+        };
+        acc[t] = _mm256_add_ps(acc[t], block);
+    }
+}
+
+/// The activation scales and sums of tokens `t0..t0 + N` for
+/// block `i`.
+#[inline]
+fn token_args<const N: usize>(sums: &ActSums, t0: usize, i: usize) -> ([f32; N], [i32; N]) {
+    let nb = sums.nb;
+    (
+        std::array::from_fn(|t| sums.d[(t0 + t) * nb + i]),
+        std::array::from_fn(|t| sums.s[(t0 + t) * nb + i]),
     )
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load_q8(xb: &[u8]) -> __m256i {
-    // SAFETY: callers pass whole Q8_0 blocks: xb[2..34] is 32 readable bytes.
-    unsafe { _mm256_loadu_si256(xb.as_ptr().add(2).cast()) }
+/// Row pointers of a group of `rows` (1..=8) rows from `w`, `row_bytes`
+/// apart; lanes past `rows` repeat the last row (valid addresses; their
+/// results are never stored).
+fn group_rows(w: &[u8], row_bytes: usize, rows: usize) -> [*const u8; GROUP] {
+    std::array::from_fn(|r| w.as_ptr().wrapping_add(r.min(rows - 1) * row_bytes))
 }
 
-/// Generates the row-dot body for one instruction-set flavour.
-macro_rules! rows_q8_fn {
-    ($name:ident, $features:literal, $lanes:ident) => {
-        /// Dots of `R` weight rows (Q4_0 or Q8_0, `W_BYTES` per block) with
-        /// `N` Q8_0 activation rows; `out[r * N + t]`. Each (row, token) pair
-        /// has one accumulator and takes the blocks in order, so its result
-        /// is bit-identical whatever R and N are: batching never changes a
-        /// sequence's numbers. Two rows share every activation load.
-        #[inline]
-        #[target_feature(enable = $features)]
-        fn $name<const W_BYTES: usize, const R: usize, const N: usize>(
-            ws: &[&[u8]],
-            xs: &[&[u8]],
-            out: &mut [f32],
-        ) {
-            let nb = ws[0].len() / W_BYTES;
-            for w in ws {
-                assert!(w.len() / W_BYTES == nb, "weight rows differ in length");
+/// Tokens `t0..t0 + N` against blocks transposed on the fly from the group
+/// at `w`; results to rows `r0..` of `out`.
+///
+/// # Safety
+/// As [`panel`] checked: features present, rows and activations long enough.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn direct<const Q8: bool, const N: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    t0: usize,
+    r0: usize,
+    out: Out,
+) {
+    let nb = sums.nb;
+    let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
+    let rp = group_rows(w, row_bytes, rows);
+    let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    // Blocks per 64-byte line, roughly: prefetch each row once per line.
+    let every = 64 / bytes;
+    for i in 0..nb {
+        if i % every == 0 {
+            for r in 0..GROUP {
+                // The group below (usually this thread's next); a hint: an
+                // address past the slice is harmless.
+                let p = w.as_ptr().wrapping_add((r + GROUP) * row_bytes + i * bytes);
+                _mm_prefetch::<_MM_HINT_T1>(p.cast());
             }
-            for x in xs {
-                assert!(
-                    x.len() >= nb * Q8_0_BYTES,
-                    "activation row shorter than the weight row"
-                );
+        }
+        // SAFETY: every row has nb blocks (checked by `panel`).
+        let b = unsafe { load_block::<Q8>(&rp, i) };
+        let (d, s) = token_args::<N>(sums, t0, i);
+        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
+        unsafe { accumulate::<Q8, N>(&b.lo, &b.hi, b.d, &x, i, d, s, &mut acc) };
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
+        unsafe { out.store8(t0 + k, r0, *a) };
+    }
+}
+
+/// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`.
+///
+/// # Safety
+/// As [`panel`] checked; `packed` holds `nb` packed blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn from_packed<const Q8: bool, const N: usize>(
+    packed: &[__m256i],
+    xs: &[&[u8]],
+    sums: &ActSums,
+    t0: usize,
+    r0: usize,
+    out: Out,
+) {
+    let nb = sums.nb;
+    let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, p) in packed.chunks_exact(packed_regs(Q8)).take(nb).enumerate() {
+        let lo: &[__m256i; 8] = p[..8].try_into().expect("a packed block");
+        let hi: &[__m256i; 8] = if Q8 {
+            p[8..16].try_into().expect("a packed block")
+        } else {
+            lo
+        };
+        let dw = _mm256_castsi256_ps(p[packed_regs(Q8) - 1]);
+        let (d, s) = token_args::<N>(sums, t0, i);
+        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
+        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, d, s, &mut acc) };
+    }
+    for (k, a) in acc.iter().enumerate() {
+        // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
+        unsafe { out.store8(t0 + k, r0, *a) };
+    }
+}
+
+thread_local! {
+    /// The packed group of the calling thread, reused across calls.
+    static PACKED: RefCell<Vec<__m256i>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Dispatches a tile of `len` (1..=4) tokens to the const-generic kernel.
+macro_rules! by_len {
+    ($len:expr, $f:ident::<$q8:ident>, ($($arg:expr),*)) => {
+        match $len {
+            1 => $f::<$q8, 1>($($arg),*),
+            2 => $f::<$q8, 2>($($arg),*),
+            3 => $f::<$q8, 3>($($arg),*),
+            _ => $f::<$q8, 4>($($arg),*),
+        }
+    };
+}
+
+/// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
+/// first, `row_bytes` apart, `sums.nb` blocks each) with every activation
+/// row, written to `out` (token `t`, row `r` at `t * ld + r`): the same
+/// contract and the same bits as [`super::avx512::panel`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+///
+/// # Panics
+/// If `w`, an activation row or `out` is too short, or `rows` is not in
+/// 1..=16.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn panel(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    out: Out,
+) {
+    let (n, nb) = (xs.len(), sums.nb);
+    check_panel(w, row_bytes, rows, nb * format.block_bytes(), n, out);
+    assert_eq!(
+        sums.d.len(),
+        n * nb,
+        "activation sums do not match the rows"
+    );
+    // SAFETY: features by the caller; lengths asserted above.
+    unsafe {
+        match format {
+            Format::Q4_0 => panel_of::<false>(w, row_bytes, rows, xs, sums, out),
+            Format::Q8_0 => panel_of::<true>(w, row_bytes, rows, xs, sums, out),
+        }
+    }
+}
+
+/// [`panel`] for one format, group by group.
+///
+/// # Safety
+/// As [`panel`] checked.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_of<const Q8: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[u8]],
+    sums: &ActSums,
+    out: Out,
+) {
+    let (n, nb) = (xs.len(), sums.nb);
+    let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
+    for r0 in (0..rows).step_by(GROUP) {
+        let g = &w[r0 * row_bytes..];
+        let g_rows = (rows - r0).min(GROUP);
+        if n <= DIRECT_MAX {
+            // SAFETY: as [`panel`] checked.
+            unsafe {
+                by_len!(
+                    n,
+                    direct::<Q8>,
+                    (g, row_bytes, g_rows, xs, sums, 0, r0, out)
+                )
+            };
+            continue;
+        }
+        PACKED.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let len = packed_regs(Q8) * nb;
+            if buf.len() < len {
+                buf.resize(len, _mm256_setzero_si256());
             }
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            for i in 0..nb {
-                let mut q = [_mm256_setzero_si256(); R];
-                let mut qabs = [_mm256_setzero_si256(); R];
-                let mut dw = [0.0f32; R];
-                for r in 0..R {
-                    let wb = &ws[r][i * W_BYTES..(i + 1) * W_BYTES];
-                    // Weights stream from memory; rows lie back to back, so
-                    // fetching a little past this row's end is the next
-                    // row's start. Prefetch is a hint: an address past the
-                    // mapping is harmless.
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        ws[r]
-                            .as_ptr()
-                            .wrapping_add(i * W_BYTES + PREFETCH_AHEAD)
-                            .cast(),
-                    );
-                    q[r] = if W_BYTES == Q4_0_BYTES {
-                        unpack_q4_0(wb)
-                    } else {
-                        load_q8(wb)
-                    };
-                    qabs[r] = _mm256_sign_epi8(q[r], q[r]);
-                    dw[r] = f16_at(wb);
-                }
-                for t in 0..N {
-                    let xb = &xs[t][i * Q8_0_BYTES..(i + 1) * Q8_0_BYTES];
-                    let (y, dx) = (load_q8(xb), f16_at(xb));
-                    for r in 0..R {
-                        let s = $lanes(qabs[r], q[r], y);
-                        acc[r][t] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(s),
-                            _mm256_set1_ps(dw[r] * dx),
-                            acc[r][t],
-                        );
+            let packed = &mut buf[..len];
+            let rp = group_rows(g, row_bytes, g_rows);
+            for (i, p) in packed.chunks_exact_mut(packed_regs(Q8)).enumerate() {
+                if i % (64 / bytes) == 0 {
+                    for r in rp {
+                        // Four blocks ahead in each row (a hint).
+                        _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add((i + 4) * bytes).cast());
                     }
                 }
-            }
-            for r in 0..R {
-                for t in 0..N {
-                    out[r * N + t] = hsum(acc[r][t]);
+                // SAFETY: as [`panel`] checked.
+                let b = unsafe { load_block::<Q8>(&rp, i) };
+                p[..8].copy_from_slice(&b.lo);
+                if Q8 {
+                    p[8..16].copy_from_slice(&b.hi);
                 }
+                p[packed_regs(Q8) - 1] = _mm256_castps_si256(b.d);
             }
-        }
-    };
+            // The group below (usually this thread's next) goes to L2 a
+            // share per token tile while this one is used.
+            let next = g.as_ptr().wrapping_add(GROUP * row_bytes);
+            let tiles = n.div_ceil(TILE);
+            let per_tile = (GROUP * row_bytes).div_ceil(tiles).div_ceil(64) * 64;
+            let mut t0 = 0;
+            while t0 < n {
+                let len = (n - t0).min(TILE);
+                let k = t0 / TILE;
+                let end = ((k + 1) * per_tile).min(GROUP * row_bytes);
+                for off in (k * per_tile..end).step_by(64) {
+                    // A hint: an address past the mapping is harmless.
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
+                }
+                // SAFETY: as [`panel`] checked; packed holds nb blocks.
+                unsafe { by_len!(len, from_packed::<Q8>, (packed, xs, sums, t0, r0, out)) };
+                t0 += len;
+            }
+        });
+    }
 }
 
-rows_q8_fn!(rows_q8, "avx2,fma,f16c", lanes_i8);
-
-/// Generates the public entry point (1-2 weight rows, 1-4 activation rows).
-macro_rules! dot_entry {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $rows:ident, $wbytes:expr) => {
-        $(#[$doc])*
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name(ws: &[&[u8]], xs: &[&[u8]], out: &mut [f32]) {
-            match (ws.len(), xs.len()) {
-                (1, 1) => $rows::<{ $wbytes }, 1, 1>(ws, xs, out),
-                (1, 2) => $rows::<{ $wbytes }, 1, 2>(ws, xs, out),
-                (1, 3) => $rows::<{ $wbytes }, 1, 3>(ws, xs, out),
-                (1, 4) => $rows::<{ $wbytes }, 1, 4>(ws, xs, out),
-                (2, 1) => $rows::<{ $wbytes }, 2, 1>(ws, xs, out),
-                (2, 2) => $rows::<{ $wbytes }, 2, 2>(ws, xs, out),
-                (2, 3) => $rows::<{ $wbytes }, 2, 3>(ws, xs, out),
-                (2, 4) => $rows::<{ $wbytes }, 2, 4>(ws, xs, out),
-                (r, n) => panic!("{} takes 1-2 weight rows and 1-4 activation rows, got {r} and {n}", stringify!($name)),
-            }
-        }
-    };
-}
-
-dot_entry!(
-    /// Dots of one or two Q4_0 weight rows with one to four Q8_0 activation
-    /// rows; `out[r * xs.len() + t]`.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C. All weight rows must have the
-    /// same block count and every activation row at least as many blocks;
-    /// `out.len() >= ws.len() * xs.len()`.
-    dot_q4_0_q8_0, "avx2,fma,f16c", rows_q8, Q4_0_BYTES
-);
-dot_entry!(
-    /// Dots of Q8_0 weight rows with Q8_0 activation rows, as [`dot_q4_0_q8_0`].
-    ///
-    /// # Safety
-    /// As for [`dot_q4_0_q8_0`].
-    dot_q8_0_q8_0, "avx2,fma,f16c", rows_q8, Q8_0_BYTES
-);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scalar;
+    use crate::types::WeightType;
 
-    #[test]
-    fn two_weight_rows_give_the_same_bits_as_one() {
-        if !crate::isa::Isa::Avx2.available() {
-            return;
-        }
-        let wa = blocks(21, 9, Q4_0_BYTES, false);
-        let wb = blocks(22, 9, Q4_0_BYTES, true);
-        let xs: Vec<Vec<u8>> = (0..4)
-            .map(|t| blocks(30 + t, 9, Q8_0_BYTES, false))
-            .collect();
-        for n in 1..=4 {
-            let refs: Vec<&[u8]> = xs[..n].iter().map(Vec::as_slice).collect();
-            let mut both = vec![0.0f32; 2 * n];
-            let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
-            // SAFETY: AVX2 was detected above.
-            unsafe {
-                dot_q4_0_q8_0(&[&wa, &wb], &refs, &mut both);
-                dot_q4_0_q8_0(&[&wa], &refs, &mut a);
-                dot_q4_0_q8_0(&[&wb], &refs, &mut b);
-            }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&both[..n]), bits(&a));
-            assert_eq!(bits(&both[n..]), bits(&b));
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u8 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u8
         }
     }
 
-    #[test]
-    fn several_tokens_give_bit_identical_results_to_one() {
-        if !crate::isa::Isa::Avx2.available() {
-            return;
-        }
-        let w4 = blocks(3, 9, Q4_0_BYTES, false);
-        let w8 = blocks(4, 9, Q8_0_BYTES, false);
-        let xs: Vec<Vec<u8>> = (0..4)
-            .map(|t| blocks(10 + t, 9, Q8_0_BYTES, false))
-            .collect();
-        for n in 1..=4 {
-            let refs: Vec<&[u8]> = xs[..n].iter().map(Vec::as_slice).collect();
-            let (mut many4, mut many8) = (vec![0.0; n], vec![0.0; n]);
-            // SAFETY: AVX2 was detected above.
-            unsafe {
-                dot_q4_0_q8_0(&[&w4], &refs, &mut many4);
-                dot_q8_0_q8_0(&[&w8], &refs, &mut many8);
-            }
-            for t in 0..n {
-                let (mut one4, mut one8) = ([0.0], [0.0]);
-                // SAFETY: as above.
-                unsafe {
-                    dot_q4_0_q8_0(&[&w4], &[refs[t]], &mut one4);
-                    dot_q8_0_q8_0(&[&w8], &[refs[t]], &mut one8);
-                }
-                assert_eq!(many4[t].to_bits(), one4[0].to_bits());
-                assert_eq!(many8[t].to_bits(), one8[0].to_bits());
-            }
-        }
-    }
-
-    fn scalar_q4(w: &[u8], x: &[u8]) -> f32 {
-        let mut s = 0.0;
-        for (wb, xb) in w.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(Q8_0_BYTES)) {
-            let d = half::f16::from_le_bytes([wb[0], wb[1]]).to_f32()
-                * half::f16::from_le_bytes([xb[0], xb[1]]).to_f32();
-            let mut sumi = 0i32;
-            for j in 0..16 {
-                sumi += (i32::from(wb[2 + j] & 15) - 8) * i32::from(xb[2 + j] as i8);
-                sumi += (i32::from(wb[2 + j] >> 4) - 8) * i32::from(xb[18 + j] as i8);
-            }
-            s += sumi as f32 * d;
-        }
-        s
-    }
-
-    fn scalar_q8(w: &[u8], x: &[u8]) -> f32 {
-        let mut s = 0.0;
-        for (wb, xb) in w.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(Q8_0_BYTES)) {
-            let d = half::f16::from_le_bytes([wb[0], wb[1]]).to_f32()
-                * half::f16::from_le_bytes([xb[0], xb[1]]).to_f32();
-            let sumi: i32 = (0..32)
-                .map(|j| i32::from(wb[2 + j] as i8) * i32::from(xb[2 + j] as i8))
-                .sum();
-            s += sumi as f32 * d;
-        }
-        s
-    }
-
-    fn blocks(seed: u64, n: usize, size: usize, extreme: bool) -> Vec<u8> {
+    /// Random blocks, or extreme ones: largest, smallest and zero scales,
+    /// quant bytes from {-128 (weights only), -127, 127, 0, -1}.
+    fn blocks(rng: &mut Lcg, n: usize, size: usize, extreme: bool, act: bool) -> Vec<u8> {
         let mut v = Vec::with_capacity(n * size);
-        let mut s = seed;
         for _ in 0..n {
-            let d = half::f16::from_f32(0.01 + (s % 100) as f32 * 0.001);
+            let d = if extreme {
+                half::f16::from_f32([65504.0, -65504.0, 6.1e-5, 0.0][rng.next() as usize % 4])
+            } else {
+                half::f16::from_f32(0.001 + f32::from(rng.next()) * 1e-4)
+            };
             v.extend_from_slice(&d.to_le_bytes());
             for _ in 2..size {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let b = (s >> 33) as u8;
-                // -128 never occurs in Q8_0 activations; extremes use +-127 / 0x00 / 0xff.
-                v.push(if extreme {
-                    [0x81, 0x7f, 0x00, 0xff][(s >> 60) as usize % 4]
-                } else if b == 0x80 {
-                    0x81
+                let b = rng.next();
+                let b = if extreme {
+                    [0x80, 0x81, 0x7f, 0x00, 0xff][b as usize % 5]
                 } else {
                     b
-                });
+                };
+                // -128 never occurs in Q8_0 activations.
+                v.push(if act && b == 0x80 { 0x81 } else { b });
             }
         }
         v
     }
 
     #[test]
-    fn matches_scalar_on_random_and_extreme_blocks() {
+    fn groups_are_bit_identical_to_the_scalar_reference() {
         if !crate::isa::Isa::Avx2.available() {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
-        for n in [1, 2, 3, 7, 64, 65] {
-            for extreme in [false, true] {
-                let w4 = blocks(n as u64, n, Q4_0_BYTES, extreme);
-                let w8 = blocks(n as u64 + 7, n, Q8_0_BYTES, extreme);
-                let x = blocks(n as u64 + 99, n, Q8_0_BYTES, extreme);
-                // SAFETY: AVX2 was detected above.
-                let (mut a, mut b) = ([0.0f32], [0.0f32]);
-                unsafe {
-                    dot_q4_0_q8_0(&[&w4], &[&x], &mut a);
-                    dot_q8_0_q8_0(&[&w8], &[&x], &mut b);
+        let mut rng = Lcg(11);
+        for (format, ty) in [
+            (Format::Q4_0, WeightType::Q4_0),
+            (Format::Q8_0, WeightType::Q8_0),
+        ] {
+            // Every direct tile (1..=4 tokens), packed tiles with every
+            // remainder, partial and whole groups, one and two groups.
+            for &(rows, nb, n) in &[
+                (16, 1, 1),
+                (3, 7, 2),
+                (8, 2, 3),
+                (16, 65, 4),
+                (9, 3, 5),
+                (16, 8, 8),
+                (1, 4, 6),
+                (13, 5, 21),
+                (15, 2, 7),
+            ] {
+                for extreme in [false, true] {
+                    let bytes = format.block_bytes();
+                    // A row stride larger than the blocks, as a sub-matrix view has.
+                    let stride = nb * bytes + if rows % 2 == 1 { bytes } else { 0 };
+                    let w = blocks(&mut rng, rows * stride / bytes, bytes, extreme, false);
+                    let xs: Vec<Vec<u8>> = (0..n)
+                        .map(|_| blocks(&mut rng, nb, Q8_0_BYTES, extreme, true))
+                        .collect();
+                    let refs: Vec<&[u8]> = xs.iter().map(Vec::as_slice).collect();
+                    let sums = ActSums::new(format, &refs, nb);
+                    let ld = 17;
+                    let mut out = vec![f32::NAN; n * ld];
+                    // SAFETY: AVX2 detected above.
+                    unsafe {
+                        panel(
+                            format,
+                            &w,
+                            stride,
+                            rows,
+                            &refs,
+                            &sums,
+                            Out::new(&mut out, ld, rows),
+                        )
+                    };
+                    for t in 0..n {
+                        // Nothing past the panel's rows is written.
+                        assert!(out[t * ld + rows..(t + 1) * ld].iter().all(|v| v.is_nan()));
+                    }
+                    for r in 0..rows {
+                        let row = &w[r * stride..r * stride + nb * bytes];
+                        for t in 0..n {
+                            let want = scalar::vec_dot(ty, row, &xs[t], nb * 32);
+                            let got = out[t * ld + r];
+                            assert!(
+                                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                                "{format:?} rows={rows} nb={nb} n={n} extreme={extreme} r={r} t={t}: {got} vs {want}"
+                            );
+                        }
+                    }
                 }
-                let (a, b) = (a[0], b[0]);
-                let (ra, rb) = (scalar_q4(&w4, &x), scalar_q8(&w8, &x));
-                let tol = |r: f32| 1e-5 * r.abs().max(1.0) * n as f32;
-                assert!((a - ra).abs() <= tol(ra), "q4_0 n={n}: {a} vs {ra}");
-                assert!((b - rb).abs() <= tol(rb), "q8_0 n={n}: {b} vs {rb}");
             }
         }
     }

@@ -80,6 +80,29 @@ impl Out {
         // `new`'s contract.
         unsafe { _mm512_mask_storeu_ps(self.ptr.add(t * self.ld), mask, v) };
     }
+
+    /// Stores the lanes of `v` as token `t`'s results for rows `r0..r0 + 8`
+    /// (those below `rows`).
+    ///
+    /// # Safety
+    /// AVX2 must be present, `r0 < rows` and `fits(t + 1)` hold.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn store8(self, t: usize, r0: usize, v: __m256) {
+        debug_assert!(r0 < self.rows);
+        let p = self.ptr.wrapping_add(t * self.ld + r0);
+        let n = self.rows - r0;
+        if n >= 8 {
+            // SAFETY: rows r0..r0 + 8 are below `rows`, so in bounds by the
+            // caller's `fits`; exclusive by `raw`'s or `new`'s contract.
+            unsafe { _mm256_storeu_ps(p, v) };
+        } else {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+            // SAFETY: as above; only the lanes below `rows - r0` are written.
+            unsafe { _mm256_maskstore_ps(p, mask, v) };
+        }
+    }
 }
 
 /// The weight format of a panel product.
@@ -90,7 +113,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn block_bytes(self) -> usize {
+    pub(super) fn block_bytes(self) -> usize {
         match self {
             Format::Q4_0 => 18,
             Format::Q8_0 => 34,
@@ -110,9 +133,9 @@ impl Format {
 /// panel product needs beside the Q8_0 bytes. Built once per product.
 #[derive(Debug, Clone)]
 pub struct ActSums {
-    nb: usize,
-    d: Vec<f32>,
-    s: Vec<i32>,
+    pub(super) nb: usize,
+    pub(super) d: Vec<f32>,
+    pub(super) s: Vec<i32>,
 }
 
 impl ActSums {

@@ -20,6 +20,8 @@ pub struct BenchReport {
     pub decode_tokens: usize,
     pub decode_seconds: f64,
     pub decode_tokens_per_s: f64,
+    /// Expert paging's figures at the end (per-expert tables left out).
+    pub paging: Option<crate::engine::PagingStats>,
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -78,6 +80,11 @@ pub fn run(
         prefill_tokens: prompt,
         prefill_seconds: t_pp,
         prefill_tokens_per_s: rate(prompt, t_pp),
+        paging: model.paging_stats().map(|mut p| {
+            p.experts.clear();
+            p.layer_ids.clear();
+            p
+        }),
         decode_tokens: n_gen,
         decode_seconds: t_tg,
         decode_tokens_per_s: rate(n_gen, t_tg),

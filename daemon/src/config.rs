@@ -80,15 +80,9 @@ impl std::fmt::Display for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize((n > 0).then_some(n))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        match ByteSizeRaw::deserialize(d)? {
+            ByteSizeRaw::Int(n) => Ok(ByteSize((n > 0).then_some(n))),
+            ByteSizeRaw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -97,6 +91,67 @@ impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
+}
+
+/// `memory_budget`: `"auto"` (follow what the host and cgroup have),
+/// `"unlimited"` (or `"none"`), or a size such as `"3GiB"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryBudget(pub crate::engine::Budget);
+
+impl std::str::FromStr for MemoryBudget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MemoryBudget, String> {
+        use crate::engine::Budget;
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(MemoryBudget(Budget::Auto));
+        }
+        if t.eq_ignore_ascii_case("unlimited") {
+            return Ok(MemoryBudget(Budget::Unlimited));
+        }
+        match t.parse::<ByteSize>() {
+            Ok(ByteSize(None)) => Ok(MemoryBudget(Budget::Unlimited)),
+            Ok(ByteSize(Some(b))) => Ok(MemoryBudget(Budget::Bytes(b))),
+            Err(_) => Err(format!(
+                "{s:?} is not a memory budget; write \"auto\", \"unlimited\", or a size such \
+                 as \"3GiB\", \"512MiB\", \"2G\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::engine::Budget;
+        match self.0 {
+            Budget::Auto => f.write_str("auto"),
+            Budget::Unlimited => f.write_str("unlimited"),
+            Budget::Bytes(b) => ByteSize(Some(b)).fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match ByteSizeRaw::deserialize(d)? {
+            ByteSizeRaw::Int(0) => Ok(MemoryBudget(crate::engine::Budget::Unlimited)),
+            ByteSizeRaw::Int(n) => Ok(MemoryBudget(crate::engine::Budget::Bytes(n))),
+            ByteSizeRaw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for MemoryBudget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeRaw {
+    Int(u64),
+    Text(String),
 }
 
 impl<'de> Deserialize<'de> for Listen {
@@ -164,8 +219,12 @@ pub struct Settings {
     /// Seconds running requests get to finish at SIGTERM/SIGINT.
     #[serde(deserialize_with = "seconds")]
     pub shutdown_grace: f64,
-    /// Memory for the model's pages (expert paging); none: no budget.
-    pub memory_budget: ByteSize,
+    /// Memory for the model's pages (expert paging).
+    pub memory_budget: MemoryBudget,
+    /// `mlock` the hottest experts up to this size; none: no locking.
+    pub lock_experts: ByteSize,
+    /// MoE layers ahead whose experts are predicted and prefetched.
+    pub expert_lookahead: usize,
     /// Sequences generated at once.
     #[serde(deserialize_with = "at_least_one")]
     pub max_concurrent: usize,
@@ -198,7 +257,9 @@ impl Default for Settings {
             socket_group: "lfm".into(),
             log_level: Level::Info,
             shutdown_grace: 5.0,
-            memory_budget: ByteSize(None),
+            memory_budget: MemoryBudget::default(),
+            lock_experts: ByteSize(None),
+            expert_lookahead: crate::engine::PagingOptions::default().lookahead,
             max_concurrent: s.max_concurrent,
             queue: s.queue_capacity,
             max_per_user: s.max_per_user,
@@ -229,6 +290,15 @@ pub enum ConfigError {
 }
 
 impl Settings {
+    /// The engine's expert-paging options from these settings.
+    pub fn paging(&self) -> crate::engine::PagingOptions {
+        crate::engine::PagingOptions {
+            budget: self.memory_budget.0,
+            lock_bytes: self.lock_experts.0.unwrap_or(0),
+            lookahead: self.expert_lookahead,
+        }
+    }
+
     /// Parses a config file's text; errors name `path`, the line and key.
     pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -291,6 +361,11 @@ impl Settings {
         check("dbus", self.dbus != other.dbus);
         check("socket_group", self.socket_group != other.socket_group);
         check("memory_budget", self.memory_budget != other.memory_budget);
+        check("lock_experts", self.lock_experts != other.lock_experts);
+        check(
+            "expert_lookahead",
+            self.expert_lookahead != other.expert_lookahead,
+        );
         check("ctx", self.ctx != other.ctx);
         check("max_sessions", self.max_sessions != other.max_sessions);
         check("session_idle", self.session_idle != other.session_idle);
@@ -354,7 +429,7 @@ mod tests {
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .chain(["model"])
             .collect();
-        assert_eq!(keys.len(), 17, "{defaults}");
+        assert_eq!(keys.len(), 19, "{defaults}");
         for key in keys {
             let set = text.lines().any(|l| l.starts_with(&format!("{key} = ")));
             let commented = text.lines().any(|l| l.starts_with(&format!("# {key} = ")));
@@ -402,7 +477,21 @@ mod tests {
         .unwrap();
         assert_eq!(s.model.as_deref(), Some(Path::new("/m.gguf")));
         assert_eq!(s.grpc.len(), 2);
-        assert_eq!(s.memory_budget, ByteSize(Some(3 << 30)));
+        assert_eq!(
+            s.memory_budget,
+            MemoryBudget(crate::engine::Budget::Bytes(3 << 30))
+        );
+        for (text, want) in [
+            ("auto", crate::engine::Budget::Auto),
+            ("unlimited", crate::engine::Budget::Unlimited),
+            ("none", crate::engine::Budget::Unlimited),
+            ("1.5GiB", crate::engine::Budget::Bytes(3 << 29)),
+        ] {
+            let b: MemoryBudget = text.parse().unwrap();
+            assert_eq!(b.0, want, "{text}");
+            assert_eq!(b.to_string().parse::<MemoryBudget>().unwrap(), b);
+        }
+        assert!("lots".parse::<MemoryBudget>().unwrap_err().contains("auto"));
         assert_eq!(
             (s.shutdown_grace, s.dbus, s.log_level),
             (2.0, Bus::System, Level::Debug)

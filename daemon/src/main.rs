@@ -63,6 +63,15 @@ enum Command {
         /// Compute threads (default: one per core).
         #[arg(short = 't', long)]
         threads: Option<usize>,
+        /// Memory the model's pages may take (expert paging).
+        #[arg(long, value_name = "auto|unlimited|SIZE", default_value = "auto")]
+        memory_budget: lfmd::config::MemoryBudget,
+        /// mlock the most used experts up to this size.
+        #[arg(long, value_name = "SIZE", default_value = "none")]
+        lock_experts: lfmd::config::ByteSize,
+        /// MoE layers ahead whose experts are read ahead.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        expert_lookahead: usize,
         #[arg(long)]
         json: bool,
     },
@@ -70,7 +79,7 @@ enum Command {
     Serve(ServeArgs),
     /// Write a synthetic model with random weights in the real LFM2 layout.
     Synth {
-        /// 8b-a1b, 350m, tiny-moe or tiny-dense.
+        /// 8b-a1b, 8b-a1b-skewed, 350m, tiny-moe or tiny-dense.
         #[arg(long)]
         preset: String,
         /// Weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
@@ -195,9 +204,17 @@ struct ServeArgs {
     /// Group given the Unix socket ("" for none) [default: lfm, if it exists].
     #[arg(long)]
     socket_group: Option<String>,
-    /// Memory budget for the model's pages, e.g. 3GiB [default: none].
-    #[arg(long)]
-    memory_budget: Option<lfmd::config::ByteSize>,
+    /// Memory the model's pages may take: auto, unlimited, or a size such
+    /// as 3GiB; cold experts are paged out to stay under it [default: auto].
+    #[arg(long, value_name = "auto|unlimited|SIZE")]
+    memory_budget: Option<lfmd::config::MemoryBudget>,
+    /// mlock the most used experts up to this size [default: none].
+    #[arg(long, value_name = "SIZE")]
+    lock_experts: Option<lfmd::config::ByteSize>,
+    /// MoE layers ahead whose experts are predicted and read ahead
+    /// [default: 2].
+    #[arg(long, value_name = "N")]
+    expert_lookahead: Option<usize>,
     /// Also serve the D-Bus API (org.lfm.Daemon1) on this bus: session,
     /// system, a bus address (unix:path=/run/x/bus), or none [default: none].
     #[arg(long, value_name = "session|system|ADDRESS|none")]
@@ -258,7 +275,9 @@ impl ServeArgs {
             shutdown_grace,
             log_level,
             socket_group,
-            memory_budget
+            memory_budget,
+            lock_experts,
+            expert_lookahead
         );
         if self.model.is_some() {
             s.model = self.model.clone();
@@ -443,12 +462,6 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some((path, _)) = a.config_path().filter(|(p, _)| p.exists()) {
         lfmd::info!("configuration: {}", path.display());
     }
-    if let Some(b) = settings.memory_budget.0 {
-        lfmd::info!(
-            "memory budget {} (recorded; expert paging does not use it yet)",
-            lfmd::config::ByteSize(Some(b))
-        );
-    }
     for (s, name) in &inherited {
         lfmd::info!(
             "socket activation: {} socket {name:?}",
@@ -480,6 +493,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             &model_path,
             lfmd::engine::EngineOptions {
                 threads: (settings.threads > 0).then_some(settings.threads),
+                paging: settings.paging(),
                 ..Default::default()
             },
         )
@@ -615,10 +629,18 @@ fn run(cli: Cli) -> Result<()> {
             n_gen,
             reps,
             threads,
+            memory_budget,
+            lock_experts,
+            expert_lookahead,
             json,
         } => {
             let opts = lfmd::engine::EngineOptions {
                 threads,
+                paging: lfmd::engine::PagingOptions {
+                    budget: memory_budget.0,
+                    lock_bytes: lock_experts.0.unwrap_or(0),
+                    lookahead: expert_lookahead,
+                },
                 ..Default::default()
             };
             let m = lfmd::engine::Model::open_with(&model, opts)
@@ -628,14 +650,23 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
                 format!(
-                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s\n",
+                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s\n{}",
                     r.model,
                     r.threads,
                     r.isa,
                     r.prefill_tokens,
                     r.prefill_tokens_per_s,
                     r.decode_tokens,
-                    r.decode_tokens_per_s
+                    r.decode_tokens_per_s,
+                    r.paging.as_ref().map_or(String::new(), |p| format!(
+                        "paging  budget {} ({}), {} loads, {:.2} GB in, {} evictions, {} major faults\n",
+                        p.budget_bytes.map_or("none".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
+                        p.budget_mode,
+                        p.loads,
+                        p.bytes_in as f64 / 1e9,
+                        p.evictions,
+                        p.major_faults.map_or("?".into(), |f| f.to_string()),
+                    ))
                 )
             };
             write_stdout(&text)?;

@@ -31,6 +31,155 @@ fn parse(status: &str) -> Option<Memory> {
     })
 }
 
+/// Memory the system could give this process, as seen at the host and at
+/// the process's memory cgroup (v1 or v2), whichever is tighter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Headroom {
+    /// `MemAvailable` from `/proc/meminfo`.
+    pub host_available_bytes: u64,
+    /// The cgroup's limit, when it has one.
+    pub cgroup_limit_bytes: Option<u64>,
+    /// The cgroup's usage minus its page cache (what it cannot shed).
+    pub cgroup_unreclaimable_bytes: Option<u64>,
+}
+
+impl Headroom {
+    /// Bytes of file pages (our mapping included) that fit without pushing
+    /// out anonymous memory: the host's available memory, or the cgroup's
+    /// limit minus what it cannot shed, whichever is less.
+    pub fn file_pages_bytes(&self) -> u64 {
+        match (self.cgroup_limit_bytes, self.cgroup_unreclaimable_bytes) {
+            (Some(l), Some(u)) => self.host_available_bytes.min(l.saturating_sub(u)),
+            _ => self.host_available_bytes,
+        }
+    }
+}
+
+/// Reads [`Headroom`]; `None` without `/proc/meminfo`.
+pub fn headroom() -> Option<Headroom> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let host = meminfo_kb(&meminfo, "MemAvailable:")? * 1024;
+    let cg = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_memory(&c, |p| std::fs::read_to_string(p).ok()));
+    Some(Headroom {
+        host_available_bytes: host,
+        cgroup_limit_bytes: cg.map(|c| c.0),
+        cgroup_unreclaimable_bytes: cg.map(|c| c.1),
+    })
+}
+
+fn meminfo_kb(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// (limit, usage minus page cache) of this process's memory cgroup, when it
+/// has a limit. `read` reads a file (a parameter so tests can fake /sys).
+fn cgroup_memory(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<(u64, u64)> {
+    let stat_key = |stat: &str, key: &str| -> Option<u64> {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if id == "0" && ctrls.is_empty() {
+            // cgroup v2: memory.max ("max" = none), memory.current, memory.stat "file".
+            let dir = format!("/sys/fs/cgroup{path}");
+            let max = read(&format!("{dir}/memory.max"))?;
+            let limit: u64 = max.trim().parse().ok()?;
+            let usage: u64 = read(&format!("{dir}/memory.current"))?
+                .trim()
+                .parse()
+                .ok()?;
+            let file = stat_key(&read(&format!("{dir}/memory.stat"))?, "file").unwrap_or(0);
+            return Some((limit, usage.saturating_sub(file)));
+        }
+        if ctrls.split(',').any(|c| c == "memory") {
+            // cgroup v1. Inside a cgroup namespace the mount shows our own
+            // group at the root; otherwise at the path.
+            for dir in [
+                format!("/sys/fs/cgroup/memory{path}"),
+                "/sys/fs/cgroup/memory".to_owned(),
+            ] {
+                let Some(l) = read(&format!("{dir}/memory.limit_in_bytes")) else {
+                    continue;
+                };
+                let limit: u64 = l.trim().parse().ok()?;
+                // "No limit" is a huge page-rounded i64::MAX.
+                if limit >= 1 << 62 {
+                    return None;
+                }
+                let usage: u64 = read(&format!("{dir}/memory.usage_in_bytes"))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let stat = read(&format!("{dir}/memory.stat"))?;
+                let cache = stat_key(&stat, "total_cache")
+                    .or_else(|| stat_key(&stat, "cache"))
+                    .unwrap_or(0);
+                return Some((limit, usage.saturating_sub(cache)));
+            }
+            return None;
+        }
+    }
+    None
+}
+
+/// The share of the last 10 s in which some task waited for memory
+/// (`/proc/pressure/memory`, "some avg10", percent). `None` without PSI.
+pub fn memory_pressure() -> Option<f32> {
+    psi_some_avg10(&std::fs::read_to_string("/proc/pressure/memory").ok()?)
+}
+
+fn psi_some_avg10(text: &str) -> Option<f32> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+/// Major page faults of this process so far (`/proc/self/stat` field 12).
+pub fn major_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces: fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(9)?.parse().ok()
+}
+
+/// Resident bytes of the mapping that starts at `addr`, from
+/// `/proc/self/smaps` (pages of the file this process has mapped in).
+pub fn mapping_rss(addr: usize) -> Option<u64> {
+    smaps_rss(&std::fs::read_to_string("/proc/self/smaps").ok()?, addr)
+}
+
+/// A mapping's first line ("7f00-7f10 r--s ..."), not one of its fields.
+fn is_smaps_header(line: &str) -> bool {
+    line.split_whitespace()
+        .next()
+        .is_some_and(|t| t.contains('-') && t.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+}
+
+fn smaps_rss(smaps: &str, addr: usize) -> Option<u64> {
+    let start = format!("{addr:x}-");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+    lines.next()?;
+    lines
+        .take_while(|l| !is_smaps_header(l))
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +199,58 @@ mod tests {
         assert_eq!(parse("Name:\tx\n"), None);
         #[cfg(target_os = "linux")]
         assert!(memory().is_some_and(|m| m.rss_bytes > 0));
+    }
+
+    #[test]
+    fn reads_cgroup_v1_and_v2_limits() {
+        let files = |v: &'static [(&'static str, &'static str)]| {
+            move |p: &str| v.iter().find(|(k, _)| *k == p).map(|(_, c)| c.to_string())
+        };
+        let v2 = files(&[
+            ("/sys/fs/cgroup/svc/memory.max", "3221225472\n"),
+            ("/sys/fs/cgroup/svc/memory.current", "2000\n"),
+            (
+                "/sys/fs/cgroup/svc/memory.stat",
+                "anon 500\nfile 1500\nfile_mapped 10\n",
+            ),
+        ]);
+        assert_eq!(cgroup_memory("0::/svc\n", &v2), Some((3 << 30, 500)));
+        let unlimited = files(&[("/sys/fs/cgroup/svc/memory.max", "max\n")]);
+        assert_eq!(cgroup_memory("0::/svc\n", unlimited), None);
+        let v1 = files(&[
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "1073741824\n",
+            ),
+            ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "900\n"),
+            (
+                "/sys/fs/cgroup/memory/memory.stat",
+                "cache 100\nrss 5\ntotal_cache 400\n",
+            ),
+        ]);
+        let pc = "5:cpu:/\n4:memory:/a/b\n0::/\n";
+        assert_eq!(cgroup_memory(pc, &v1), Some((1 << 30, 500)));
+        let v1_none = files(&[(
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        )]);
+        assert_eq!(cgroup_memory(pc, v1_none), None);
+    }
+
+    #[test]
+    fn reads_pressure_faults_and_smaps() {
+        let psi = "some avg10=12.50 avg60=3.00 avg300=0.00 total=5\nfull avg10=1.00 avg60=0 avg300=0 total=1\n";
+        assert_eq!(psi_some_avg10(psi), Some(12.5));
+        assert_eq!(psi_some_avg10("full avg10=1\n"), None);
+        let smaps = "7f00-7f10 r--s 00000000 fe:01 12 /a.gguf\nSize: 64 kB\nRss: 12 kB\n\
+                     7f20-7f30 r--s 00000000 fe:01 13 /b.gguf\nSize: 64 kB\nRss: 40 kB\n";
+        assert_eq!(smaps_rss(smaps, 0x7f00), Some(12 << 10));
+        assert_eq!(smaps_rss(smaps, 0x7f20), Some(40 << 10));
+        assert_eq!(smaps_rss(smaps, 0x7f40), None);
+        #[cfg(target_os = "linux")]
+        {
+            assert!(major_faults().is_some());
+            assert!(headroom().is_some_and(|h| h.file_pages_bytes() > 0));
+        }
     }
 }

@@ -167,6 +167,9 @@ impl Model {
         if let Some(st) = stats.as_deref_mut() {
             st.route_margin = vec![f32::INFINITY; n];
         }
+        if let Some(p) = &self.pager {
+            p.begin_step();
+        }
         let mut x = vec![0.0f32; n * e];
         for (row, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
             let t = self.tok_embd.rows(tok as usize, 1);
@@ -306,7 +309,9 @@ impl Model {
                     down,
                 } => {
                     let margins = stats.as_deref_mut().map(|s| &mut s.route_margin[..]);
-                    self.moe(router, bias, gate, up, down, &h, n, &mut mix, margins);
+                    self.moe(
+                        il, &x, router, bias, gate, up, down, &h, n, &mut mix, margins,
+                    );
                 }
             }
             x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
@@ -358,6 +363,8 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
+        il: usize,
+        x: &[f32],
         router: &Tensor,
         bias: &[f32],
         gate: &Tensor,
@@ -406,6 +413,15 @@ impl Model {
                 .collect();
             if !users.is_empty() {
                 experts.push((ex, users));
+            }
+        }
+        if let Some(p) = &self.pager {
+            let uses: Vec<(usize, usize)> = experts.iter().map(|(ex, u)| (*ex, u.len())).collect();
+            p.route(il, &uses);
+            for next in p.next_moe_layers(il) {
+                if p.wants_prediction(next) {
+                    p.predict(next, &self.predict_experts(next, x, n));
+                }
             }
         }
         let hxs: Vec<Vec<f32>> = experts
@@ -476,5 +492,33 @@ impl Model {
                 o.iter_mut().zip(s).for_each(|(a, b)| *a += b);
             }
         }
+    }
+
+    /// The experts MoE layer `il` would choose for the residual stream `x`
+    /// as it is now (some layers earlier): its norm and router applied to
+    /// `x`, top-k per token, the union. Only steers prefetching.
+    fn predict_experts(&self, il: usize, x: &[f32], n: usize) -> Vec<usize> {
+        let d = &self.desc;
+        let (e, ne, k) = (d.n_embd, d.n_expert, d.n_expert_used);
+        let layer = &self.layers[il];
+        let Ffn::Moe { router, bias, .. } = &layer.ffn else {
+            return Vec::new();
+        };
+        let mut h = vec![0.0f32; n * e];
+        rms_norm(x, &layer.ffn_norm, d.norm_eps, &mut h);
+        let mut logits = vec![0.0f32; n * ne];
+        self.matmul(router, &h, n, &mut logits);
+        let mut chosen = vec![false; ne];
+        for t in 0..n {
+            let score: Vec<f32> = logits[t * ne..(t + 1) * ne]
+                .iter()
+                .zip(bias)
+                .map(|(&v, &b)| sigmoid(v) + b)
+                .collect();
+            let mut order: Vec<usize> = (0..ne).collect();
+            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+            order[..k].iter().for_each(|&i| chosen[i] = true);
+        }
+        (0..ne).filter(|&i| chosen[i]).collect()
     }
 }

@@ -2,14 +2,17 @@
 //! GGUF mapping, for `lfm2` and `lfm2moe`, batching several independent
 //! sequences (each with its own KV cache and conv state) in one call.
 //!
-//! The engine owns no threads and never awaits: callers (the CLI, the
-//! scheduler thread) drive it.
+//! The engine owns no threads but its compute pool's and the expert pager's
+//! I/O thread, and never awaits: callers (the CLI, the scheduler thread)
+//! drive it.
 
 mod forward;
 mod ops;
+pub mod paging;
 mod state;
 mod weights;
 
 pub use forward::{BatchItem, ForwardStats, LogitsWanted, weight_type};
+pub use paging::{Budget, PagingOptions, PagingStats};
 pub use state::SeqState;
 pub use weights::{EngineError, EngineOptions, Model, SUPPORTED_TYPES};

@@ -2,8 +2,9 @@
 //! (a [`Tensor`] is a byte range plus shape); only tiny F32 vectors (norm
 //! gains, conv kernels, expert biases) are copied out at load.
 
+use super::paging::{Pager, PagingOptions};
 use crate::gguf::{GgmlType, Gguf, GgufError};
-use crate::model::{LayerKind, ModelDesc, ModelError};
+use crate::model::{ExpertIndex, LayerKind, ModelDesc, ModelError};
 use lfm_kernels::isa::{Isa, IsaError};
 use lfm_kernels::pool::ThreadPool;
 use std::path::Path;
@@ -17,6 +18,8 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Isa(#[from] IsaError),
+    #[error(transparent)]
+    Paging(#[from] super::paging::PagingError),
     #[error("token id {id} is outside the vocabulary (0..{n_vocab})")]
     BadToken { id: u32, n_vocab: usize },
     #[error("sequence would reach position {pos}, beyond the model's {limit}-token limit")]
@@ -108,13 +111,14 @@ pub(crate) struct Layer {
     pub ffn: Ffn,
 }
 
-/// How to run a model: kernel path and compute threads.
+/// How to run a model: kernel path, compute threads, expert paging.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EngineOptions {
     /// `None`: `LFM_ISA` if set, else the best this CPU runs.
     pub isa: Option<Isa>,
     /// `None`: one per available core.
     pub threads: Option<usize>,
+    pub paging: PagingOptions,
 }
 
 /// A loaded model: the mapping, its description, and tensor handles.
@@ -127,6 +131,8 @@ pub struct Model {
     pub(crate) output_norm: Vec<f32>,
     pub(crate) output: Tensor,
     pub(crate) layers: Vec<Layer>,
+    /// The expert cache (MoE models on a mapping).
+    pub(crate) pager: Option<Pager>,
 }
 
 impl Model {
@@ -218,9 +224,17 @@ impl Model {
         } else {
             "output.weight"
         };
+        let pager = Pager::new(
+            Arc::clone(&gguf),
+            ExpertIndex::build(&gguf, &desc),
+            desc.n_layer,
+            desc.n_expert_used,
+            opts.paging,
+        )?;
         Ok(Model {
             isa,
             pool: ThreadPool::new(threads),
+            pager,
             tok_embd: mat("token_embd.weight"),
             output_norm: vector("token_embd_norm.weight"),
             output: mat(output),
@@ -245,6 +259,16 @@ impl Model {
 
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// The expert pager's figures (`None`: nothing is paged).
+    pub fn paging_stats(&self) -> Option<super::paging::PagingStats> {
+        self.pager.as_ref().map(Pager::stats)
+    }
+
+    /// The expert pager, when experts are paged.
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
     }
 
     /// Compute threads in use.

@@ -8,6 +8,7 @@
 
 mod error;
 mod reader;
+mod residency;
 mod types;
 mod value;
 mod writer;

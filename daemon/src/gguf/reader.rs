@@ -99,6 +99,8 @@ enum Backing {
 /// keeps the old inode alive, but a file truncated under it would fault.
 pub struct Gguf {
     backing: Backing,
+    /// The open file behind a mapping (readahead and fadvise need it).
+    pub(super) file: Option<std::fs::File>,
     header: GgufHeader,
     path: Option<PathBuf>,
 }
@@ -132,6 +134,7 @@ impl Gguf {
         };
         let header = parse_header(backing_bytes(&backing))?;
         Ok(Gguf {
+            file: matches!(backing, Backing::Map(_)).then_some(file),
             backing,
             header,
             path: Some(path.to_owned()),
@@ -142,6 +145,7 @@ impl Gguf {
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
         let header = parse_header(&bytes)?;
         Ok(Gguf {
+            file: None,
             backing: Backing::Owned(bytes),
             header,
             path: None,

@@ -150,6 +150,8 @@ enum Init {
     Gain,
     /// Zero-mean uniform with this standard deviation.
     Uniform { std: f32 },
+    /// Skewed expert bias (see `Preset::router_skew`).
+    SkewedBias { skew: f32 },
 }
 
 struct Planned {
@@ -272,12 +274,14 @@ fn plan(p: &Preset, q: SynthQuant) -> Vec<Planned> {
         if p.arch == Arch::Lfm2Moe && i >= p.n_layer_dense_lead {
             let (x, f) = (p.n_expert as u64, p.n_ff_exp as u64);
             push(b("ffn_gate_inp.weight"), &[e, x], GgmlType::F32, router);
-            push(
-                b("exp_probs_b.bias"),
-                &[x],
-                GgmlType::F32,
-                Init::Uniform { std: 0.05 },
-            );
+            let bias = if p.router_skew > 0.0 {
+                Init::SkewedBias {
+                    skew: p.router_skew,
+                }
+            } else {
+                Init::Uniform { std: 0.05 }
+            };
+            push(b("exp_probs_b.bias"), &[x], GgmlType::F32, bias);
             let down = Role::FfnDown { i, n: p.n_layer };
             push(
                 b("ffn_gate_exps.weight"),
@@ -366,6 +370,18 @@ fn draw(init: Init, rng: &mut Rng, out: &mut [f32]) {
         Init::Uniform { std } => {
             let a = std * 3f32.sqrt();
             out.iter_mut().for_each(|x| *x = a * rng.next_signed());
+        }
+        Init::SkewedBias { skew } => {
+            let n = out.len();
+            let mut rank: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                rank.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let span = (n.max(2) - 1) as f32;
+            for (x, &r) in out.iter_mut().zip(&rank) {
+                let t = 1.0 - r as f32 / span;
+                *x = skew * t * t;
+            }
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct Preset {
     /// quantizers. When false (the full-size presets), blocks are drawn
     /// directly at random: valid, the same scale, and fast to write.
     pub exact: bool,
+    /// Expert bias that favours a few experts per layer, as trained routers
+    /// do: expert of rank r (a random order per layer) gets
+    /// `skew * (1 - r / (n - 1))^2` added to its selection score. 0: the
+    /// small uniform bias of the other presets.
+    pub router_skew: f32,
 }
 
 pub const PRESETS: &[Preset] = &[
@@ -58,6 +63,30 @@ pub const PRESETS: &[Preset] = &[
         n_layer_dense_lead: 2,
         tied_output: true,
         exact: false,
+        router_skew: 0.0,
+    },
+    Preset {
+        name: "8b-a1b-skewed",
+        display_name: "LFM2-8B-A1B (synthetic, skewed routing)",
+        arch: Arch::Lfm2Moe,
+        n_embd: 2048,
+        n_layer: 24,
+        attention_layers: &[2, 6, 10, 14, 18, 21],
+        n_head: 32,
+        n_head_kv: 8,
+        n_ff: 7168,
+        n_vocab: 65536,
+        n_ctx: 32768,
+        conv_l_cache: 3,
+        rope_freq_base: 1_000_000.0,
+        norm_eps: 1e-5,
+        n_expert: 32,
+        n_expert_used: 4,
+        n_ff_exp: 1792,
+        n_layer_dense_lead: 2,
+        tied_output: true,
+        exact: false,
+        router_skew: 0.6,
     },
     Preset {
         name: "350m",
@@ -80,6 +109,7 @@ pub const PRESETS: &[Preset] = &[
         n_layer_dense_lead: 16,
         tied_output: true,
         exact: false,
+        router_skew: 0.0,
     },
     Preset {
         name: "tiny-moe",
@@ -102,6 +132,7 @@ pub const PRESETS: &[Preset] = &[
         n_layer_dense_lead: 2,
         tied_output: false,
         exact: true,
+        router_skew: 0.0,
     },
     Preset {
         name: "tiny-dense",
@@ -124,6 +155,7 @@ pub const PRESETS: &[Preset] = &[
         n_layer_dense_lead: 5,
         tied_output: false,
         exact: true,
+        router_skew: 0.0,
     },
 ];
 

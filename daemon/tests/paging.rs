@@ -1,0 +1,175 @@
+//! Expert paging on a real mapped file: results are bit-identical at any
+//! budget, the budget holds (resident pages of the mapping in
+//! /proc/self/smaps), and the cache keeps the experts that are used most.
+
+use lfmd::engine::{
+    BatchItem, Budget, EngineOptions, LogitsWanted, Model, PagingOptions, SeqState,
+};
+use std::path::{Path, PathBuf};
+
+fn synth(dir: &Path, preset: &str) -> PathBuf {
+    let path = dir.join(format!("{preset}.gguf"));
+    let p = lfmd::synth::find_preset(preset).unwrap();
+    let q = lfmd::synth::SynthQuant::parse("q4_0").unwrap();
+    lfmd::synth::write_model(p, q, 3, &path).unwrap();
+    // Written back, so its pages are clean and can leave the page cache (as
+    // a model file's are in use).
+    std::fs::File::open(&path).unwrap().sync_all().unwrap();
+    path
+}
+
+fn open(path: &Path, budget: Budget, lookahead: usize) -> Model {
+    Model::open_with(
+        path,
+        EngineOptions {
+            threads: Some(2),
+            paging: PagingOptions {
+                budget,
+                lock_bytes: 0,
+                lookahead,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Teacher-forced logits of `tokens`: a 6-token prefill, then one token per
+/// step (many steps, so the pager sees many routings).
+fn logits(m: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut st = SeqState::new(m);
+    let mut out = m
+        .forward(&mut [BatchItem {
+            state: &mut st,
+            tokens: &tokens[..6],
+            logits: LogitsWanted::All,
+        }])
+        .unwrap();
+    for t in &tokens[6..] {
+        out.extend(
+            m.forward(&mut [BatchItem {
+                state: &mut st,
+                tokens: std::slice::from_ref(t),
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap(),
+        );
+    }
+    out
+}
+
+fn tokens(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect()
+}
+
+#[test]
+fn a_budget_changes_no_logit_and_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe");
+    let free = open(&path, Budget::Unlimited, 2);
+    let toks = tokens(40, free.n_vocab() as u32);
+    let want = logits(&free, &toks);
+
+    let s = free.paging_stats().unwrap();
+    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let k = free.desc.n_expert_used as u64;
+    // Our mapping alone: pages another mapping holds stay in memory.
+    drop(free);
+    // Too small: refused with the minimum in the message.
+    let err = Model::open_with(
+        &path,
+        EngineOptions {
+            paging: PagingOptions {
+                budget: Budget::Bytes(s.fixed_bytes + expert),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("memory budget") && err.contains("--memory-budget"),
+        "{err}"
+    );
+
+    // Room for the fixed weights and 2k experts: a third of all experts.
+    let budget = s.fixed_bytes + 2 * k * expert;
+    assert!(budget < s.fixed_bytes + s.expert_total_bytes / 2);
+    for lookahead in [0, 2] {
+        let tight = open(&path, Budget::Bytes(budget), lookahead);
+        let got = logits(&tight, &toks);
+        assert_eq!(want.len(), got.len());
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "lookahead {lookahead}: logits of token {i} differ under a budget"
+            );
+        }
+        let pager = tight.pager().unwrap();
+        pager.quiesce();
+        let st = tight.paging_stats().unwrap();
+        assert_eq!(st.budget_bytes, Some(budget));
+        assert!(st.evictions > 0 && st.loads > 0, "{st:?}");
+        assert!(st.expert_resident_bytes <= budget - s.fixed_bytes, "{st:?}");
+        let hits: u64 = st.experts.iter().flatten().map(|e| e.hits).sum();
+        // Every token chose k experts in every MoE layer.
+        assert_eq!(hits, toks.len() as u64 * k * st.experts.len() as u64);
+        if lookahead > 0 {
+            assert!(st.predictions > 0 && st.predictions_used > 0, "{st:?}");
+        } else {
+            assert_eq!(st.predictions, 0);
+        }
+        // What the kernel says this process has mapped of the file: the
+        // budget plus slack for the pages the slabs share at their edges.
+        let (addr, _) = tight.gguf().map_addr().unwrap();
+        let rss = lfmd::procstat::mapping_rss(addr).unwrap();
+        let page = 4096 * 2 * 3 * st.experts.len() as u64 * st.experts[0].len() as u64;
+        assert!(
+            rss <= budget + page,
+            "mapping RSS {rss} over budget {budget} + {page}"
+        );
+    }
+}
+
+#[test]
+fn the_cache_keeps_what_is_used_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe");
+    let m = open(&path, Budget::Unlimited, 0);
+    let s = m.paging_stats().unwrap();
+    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    drop(m);
+    let m = open(&path, Budget::Bytes(s.fixed_bytes + 9 * expert), 0);
+    let p = m.pager().unwrap();
+    let layer = s.layer_ids[0];
+    // Expert 0 is used by many tokens every step; 1..8 by one token each,
+    // in turn, with other layers' experts in between.
+    let mut before = None;
+    for step in 0..40 {
+        if step == 1 {
+            p.quiesce();
+            before = Some(m.paging_stats().unwrap().experts[0][0].evictions);
+        }
+        p.begin_step();
+        p.route(layer, &[(0, 8), (1 + step % 7, 1)]);
+        p.route(s.layer_ids[1], &[(step % 8, 1), ((step + 3) % 8, 1)]);
+    }
+    p.quiesce();
+    let st = m.paging_stats().unwrap();
+    assert!(st.experts[0][0].resident, "{:?}", st.experts[0]);
+    assert_eq!(Some(st.experts[0][0].evictions), before);
+    assert!(st.evictions > 0);
+    let res: Vec<Vec<bool>> = st
+        .experts
+        .iter()
+        .map(|l| l.iter().map(|e| e.resident).collect())
+        .collect();
+    assert!(
+        st.expert_resident_bytes <= 9 * expert,
+        "{} > 9 x {expert}: {res:?}",
+        st.expert_resident_bytes
+    );
+}

@@ -1,6 +1,7 @@
 //! `lfmd bench`: prefill and decode speed on a model, measured the way
 //! llama-bench measures pp/tg (each test from an empty context, prompt
-//! tokens drawn at random, decode fed one token at a time), so the two can be
+//! tokens drawn at random, decode fed one token at a time, one untimed
+//! warm-up token before), so the two can be
 //! compared side by side (scripts/bench-vs-llama.sh).
 
 use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
@@ -43,6 +44,13 @@ pub fn run(
     let mut rng = Rng::new(0x1f2e3d);
     let reps = reps.max(1);
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
+    // One untimed token first, as llama-bench warms up: the timed tests then
+    // measure steady state, not the first touches of the mapping.
+    model.forward(&mut [BatchItem {
+        state: &mut SeqState::new(model),
+        tokens: &[rng.below(nv) as u32],
+        logits: LogitsWanted::Last,
+    }])?;
     for _ in 0..reps {
         if prompt > 0 {
             let toks: Vec<u32> = (0..prompt).map(|_| rng.below(nv) as u32).collect();

@@ -214,7 +214,7 @@ mod tests {
                 "anon 500\nfile 1500\nfile_mapped 10\n",
             ),
         ]);
-        assert_eq!(cgroup_memory("0::/svc\n", &v2), Some((3 << 30, 500)));
+        assert_eq!(cgroup_memory("0::/svc\n", v2), Some((3 << 30, 500)));
         let unlimited = files(&[("/sys/fs/cgroup/svc/memory.max", "max\n")]);
         assert_eq!(cgroup_memory("0::/svc\n", unlimited), None);
         let v1 = files(&[
@@ -229,7 +229,7 @@ mod tests {
             ),
         ]);
         let pc = "5:cpu:/\n4:memory:/a/b\n0::/\n";
-        assert_eq!(cgroup_memory(pc, &v1), Some((1 << 30, 500)));
+        assert_eq!(cgroup_memory(pc, v1), Some((1 << 30, 500)));
         let v1_none = files(&[(
             "/sys/fs/cgroup/memory/memory.limit_in_bytes",
             "9223372036854771712\n",

@@ -175,6 +175,9 @@ struct State {
     shutdown: bool,
     /// Jobs taken by the I/O thread and not finished (for `quiesce`).
     in_flight: usize,
+    /// A routing happened since the last sweep (the engine may have faulted
+    /// pages of experts believed out).
+    unswept: bool,
 }
 
 struct Shared {
@@ -276,6 +279,7 @@ impl Pager {
                 pressure: None,
                 shutdown: false,
                 in_flight: 0,
+                unswept: false,
             }),
             wake: Condvar::new(),
             idle: Condvar::new(),
@@ -332,6 +336,7 @@ impl Pager {
         let mut st = sh.lock();
         let step = st.step;
         st.clock += 1;
+        st.unswept = true;
         let clock = st.clock;
         let mut wanted = Vec::new();
         for &(e, tokens) in experts {
@@ -453,9 +458,12 @@ impl Pager {
     pub fn quiesce(&self) {
         let sh = &*self.shared;
         let mut st = sh.lock();
-        while !(st.urgent.is_empty() && st.speculative.is_empty() && st.in_flight == 0)
-            && self.thread.is_some()
-        {
+        let busy = |st: &State| {
+            !(st.urgent.is_empty() && st.speculative.is_empty() && st.in_flight == 0)
+                || st.unswept && st.cap.is_some()
+        };
+        while busy(&st) && self.thread.is_some() {
+            sh.wake.notify_one();
             st = sh.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -551,16 +559,19 @@ impl Shared {
             Budget::Unlimited => None,
             Budget::Bytes(b) => Some(b),
             Budget::Auto => crate::procstat::headroom().map(|h| {
-                // What file pages may take, plus our own resident pages
-                // (already counted as used by the cgroup, and as reclaimable
-                // by the host: count them once).
+                // What file pages may take: our own mapped pages are
+                // already inside it (reclaimable to the host, cache to the
+                // cgroup).
                 let mut b = h
                     .file_pages_bytes()
                     .saturating_sub(AUTO_RESERVE)
                     .max(self.fixed_bytes + self.min_cap);
                 if st.pressure.is_some_and(|p| p > PRESSURE_HIGH) {
-                    // The kernel is already reclaiming: give back a tenth.
-                    b = b.min((self.fixed_bytes + st.resident_bytes) / 10 * 9);
+                    // The kernel is already reclaiming: keep a tenth more
+                    // free. Of the headroom, not of what is resident, so
+                    // lasting pressure (our own refaults count) does not
+                    // compound into a collapse.
+                    b = b / 10 * 9;
                 }
                 b.max(self.fixed_bytes + self.min_cap)
             }),
@@ -663,7 +674,6 @@ impl Shared {
     fn io_loop(&self) {
         let mut last_tick = Instant::now();
         let mut lock_failed = false;
-        let mut swept_at = 0;
         let mut st = self.lock();
         loop {
             if st.shutdown {
@@ -702,8 +712,8 @@ impl Shared {
                     }
                 }
             };
-            if job.is_none() && st.cap.is_some() && swept_at != st.step {
-                swept_at = st.step;
+            if job.is_none() && st.cap.is_some() && st.unswept {
+                st.unswept = false;
                 st.in_flight += 1;
                 st = self.sweep(st);
                 st.in_flight -= 1;
@@ -755,7 +765,7 @@ impl Shared {
     /// Gives back pages of experts believed out that are mapped anyway: by
     /// the kernel's fault-around next to a neighbour, or by the engine
     /// touching an expert before its load ran. Keeps the budget
-    /// honest; runs when the I/O thread is idle, once per step.
+    /// honest; runs when the I/O thread is idle after routings.
     fn sweep<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let out: Vec<(usize, usize)> = st
             .slots

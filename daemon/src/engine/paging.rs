@@ -180,6 +180,16 @@ struct State {
     unswept: bool,
 }
 
+impl State {
+    /// Every expert's slot with its (MoE layer, expert) position.
+    fn each_slot(&self) -> impl Iterator<Item = (usize, usize, &Slot)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .flat_map(|(l, layer)| layer.iter().enumerate().map(move |(e, s)| (l, e, s)))
+    }
+}
+
 struct Shared {
     gguf: Arc<Gguf>,
     index: ExpertIndex,
@@ -632,15 +642,8 @@ impl Shared {
         }
         let step = st.step;
         let mut order: Vec<(f32, usize, usize)> = st
-            .slots
-            .iter()
-            .enumerate()
-            .flat_map(|(l, layer)| {
-                layer
-                    .iter()
-                    .enumerate()
-                    .map(move |(e, s)| (s.score_at(step), l, e))
-            })
+            .each_slot()
+            .map(|(l, e, s)| (s.score_at(step), l, e))
             .filter(|x| x.0 > 0.0)
             .collect();
         order.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -768,16 +771,9 @@ impl Shared {
     /// honest; runs when the I/O thread is idle after routings.
     fn sweep<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let out: Vec<(usize, usize)> = st
-            .slots
-            .iter()
-            .enumerate()
-            .flat_map(|(l, layer)| {
-                layer
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| !s.stat.resident && !s.stat.locked)
-                    .map(move |(e, _)| (l, e))
-            })
+            .each_slot()
+            .filter(|(_, _, s)| !s.stat.resident && !s.stat.locked)
+            .map(|(l, e, _)| (l, e))
             .collect();
         drop(st);
         for (l, e) in out {

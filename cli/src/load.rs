@@ -294,7 +294,7 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
         tokio::select! {
             _ = &mut all => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                if let Ok(s) = status_client.get_status(pb::GetStatusRequest {}).await {
+                if let Ok(s) = status_client.get_status(pb::GetStatusRequest::default()).await {
                     rss.push((start.elapsed().as_secs_f64(), s.into_inner().rss_bytes));
                 }
             }
@@ -306,7 +306,7 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
     let mut leaked = (0, 0);
     for _ in 0..50 {
         let s = status_client
-            .get_status(pb::GetStatusRequest {})
+            .get_status(pb::GetStatusRequest::default())
             .await
             .map_err(rpc_failure)?
             .into_inner();

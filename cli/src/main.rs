@@ -8,6 +8,7 @@
 
 mod dbus;
 mod load;
+mod stats;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use lfm_proto::client::{Target, connect};
@@ -52,6 +53,15 @@ enum Cmd {
     Chat(ChatArgs),
     /// The daemon's load, throughput and memory.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The expert pager: memory budget, experts in memory, loads and
+    /// evictions; --experts adds a per-layer heat map of expert use.
+    Stats {
+        /// One row per MoE layer: hits per expert and which are in memory.
+        #[arg(long)]
+        experts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -519,7 +529,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status { json } => {
             let (mut c, target) = client(&cli).await?;
             let s = c
-                .get_status(pb::GetStatusRequest {})
+                .get_status(pb::GetStatusRequest::default())
                 .await
                 .map_err(rpc_failure)?
                 .into_inner();
@@ -546,11 +556,22 @@ async fn run(cli: Cli) -> Result<()> {
                         "rss_anon_bytes": s.rss_anon_bytes,
                         "rss_file_bytes": s.rss_file_bytes,
                         "peak_rss_bytes": s.peak_rss_bytes,
+                        "paging": s.paging.as_ref().map(|p| stats::to_json(p, false)),
                     })
                 ))
             } else {
+                let paging = s.paging.as_ref().map_or_else(String::new, |p| {
+                    format!(
+                        "experts: {} of {} in memory (budget {}), {} loads, {} evictions; lfmctl stats --experts for more\n",
+                        gib(p.expert_resident_bytes),
+                        gib(p.expert_total_bytes),
+                        p.budget_mode,
+                        p.loads,
+                        p.evictions
+                    )
+                });
                 out(&format!(
-                    "lfmd {} on {target}, up {:.0} s\nrequests: {} running (max {}), {} queued (max {}), {} sessions, {} served\nthroughput (10 s): {:.1} generated tok/s, {:.1} prefill tok/s\ntokens: {} prompt, {} generated\ncompute: {}, {} threads\nmemory: {} resident ({} anonymous, {} model file pages), peak {}\n",
+                    "lfmd {} on {target}, up {:.0} s\nrequests: {} running (max {}), {} queued (max {}), {} sessions, {} served\nthroughput (10 s): {:.1} generated tok/s, {:.1} prefill tok/s\ntokens: {} prompt, {} generated\ncompute: {}, {} threads\nmemory: {} resident ({} anonymous, {} model file pages), peak {}\n{paging}",
                     s.version,
                     s.uptime_seconds,
                     s.active_requests,
@@ -570,6 +591,31 @@ async fn run(cli: Cli) -> Result<()> {
                     gib(s.rss_file_bytes),
                     gib(s.peak_rss_bytes),
                 ))
+            }
+        }
+        Cmd::Stats { experts, json } => {
+            let (mut c, _) = client(&cli).await?;
+            let s = c
+                .get_status(pb::GetStatusRequest { experts: *experts })
+                .await
+                .map_err(rpc_failure)?
+                .into_inner();
+            match (s.paging, *json) {
+                (Some(p), true) => out(&format!("{:#}\n", stats::to_json(&p, *experts))),
+                (None, true) => out("{\"paging\": null}\n"),
+                (Some(p), false) => {
+                    let mut text = stats::summary(&p);
+                    if *experts {
+                        let colour = std::io::stdout().is_terminal()
+                            && std::env::var_os("NO_COLOR").is_none();
+                        text.push('\n');
+                        text.push_str(&stats::heat_map(&p, colour));
+                    }
+                    out(&text)
+                }
+                (None, false) => out(
+                    "no expert paging: the model is dense, or was read into memory instead of mapped\n",
+                ),
             }
         }
         Cmd::Info { json } => {

@@ -222,6 +222,55 @@ fn ask_chat_and_queries_against_a_daemon() {
         "{}",
         text(&out.stdout)
     );
+    assert!(
+        text(&out.stdout).contains("lfmctl stats --experts"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(st["paging"]["budget_mode"], "auto");
+
+    // Expert statistics: every token chose k experts in every MoE layer.
+    let out = lfmctl(s, &["stats", "--experts", "--json"], "");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ex: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = ex["layers"].as_array().unwrap();
+    let k = info["n_expert_used"].as_u64().unwrap();
+    let n_expert = info["n_expert"].as_u64().unwrap() as usize;
+    assert!(!layers.is_empty());
+    let per_layer: Vec<u64> = layers
+        .iter()
+        .map(|l| {
+            let e = l["experts"].as_array().unwrap();
+            assert_eq!(e.len(), n_expert);
+            e.iter().map(|e| e["hits"].as_u64().unwrap()).sum()
+        })
+        .collect();
+    assert!(
+        per_layer[0] > 0 && per_layer[0].is_multiple_of(k),
+        "{per_layer:?}"
+    );
+    assert!(
+        per_layer.iter().all(|&h| h == per_layer[0]),
+        "{per_layer:?}"
+    );
+    let resident = layers
+        .iter()
+        .flat_map(|l| l["experts"].as_array().unwrap())
+        .filter(|e| e["resident"] == true)
+        .count();
+    assert!(resident > 0, "the chosen experts are in memory");
+    let out = lfmctl(s, &["stats", "--experts"], "");
+    let t = text(&out.stdout);
+    assert_eq!(
+        t.lines().filter(|l| l.starts_with("blk.")).count(),
+        layers.len(),
+        "{t}"
+    );
+    assert!(t.contains("budget: auto") && t.contains("@"), "{t}");
+    assert!(!t.contains('\x1b'), "no colour into a pipe: {t}");
+    let out = lfmctl(s, &["stats", "--json"], "");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("layers").is_none() && v["loads"].is_u64(), "{v}");
 }
 
 #[test]
@@ -388,7 +437,7 @@ fn status(socket: &Path) -> lfm_proto::v1::DaemonStatus {
     rt.block_on(async {
         let target = lfm_proto::client::Target::Unix(socket.into());
         let mut c = lfm_proto::client::connect(&target).await.unwrap();
-        c.get_status(lfm_proto::v1::GetStatusRequest {})
+        c.get_status(lfm_proto::v1::GetStatusRequest::default())
             .await
             .unwrap()
             .into_inner()

@@ -494,6 +494,27 @@ impl Daemon1 {
         Ok(reply)
     }
 
+    /// The expert pager's figures: totals by name (`budget_mode`,
+    /// `budget_bytes` (absent: unlimited), `fixed_bytes`,
+    /// `expert_resident_bytes`, `expert_cap_bytes`, `expert_total_bytes`,
+    /// `locked_bytes`, `loads`, `bytes_in`, `evictions`, `predictions`,
+    /// `predictions_used`, `major_faults`, `memory_pressure`), and one
+    /// `(layer, expert, hits, loads, bytes_in, evictions, resident, locked)`
+    /// per MoE layer and expert. `FailedPrecondition` for a model without
+    /// paged experts.
+    async fn expert_stats(&self) -> Result<(ExpertTotals, Vec<ExpertRow>), ApiError> {
+        let handle = self.shared.handle.clone();
+        let p = tokio::task::spawn_blocking(move || handle.paging_stats())
+            .await
+            .map_err(|e| ApiError::Internal(format!("measuring expert residency: {e}")))?
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(
+                    "this model's experts are not paged (a dense model, or one read into memory instead of mapped)".into(),
+                )
+            })?;
+        Ok(expert_stats_of(p))
+    }
+
     /// The model's name (`general.name`), or its file name if it has none.
     #[zbus(property(emits_changed_signal = "const"))]
     fn model(&self) -> String {
@@ -539,6 +560,60 @@ impl Daemon1 {
     fn queued_requests(&self) -> u32 {
         self.shared.load.borrow().queued as u32
     }
+}
+
+type ExpertTotals = HashMap<&'static str, Value<'static>>;
+/// `(layer, expert, hits, loads, bytes_in, evictions, resident, locked)`.
+type ExpertRow = (u32, u32, u64, u64, u64, u64, bool, bool);
+
+fn expert_stats_of(p: crate::engine::PagingStats) -> (ExpertTotals, Vec<ExpertRow>) {
+    let mut t: ExpertTotals = HashMap::new();
+    t.insert("budget_mode", Value::from(p.budget_mode));
+    if let Some(b) = p.budget_bytes {
+        t.insert("budget_bytes", Value::U64(b));
+    }
+    if let Some(c) = p.expert_cap_bytes {
+        t.insert("expert_cap_bytes", Value::U64(c));
+    }
+    if let Some(f) = p.major_faults {
+        t.insert("major_faults", Value::U64(f));
+    }
+    if let Some(x) = p.memory_pressure {
+        t.insert("memory_pressure", Value::F64(x.into()));
+    }
+    for (k, v) in [
+        ("fixed_bytes", p.fixed_bytes),
+        ("expert_resident_bytes", p.expert_resident_bytes),
+        ("expert_total_bytes", p.expert_total_bytes),
+        ("locked_bytes", p.locked_bytes),
+        ("loads", p.loads),
+        ("bytes_in", p.bytes_in),
+        ("evictions", p.evictions),
+        ("predictions", p.predictions),
+        ("predictions_used", p.predictions_used),
+    ] {
+        t.insert(k, Value::U64(v));
+    }
+    let rows = p
+        .layer_ids
+        .iter()
+        .zip(&p.experts)
+        .flat_map(|(&layer, ex)| {
+            ex.iter().enumerate().map(move |(i, e)| {
+                (
+                    layer as u32,
+                    i as u32,
+                    e.hits,
+                    e.loads,
+                    e.bytes_in,
+                    e.evictions,
+                    e.resident,
+                    e.locked,
+                )
+            })
+        })
+        .collect();
+    (t, rows)
 }
 
 /// Forwards a request's events as signals to `caller` until it ends (or is

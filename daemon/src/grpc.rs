@@ -3,6 +3,7 @@
 //! codes; no model logic lives here. The only module (with `serve`) that
 //! knows prost/tonic types.
 
+use crate::engine::PagingStats;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{
     self, Client, ErrorKind, Event, Failure, Handle, Input, Options, Priority, SubmitError,
@@ -371,9 +372,17 @@ impl pb::lfm_server::Lfm for LfmService {
 
     async fn get_status(
         &self,
-        _req: Request<pb::GetStatusRequest>,
+        req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::DaemonStatus>, Status> {
+        let experts = req.get_ref().experts;
         let s = self.handle.status();
+        // Residency is measured from the page tables: off the runtime.
+        let handle = self.handle.clone();
+        let paging = tokio::task::spawn_blocking(move || handle.paging_stats())
+            .await
+            .ok()
+            .flatten()
+            .map(|p| paging_pb(p, experts));
         let m = self.handle.model_info();
         let mem = s.memory.unwrap_or_default();
         Ok(Response::new(pb::DaemonStatus {
@@ -395,7 +404,51 @@ impl pb::lfm_server::Lfm for LfmService {
             rss_file_bytes: mem.rss_file_bytes,
             peak_rss_bytes: mem.peak_rss_bytes,
             version: env!("CARGO_PKG_VERSION").into(),
+            paging,
         }))
+    }
+}
+
+/// The pager's figures on the wire; per-expert counters only when asked.
+fn paging_pb(p: PagingStats, experts: bool) -> pb::ExpertPaging {
+    let layers = if experts {
+        p.layer_ids
+            .iter()
+            .zip(p.experts)
+            .map(|(&layer, ex)| pb::ExpertLayer {
+                layer: layer as u32,
+                experts: ex
+                    .into_iter()
+                    .map(|e| pb::ExpertCounters {
+                        hits: e.hits,
+                        resident: e.resident,
+                        locked: e.locked,
+                        loads: e.loads,
+                        bytes_in: e.bytes_in,
+                        evictions: e.evictions,
+                    })
+                    .collect(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    pb::ExpertPaging {
+        budget_mode: p.budget_mode,
+        budget_bytes: p.budget_bytes,
+        fixed_bytes: p.fixed_bytes,
+        expert_resident_bytes: p.expert_resident_bytes,
+        expert_cap_bytes: p.expert_cap_bytes,
+        expert_total_bytes: p.expert_total_bytes,
+        locked_bytes: p.locked_bytes,
+        loads: p.loads,
+        bytes_in: p.bytes_in,
+        evictions: p.evictions,
+        predictions: p.predictions,
+        predictions_used: p.predictions_used,
+        major_faults: p.major_faults,
+        memory_pressure: p.memory_pressure,
+        layers,
     }
 }
 

@@ -298,15 +298,61 @@ async fn busctl_generates_and_reads_properties() {
     let isa = get("Isa");
     let mut c = connect(&d.target).await.unwrap();
     let status = c
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(isa, status.isa);
+
+    // Expert statistics: the same counters as gRPC's, one row per MoE layer
+    // and expert, hits from the two requests above.
+    let v = json(&d.busctl(&[
+        "--json=short",
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "ExpertStats",
+    ]));
+    assert_eq!(v["type"], "a{sv}a(uuttttbb)", "{v}");
+    let totals = &v["data"][0];
+    assert_eq!(totals["budget_mode"]["data"], "auto", "{v}");
+    let rows = v["data"][1].as_array().unwrap();
+    let detail = c
+        .get_status(pb::GetStatusRequest { experts: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .paging
+        .expect("a MoE model on a mapping is paged");
+    let n: usize = detail.layers.iter().map(|l| l.experts.len()).sum();
+    assert_eq!(rows.len(), n);
+    for r in rows {
+        let (layer, expert) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap() as usize);
+        let l = detail
+            .layers
+            .iter()
+            .find(|l| u64::from(l.layer) == layer)
+            .unwrap();
+        assert_eq!(r[2].as_u64().unwrap(), l.experts[expert].hits, "{r}");
+    }
+    let hits: u64 = rows.iter().map(|r| r[2].as_u64().unwrap()).sum();
+    assert!(hits > 0, "two requests ran: {v}");
+    assert!(
+        status.paging.as_ref().is_some_and(|p| p.layers.is_empty()),
+        "per-expert rows only when asked"
+    );
+
     // Introspection lists the interface (busctl introspect works).
     let out = d.busctl(&["introspect", BUS_NAME, OBJECT_PATH, INTERFACE]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for member in ["Generate", "Ask", "ActiveRequests", "QueuedRequests"] {
+    for member in [
+        "Generate",
+        "Ask",
+        "ExpertStats",
+        "ActiveRequests",
+        "QueuedRequests",
+    ] {
         assert!(text.contains(member), "{text}");
     }
 }
@@ -470,7 +516,7 @@ async fn cancel_and_departures_free_the_slots() {
         wait_idle(&conn, "after the clients left").await;
         let mut c = connect(&d.target).await.unwrap();
         let s = c
-            .get_status(pb::GetStatusRequest {})
+            .get_status(pb::GetStatusRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -173,3 +173,89 @@ fn the_cache_keeps_what_is_used_most() {
         st.expert_resident_bytes
     );
 }
+
+/// Bytes the kernel reports locked in this process (`VmLck`).
+fn vm_locked() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn the_hottest_experts_are_locked_and_never_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe");
+    let s = open(&path, Budget::Unlimited, 0).paging_stats().unwrap();
+    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let locked_before = vm_locked();
+    let m = Model::open_with(
+        &path,
+        EngineOptions {
+            threads: Some(1),
+            paging: PagingOptions {
+                budget: Budget::Bytes(s.fixed_bytes + 9 * expert),
+                lock_bytes: 2 * expert,
+                lookahead: 0,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = m.pager().unwrap();
+    let (a, b) = (s.layer_ids[0], s.layer_ids[1]);
+    // Expert 0 of both layers carries most tokens; others take one each.
+    let mut step = 0;
+    let mut run = |n: usize, hot: bool| {
+        for _ in 0..n {
+            p.begin_step();
+            let cold = 1 + step % 7;
+            if hot {
+                p.route(a, &[(0, 8), (cold, 1)]);
+                p.route(b, &[(0, 8), (cold, 1)]);
+            } else {
+                p.route(a, &[(cold, 1), (1 + (step + 3) % 7, 1)]);
+                p.route(b, &[(cold, 1), (1 + (step + 3) % 7, 1)]);
+            }
+            step += 1;
+        }
+    };
+    run(10, true);
+    // Locks are planned on the pager's one-second tick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let st = loop {
+        p.quiesce();
+        let st = m.paging_stats().unwrap();
+        if st.locked_bytes > 0 || std::time::Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(st.locked_bytes, 2 * expert, "two experts locked");
+    assert!(st.experts[0][0].locked && st.experts[1][0].locked);
+    let locked: usize = st.experts.iter().flatten().filter(|e| e.locked).count();
+    assert_eq!(locked, 2);
+    assert!(
+        vm_locked() >= locked_before + 2 * expert,
+        "the kernel holds them locked: VmLck {} < {} + {}",
+        vm_locked(),
+        locked_before,
+        2 * expert
+    );
+    let evictions = (st.experts[0][0].evictions, st.experts[1][0].evictions);
+    // Now only cold experts, more of them than fit: the cache cycles
+    // around the locked two.
+    run(30, false);
+    p.quiesce();
+    let st = m.paging_stats().unwrap();
+    assert!(st.evictions > 0, "the budget forced evictions");
+    assert!(st.experts[0][0].resident && st.experts[1][0].resident);
+    assert_eq!(
+        (st.experts[0][0].evictions, st.experts[1][0].evictions),
+        evictions
+    );
+    assert!(st.expert_resident_bytes <= 9 * expert);
+}

@@ -107,7 +107,7 @@ async fn wait_status(
     let t0 = Instant::now();
     loop {
         let s = c
-            .get_status(pb::GetStatusRequest {})
+            .get_status(pb::GetStatusRequest::default())
             .await
             .unwrap()
             .into_inner();
@@ -190,7 +190,7 @@ async fn a_dropped_stream_or_a_passed_deadline_frees_the_slot() {
         assert!(s.message().await.unwrap().is_some());
     }
     let busy = c
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -299,7 +299,7 @@ async fn a_session_follow_up_prefills_only_its_new_tokens() {
         s2.prefilled_tokens
     );
     let status = c
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -160,7 +160,7 @@ async fn notify_watchdog_reload_and_stop() {
     // Let the engine notice the dropped stream first.
     let t0 = Instant::now();
     while c
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -281,7 +281,7 @@ async fn flags_override_the_file_and_the_per_user_limit_answers_resource_exhaust
         "{msg}"
     );
     // Other calls are not limited, and the first stream is unharmed.
-    c.get_status(pb::GetStatusRequest {}).await.unwrap();
+    c.get_status(pb::GetStatusRequest::default()).await.unwrap();
     assert!(running.message().await.unwrap().is_some());
     // Once it is gone, the user may start another.
     drop(running);

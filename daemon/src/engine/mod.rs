@@ -13,6 +13,6 @@ mod state;
 mod weights;
 
 pub use forward::{BatchItem, ForwardStats, LogitsWanted, weight_type};
-pub use paging::{Budget, PagingOptions, PagingStats};
+pub use paging::{Budget, PagingMonitor, PagingOptions, PagingStats};
 pub use state::SeqState;
 pub use weights::{EngineError, EngineOptions, Model, SUPPORTED_TYPES};

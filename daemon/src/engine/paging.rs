@@ -209,6 +209,17 @@ pub struct Pager {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Reads a [`Pager`]'s figures from any thread; cheap to clone. Holds the
+/// pager's bookkeeping, not its I/O thread.
+#[derive(Clone)]
+pub struct PagingMonitor(Arc<Shared>);
+
+impl PagingMonitor {
+    pub fn stats(&self) -> PagingStats {
+        self.0.stats()
+    }
+}
+
 impl Pager {
     /// A pager for `gguf`'s experts, or `None` when there is nothing to page
     /// (no experts, or the model is not mapped).
@@ -424,43 +435,16 @@ impl Pager {
         }
     }
 
-    /// The pager's figures; residency per expert is measured (`mincore`).
+    /// The pager's figures; residency per expert is measured (the
+    /// mapping's present pages).
     pub fn stats(&self) -> PagingStats {
-        let sh = &*self.shared;
-        let mut st = sh.lock();
-        sh.scan_residency(&mut st);
-        PagingStats {
-            budget_bytes: st.budget_bytes,
-            budget_mode: match sh.opts.budget {
-                Budget::Unlimited => "unlimited",
-                Budget::Auto => "auto",
-                Budget::Bytes(_) => "fixed",
-            }
-            .to_owned(),
-            fixed_bytes: sh.fixed_bytes,
-            expert_resident_bytes: st.resident_bytes,
-            expert_cap_bytes: st.cap,
-            expert_total_bytes: sh.index.total_bytes(),
-            locked_bytes: st.locked_bytes,
-            loads: st.loads,
-            bytes_in: st.bytes_in,
-            evictions: st.evictions,
-            predictions: st.predictions,
-            predictions_used: st.predictions_used,
-            major_faults: crate::procstat::major_faults(),
-            memory_pressure: st.pressure,
-            layer_ids: sh
-                .index
-                .layers
-                .iter()
-                .map(|l| l.first().map_or(0, |s| s.layer))
-                .collect(),
-            experts: st
-                .slots
-                .iter()
-                .map(|l| l.iter().map(|s| s.stat.clone()).collect())
-                .collect(),
-        }
+        self.shared.stats()
+    }
+
+    /// A handle that reads the figures from other threads (the daemon's
+    /// status) while the engine thread owns the pager.
+    pub fn monitor(&self) -> PagingMonitor {
+        PagingMonitor(Arc::clone(&self.shared))
     }
 
     /// Waits until the I/O thread has nothing queued or running (tests and
@@ -490,6 +474,44 @@ impl Drop for Pager {
 }
 
 impl Shared {
+    fn stats(&self) -> PagingStats {
+        let measured = self.measure_residency();
+        let mut st = self.lock();
+        self.apply_residency(&mut st, &measured);
+        PagingStats {
+            budget_bytes: st.budget_bytes,
+            budget_mode: match self.opts.budget {
+                Budget::Unlimited => "unlimited",
+                Budget::Auto => "auto",
+                Budget::Bytes(_) => "fixed",
+            }
+            .to_owned(),
+            fixed_bytes: self.fixed_bytes,
+            expert_resident_bytes: st.resident_bytes,
+            expert_cap_bytes: st.cap,
+            expert_total_bytes: self.index.total_bytes(),
+            locked_bytes: st.locked_bytes,
+            loads: st.loads,
+            bytes_in: st.bytes_in,
+            evictions: st.evictions,
+            predictions: st.predictions,
+            predictions_used: st.predictions_used,
+            major_faults: crate::procstat::major_faults(),
+            memory_pressure: st.pressure,
+            layer_ids: self
+                .index
+                .layers
+                .iter()
+                .map(|l| l.first().map_or(0, |s| s.layer))
+                .collect(),
+            experts: st
+                .slots
+                .iter()
+                .map(|l| l.iter().map(|s| s.stat.clone()).collect())
+                .collect(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere cannot leave the counters inconsistent enough to
         // matter: keep paging rather than propagate the poison.
@@ -597,17 +619,37 @@ impl Shared {
     /// found mapped marked in. (The page cache may keep more of the file;
     /// those pages are clean, unmapped and the first the kernel reclaims.)
     fn scan_residency(&self, st: &mut State) {
-        let mut resident = 0;
-        for (l, layer) in st.slots.iter_mut().enumerate() {
-            for (e, s) in layer.iter_mut().enumerate() {
-                let r = self.index.layers[l][e].clone();
-                let got: u64 = [r.gate, r.up, r.down]
-                    .into_iter()
-                    .map(|r| {
-                        let len = r.end - r.start;
-                        self.gguf.mapped_bytes(r).unwrap_or(0).min(len)
+        let measured = self.measure_residency();
+        self.apply_residency(st, &measured);
+    }
+
+    /// Mapped bytes of every expert's slabs (`/proc/self/pagemap`), read
+    /// without the lock: for a 4 GB model this reads megabytes of pagemap.
+    fn measure_residency(&self) -> Vec<Vec<u64>> {
+        self.index
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|s| {
+                        [s.gate.clone(), s.up.clone(), s.down.clone()]
+                            .into_iter()
+                            .map(|r| {
+                                let len = r.end - r.start;
+                                self.gguf.mapped_bytes(r).unwrap_or(0).min(len)
+                            })
+                            .sum()
                     })
-                    .sum();
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn apply_residency(&self, st: &mut State, measured: &[Vec<u64>]) {
+        let mut resident = 0;
+        for (layer, got) in st.slots.iter_mut().zip(measured) {
+            for (s, &got) in layer.iter_mut().zip(got) {
                 // Half in counts as in: a load would read the rest on touch.
                 s.stat.resident = got * 2 >= s.bytes;
                 if s.stat.resident {
@@ -647,7 +689,12 @@ impl Shared {
             .filter(|x| x.0 > 0.0)
             .collect();
         order.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut budget = self.opts.lock_bytes;
+        // Locked experts cannot be given back: leave room under the cap
+        // for one token's working set.
+        let mut budget = match st.cap {
+            Some(cap) => self.opts.lock_bytes.min(cap.saturating_sub(self.min_cap)),
+            None => self.opts.lock_bytes,
+        };
         let mut want = vec![vec![false; self.index.layers[0].len()]; st.slots.len()];
         for (_, l, e) in order {
             let b = st.slots[l][e].bytes;
@@ -745,8 +792,15 @@ impl Shared {
                     s.bytes_in += fresh;
                 }
                 (Job::Lock { layer, expert }, Ok(_)) => {
-                    st.slots[layer][expert].stat.locked = true;
-                    st.locked_bytes += st.slots[layer][expert].bytes;
+                    let slot = &mut st.slots[layer][expert];
+                    slot.stat.locked = true;
+                    let bytes = slot.bytes;
+                    // mlock reads in what was out.
+                    let was_in = std::mem::replace(&mut slot.stat.resident, true);
+                    st.locked_bytes += bytes;
+                    if !was_in {
+                        st.resident_bytes += bytes;
+                    }
                 }
                 (Job::Unlock { layer, expert }, Ok(_)) => {
                     st.slots[layer][expert].stat.locked = false;

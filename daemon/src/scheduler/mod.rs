@@ -496,6 +496,8 @@ pub struct Handle {
     config: Arc<Config>,
     next_id: Arc<AtomicU64>,
     started: Instant,
+    /// The expert pager's figures, when experts are paged.
+    paging: Option<crate::engine::PagingMonitor>,
 }
 
 /// Starts the engine thread with `model`; `info.path` is taken from the
@@ -532,6 +534,7 @@ pub fn start(
         .unwrap_or_default();
     let info = model_info(&model, path, &config, template_src.is_some());
     let tokenizer_longest = tokenizer.longest_token_bytes();
+    let paging = model.pager().map(crate::engine::paging::Pager::monitor);
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             queue: FairQueue::new(config.queue_capacity),
@@ -569,6 +572,7 @@ pub fn start(
         config: Arc::new(config),
         next_id: Arc::new(AtomicU64::new(1)),
         started: Instant::now(),
+        paging,
     };
     Ok((handle, EngineExit(rx)))
 }
@@ -669,6 +673,14 @@ impl Handle {
     /// D-Bus property signals).
     pub fn watch_load(&self) -> tokio::sync::watch::Receiver<Load> {
         self.shared.lock().load.subscribe()
+    }
+
+    /// The expert pager's figures (`None`: a dense model, or one not
+    /// mapped). Measures residency: call it on request, not in a loop.
+    pub fn paging_stats(&self) -> Option<crate::engine::PagingStats> {
+        self.paging
+            .as_ref()
+            .map(crate::engine::PagingMonitor::stats)
     }
 
     pub fn status(&self) -> Status {

@@ -104,7 +104,7 @@ impl Lfmd {
         let t0 = Instant::now();
         loop {
             if let Ok(mut c) = connect(&self.target).await
-                && c.get_status(pb::GetStatusRequest {}).await.is_ok()
+                && c.get_status(pb::GetStatusRequest::default()).await.is_ok()
             {
                 return;
             }

@@ -1,7 +1,7 @@
 //! `lfmd bench`: prefill and decode speed on a model, measured the way
 //! llama-bench measures pp/tg (each test from an empty context, prompt
-//! tokens drawn at random, decode fed one token at a time, one untimed
-//! warm-up token before), so the two can be
+//! and decode tokens drawn at random, decode fed one token at a time, one
+//! untimed warm-up token before), so the two can be
 //! compared side by side (scripts/bench-vs-llama.sh).
 
 use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
@@ -21,14 +21,11 @@ pub struct BenchReport {
     pub decode_tokens: usize,
     pub decode_seconds: f64,
     pub decode_tokens_per_s: f64,
+    /// Each repetition's decode rate, in order (the first from a cold
+    /// cache when experts are paged, the later ones steady state).
+    pub decode_tokens_per_s_reps: Vec<f64>,
     /// Expert paging's figures at the end (per-expert tables left out).
     pub paging: Option<crate::engine::PagingStats>,
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b }) as u32
 }
 
 /// Runs a `prompt`-token prefill and a `n_gen`-token decode, `reps` times each,
@@ -44,6 +41,7 @@ pub fn run(
     let mut rng = Rng::new(0x1f2e3d);
     let reps = reps.max(1);
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
+    let mut tg_reps = Vec::new();
     // One untimed token first, as llama-bench warms up: the timed tests then
     // measure steady state, not the first touches of the mapping.
     model.forward(&mut [BatchItem {
@@ -65,17 +63,22 @@ pub fn run(
         }
         if n_gen > 0 {
             let mut st = SeqState::new(model);
-            let mut tok = rng.below(nv) as u32;
+            // Random tokens, as llama-bench feeds: a synthetic model's own
+            // argmax can fall into a loop of one token, whose routing then
+            // repeats and flatters any expert cache.
+            let toks: Vec<u32> = (0..n_gen).map(|_| rng.below(nv) as u32).collect();
             let t0 = Instant::now();
-            for _ in 0..n_gen {
+            for tok in &toks {
                 let out = model.forward(&mut [BatchItem {
                     state: &mut st,
-                    tokens: std::slice::from_ref(&tok),
+                    tokens: std::slice::from_ref(tok),
                     logits: LogitsWanted::Last,
                 }])?;
-                tok = argmax(&out[0]);
+                std::hint::black_box(out);
             }
-            t_tg += t0.elapsed().as_secs_f64();
+            let t = t0.elapsed().as_secs_f64();
+            t_tg += t;
+            tg_reps.push(n_gen as f64 / t.max(1e-9));
         }
     }
     let (t_pp, t_tg) = (t_pp / reps as f64, t_tg / reps as f64);
@@ -96,5 +99,6 @@ pub fn run(
         decode_tokens: n_gen,
         decode_seconds: t_tg,
         decode_tokens_per_s: rate(n_gen, t_tg),
+        decode_tokens_per_s_reps: tg_reps,
     })
 }

@@ -650,7 +650,7 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
                 format!(
-                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s\n{}",
+                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}",
                     r.model,
                     r.threads,
                     r.isa,
@@ -658,6 +658,16 @@ fn run(cli: Cli) -> Result<()> {
                     r.prefill_tokens_per_s,
                     r.decode_tokens,
                     r.decode_tokens_per_s,
+                    if r.decode_tokens_per_s_reps.len() > 1 {
+                        let each: Vec<String> = r
+                            .decode_tokens_per_s_reps
+                            .iter()
+                            .map(|x| format!("{x:.2}"))
+                            .collect();
+                        format!(" (each run: {})", each.join(", "))
+                    } else {
+                        String::new()
+                    },
                     r.paging.as_ref().map_or(String::new(), |p| format!(
                         "paging  budget {} ({}), {} loads, {:.2} GB in, {} evictions, {} major faults\n",
                         p.budget_bytes.map_or("none".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),

@@ -199,3 +199,56 @@ fn tokenize_logits_and_generate_commands() {
     let out = lfmd(&["generate", "--model", &path, ""]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("prompt is empty"));
 }
+
+#[test]
+fn bench_reports_every_figure_it_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe", "q4_0");
+    let v: serde_json::Value = serde_json::from_str(&ok(&lfmd(&[
+        "bench",
+        "--model",
+        &path,
+        "--threads",
+        "1",
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-r",
+        "2",
+        "--memory-budget",
+        "unlimited",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["prefill_tokens"], 16);
+    assert_eq!(v["decode_tokens"], 8);
+    assert!(v["prefill_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(!v["isa"].as_str().unwrap().is_empty());
+    let model_bytes = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(v["model_bytes"], model_bytes);
+    let reps = v["decode_tokens_per_s_reps"].as_array().unwrap();
+    assert_eq!(reps.len(), 2);
+    assert!(reps.iter().all(|r| r.as_f64().unwrap() > 0.0));
+    assert_eq!(v["paging"]["budget_mode"], "unlimited");
+    let text = ok(&lfmd(&[
+        "bench",
+        "--model",
+        &path,
+        "--threads",
+        "1",
+        "-p",
+        "0",
+        "-n",
+        "4",
+        "-r",
+        "2",
+    ]));
+    assert!(
+        text.contains("decode      4 tokens") && text.contains("(each run: "),
+        "{text}"
+    );
+    assert!(text.contains("paging  budget"), "{text}");
+}

@@ -528,9 +528,15 @@ impl Shared {
     /// admitted even when no victim is left (a prediction then is not).
     fn admit(&self, st: &mut State, layer: usize, expert: usize, urgent: bool) -> bool {
         let bytes = st.slots[layer][expert].bytes;
+        // A prediction is worth one more use: it may only displace experts
+        // used less than that, or a wrong guess evicts a hot expert.
+        let worth = st.slots[layer][expert].score_at(st.step) + 1.0;
         if let Some(cap) = st.cap {
             while st.resident_bytes + bytes > cap {
-                let Some((l, e)) = self.victim(st) else {
+                let victim = self
+                    .victim(st)
+                    .filter(|&(l, e)| urgent || st.slots[l][e].score_at(st.step) < worth);
+                let Some((l, e)) = victim else {
                     if urgent {
                         // Over the cap for now: everything resident is in
                         // use this step. The next step evicts.

@@ -69,9 +69,18 @@ pub fn summary(p: &pb::ExpertPaging) -> String {
         bytes(p.expert_total_bytes),
         bytes(p.locked_bytes)
     );
+    let rate = if p.load_seconds > 0.0 {
+        format!(
+            " in {:.1} s, {}/s",
+            p.load_seconds,
+            bytes((p.bytes_in as f64 / p.load_seconds) as u64)
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         s,
-        "paging: {} loads ({} read in), {} evictions, {} predictions{used}",
+        "paging: {} loads ({} read{rate}), {} evictions, {} predictions{used}",
         p.loads,
         bytes(p.bytes_in),
         p.evictions,
@@ -168,6 +177,7 @@ pub fn to_json(p: &pb::ExpertPaging, experts: bool) -> Value {
         "locked_bytes": p.locked_bytes,
         "loads": p.loads,
         "bytes_in": p.bytes_in,
+        "load_seconds": p.load_seconds,
         "evictions": p.evictions,
         "predictions": p.predictions,
         "predictions_used": p.predictions_used,

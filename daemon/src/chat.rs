@@ -601,6 +601,11 @@ mod tests {
             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
             FUEL,
         );
+        // Found by the fuzzer (a 10 s timeout under ASan).
+        stopped_by(
+            "{]%\u{fe} for i in{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %})%  rangendfe(10**9or %}) s%}x{% endfor %}",
+            FUEL,
+        );
         // Lazily repeated lists have no range cap: fuel per iteration.
         stopped_by("{% for x in [0] * 10**8 %}{% endfor %}", FUEL);
         stopped_by(

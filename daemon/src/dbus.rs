@@ -497,7 +497,7 @@ impl Daemon1 {
     /// The expert pager's figures: totals by name (`budget_mode`,
     /// `budget_bytes` (absent: unlimited), `fixed_bytes`,
     /// `expert_resident_bytes`, `expert_cap_bytes`, `expert_total_bytes`,
-    /// `locked_bytes`, `loads`, `bytes_in`, `evictions`, `predictions`,
+    /// `locked_bytes`, `loads`, `bytes_in`, `load_seconds`, `evictions`, `predictions`,
     /// `predictions_used`, `major_faults`, `memory_pressure`), and one
     /// `(layer, expert, hits, loads, bytes_in, evictions, resident, locked)`
     /// per MoE layer and expert. `FailedPrecondition` for a model without
@@ -578,6 +578,7 @@ fn expert_stats_of(p: crate::engine::PagingStats) -> (ExpertTotals, Vec<ExpertRo
     if let Some(f) = p.major_faults {
         t.insert("major_faults", Value::U64(f));
     }
+    t.insert("load_seconds", Value::F64(p.load_seconds));
     if let Some(x) = p.memory_pressure {
         t.insert("memory_pressure", Value::F64(x.into()));
     }

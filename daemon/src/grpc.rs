@@ -443,6 +443,7 @@ fn paging_pb(p: PagingStats, experts: bool) -> pb::ExpertPaging {
         locked_bytes: p.locked_bytes,
         loads: p.loads,
         bytes_in: p.bytes_in,
+        load_seconds: p.load_seconds,
         evictions: p.evictions,
         predictions: p.predictions,
         predictions_used: p.predictions_used,

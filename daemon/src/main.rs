@@ -669,11 +669,13 @@ fn run(cli: Cli) -> Result<()> {
                         String::new()
                     },
                     r.paging.as_ref().map_or(String::new(), |p| format!(
-                        "paging  budget {} ({}), {} loads, {:.2} GB in, {} evictions, {} major faults\n",
+                        "paging  budget {} ({}), {} loads, {:.2} GB in ({:.1} s loading, {:.2} GB/s), {} evictions, {} major faults\n",
                         p.budget_bytes.map_or("none".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
                         p.budget_mode,
                         p.loads,
                         p.bytes_in as f64 / 1e9,
+                        p.load_seconds,
+                        p.bytes_in as f64 / 1e9 / p.load_seconds.max(1e-9),
                         p.evictions,
                         p.major_faults.map_or("?".into(), |f| f.to_string()),
                     ))

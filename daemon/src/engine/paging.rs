@@ -112,6 +112,8 @@ pub struct PagingStats {
     pub locked_bytes: u64,
     pub loads: u64,
     pub bytes_in: u64,
+    /// Time the I/O thread spent in loads (reading ahead and populating).
+    pub load_seconds: f64,
     pub evictions: u64,
     pub predictions: u64,
     /// Predicted experts the router then chose (per layer and token).
@@ -168,6 +170,7 @@ struct State {
     speculative: VecDeque<(u64, Job)>,
     loads: u64,
     bytes_in: u64,
+    load_seconds: f64,
     evictions: u64,
     predictions: u64,
     predictions_used: u64,
@@ -294,6 +297,7 @@ impl Pager {
                 speculative: VecDeque::new(),
                 loads: 0,
                 bytes_in: 0,
+                load_seconds: 0.0,
                 evictions: 0,
                 predictions: 0,
                 predictions_used: 0,
@@ -493,6 +497,7 @@ impl Shared {
             locked_bytes: st.locked_bytes,
             loads: st.loads,
             bytes_in: st.bytes_in,
+            load_seconds: st.load_seconds,
             evictions: st.evictions,
             predictions: st.predictions,
             predictions_used: st.predictions_used,
@@ -786,9 +791,13 @@ impl Shared {
             };
             st.in_flight += 1;
             drop(st);
+            let t0 = Instant::now();
             let outcome = self.run(job);
             st = self.lock();
             st.in_flight -= 1;
+            if let Job::Load { .. } = job {
+                st.load_seconds += t0.elapsed().as_secs_f64();
+            }
             match (job, outcome) {
                 (Job::Load { layer, expert }, Ok(fresh)) => {
                     st.loads += 1;

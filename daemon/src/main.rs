@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, value_name = "SIZE", default_value = "none")]
         lock_experts: lfmd::config::ByteSize,
         /// MoE layers ahead whose experts are read ahead.
-        #[arg(long, value_name = "N", default_value_t = 2)]
+        #[arg(long, value_name = "N", default_value_t = 0)]
         expert_lookahead: usize,
         #[arg(long)]
         json: bool,

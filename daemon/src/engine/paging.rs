@@ -54,7 +54,7 @@ impl Default for PagingOptions {
         PagingOptions {
             budget: Budget::Auto,
             lock_bytes: 0,
-            lookahead: 2,
+            lookahead: 0,
         }
     }
 }
@@ -63,6 +63,8 @@ impl Default for PagingOptions {
 const AUTO_RESERVE: u64 = 256 << 20;
 /// Memory pressure (PSI "some avg10", percent) above which `auto` shrinks.
 const PRESSURE_HIGH: f32 = 5.0;
+/// Least time between two sweeps for stray mapped pages.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// Steps over which an expert's use count halves.
 const HALF_LIFE_STEPS: f32 = 64.0;
 
@@ -181,6 +183,8 @@ struct State {
     /// A routing happened since the last sweep (the engine may have faulted
     /// pages of experts believed out).
     unswept: bool,
+    /// Someone waits in `quiesce`: sweep now, not on the schedule.
+    settle: bool,
 }
 
 impl State {
@@ -305,6 +309,7 @@ impl Pager {
                 shutdown: false,
                 in_flight: 0,
                 unswept: false,
+                settle: false,
             }),
             wake: Condvar::new(),
             idle: Condvar::new(),
@@ -460,10 +465,12 @@ impl Pager {
             !(st.urgent.is_empty() && st.speculative.is_empty() && st.in_flight == 0)
                 || st.unswept && st.cap.is_some()
         };
+        st.settle = true;
         while busy(&st) && self.thread.is_some() {
             sh.wake.notify_one();
             st = sh.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+        st.settle = false;
     }
 }
 
@@ -734,6 +741,7 @@ impl Shared {
 
     fn io_loop(&self) {
         let mut last_tick = Instant::now();
+        let mut last_sweep = Instant::now();
         let mut lock_failed = false;
         let mut st = self.lock();
         loop {
@@ -773,18 +781,28 @@ impl Shared {
                     }
                 }
             };
-            if job.is_none() && st.cap.is_some() && st.unswept {
+            // A sweep reads the page tables of every expert believed out:
+            // milliseconds of a core the compute threads want. At most one
+            // per SWEEP_EVERY, unless someone waits for a settled state.
+            let sweep_due = last_sweep.elapsed() >= SWEEP_EVERY || st.settle;
+            if job.is_none() && st.cap.is_some() && st.unswept && sweep_due {
                 st.unswept = false;
                 st.in_flight += 1;
                 st = self.sweep(st);
                 st.in_flight -= 1;
+                last_sweep = Instant::now();
                 continue;
             }
             let Some(job) = job else {
                 self.idle.notify_all();
+                let nap = if st.unswept && st.cap.is_some() {
+                    SWEEP_EVERY.saturating_sub(last_sweep.elapsed())
+                } else {
+                    Duration::from_millis(1000)
+                };
                 let (g, _) = self
                     .wake
-                    .wait_timeout(st, Duration::from_millis(1000))
+                    .wait_timeout(st, nap.max(Duration::from_millis(1)))
                     .unwrap_or_else(|e| e.into_inner());
                 st = g;
                 continue;

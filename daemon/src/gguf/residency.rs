@@ -102,10 +102,16 @@ impl Gguf {
         let Some((ptr, len)) = self.outer(&r) else {
             return Ok(0);
         };
+        // Opened once: the pager asks about hundreds of ranges per sweep.
+        static PAGEMAP: std::sync::OnceLock<Result<std::fs::File, io::ErrorKind>> =
+            std::sync::OnceLock::new();
+        let f = PAGEMAP
+            .get_or_init(|| std::fs::File::open("/proc/self/pagemap").map_err(|e| e.kind()))
+            .as_ref()
+            .map_err(|&k| io::Error::new(k, "opening /proc/self/pagemap"))?;
         let ps = page_size();
         let pages = len / ps;
         let mut buf = vec![0u8; pages * 8];
-        let f = std::fs::File::open("/proc/self/pagemap")?;
         f.read_exact_at(&mut buf, (ptr as usize / ps * 8) as u64)?;
         let present = buf
             .chunks_exact(8)

@@ -233,22 +233,24 @@ fn avx2_kpanel_format(isa: Isa, ty: WeightType) -> Option<KFormat> {
     }
 }
 
-/// A k-quant panel kernel's (AVX-512, or AVX2 groups when `avx2`) results
-/// for up to two arbitrary rows (the same code as whole panels, so
-/// bit-identical to them).
+/// A k-quant panel kernel's results for up to two arbitrary rows (the same
+/// code as whole panels, so bit-identical to them).
 #[cfg(target_arch = "x86_64")]
-fn kpanel_rows(avx2: bool, format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+fn kpanel_rows(format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     let mut tmp = vec![0.0f32; xs.len() * PANEL];
     for (ri, w) in ws.iter().enumerate() {
-        let dst = Out::new(&mut tmp, PANEL, 1);
-        if avx2 {
-            // SAFETY: handed out by `dot_fn` only when `avx2_kpanel_format`
-            // found AVX2/FMA/F16C.
-            unsafe { crate::x86::avx2k::panel(format, w, w.len(), 1, xs, n / 256, dst) };
-        } else {
-            // SAFETY: handed out by `dot_fn` only when `panel_available()`.
-            unsafe { crate::x86::avx512k::panel(format, w, w.len(), 1, xs, n / 256, dst) };
-        }
+        // SAFETY: handed out by `dot_fn` only when `panel_available()`.
+        unsafe {
+            crate::x86::avx512k::panel(
+                format,
+                w,
+                w.len(),
+                1,
+                xs,
+                n / 256,
+                Out::new(&mut tmp, PANEL, 1),
+            )
+        };
         for t in 0..xs.len() {
             out[ri * xs.len() + t] = tmp[t * PANEL];
         }
@@ -257,32 +259,17 @@ fn kpanel_rows(avx2: bool, format: KFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize
 
 #[cfg(target_arch = "x86_64")]
 fn q4k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(false, KFormat::Q4K, ws, xs, n, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q4k_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(true, KFormat::Q4K, ws, xs, n, out)
+    kpanel_rows(KFormat::Q4K, ws, xs, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 fn q5k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(false, KFormat::Q5K, ws, xs, n, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q5k_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(true, KFormat::Q5K, ws, xs, n, out)
+    kpanel_rows(KFormat::Q5K, ws, xs, n, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(false, KFormat::Q6K, ws, xs, n, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn q6k_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
-    kpanel_rows(true, KFormat::Q6K, ws, xs, n, out)
+    kpanel_rows(KFormat::Q6K, ws, xs, n, out)
 }
 
 /// How products with weights of `ty` run on `isa` (which must be
@@ -336,6 +323,11 @@ x86_dots! {
     q4_1_avx2 => crate::x86::legacy::dot_q4_1_q8_1,
     q5_0_avx2 => crate::x86::legacy::dot_q5_0_q8_0,
     q5_1_avx2 => crate::x86::legacy::dot_q5_1_q8_1,
+    // The k-quant tiles compute what the AVX2 groups and the panels do
+    // (bit-identical), two rows at a time.
+    q4k_avx2 => crate::x86::kquants::dot_q4k_q8k,
+    q5k_avx2 => crate::x86::kquants::dot_q5k_q8k,
+    q6k_avx2 => crate::x86::kquants::dot_q6k_q8k,
     q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
     q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
     q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,

@@ -1,10 +1,11 @@
 //! AVX2 products of Q4_K / Q5_K / Q6_K weight rows with Q8_K activations in
 //! groups of [`GROUP`] weight rows, one per i32 lane of a ymm register: the
 //! k-quant counterpart of [`super::avx2`] for CPUs without AVX-512 VNNI.
-//! A group's super-blocks are transposed into the lane layout from the
-//! mapping as they are used (few tokens), or unpacked once per group into a
-//! thread-local buffer that every token tile reads (many); no copy of a
-//! matrix outlives the call.
+//! A group's super-blocks are unpacked once per group into a thread-local
+//! buffer that every token tile reads (many tokens; no copy of a matrix
+//! outlives the call); a few tokens (decode) run as the 2-row tiles of
+//! [`super::kquants`] straight from the mapping, which compute the same
+//! integers and float expression.
 //!
 //! Numerics are those of the AVX-512 panels ([`super::avx512k`]): per
 //! super-block exact integers (the scaled sub-block dots, the minimum or
@@ -27,7 +28,7 @@ use std::cell::RefCell;
 
 /// Tokens per register tile of the packed path.
 const TILE: usize = 4;
-/// Token counts up to this are computed from blocks transposed on the fly;
+/// Token counts up to this run as row tiles from the mapping ([`direct`]);
 /// more tokens pay for unpacking the group once.
 const DIRECT_MAX: usize = 4;
 const Q8K_BYTES: usize = 292;
@@ -49,9 +50,6 @@ const Q6K: u8 = 2;
 const fn regs(f: u8) -> usize {
     if f == Q6K { 89 } else { 82 }
 }
-
-/// Registers of the larger layout (the direct path's scratch).
-const MAX_REGS: usize = 89;
 
 const fn bytes_of(f: u8) -> usize {
     match f {
@@ -117,13 +115,12 @@ fn f16_lanes<const HIGH: bool>(v: __m256i) -> __m256 {
 unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut [__m256i]) {
     let at = i * bytes_of(F);
     let lo4 = _mm256_set1_epi8(0x0f);
-    // SAFETY (every `dwords4` below): block i of every row is readable (the
-    // caller), and each 16-byte read lies inside it.
     if F != Q6K {
         // d @0, dmin @2, scales[12] @4, then Q4_K: qs[128] @16; Q5_K:
         // qh[32] @16 (bit j of byte l: element 32j + l), qs[128] @48.
         let qs = if F == Q5K { 48 } else { 16 };
         let qh: [__m256i; 8] = if F == Q5K {
+            // SAFETY: inside block i of every row (the caller).
             let (a, b) = unsafe { (dwords4(rows, at + 16), dwords4(rows, at + 32)) };
             [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
         } else {
@@ -134,6 +131,7 @@ unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut
             // 16 bytes of the 32 holding sub-blocks 2k (low nibbles) and
             // 2k + 1 (high): their dwords 4(c % 2)..
             let k = c / 2;
+            // SAFETY: inside block i of every row (the caller).
             let v = unsafe { dwords4(rows, at + qs + 16 * c) };
             for (e, d) in v.into_iter().enumerate() {
                 let g = 4 * (c % 2) + e;
@@ -152,6 +150,7 @@ unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut
                 out[8 * (2 * k + 1) + g] = hi;
             }
         }
+        // SAFETY: inside block i of every row (the caller).
         let [dd, a, b, c] = unsafe { dwords4(rows, at) };
         // The 6-bit scales and mins of sub-blocks 0..4 and 4..8, a byte each
         // (see `scalar::scale_min`).
@@ -179,6 +178,7 @@ unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut
         let m2 = _mm256_set1_epi8(3);
         for n in 0..2 {
             for half in 0..2 {
+                // SAFETY: inside block i of every row (the caller).
                 let (a, b, h) = unsafe {
                     (
                         dwords4(rows, at + 64 * n + 16 * half),
@@ -202,6 +202,7 @@ unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut
                 }
             }
         }
+        // SAFETY: inside block i of every row (the caller).
         let s = unsafe { dwords4(rows, at + 192) };
         for k in 0..16 {
             let b = (k % 4) as i32;
@@ -264,9 +265,11 @@ unsafe fn accumulate<const F: u8, const N: usize>(
     let mut isum = [_mm256_setzero_si256(); N];
     for j in 0..subs {
         let sc = blk[64 + j];
-        for r0 in (per * j..per * (j + 1)).step_by(run) {
+        for c in 0..per / run {
             let mut a16 = [_mm256_setzero_si256(); N];
-            for (k, &w) in blk.iter().enumerate().take(r0 + run).skip(r0) {
+            for g in 0..run {
+                let k = per * j + run * c + g;
+                let w = blk[k];
                 for t in 0..N {
                     // SAFETY: block i of xs[t] holds these quant bytes.
                     let x = unsafe { dword(xb[t].add(Q8K_QS + 4 * k)) };
@@ -311,47 +314,49 @@ unsafe fn accumulate<const F: u8, const N: usize>(
     }
 }
 
-/// Tokens `t0..t0 + N` against blocks unpacked on the fly from the group
-/// at `w`; results to rows `r0..` of `out`.
+/// All (1..=4) tokens against the group at `w` by the 2-row register
+/// tiles of [`super::kquants`], straight from the mapping: with this few
+/// tokens, transposing a group's blocks would cost more than it saves. The
+/// tiles compute the same exact integers and float expression, so the same
+/// bits.
 ///
 /// # Safety
-/// As [`panel`] checked: features present, rows and activations long enough.
-#[allow(clippy::too_many_arguments)]
+/// As [`panel`] checked.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn direct<const F: u8, const N: usize>(
+unsafe fn direct<const F: u8>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
     nb: usize,
     xs: &[&[u8]],
-    t0: usize,
     r0: usize,
     out: Out,
 ) {
-    let bytes = bytes_of(F);
-    let rp = group_rows(w, row_bytes, rows);
-    let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut blk = [_mm256_setzero_si256(); MAX_REGS];
-    for i in 0..nb {
-        for r in 0..GROUP {
-            // The same block of the group below (usually this thread's
-            // next), line by line; a hint: an address past the slice is
-            // harmless.
-            let p = w.as_ptr().wrapping_add((r + GROUP) * row_bytes + i * bytes);
-            for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
+    let used = nb * bytes_of(F);
+    let n = xs.len();
+    let mut vals = [0.0f32; 2 * DIRECT_MAX];
+    for r in (0..rows).step_by(2) {
+        let k = (rows - r).min(2);
+        let ws = [
+            &w[r * row_bytes..r * row_bytes + used],
+            &w[(r + k - 1) * row_bytes..(r + k - 1) * row_bytes + used],
+        ];
+        let (ws, vals) = (&ws[..k], &mut vals[..k * n]);
+        // SAFETY: AVX2/FMA/F16C by the caller; the tiles check their rows.
+        unsafe {
+            match F {
+                Q4K => super::kquants::dot_q4k_q8k(ws, xs, vals),
+                Q5K => super::kquants::dot_q5k_q8k(ws, xs, vals),
+                _ => super::kquants::dot_q6k_q8k(ws, xs, vals),
             }
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(bytes - 1).cast());
         }
-        // SAFETY: every row has nb blocks (checked by `panel`).
-        unsafe { load_block::<F>(&rp, i, &mut blk) };
-        // SAFETY: xs[t] holds nb blocks (checked by `panel`).
-        unsafe { accumulate::<F, N>(&blk, &x, i, &mut acc) };
-    }
-    for (k, a) in acc.iter().enumerate() {
-        // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
-        unsafe { out.store8(t0 + k, r0, *a) };
+        for i in 0..k {
+            for (t, v) in vals[i * n..(i + 1) * n].iter().enumerate() {
+                // SAFETY: `panel` checked that every token's outputs fit;
+                // r0 + r + i < the panel's rows.
+                unsafe { out.store1(t, r0 + r + i, *v) };
+            }
+        }
     }
 }
 
@@ -456,7 +461,7 @@ unsafe fn panel_of<const F: u8>(
         let g_rows = (rows - r0).min(GROUP);
         if n <= DIRECT_MAX {
             // SAFETY: as [`panel`] checked.
-            unsafe { by_len!(n, direct::<F>, (g, row_bytes, g_rows, nb, xs, 0, r0, out)) };
+            unsafe { direct::<F>(g, row_bytes, g_rows, nb, xs, r0, out) };
             continue;
         }
         PACKED.with(|cell| {

@@ -2,6 +2,8 @@
 # lfmd vs llama.cpp on the same file and threads, in one run:
 #   scripts/bench-vs-llama.sh MODEL.gguf [THREADS] [PP] [TG] [-- extra llama-bench args, e.g. --repack 0]
 # Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg).
+# Builds lfmd into $CARGO_TARGET_DIR (default target/); LFMD=path runs that
+# binary instead (say, a build of another commit).
 # Needs the reference build: scripts/ref-noamx.sh on AVX-512 machines that advertise
 # AMX, the native ../shared/reference/setup-llama.sh build on AVX2-only ones.
 set -euo pipefail
@@ -9,8 +11,11 @@ cd "$(dirname "$0")/.."
 MODEL=$1; T=${2:-2}; PP=${3:-512}; TG=${4:-128}
 shift $(( $# < 4 ? $# : 4 )); [ "${1:-}" = "--" ] && shift
 source ../shared/reference/env.sh
-cargo build --release --locked -p lfmd >/dev/null
-ours=$(target/release/lfmd bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" --json)
+if [ -z "${LFMD:-}" ]; then
+  cargo build --release --locked -p lfmd >/dev/null
+  LFMD=${CARGO_TARGET_DIR:-target}/release/lfmd
+fi
+ours=$("$LFMD" bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" --json)
 theirs=$("$LLB/llama-bench" -m "$MODEL" -t "$T" -p "$PP" -n "$TG" -o json "$@" 2>/dev/null)
 python3 - "$ours" "$theirs" <<'PY'
 import json, sys

@@ -113,7 +113,9 @@ fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     let format = match kind {
         PanelFormat::Legacy(f) | PanelFormat::Avx2(f) => f,
-        PanelFormat::K(_) => unreachable!("k-quant panels go through kpanel_rows"),
+        PanelFormat::K(_) | PanelFormat::Avx2K(_) => {
+            unreachable!("k-quant panels go through kpanel_rows")
+        }
     };
     let sums = ActSums::new(format, xs, n / 32);
     let mut tmp = vec![0.0f32; xs.len() * PANEL];
@@ -216,6 +218,21 @@ fn kpanel_format(isa: Isa, ty: WeightType) -> Option<KFormat> {
     }
 }
 
+/// The k-quant format for `ty` if it runs as AVX2 8-row groups on `isa`:
+/// AVX2, or AVX-512 without the VNNI its own panels need.
+#[cfg(target_arch = "x86_64")]
+fn avx2_kpanel_format(isa: Isa, ty: WeightType) -> Option<KFormat> {
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512) || !isa.available() || panel_available(isa) {
+        return None;
+    }
+    match ty {
+        WeightType::Q4K => Some(KFormat::Q4K),
+        WeightType::Q5K => Some(KFormat::Q5K),
+        WeightType::Q6K => Some(KFormat::Q6K),
+        _ => None,
+    }
+}
+
 /// A k-quant panel kernel's results for up to two arbitrary rows (the same
 /// code as whole panels, so bit-identical to them).
 #[cfg(target_arch = "x86_64")]
@@ -276,6 +293,12 @@ pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
             format: PanelFormat::Avx2(f),
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = avx2_kpanel_format(isa, ty) {
+        return Kernel::Panel(PanelKernel {
+            format: PanelFormat::Avx2K(f),
+        });
+    }
     Kernel::Rows(dot_fn(isa, ty))
 }
 
@@ -300,12 +323,14 @@ x86_dots! {
     q4_1_avx2 => crate::x86::legacy::dot_q4_1_q8_1,
     q5_0_avx2 => crate::x86::legacy::dot_q5_0_q8_0,
     q5_1_avx2 => crate::x86::legacy::dot_q5_1_q8_1,
-    q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
-    q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
-    q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,
+    // The k-quant tiles compute what the AVX2 groups and the panels do
+    // (bit-identical), two rows at a time.
     q4k_avx2 => crate::x86::kquants::dot_q4k_q8k,
     q5k_avx2 => crate::x86::kquants::dot_q5k_q8k,
     q6k_avx2 => crate::x86::kquants::dot_q6k_q8k,
+    q4_1_vnni => crate::x86::legacy::dot_q4_1_q8_1_vnni,
+    q5_0_vnni => crate::x86::legacy::dot_q5_0_q8_0_vnni,
+    q5_1_vnni => crate::x86::legacy::dot_q5_1_q8_1_vnni,
 }
 
 /// Safe [`DotFn`] wrappers around the aarch64 kernels.
@@ -644,6 +669,94 @@ mod tests {
                         dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
                         dot_fn(Isa::Scalar, ty)(&ws[..r], &xs[..t], cols, &mut want);
                         assert_eq!(bits(&got), bits(&want), "{ty:?} on {isa}: {r}x{t}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Q4_K/Q5_K/Q6_K products through the kernel the engine uses on x86
+    /// (AVX-512 panels or AVX2 groups) give the panels' bits on every SIMD
+    /// ISA, whatever the threads, the token count (direct and packed paths,
+    /// every tile remainder) or the rows (partial groups), and so do the
+    /// row-dot entries in every tile shape.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn kquant_products_give_the_panel_bits_on_x86() {
+        use crate::x86::avx2k::panel_order_dot;
+        let mut seed = 9u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let (rows, cols) = (37, 512);
+        for (ty, format) in [
+            (WeightType::Q4K, KFormat::Q4K),
+            (WeightType::Q5K, KFormat::Q5K),
+            (WeightType::Q6K, KFormat::Q6K),
+        ] {
+            let row = ty.row_bytes(cols);
+            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+            let mut wq = vec![0u8; rows * row];
+            for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
+                scalar::quantize_row(ty, x, q);
+            }
+            let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
+            let mut xq = Vec::new();
+            let act_row = quantize_activations(ty, &x, cols, &mut xq);
+            let want = |r: usize, t: usize| {
+                let (w, x) = (
+                    &wq[r * row..(r + 1) * row],
+                    &xq[t * act_row..(t + 1) * act_row],
+                );
+                panel_order_dot(format, w, x, cols / 256).to_bits()
+            };
+            let simd = [Isa::Avx2, Isa::Avx512];
+            for isa in simd.into_iter().filter(|i| i.available()) {
+                for threads in [1, 2, 3] {
+                    let pool = crate::pool::ThreadPool::new(threads);
+                    for n in [1, 2, 3, 4, 5, 6, 7, 9] {
+                        let mut y = vec![f32::NAN; n * rows];
+                        crate::matmul::matmul(
+                            &pool,
+                            kernel(isa, ty),
+                            &wq,
+                            rows,
+                            cols,
+                            row,
+                            &xq,
+                            act_row,
+                            n,
+                            &mut y,
+                        );
+                        for t in 0..n {
+                            for r in 0..rows {
+                                assert_eq!(
+                                    y[t * rows + r].to_bits(),
+                                    want(r, t),
+                                    "{ty:?} on {isa}, {threads} threads, {n} tokens: ({r}, {t})"
+                                );
+                            }
+                        }
+                    }
+                }
+                let ws = [&wq[3 * row..4 * row], &wq[row..2 * row]];
+                let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
+                for r in 1..=2 {
+                    for t in 1..=4 {
+                        let mut got = vec![0.0f32; r * t];
+                        dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
+                        for (i, wr) in [3, 1].into_iter().take(r).enumerate() {
+                            for j in 0..t {
+                                assert_eq!(
+                                    got[i * t + j].to_bits(),
+                                    want(wr, j),
+                                    "{ty:?} on {isa}: {r}x{t}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -143,6 +143,8 @@ pub(crate) enum PanelFormat {
     /// 8-row groups on AVX2 (`x86/avx2.rs`), the same bits as `Legacy`.
     Avx2(crate::x86::avx512::Format),
     K(crate::x86::avx512k::KFormat),
+    /// 8-row k-quant groups on AVX2 (`x86/avx2k.rs`), the same bits as `K`.
+    Avx2K(crate::x86::avx512k::KFormat),
 }
 
 /// With many tokens, work units are dealt a few at a time: each panel
@@ -287,6 +289,18 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                         // dispatch found AVX2/FMA/F16C on this CPU.
                         (PanelFormat::Avx2(f), Side::Sums(sums)) => unsafe {
                             crate::x86::avx2::panel(f, w, job.row_bytes, rows, &job.acts, sums, out)
+                        },
+                        // SAFETY: as above.
+                        (PanelFormat::Avx2K(f), _) => unsafe {
+                            crate::x86::avx2k::panel(
+                                f,
+                                w,
+                                job.row_bytes,
+                                rows,
+                                &job.acts,
+                                job.cols / 256,
+                                out,
+                            )
                         },
                         (PanelFormat::Legacy(_) | PanelFormat::Avx2(_), Side::None) => {
                             unreachable!("legacy panel jobs get activation sums")

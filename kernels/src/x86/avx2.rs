@@ -55,7 +55,7 @@ const fn packed_regs(q8: bool) -> usize {
 /// is dword `k` of input `r % 4`'s lane `r / 4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn transpose4(v: [__m256i; 4]) -> [__m256i; 4] {
+pub(super) fn transpose4(v: [__m256i; 4]) -> [__m256i; 4] {
     let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
     let t1 = _mm256_unpacklo_epi32(v[2], v[3]);
     let t2 = _mm256_unpackhi_epi32(v[0], v[1]);
@@ -74,7 +74,7 @@ fn transpose4(v: [__m256i; 4]) -> [__m256i; 4] {
 /// Both 16-byte ranges must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_pair(rows: &[*const u8; GROUP], a: usize, at: usize) -> __m256i {
+pub(super) unsafe fn load_pair(rows: &[*const u8; GROUP], a: usize, at: usize) -> __m256i {
     // SAFETY: by the caller; the loads are unaligned.
     unsafe {
         _mm256_set_m128i(
@@ -205,7 +205,7 @@ fn token_args<const N: usize>(sums: &ActSums, t0: usize, i: usize) -> ([f32; N],
 /// Row pointers of a group of `rows` (1..=8) rows from `w`, `row_bytes`
 /// apart; lanes past `rows` repeat the last row (valid addresses; their
 /// results are never stored).
-fn group_rows(w: &[u8], row_bytes: usize, rows: usize) -> [*const u8; GROUP] {
+pub(super) fn group_rows(w: &[u8], row_bytes: usize, rows: usize) -> [*const u8; GROUP] {
     std::array::from_fn(|r| w.as_ptr().wrapping_add(r.min(rows - 1) * row_bytes))
 }
 

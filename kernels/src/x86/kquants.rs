@@ -5,9 +5,11 @@
 //! An AVX-512 VNNI variant (on ymm registers) fuses each multiply-add of
 //! i16 pairs into one instruction, with bit-identical results.
 //!
-//! Each (row, token) pair has its own integer sums and 8-lane f32
-//! accumulator, fed by the same operations in the same order whatever else
-//! shares the call, so results are batch-invariant.
+//! Numerics are the AVX-512 panels' ([`super::avx512k`]): each (row,
+//! token) pair's super-block integers are exact (lane sums, then an exact
+//! horizontal sum), then one fixed float expression per super-block is
+//! added from block 0 up, so the tiles give the panels' and the AVX2
+//! groups' ([`super::avx2k`]) bits whatever else shares the call.
 //!
 //! Layouts (ggml): Q4_K = d, dmin (f16), 12 bytes of packed 6-bit scales and
 //! mins, 128 bytes of nibbles (per 64 values: 32 low nibbles then 32 high);
@@ -15,7 +17,7 @@
 //! byte l: value 32j + l); Q6_K = 128 bytes of low nibbles, 64 bytes of 2-bit
 //! highs, 16 i8 scales, d (f16); Q8_K = d (f32), 256 i8, 16 i16 sums of 16.
 
-use super::simd::{check_tile, f16_at, hsum_ps, load128, load256, prefetch, tile, u32_at};
+use super::simd::{check_tile, f16_at, load128, load256, prefetch, tile, u32_at};
 use std::arch::x86_64::*;
 
 const Q8K_BYTES: usize = 292;
@@ -213,6 +215,18 @@ impl KQuant for Q6K {
     }
 }
 
+/// The (wrapping) sums of the 8 lanes of `a` and of `b`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum2_epi32(a: __m256i, b: __m256i) -> (i32, i32) {
+    // a0+a1, a2+a3, b0+b1, b2+b3 | the same of lanes 4..8
+    let h = _mm256_hadd_epi32(a, b);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+    // a, a, b, b partial sums: add the pairs.
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (_mm_cvtsi128_si32(s), _mm_extract_epi32::<2>(s))
+}
+
 /// Integer lane sums `acc + madd(p, m)` (AVX2: two instructions).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -233,12 +247,11 @@ macro_rules! rows_fn {
     ($name:ident, $features:literal, $madd_add:ident) => {
         /// Dots of `R` weight rows of `K` with `N` Q8_K rows; `out[r * N + t]`.
         ///
-        /// Integer sums are exact: values < 64 times |y| <= 127 fit a
-        /// maddubs pair (2 * 63 * 127 < 2^15), and each i32 lane gathers 32
-        /// products times a scale of at most 128 (< 2^25). Lanes convert to
-        /// f32 exactly below 2^24, which Q4_K/Q5_K lanes stay under; a Q6_K
-        /// lane (its +32 offset removed lane by lane) can pass it only in
-        /// extreme blocks, and then rounds by at most 2 units.
+        /// Integer sums are exact: values < 64 times |y| <= 128 fit a
+        /// maddubs pair (2 * 63 * 128 < 2^15), each i32 lane gathers 32
+        /// products times a scale of at most 128 (< 2^25) and a block's
+        /// 8 lanes stay below 2^31; they become f32 once per block, as in
+        /// the panels.
         #[inline]
         #[target_feature(enable = $features)]
         fn $name<K: KQuant, const R: usize, const N: usize>(
@@ -247,7 +260,7 @@ macro_rules! rows_fn {
             out: &mut [f32],
         ) {
             let nb = check_tile(ws, xs, out, K::BYTES, Q8K_BYTES);
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            let mut acc = [[0.0f32; N]; R];
             for i in 0..nb {
                 let (wo, xo) = (i * K::BYTES, i * Q8K_BYTES);
                 // (Plain loops, not closures: those would lose the target
@@ -284,22 +297,23 @@ macro_rules! rows_fn {
                     let bsums = load256(xb, Q8K_BSUMS);
                     for r in 0..R {
                         let h = &hdr[r];
+                        // The block's exact integers (lane sums wrap as the
+                        // panels' do), then the panels' float expression.
                         let c = _mm256_madd_epi16(bsums, h.corr);
-                        let d = _mm256_set1_ps(dy * h.d);
-                        acc[r][t] = if K::INT_CORR {
-                            let s = _mm256_sub_epi32(sumi[r][t], c);
-                            _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t])
+                        let (isum, msum) = hsum2_epi32(sumi[r][t], c);
+                        acc[r][t] += if K::INT_CORR {
+                            // (sum(sc * q * x) - 32 * sum(sc * bsum)) * (d_w * d_x)
+                            isum.wrapping_sub(msum) as f32 * (h.d * dy)
                         } else {
-                            let a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
-                            let dmin = _mm256_set1_ps(dy * h.dmin);
-                            _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(c), a)
+                            // sum(sc * q * x) * (d_w * d_x) - sum(m * bsum) * (dmin_w * d_x)
+                            isum as f32 * (h.d * dy) - msum as f32 * (h.dmin * dy)
                         };
                     }
                 }
             }
             for r in 0..R {
                 for t in 0..N {
-                    out[r * N + t] = hsum_ps(acc[r][t]);
+                    out[r * N + t] = acc[r][t];
                 }
             }
         }

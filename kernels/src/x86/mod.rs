@@ -3,6 +3,7 @@
 //! features are present.
 
 pub mod avx2;
+pub mod avx2k;
 pub mod avx512;
 pub mod avx512k;
 pub mod kquants;

@@ -1,8 +1,13 @@
 //! The x86 kernels of the 32-wide formats with a minimum or fifth bit and of
 //! the k-quants against the scalar reference (random blocks, extreme fields,
 //! odd block counts), their batch invariance (every tile shape gives every
-//! (row, token) the same bits) and VNNI = AVX2 bit for bit.
+//! (row, token) the same bits) and VNNI = AVX2 bit for bit; the AVX2
+//! k-quant groups on the same cases against the panels' order and the
+//! scalar reference.
 
+use super::avx2k::{self, panel_order_dot};
+use super::avx512::Out;
+use super::avx512k::KFormat;
 use super::{kquants, legacy};
 use crate::isa::Isa;
 use crate::scalar;
@@ -366,6 +371,74 @@ fn kernels_match_the_scalar_reference() {
                         c.nb,
                         got[r * 4 + t]
                     );
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 k-quant groups on the tile cases (extreme fields, 65 blocks):
+/// the AVX-512 panels' bits (their order, plainly written), within the
+/// tiles' tolerance of the scalar reference, and the same bits for every
+/// choice and order of rows and tokens.
+#[test]
+fn kquant_groups_match_the_panel_order_and_the_scalar_reference() {
+    if !avx2() {
+        return;
+    }
+    for (ty, format) in [
+        (WeightType::Q4K, KFormat::Q4K),
+        (WeightType::Q5K, KFormat::Q5K),
+        (WeightType::Q6K, KFormat::Q6K),
+    ] {
+        for c in cases(ty) {
+            let n = c.nb * ty.block_size();
+            let group = |rows: &[usize], toks: &[usize]| {
+                // Rows back to back, as in a matrix.
+                let w: Vec<u8> = rows.iter().flat_map(|&r| c.w[r].iter().copied()).collect();
+                let xs: Vec<&[u8]> = toks.iter().map(|&t| c.x[t].as_slice()).collect();
+                let mut out = vec![f32::NAN; xs.len() * rows.len()];
+                let dst = Out::new(&mut out, rows.len(), rows.len());
+                // SAFETY: AVX2/FMA/F16C detected above.
+                unsafe { avx2k::panel(format, &w, c.w[0].len(), rows.len(), &xs, c.nb, dst) };
+                out
+            };
+            let all = group(&[0, 1], &[0, 1, 2, 3]);
+            for r in 0..2 {
+                for t in 0..4 {
+                    let got = all[t * 2 + r];
+                    let want = panel_order_dot(format, &c.w[r], &c.x[t], c.nb);
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{ty:?} {:?} {} blocks, row {r} token {t}: {got} vs {want}",
+                        c.fill,
+                        c.nb
+                    );
+                    let want = scalar::vec_dot(ty, &c.w[r], &c.x[t], n);
+                    let tol = TOL_EPS * f64::from(f32::EPSILON) * magnitude(ty, &c.w[r], &c.x[t]);
+                    let err = (f64::from(got) - f64::from(want)).abs();
+                    assert!(
+                        err <= tol || (got.is_nan() && want.is_nan()),
+                        "{ty:?} {:?} {} blocks, row {r} token {t}: {got} vs scalar {want} (err {err:e}, tol {tol:e})",
+                        c.fill,
+                        c.nb
+                    );
+                }
+            }
+            for rows in &selections(2) {
+                for toks in &selections(4) {
+                    let out = group(rows, toks);
+                    for (i, &r) in rows.iter().enumerate() {
+                        for (j, &t) in toks.iter().enumerate() {
+                            assert_eq!(
+                                out[j * rows.len() + i].to_bits(),
+                                all[t * 2 + r].to_bits(),
+                                "{ty:?} {:?} {} blocks: rows {rows:?} tokens {toks:?} changed ({r}, {t})",
+                                c.fill,
+                                c.nb
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -268,7 +268,14 @@ macro_rules! rows_fn {
                 let mut wb = [&ws[0][..0]; R];
                 for r in 0..R {
                     wb[r] = &ws[r][wo..wo + K::BYTES];
-                    prefetch(ws[r], wo);
+                    // Every cache line of the block a few rows down (rows
+                    // of a matrix are contiguous and each thread walks a
+                    // run of them): decode streams weights from DRAM, and
+                    // rows of 1-2 KB are too short for the hardware
+                    // prefetcher to catch on alone.
+                    for line in (0..K::BYTES).step_by(64) {
+                        prefetch(ws[r], wo + line);
+                    }
                 }
                 // SAFETY: this function's features include AVX2/FMA/F16C.
                 let mut hdr = [unsafe { K::header(wb[0]) }; R];

@@ -504,7 +504,7 @@ impl Daemon1 {
     /// paged experts.
     async fn expert_stats(&self) -> Result<(ExpertTotals, Vec<ExpertRow>), ApiError> {
         let handle = self.shared.handle.clone();
-        let p = tokio::task::spawn_blocking(move || handle.paging_stats())
+        let p = tokio::task::spawn_blocking(move || handle.paging_stats(true))
             .await
             .map_err(|e| ApiError::Internal(format!("measuring expert residency: {e}")))?
             .ok_or_else(|| {

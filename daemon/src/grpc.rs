@@ -376,9 +376,10 @@ impl pb::lfm_server::Lfm for LfmService {
     ) -> Result<Response<pb::DaemonStatus>, Status> {
         let experts = req.get_ref().experts;
         let s = self.handle.status();
-        // Residency is measured from the page tables: off the runtime.
+        // With `experts`, residency is read from the page tables: off the
+        // runtime either way (the pager's lock).
         let handle = self.handle.clone();
-        let paging = tokio::task::spawn_blocking(move || handle.paging_stats())
+        let paging = tokio::task::spawn_blocking(move || handle.paging_stats(experts))
             .await
             .ok()
             .flatten()

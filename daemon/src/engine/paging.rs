@@ -222,8 +222,16 @@ pub struct Pager {
 pub struct PagingMonitor(Arc<Shared>);
 
 impl PagingMonitor {
+    /// The figures with residency measured from the page tables.
     pub fn stats(&self) -> PagingStats {
-        self.0.stats()
+        self.0.stats(true)
+    }
+
+    /// The figures as the pager believes them, without reading the page
+    /// tables (megabytes of pagemap for a large model): for totals polled
+    /// often, such as every `GetStatus`.
+    pub fn believed(&self) -> PagingStats {
+        self.0.stats(false)
     }
 }
 
@@ -447,7 +455,7 @@ impl Pager {
     /// The pager's figures; residency per expert is measured (the
     /// mapping's present pages).
     pub fn stats(&self) -> PagingStats {
-        self.shared.stats()
+        self.shared.stats(true)
     }
 
     /// A handle that reads the figures from other threads (the daemon's
@@ -485,10 +493,12 @@ impl Drop for Pager {
 }
 
 impl Shared {
-    fn stats(&self) -> PagingStats {
-        let measured = self.measure_residency();
+    fn stats(&self, measure: bool) -> PagingStats {
+        let measured = measure.then(|| self.measure_residency());
         let mut st = self.lock();
-        self.apply_residency(&mut st, &measured);
+        if let Some(m) = &measured {
+            self.apply_residency(&mut st, m);
+        }
         PagingStats {
             budget_bytes: st.budget_bytes,
             budget_mode: match self.opts.budget {

@@ -676,11 +676,13 @@ impl Handle {
     }
 
     /// The expert pager's figures (`None`: a dense model, or one not
-    /// mapped). Measures residency: call it on request, not in a loop.
-    pub fn paging_stats(&self) -> Option<crate::engine::PagingStats> {
+    /// mapped). With `measure`, residency is read from the page tables
+    /// (per-expert detail); without, it is the pager's own belief (cheap
+    /// enough for every status poll).
+    pub fn paging_stats(&self, measure: bool) -> Option<crate::engine::PagingStats> {
         self.paging
             .as_ref()
-            .map(crate::engine::PagingMonitor::stats)
+            .map(|p| if measure { p.stats() } else { p.believed() })
     }
 
     pub fn status(&self) -> Status {

@@ -26,6 +26,8 @@ const COLS: usize = 2048;
 const ROWS: usize = 2048;
 /// Tokens of the prefill-shaped product and of the activation quantization.
 const PREFILL: usize = 64;
+/// Matrices of the DRAM-streaming decode benchmark (Q4_0: 144 MiB).
+const DRAM_MATRICES: usize = 64;
 /// Distinct quantized rows; the matrix repeats them (quantizing k-quants is slow).
 const TEMPLATE_ROWS: usize = 64;
 
@@ -189,6 +191,7 @@ fn main() {
                 format!("dot/{name}/{isa}/2x4"),
                 format!("matmul/{name}/{isa}/decode"),
                 format!("matmul/{name}/{isa}/prefill{PREFILL}"),
+                format!("matmul/{name}/{isa}/decode-dram"),
             ]
         };
         if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n))) {
@@ -201,7 +204,7 @@ fn main() {
         let act_rows: Vec<&[u8]> = acts.chunks_exact(act_row).collect();
         for &isa in &isas {
             let f: DotFn = dot_fn(isa, ty);
-            let [dot1, dot4, decode, prefill] = names(isa);
+            let [dot1, dot4, decode, prefill, dram] = names(isa);
             // The register tiles matmul hands out: two weight rows against
             // one token (decode) or four (prefill).
             for (tokens, bench) in [(1, &dot1), (4, &dot4)] {
@@ -231,6 +234,31 @@ fn main() {
                         &mut y,
                     );
                     black_box(&y);
+                });
+            }
+            if run.wants(&dram) {
+                // Decode as the model meets it: one token against a run of
+                // distinct matrices far larger than the last-level cache,
+                // each its own product (and pool barrier), so the weights
+                // stream from DRAM as they do per token.
+                let big = w.repeat(DRAM_MATRICES);
+                let mut y = vec![0.0f32; ROWS];
+                run.bench(&dram, big.len(), ROWS * DRAM_MATRICES, || {
+                    for m in big.chunks_exact(w.len()) {
+                        matmul(
+                            &pool,
+                            kernel(isa, ty),
+                            m,
+                            ROWS,
+                            COLS,
+                            row,
+                            &acts,
+                            act_row,
+                            1,
+                            &mut y,
+                        );
+                        black_box(&y);
+                    }
                 });
             }
         }

@@ -156,6 +156,28 @@ fn bf16_avx512(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn f32_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    use crate::x86::avx512::FloatRow;
+    // SAFETY: handed out by `dot_fn` only for an available `Isa::Avx2` or
+    // `Isa::Avx512` (both imply AVX2, FMA and F16C); rows hold n values.
+    unsafe { crate::x86::avx2::dot_float(FloatRow::F32, ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f16_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    use crate::x86::avx512::FloatRow;
+    // SAFETY: as for `f32_avx2`.
+    unsafe { crate::x86::avx2::dot_float(FloatRow::F16, ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn bf16_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
+    use crate::x86::avx512::FloatRow;
+    // SAFETY: as for `f32_avx2`.
+    unsafe { crate::x86::avx2::dot_float(FloatRow::BF16, ws, xs, n, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
 fn q4_0_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     panel_rows(PanelFormat::Legacy(Format::Q4_0), ws, xs, n, out)
 }
@@ -399,6 +421,9 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.available() {
         match ty {
+            WeightType::F32 => return f32_avx2,
+            WeightType::F16 => return f16_avx2,
+            WeightType::BF16 => return bf16_avx2,
             WeightType::Q4_0 => return q4_0_avx2,
             WeightType::Q8_0 => return q8_0_avx2,
             WeightType::Q4_1 => return q4_1_avx2,
@@ -407,7 +432,6 @@ pub fn dot_fn(isa: Isa, ty: WeightType) -> DotFn {
             WeightType::Q4K => return q4k_avx2,
             WeightType::Q5K => return q5k_avx2,
             WeightType::Q6K => return q6k_avx2,
-            _ => {}
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -461,8 +485,8 @@ pub fn quantize_activations(ty: WeightType, x: &[f32], cols: usize, out: &mut Ve
     row
 }
 
-/// One activation row on `isa`: the AVX-512 quantizers write the same
-/// bytes as the scalar ones (tested), only faster.
+/// One activation row on `isa`: the AVX-512 and AVX2 quantizers write the
+/// same bytes as the scalar ones (tested), only faster.
 fn quantize_row(isa: Isa, act: ActType, x: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && isa.available() {
@@ -473,6 +497,11 @@ fn quantize_row(isa: Isa, act: ActType, x: &[f32], out: &mut [u8]) {
             ActType::Q8K => return unsafe { crate::x86::avx512::quantize_q8k(x, out) },
             _ => {}
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && isa.available() && act == ActType::Q8_0 {
+        // SAFETY: `Isa::Avx2` available implies AVX2, FMA and F16C.
+        return unsafe { crate::x86::avx2::quantize_q8_0(x, out) };
     }
     let _ = isa;
     scalar::quantize_acts(act, x, out)
@@ -600,166 +629,114 @@ mod tests {
         }
     }
 
-    /// Q4_0 and Q8_0 products through the kernel the engine uses (panels,
-    /// AVX2 groups or row dots) give the scalar reference's bits on every
-    /// ISA, whatever the threads, the token count (direct and packed paths,
-    /// every tile remainder) or the rows (partial groups), and so do the
+    /// Checks that `ty` products through the kernel the engine uses give
+    /// `want(weight row, activation row)` (as bits) on every ISA in `isas`,
+    /// whatever the threads, the token count (direct and packed paths,
+    /// every tile remainder) or the rows (37: partial groups), and so do the
     /// row-dot entries in every tile shape.
-    #[test]
-    fn legacy_products_give_the_scalar_bits_on_every_isa() {
-        let mut seed = 5u64;
+    fn products_give(
+        ty: WeightType,
+        cols: usize,
+        seed: u64,
+        isas: &[Isa],
+        want: &dyn Fn(&[u8], &[u8]) -> u32,
+    ) {
+        let mut seed = seed;
         let mut rnd = || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
-        let (rows, cols) = (37, 96);
-        for ty in [WeightType::Q4_0, WeightType::Q8_0] {
-            let row = ty.row_bytes(cols);
-            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
-            let mut wq = vec![0u8; rows * row];
-            for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
-                scalar::quantize_row(ty, x, q);
-            }
-            let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
-            let mut xq = Vec::new();
-            let act_row = quantize_activations(ty, &x, cols, &mut xq);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-                for threads in [1, 2, 3] {
-                    let pool = crate::pool::ThreadPool::new(threads);
-                    for n in [1, 2, 3, 4, 5, 6, 7, 9] {
-                        let mut y = vec![f32::NAN; n * rows];
-                        crate::matmul::matmul(
-                            &pool,
-                            kernel(isa, ty),
-                            &wq,
-                            rows,
-                            cols,
-                            row,
-                            &xq,
-                            act_row,
-                            n,
-                            &mut y,
-                        );
-                        let mut want = vec![0.0f32; n * rows];
-                        for t in 0..n {
-                            for r in 0..rows {
-                                want[t * rows + r] = scalar::vec_dot(
-                                    ty,
-                                    &wq[r * row..(r + 1) * row],
-                                    &xq[t * act_row..(t + 1) * act_row],
-                                    cols,
-                                );
-                            }
+        let rows = 37;
+        let row = ty.row_bytes(cols);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
+        let mut wq = vec![0u8; rows * row];
+        for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
+            scalar::quantize_row(ty, x, q);
+        }
+        let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
+        let mut xq = Vec::new();
+        let act_row = quantize_activations(ty, &x, cols, &mut xq);
+        let want = |r: usize, t: usize| {
+            want(
+                &wq[r * row..(r + 1) * row],
+                &xq[t * act_row..(t + 1) * act_row],
+            )
+        };
+        for &isa in isas.iter().filter(|i| i.available()) {
+            for threads in [1, 2, 3] {
+                let pool = crate::pool::ThreadPool::new(threads);
+                for n in [1, 2, 3, 4, 5, 6, 7, 9] {
+                    let mut y = vec![f32::NAN; n * rows];
+                    crate::matmul::matmul(
+                        &pool,
+                        kernel(isa, ty),
+                        &wq,
+                        rows,
+                        cols,
+                        row,
+                        &xq,
+                        act_row,
+                        n,
+                        &mut y,
+                    );
+                    for t in 0..n {
+                        for r in 0..rows {
+                            assert_eq!(
+                                y[t * rows + r].to_bits(),
+                                want(r, t),
+                                "{ty:?} on {isa}, {threads} threads, {n} tokens: ({r}, {t})"
+                            );
                         }
-                        assert_eq!(
-                            bits(&y),
-                            bits(&want),
-                            "{ty:?} on {isa}, {threads} threads, {n} tokens"
-                        );
                     }
                 }
-                let ws = [&wq[..row], &wq[row..2 * row]];
-                let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
-                for r in 1..=2 {
-                    for t in 1..=4 {
-                        let (mut got, mut want) = (vec![0.0f32; r * t], vec![0.0f32; r * t]);
-                        dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
-                        dot_fn(Isa::Scalar, ty)(&ws[..r], &xs[..t], cols, &mut want);
-                        assert_eq!(bits(&got), bits(&want), "{ty:?} on {isa}: {r}x{t}");
+            }
+            let ws = [&wq[3 * row..4 * row], &wq[row..2 * row]];
+            let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
+            for r in 1..=2 {
+                for t in 1..=4 {
+                    let mut got = vec![0.0f32; r * t];
+                    dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
+                    for (i, wr) in [3, 1].into_iter().take(r).enumerate() {
+                        for j in 0..t {
+                            assert_eq!(
+                                got[i * t + j].to_bits(),
+                                want(wr, j),
+                                "{ty:?} on {isa}: {r}x{t}"
+                            );
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Q4_K/Q5_K/Q6_K products through the kernel the engine uses on x86
-    /// (AVX-512 panels or AVX2 groups) give the panels' bits on every SIMD
-    /// ISA, whatever the threads, the token count (direct and packed paths,
-    /// every tile remainder) or the rows (partial groups), and so do the
-    /// row-dot entries in every tile shape.
+    /// Q4_0 and Q8_0 products (panels, AVX2 groups or row dots) give the
+    /// scalar reference's bits on every ISA.
+    #[test]
+    fn legacy_products_give_the_scalar_bits_on_every_isa() {
+        for ty in [WeightType::Q4_0, WeightType::Q8_0] {
+            products_give(ty, 96, 5, &Isa::ALL, &|w, x| {
+                scalar::vec_dot(ty, w, x, 96).to_bits()
+            });
+        }
+    }
+
+    /// Q4_K/Q5_K/Q6_K products on x86 (AVX-512 panels or AVX2 groups) give
+    /// the panels' bits on every SIMD ISA.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn kquant_products_give_the_panel_bits_on_x86() {
         use crate::x86::avx2k::panel_order_dot;
-        let mut seed = 9u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
-        let (rows, cols) = (37, 512);
         for (ty, format) in [
             (WeightType::Q4K, KFormat::Q4K),
             (WeightType::Q5K, KFormat::Q5K),
             (WeightType::Q6K, KFormat::Q6K),
         ] {
-            let row = ty.row_bytes(cols);
-            let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
-            let mut wq = vec![0u8; rows * row];
-            for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
-                scalar::quantize_row(ty, x, q);
-            }
-            let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
-            let mut xq = Vec::new();
-            let act_row = quantize_activations(ty, &x, cols, &mut xq);
-            let want = |r: usize, t: usize| {
-                let (w, x) = (
-                    &wq[r * row..(r + 1) * row],
-                    &xq[t * act_row..(t + 1) * act_row],
-                );
-                panel_order_dot(format, w, x, cols / 256).to_bits()
-            };
-            let simd = [Isa::Avx2, Isa::Avx512];
-            for isa in simd.into_iter().filter(|i| i.available()) {
-                for threads in [1, 2, 3] {
-                    let pool = crate::pool::ThreadPool::new(threads);
-                    for n in [1, 2, 3, 4, 5, 6, 7, 9] {
-                        let mut y = vec![f32::NAN; n * rows];
-                        crate::matmul::matmul(
-                            &pool,
-                            kernel(isa, ty),
-                            &wq,
-                            rows,
-                            cols,
-                            row,
-                            &xq,
-                            act_row,
-                            n,
-                            &mut y,
-                        );
-                        for t in 0..n {
-                            for r in 0..rows {
-                                assert_eq!(
-                                    y[t * rows + r].to_bits(),
-                                    want(r, t),
-                                    "{ty:?} on {isa}, {threads} threads, {n} tokens: ({r}, {t})"
-                                );
-                            }
-                        }
-                    }
-                }
-                let ws = [&wq[3 * row..4 * row], &wq[row..2 * row]];
-                let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
-                for r in 1..=2 {
-                    for t in 1..=4 {
-                        let mut got = vec![0.0f32; r * t];
-                        dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
-                        for (i, wr) in [3, 1].into_iter().take(r).enumerate() {
-                            for j in 0..t {
-                                assert_eq!(
-                                    got[i * t + j].to_bits(),
-                                    want(wr, j),
-                                    "{ty:?} on {isa}: {r}x{t}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
+            products_give(ty, 512, 9, &[Isa::Avx2, Isa::Avx512], &|w, x| {
+                panel_order_dot(format, w, x, 2).to_bits()
+            });
         }
     }
 

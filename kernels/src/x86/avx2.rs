@@ -23,7 +23,7 @@
 //! dots. `offset * sum(x)` per activation block ([`ActSums`]) is subtracted
 //! after.
 
-use super::avx512::{ActSums, Format, Out, check_panel};
+use super::avx512::{ActSums, FloatRow, Format, Out, check_panel, load1};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -417,6 +417,152 @@ unsafe fn panel_of<const Q8: bool>(
     }
 }
 
+/// Q8_0 activation blocks of `x` (a multiple of 32 values) into `out`,
+/// byte-identical to `scalar::quantize_acts` (ggml's reference quantizer),
+/// as `super::avx512::quantize_q8_0` is: the scale from the largest
+/// magnitude (NaN ignored), `roundf` (half away from zero), and C's
+/// truncating `(int8_t)` cast, which keeps the low byte of the i32.
+///
+/// # Safety
+/// The CPU must support AVX2.
+///
+/// # Panics
+/// If `out` is not 34 bytes per 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    assert!(
+        x.len().is_multiple_of(32) && out.len() == x.len() / 32 * Q8_0_BYTES,
+        "q8_0: bad row sizes"
+    );
+    let abs = |v: __m256| _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)));
+    // The low byte of each dword, gathered into the low 4 bytes of each
+    // 128-bit lane.
+    let low_bytes = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
+        // SAFETY: xb holds 32 f32 values (4 loads of 8).
+        let v: [__m256; 4] =
+            std::array::from_fn(|k| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) });
+        // max(|v|, m) keeps m when |v| is NaN, as the scalar fold does.
+        let mut m = _mm256_setzero_ps();
+        for vk in v {
+            m = _mm256_max_ps(abs(vk), m);
+        }
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        let mut q = [0u32; 8];
+        for (k, vk) in v.into_iter().enumerate() {
+            let y = _mm256_mul_ps(vk, _mm256_set1_ps(id));
+            // roundf: truncate, then one step away from zero when the
+            // (exact) fraction is at least a half.
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(abs(_mm256_sub_ps(y, t)), _mm256_set1_ps(0.5));
+            let one = _mm256_or_ps(
+                _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN))),
+                _mm256_set1_ps(1.0),
+            );
+            let r = _mm256_add_ps(t, _mm256_and_ps(up, one));
+            // Truncating conversion: NaN / out of range give i32::MIN, whose
+            // low byte is what C's (int8_t) keeps.
+            let b = _mm256_shuffle_epi8(_mm256_cvttps_epi32(r), low_bytes);
+            q[2 * k] = _mm256_extract_epi32::<0>(b) as u32;
+            q[2 * k + 1] = _mm256_extract_epi32::<4>(b) as u32;
+        }
+        for (o, w) in ob[2..].chunks_exact_mut(4).zip(q) {
+            o.copy_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// 8 weights from `p` (element `i` onward) as f32.
+///
+/// # Safety
+/// AVX2/F16C must be present and the 8 elements readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8(kind: FloatRow, p: *const u8, i: usize) -> __m256 {
+    // SAFETY: by the caller; unaligned loads.
+    unsafe {
+        match kind {
+            FloatRow::F32 => _mm256_loadu_ps(p.cast::<f32>().add(i)),
+            FloatRow::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i).cast())),
+            FloatRow::BF16 => {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * i).cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+            }
+        }
+    }
+}
+
+/// Float weight rows (f32, f16 or bf16: the MoE routers, float models)
+/// dotted with f32 activation rows: four 8-lane fused multiply-add chains
+/// over 32-element steps, a fixed sum of the chains and lanes, then the
+/// tail in order. The same steps for every (row, token), so results do not
+/// depend on the batch; they differ from the scalar reference's sequential
+/// sum by rounding.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+///
+/// # Panics
+/// If a row holds fewer than `n` values or `out` is shorter than
+/// `ws.len() * xs.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_float(
+    kind: FloatRow,
+    ws: &[&[u8]],
+    xs: &[&[u8]],
+    n: usize,
+    out: &mut [f32],
+) {
+    let wbytes = if kind == FloatRow::F32 { 4 } else { 2 };
+    assert!(out.len() >= ws.len() * xs.len(), "output too short");
+    for (ri, w) in ws.iter().enumerate() {
+        for (t, x) in xs.iter().enumerate() {
+            assert!(
+                w.len() >= wbytes * n && x.len() >= 4 * n,
+                "float row too short"
+            );
+            let xp = x.as_ptr().cast::<f32>();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY (loads): i + 8 <= n, and both rows hold n values
+            // (asserted above); unaligned loads.
+            while i + 32 <= n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let (wv, xv) = unsafe {
+                        (
+                            load8(kind, w.as_ptr(), i + 8 * k),
+                            _mm256_loadu_ps(xp.add(i + 8 * k)),
+                        )
+                    };
+                    *a = _mm256_fmadd_ps(wv, xv, *a);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                let (wv, xv) = unsafe { (load8(kind, w.as_ptr(), i), _mm256_loadu_ps(xp.add(i))) };
+                acc[0] = _mm256_fmadd_ps(wv, xv, acc[0]);
+                i += 8;
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut s = super::simd::hsum_ps(sum);
+            while i < n {
+                let xi = f32::from_le_bytes([x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]]);
+                s += load1(kind, w, i) * xi;
+                i += 1;
+            }
+            out[ri * xs.len() + t] = s;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +603,108 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn float_dots_agree_with_a_wide_sum() {
+        if !crate::isa::Isa::Avx2.available() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut rng = Lcg(9);
+        for n in [0, 1, 7, 8, 31, 32, 33, 100, 2048] {
+            let mut val = || (f32::from(rng.next()) - 127.5) / 32.0;
+            let w: Vec<f32> = (0..n).map(|_| val()).collect();
+            let x: Vec<f32> = (0..n).map(|_| val()).collect();
+            let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let rows = [
+                (
+                    FloatRow::F32,
+                    w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+                ),
+                (
+                    FloatRow::F16,
+                    w.iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect(),
+                ),
+                (
+                    FloatRow::BF16,
+                    w.iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                ),
+            ];
+            for (kind, wb) in rows {
+                let want: f64 = (0..n)
+                    .map(|i| f64::from(load1(kind, &wb, i)) * f64::from(x[i]))
+                    .sum();
+                // Two weight rows (the second reversed) by two tokens.
+                let wr: Vec<u8> = wb
+                    .chunks_exact(if kind == FloatRow::F32 { 4 } else { 2 })
+                    .rev()
+                    .flatten()
+                    .copied()
+                    .collect();
+                let mut out = [f32::NAN; 4];
+                // SAFETY: AVX2 checked above; rows hold n values.
+                unsafe { dot_float(kind, &[&wb, &wr], &[&xb, &xb], n, &mut out) };
+                let tol = 1e-4 * (n as f64).max(1.0);
+                assert!(
+                    (f64::from(out[0]) - want).abs() <= tol,
+                    "n={n}: {} vs {want}",
+                    out[0]
+                );
+                assert_eq!(out[0].to_bits(), out[1].to_bits(), "same row, same token");
+                let want_r: f64 = (0..n)
+                    .map(|i| f64::from(load1(kind, &wr, i)) * f64::from(x[i]))
+                    .sum();
+                assert!((f64::from(out[2]) - want_r).abs() <= tol, "n={n} reversed");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_quantizer_writes_the_scalar_bytes() {
+        if !crate::isa::Isa::Avx2.available() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut rng = Lcg(5);
+        let blocks = 400;
+        let mut x: Vec<f32> = (0..32 * blocks)
+            .map(|i| {
+                // Magnitudes from 1e-30 to 1e30, a different one per block.
+                let scale = 10f32.powi((i / 32) as i32 % 61 - 30);
+                (f32::from(rng.next()) - 127.5) / 64.0 * scale
+            })
+            .collect();
+        // Exact ties once scaled (amax 127 gives id 1), NaN, infinities,
+        // subnormals, signed zeros, all-zero and all-NaN blocks.
+        for (j, v) in x[..32].iter_mut().enumerate() {
+            *v = j as f32 - 15.5;
+        }
+        x[31] = 127.0;
+        x[40] = f32::NAN;
+        x[70] = f32::INFINITY;
+        x[100] = f32::NEG_INFINITY;
+        x[130] = 1e-40;
+        x[131] = -0.0;
+        x[160..192].fill(0.0);
+        x[192..224].fill(f32::NAN);
+        x[224..256].fill(-1e-45);
+        let mut want = vec![0u8; blocks * Q8_0_BYTES];
+        scalar::quantize_acts(crate::types::ActType::Q8_0, &x, &mut want);
+        let mut got = vec![0u8; want.len()];
+        // SAFETY: AVX2 checked above.
+        unsafe { quantize_q8_0(&x, &mut got) };
+        for (b, (g, w)) in got
+            .chunks_exact(Q8_0_BYTES)
+            .zip(want.chunks_exact(Q8_0_BYTES))
+            .enumerate()
+        {
+            assert_eq!(g, w, "block {b}: {:?}", &x[32 * b..32 * b + 32]);
+        }
     }
 
     #[test]

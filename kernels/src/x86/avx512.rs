@@ -528,7 +528,7 @@ impl NextPanel {
 
 /// How a float weight row is stored.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum FloatRow {
+pub(crate) enum FloatRow {
     F32,
     F16,
     BF16,
@@ -555,7 +555,7 @@ unsafe fn load16(kind: FloatRow, p: *const u8, i: usize) -> __m512 {
 }
 
 /// One float weight element as f32.
-fn load1(kind: FloatRow, w: &[u8], i: usize) -> f32 {
+pub(super) fn load1(kind: FloatRow, w: &[u8], i: usize) -> f32 {
     match kind {
         FloatRow::F32 => f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]),
         FloatRow::F16 => half::f16::from_le_bytes([w[2 * i], w[2 * i + 1]]).to_f32(),

@@ -36,17 +36,11 @@ const TILE: usize = 4;
 const DIRECT_MAX: usize = 4;
 const Q8_0_BYTES: usize = 34;
 
-/// One block of a group in the lane layout: register `k` holds 4 unsigned
+/// Registers a block of a group takes in the lane layout (in the
+/// thread-local buffer, or in registers): register `k` < 8 holds 4 unsigned
 /// 4-bit weights per row (lane), the ones that meet activation dword `k`;
-/// `hi` is only used by Q8_0 (the high nibbles of `q + 128`).
-#[derive(Clone, Copy)]
-struct Block {
-    lo: [__m256i; 8],
-    hi: [__m256i; 8],
-    d: __m256,
-}
-
-/// Registers a packed block takes in the thread-local buffer.
+/// Q8_0 has 8 more, the high nibbles of `q + 128`; the last holds the
+/// rows' scales as f32.
 const fn packed_regs(q8: bool) -> usize {
     if q8 { 17 } else { 9 }
 }
@@ -84,25 +78,21 @@ pub(super) unsafe fn load_pair(rows: &[*const u8; GROUP], a: usize, at: usize) -
     }
 }
 
-/// Block `i` of the group's rows in the lane layout.
+/// Block `i` of the group's rows in the lane layout, written to
+/// `out[..packed_regs(Q8)]`.
 ///
 /// # Safety
 /// AVX2/FMA/F16C must be present and block `i` of every row readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize) -> Block {
+unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &mut [__m256i]) {
     let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
     let at = i * bytes;
     let m = _mm256_set1_epi8(0x0f);
-    let mut b = Block {
-        lo: [_mm256_setzero_si256(); 8],
-        hi: [_mm256_setzero_si256(); 8],
-        d: _mm256_setzero_ps(),
-    };
     // SAFETY (all loads): block i of every row is readable (the caller);
     // the reads are its 2-byte scale and its quant bytes.
     let h = |r: usize| unsafe { rows[r].add(at).cast::<i16>().read_unaligned() };
-    b.d = _mm256_cvtph_ps(_mm_setr_epi16(
+    let d = _mm256_cvtph_ps(_mm_setr_epi16(
         h(0),
         h(1),
         h(2),
@@ -112,6 +102,7 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize) -> Blo
         h(6),
         h(7),
     ));
+    out[packed_regs(Q8) - 1] = _mm256_castps_si256(d);
     if Q8 {
         // Dwords 0..4 then 4..8 of the 32 quant bytes.
         let flip = _mm256_set1_epi8(i8::MIN);
@@ -121,8 +112,8 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize) -> Blo
             let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at)) };
             for (k, p) in transpose4(v).into_iter().enumerate() {
                 let u = _mm256_xor_si256(p, flip);
-                b.lo[4 * half + k] = _mm256_and_si256(u, m);
-                b.hi[4 * half + k] = _mm256_and_si256(_mm256_srli_epi16::<4>(u), m);
+                out[4 * half + k] = _mm256_and_si256(u, m);
+                out[8 + 4 * half + k] = _mm256_and_si256(_mm256_srli_epi16::<4>(u), m);
             }
         }
     } else {
@@ -130,11 +121,10 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize) -> Blo
         let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at + 2)) };
         for (k, p) in transpose4(v).into_iter().enumerate() {
             // Packed byte j holds elements j (low) and j + 16 (high).
-            b.lo[k] = _mm256_and_si256(p, m);
-            b.lo[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(p), m);
+            out[k] = _mm256_and_si256(p, m);
+            out[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(p), m);
         }
     }
-    b
 }
 
 /// Adds block `i` of `N` tokens (Q8_0 rows `x`, with their scales `d` and
@@ -191,6 +181,21 @@ unsafe fn accumulate<const Q8: bool, const N: usize>(
     }
 }
 
+/// The low- and high-nibble registers of a block in the lane layout (Q4_0
+/// has only the low ones; `hi` is then unused).
+#[inline]
+fn split_block<const Q8: bool>(b: &[__m256i]) -> (&[__m256i; 8], &[__m256i; 8]) {
+    let lo: &[__m256i; 8] = b[..8].try_into().expect("a block has 8 low registers");
+    let hi = if Q8 {
+        b[8..16]
+            .try_into()
+            .expect("a Q8_0 block has 8 high registers")
+    } else {
+        lo
+    };
+    (lo, hi)
+}
+
 /// The activation scales and sums of tokens `t0..t0 + N` for
 /// block `i`.
 #[inline]
@@ -243,11 +248,14 @@ unsafe fn direct<const Q8: bool, const N: usize>(
             // A hint: an address past the slice is harmless.
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l * 64).cast());
         }
+        let mut b = [_mm256_setzero_si256(); 17];
         // SAFETY: every row has nb blocks (checked by `panel`).
-        let b = unsafe { load_block::<Q8>(&rp, i) };
+        unsafe { load_block::<Q8>(&rp, i, &mut b) };
+        let (lo, hi) = split_block::<Q8>(&b);
+        let dw = _mm256_castsi256_ps(b[packed_regs(Q8) - 1]);
         let (d, s) = token_args::<N>(sums, t0, i);
         // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
-        unsafe { accumulate::<Q8, N>(&b.lo, &b.hi, b.d, &x, i, d, s, &mut acc) };
+        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, d, s, &mut acc) };
     }
     for (k, a) in acc.iter().enumerate() {
         // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
@@ -272,12 +280,7 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, p) in packed.chunks_exact(packed_regs(Q8)).take(nb).enumerate() {
-        let lo: &[__m256i; 8] = p[..8].try_into().expect("a packed block");
-        let hi: &[__m256i; 8] = if Q8 {
-            p[8..16].try_into().expect("a packed block")
-        } else {
-            lo
-        };
+        let (lo, hi) = split_block::<Q8>(p);
         let dw = _mm256_castsi256_ps(p[packed_regs(Q8) - 1]);
         let (d, s) = token_args::<N>(sums, t0, i);
         // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
@@ -388,12 +391,7 @@ unsafe fn panel_of<const Q8: bool>(
                     }
                 }
                 // SAFETY: as [`panel`] checked.
-                let b = unsafe { load_block::<Q8>(&rp, i) };
-                p[..8].copy_from_slice(&b.lo);
-                if Q8 {
-                    p[8..16].copy_from_slice(&b.hi);
-                }
-                p[packed_regs(Q8) - 1] = _mm256_castps_si256(b.d);
+                unsafe { load_block::<Q8>(&rp, i, p) };
             }
             // The group below (usually this thread's next) goes to L2 a
             // share per token tile while this one is used.

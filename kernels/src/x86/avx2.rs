@@ -127,11 +127,12 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &
     }
 }
 
-/// Adds block `i` of `N` tokens (Q8_0 rows `x`, with their scales `d` and
-/// offset sums `s` for this block) to their accumulators.
+/// Adds block `i` of `N` tokens (Q8_0 rows `x`, with their per-block
+/// scales `d[t]` and offset sums `s[t]`) to their accumulators.
 ///
 /// # Safety
-/// AVX2/FMA/F16C must be present and every `x[t]` hold block `i`.
+/// AVX2/FMA/F16C must be present and every `x[t]`, `d[t]` and `s[t]` hold
+/// block `i`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -141,8 +142,8 @@ unsafe fn accumulate<const Q8: bool, const N: usize>(
     dw: __m256,
     x: &[*const u8; N],
     i: usize,
-    d: [f32; N],
-    s: [i32; N],
+    d: &[*const f32; N],
+    s: &[*const i32; N],
     acc: &mut [__m256; N],
 ) {
     let mut a_lo = [_mm256_setzero_si256(); N];
@@ -169,13 +170,16 @@ unsafe fn accumulate<const Q8: bool, const N: usize>(
         if Q8 {
             sum = _mm256_add_epi32(sum, _mm256_madd_epi16(a_hi[t], _mm256_set1_epi16(16)));
         }
-        let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(s[t])));
+        // SAFETY: the caller guarantees entry i of d[t] and s[t]; read
+        // where they are, so each is one broadcast load.
+        let (st, dt) = unsafe { (*s[t].add(i), *d[t].add(i)) };
+        let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(st)));
         let block = if Q8 {
             // scalar: sum as f32 * (d_w * d_x)
-            _mm256_mul_ps(f, _mm256_mul_ps(dw, _mm256_set1_ps(d[t])))
+            _mm256_mul_ps(f, _mm256_mul_ps(dw, _mm256_set1_ps(dt)))
         } else {
             // scalar: sum as f32 * d_w * d_x
-            _mm256_mul_ps(_mm256_mul_ps(f, dw), _mm256_set1_ps(d[t]))
+            _mm256_mul_ps(_mm256_mul_ps(f, dw), _mm256_set1_ps(dt))
         };
         acc[t] = _mm256_add_ps(acc[t], block);
     }
@@ -196,14 +200,21 @@ fn split_block<const Q8: bool>(b: &[__m256i]) -> (&[__m256i; 8], &[__m256i; 8]) 
     (lo, hi)
 }
 
-/// The activation scales and sums of tokens `t0..t0 + N` for
-/// block `i`.
+/// Where the activation scales and sums of tokens `t0..t0 + N` start
+/// (`sums.nb` entries each).
+///
+/// # Panics
+/// If `sums` has no entries for those tokens.
 #[inline]
-fn token_args<const N: usize>(sums: &ActSums, t0: usize, i: usize) -> ([f32; N], [i32; N]) {
+fn token_args<const N: usize>(sums: &ActSums, t0: usize) -> ([*const f32; N], [*const i32; N]) {
     let nb = sums.nb;
+    assert!(
+        sums.d.len() >= (t0 + N) * nb && sums.s.len() >= (t0 + N) * nb,
+        "activation sums for too few tokens"
+    );
     (
-        std::array::from_fn(|t| sums.d[(t0 + t) * nb + i]),
-        std::array::from_fn(|t| sums.s[(t0 + t) * nb + i]),
+        std::array::from_fn(|t| sums.d[(t0 + t) * nb..].as_ptr()),
+        std::array::from_fn(|t| sums.s[(t0 + t) * nb..].as_ptr()),
     )
 }
 
@@ -234,6 +245,7 @@ unsafe fn direct<const Q8: bool, const N: usize>(
     let nb = sums.nb;
     let rp = group_rows(w, row_bytes, rows);
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
+    let (d, s) = token_args::<N>(sums, t0);
     let mut acc = [_mm256_setzero_ps(); N];
     // The next group's bytes (usually this thread's next), in address
     // order, spread evenly over the blocks. Measured on a DRAM-sized run of
@@ -253,9 +265,9 @@ unsafe fn direct<const Q8: bool, const N: usize>(
         unsafe { load_block::<Q8>(&rp, i, &mut b) };
         let (lo, hi) = split_block::<Q8>(&b);
         let dw = _mm256_castsi256_ps(b[packed_regs(Q8) - 1]);
-        let (d, s) = token_args::<N>(sums, t0, i);
-        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
-        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, d, s, &mut acc) };
+        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new), and so
+        // do d[t] and s[t] (token_args).
+        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, &d, &s, &mut acc) };
     }
     for (k, a) in acc.iter().enumerate() {
         // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
@@ -278,13 +290,14 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
 ) {
     let nb = sums.nb;
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
+    let (d, s) = token_args::<N>(sums, t0);
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, p) in packed.chunks_exact(packed_regs(Q8)).take(nb).enumerate() {
         let (lo, hi) = split_block::<Q8>(p);
         let dw = _mm256_castsi256_ps(p[packed_regs(Q8) - 1]);
-        let (d, s) = token_args::<N>(sums, t0, i);
-        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new).
-        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, d, s, &mut acc) };
+        // SAFETY: xs[t] holds nb blocks (checked by ActSums::new), and so
+        // do d[t] and s[t] (token_args).
+        unsafe { accumulate::<Q8, N>(lo, hi, dw, &x, i, &d, &s, &mut acc) };
     }
     for (k, a) in acc.iter().enumerate() {
         // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.

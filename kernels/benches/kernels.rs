@@ -218,23 +218,25 @@ fn main() {
                     }
                 });
             }
+            // `n` tokens against the ROWS x COLS matrix `m`, into `y`.
+            let product = |m: &[u8], n: usize, y: &mut [f32]| {
+                matmul(
+                    &pool,
+                    kernel(isa, ty),
+                    m,
+                    ROWS,
+                    COLS,
+                    row,
+                    &acts,
+                    act_row,
+                    n,
+                    y,
+                );
+                black_box(y);
+            };
             for (n, bench) in [(1, &decode), (PREFILL, &prefill)] {
                 let mut y = vec![0.0f32; n * ROWS];
-                run.bench(bench, w.len(), ROWS, || {
-                    matmul(
-                        &pool,
-                        kernel(isa, ty),
-                        &w,
-                        ROWS,
-                        COLS,
-                        row,
-                        &acts,
-                        act_row,
-                        n,
-                        &mut y,
-                    );
-                    black_box(&y);
-                });
+                run.bench(bench, w.len(), ROWS, || product(&w, n, &mut y));
             }
             if run.wants(&dram) {
                 // Decode as the model meets it: one token against a run of
@@ -245,19 +247,7 @@ fn main() {
                 let mut y = vec![0.0f32; ROWS];
                 run.bench(&dram, big.len(), ROWS * DRAM_MATRICES, || {
                     for m in big.chunks_exact(w.len()) {
-                        matmul(
-                            &pool,
-                            kernel(isa, ty),
-                            m,
-                            ROWS,
-                            COLS,
-                            row,
-                            &acts,
-                            act_row,
-                            1,
-                            &mut y,
-                        );
-                        black_box(&y);
+                        product(m, 1, &mut y);
                     }
                 });
             }

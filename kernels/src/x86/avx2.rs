@@ -30,7 +30,7 @@ use std::cell::RefCell;
 /// Weight rows per group: one per 32-bit lane of a ymm register.
 pub const GROUP: usize = 8;
 /// Tokens per register tile of the packed path.
-const TILE: usize = 4;
+pub(super) const TILE: usize = 4;
 /// Token counts up to this are computed from blocks transposed on the fly;
 /// more tokens pay for unpacking the group once.
 const DIRECT_MAX: usize = 4;
@@ -306,21 +306,37 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
 }
 
 thread_local! {
-    /// The packed group of the calling thread, reused across calls.
+    /// The packed group of the calling thread (Q4_0/Q8_0 here, k-quants in
+    /// `avx2k`), reused across calls.
     static PACKED: RefCell<Vec<__m256i>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Dispatches a tile of `len` (1..=4) tokens to the const-generic kernel.
+/// Runs `f` on the calling thread's packing buffer, `len` registers long.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn with_packed<R>(len: usize, f: impl FnOnce(&mut [__m256i]) -> R) -> R {
+    PACKED.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, _mm256_setzero_si256());
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Dispatches a tile of `len` (1..=4) tokens to the const-generic kernel
+/// `f::<kind, len>`.
 macro_rules! by_len {
-    ($len:expr, $f:ident::<$q8:ident>, ($($arg:expr),*)) => {
+    ($len:expr, $f:ident::<$kind:ident>, ($($arg:expr),*)) => {
         match $len {
-            1 => $f::<$q8, 1>($($arg),*),
-            2 => $f::<$q8, 2>($($arg),*),
-            3 => $f::<$q8, 3>($($arg),*),
-            _ => $f::<$q8, 4>($($arg),*),
+            1 => $f::<$kind, 1>($($arg),*),
+            2 => $f::<$kind, 2>($($arg),*),
+            3 => $f::<$kind, 3>($($arg),*),
+            _ => $f::<$kind, 4>($($arg),*),
         }
     };
 }
+pub(super) use by_len;
 
 /// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
 /// first, `row_bytes` apart, `sums.nb` blocks each) with every activation
@@ -388,13 +404,7 @@ unsafe fn panel_of<const Q8: bool>(
             };
             continue;
         }
-        PACKED.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let len = packed_regs(Q8) * nb;
-            if buf.len() < len {
-                buf.resize(len, _mm256_setzero_si256());
-            }
-            let packed = &mut buf[..len];
+        with_packed(packed_regs(Q8) * nb, |packed| {
             let rp = group_rows(g, row_bytes, g_rows);
             for (i, p) in packed.chunks_exact_mut(packed_regs(Q8)).enumerate() {
                 if i % (64 / bytes) == 0 {

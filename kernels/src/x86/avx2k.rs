@@ -20,14 +20,11 @@
 //! Q4_K values: 8 * 3840; 4 of 5-bit Q5_K: 4 * 7936; 2 of 6-bit Q6_K:
 //! 2 * 16128) before `vpmaddwd` applies the sub-block scale in i32.
 
-use super::avx2::{GROUP, group_rows, load_pair, transpose4};
+use super::avx2::{GROUP, TILE, by_len, group_rows, load_pair, transpose4, with_packed};
 use super::avx512::{Out, check_panel};
 use super::avx512k::KFormat;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
-/// Tokens per register tile of the packed path.
-const TILE: usize = 4;
 /// Token counts up to this run as row tiles from the mapping ([`direct`]);
 /// more tokens pay for unpacking the group once.
 const DIRECT_MAX: usize = 4;
@@ -384,23 +381,6 @@ unsafe fn from_packed<const F: u8, const N: usize>(
     }
 }
 
-thread_local! {
-    /// The packed group of the calling thread, reused across calls.
-    static PACKED: RefCell<Vec<__m256i>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Dispatches a tile of `len` (1..=4) tokens to the const-generic kernel.
-macro_rules! by_len {
-    ($len:expr, $f:ident::<$fmt:ident>, ($($arg:expr),*)) => {
-        match $len {
-            1 => $f::<$fmt, 1>($($arg),*),
-            2 => $f::<$fmt, 2>($($arg),*),
-            3 => $f::<$fmt, 3>($($arg),*),
-            _ => $f::<$fmt, 4>($($arg),*),
-        }
-    };
-}
-
 /// Dots of `rows` (1..=16) consecutive weight rows (`w` starts at the
 /// first, `row_bytes` apart, `nb` super-blocks each) with every Q8_K
 /// activation row, written to `out` (token `t`, row `r` at `t * ld + r`):
@@ -464,13 +444,7 @@ unsafe fn panel_of<const F: u8>(
             unsafe { direct::<F>(g, row_bytes, g_rows, nb, xs, r0, out) };
             continue;
         }
-        PACKED.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let len = regs(F) * nb;
-            if buf.len() < len {
-                buf.resize(len, _mm256_setzero_si256());
-            }
-            let packed = &mut buf[..len];
+        with_packed(regs(F) * nb, |packed| {
             let rp = group_rows(g, row_bytes, g_rows);
             for (i, p) in packed.chunks_exact_mut(regs(F)).enumerate() {
                 for r in rp {

@@ -3,6 +3,7 @@
 //! (the model mapping, which the kernel can drop and re-read at will).
 
 use serde::Serialize;
+use std::ops::Range;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Memory {
@@ -156,10 +157,33 @@ pub fn major_faults() -> Option<u64> {
     rest.split_whitespace().nth(9)?.parse().ok()
 }
 
-/// Resident bytes of the mapping that starts at `addr`, from
-/// `/proc/self/smaps` (pages of the file this process has mapped in).
-pub fn mapping_rss(addr: usize) -> Option<u64> {
-    smaps_rss(&std::fs::read_to_string("/proc/self/smaps").ok()?, addr)
+/// One mapping (VMA) of this process, from `/proc/self/smaps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vma {
+    pub start: usize,
+    pub end: usize,
+    /// Resident bytes (pages of the file this process has mapped in).
+    pub rss: u64,
+    /// Bytes mapped with huge (PMD) entries: `FilePmdMapped` plus
+    /// `AnonHugePages`.
+    pub huge_mapped: u64,
+    /// Advised `MADV_HUGEPAGE` (flag `hg`).
+    pub huge_advised: bool,
+}
+
+/// The mappings of this process that start inside `range` (one file
+/// mapping becomes several once parts of it get different advice).
+pub fn mappings(range: Range<usize>) -> Option<Vec<Vma>> {
+    Some(smaps_vmas(
+        &std::fs::read_to_string("/proc/self/smaps").ok()?,
+        range,
+    ))
+}
+
+/// Resident bytes of the mapping `addr..addr + len`, over all its pieces.
+pub fn mapping_rss(addr: usize, len: usize) -> Option<u64> {
+    let vmas = mappings(addr..addr + len)?;
+    (!vmas.is_empty()).then(|| vmas.iter().map(|v| v.rss).sum())
 }
 
 /// A mapping's first line ("7f00-7f10 r--s ..."), not one of its fields.
@@ -169,15 +193,49 @@ fn is_smaps_header(line: &str) -> bool {
         .is_some_and(|t| t.contains('-') && t.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
 }
 
-fn smaps_rss(smaps: &str, addr: usize) -> Option<u64> {
-    let start = format!("{addr:x}-");
-    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
-    lines.next()?;
-    lines
-        .take_while(|l| !is_smaps_header(l))
-        .find_map(|l| l.strip_prefix("Rss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+fn smaps_vmas(smaps: &str, range: Range<usize>) -> Vec<Vma> {
+    let kb = |v: &str| {
+        v.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .map_or(0, |k| k * 1024)
+    };
+    let mut out: Vec<Vma> = Vec::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if is_smaps_header(line) {
+            let span = line.split_whitespace().next().unwrap_or("");
+            let (a, b) = span.split_once('-').unwrap_or(("", ""));
+            let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                inside = false;
+                continue;
+            };
+            inside = range.contains(&start);
+            if inside {
+                out.push(Vma {
+                    start,
+                    end,
+                    rss: 0,
+                    huge_mapped: 0,
+                    huge_advised: false,
+                });
+            }
+            continue;
+        }
+        let Some(v) = out.last_mut().filter(|_| inside) else {
+            continue;
+        };
+        let (key, val) = line.split_once(':').unwrap_or((line, ""));
+        match key {
+            "Rss" => v.rss = kb(val),
+            "FilePmdMapped" | "AnonHugePages" => v.huge_mapped += kb(val),
+            "VmFlags" => v.huge_advised = val.split_whitespace().any(|f| f == "hg"),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -243,10 +301,29 @@ mod tests {
         assert_eq!(psi_some_avg10(psi), Some(12.5));
         assert_eq!(psi_some_avg10("full avg10=1\n"), None);
         let smaps = "7f00-7f10 r--s 00000000 fe:01 12 /a.gguf\nSize: 64 kB\nRss: 12 kB\n\
-                     7f20-7f30 r--s 00000000 fe:01 13 /b.gguf\nSize: 64 kB\nRss: 40 kB\n";
-        assert_eq!(smaps_rss(smaps, 0x7f00), Some(12 << 10));
-        assert_eq!(smaps_rss(smaps, 0x7f20), Some(40 << 10));
-        assert_eq!(smaps_rss(smaps, 0x7f40), None);
+                     VmFlags: rd sh mr mw me ms hg\n\
+                     7f10-7f20 r--s 00010000 fe:01 12 /a.gguf\nSize: 64 kB\nRss: 40 kB\n\
+                     FilePmdMapped: 8 kB\nVmFlags: rd sh mr nh\n\
+                     7f20-7f30 r--s 00000000 fe:01 13 /b.gguf\nRss: 4 kB\n";
+        let v = |start, end, rss: u64, huge_mapped: u64, huge_advised| Vma {
+            start,
+            end,
+            rss: rss << 10,
+            huge_mapped: huge_mapped << 10,
+            huge_advised,
+        };
+        assert_eq!(
+            smaps_vmas(smaps, 0x7f00..0x7f20),
+            [
+                v(0x7f00, 0x7f10, 12, 0, true),
+                v(0x7f10, 0x7f20, 40, 8, false)
+            ]
+        );
+        assert_eq!(
+            smaps_vmas(smaps, 0x7f20..0x7f21),
+            [v(0x7f20, 0x7f30, 4, 0, false)]
+        );
+        assert_eq!(smaps_vmas(smaps, 0x7f40..0x7f50), []);
         #[cfg(target_os = "linux")]
         {
             assert!(major_faults().is_some());

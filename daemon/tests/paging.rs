@@ -124,8 +124,8 @@ fn a_budget_changes_no_logit_and_holds() {
         }
         // What the kernel says this process has mapped of the file: the
         // budget plus slack for the pages the slabs share at their edges.
-        let (addr, _) = tight.gguf().map_addr().unwrap();
-        let rss = lfmd::procstat::mapping_rss(addr).unwrap();
+        let (addr, len) = tight.gguf().map_addr().unwrap();
+        let rss = lfmd::procstat::mapping_rss(addr, len).unwrap();
         let page = 4096 * 2 * 3 * st.experts.len() as u64 * st.experts[0].len() as u64;
         assert!(
             rss <= budget + page,
@@ -258,4 +258,49 @@ fn the_hottest_experts_are_locked_and_never_given_back() {
         evictions
     );
     assert!(st.expert_resident_bytes <= 9 * expert);
+}
+
+/// Bytes of the model's mapping advised to huge pages and not, from
+/// /proc/self/smaps (the advice splits the mapping into pieces).
+fn huge_advice(m: &Model) -> (u64, u64) {
+    let (addr, len) = m.gguf().map_addr().unwrap();
+    let vmas = lfmd::procstat::mappings(addr..addr + len).unwrap();
+    assert!(vmas.last().unwrap().end >= addr + len, "{vmas:?}");
+    let bytes = |huge: bool| {
+        vmas.iter()
+            .filter(|v| v.huge_advised == huge)
+            .map(|v| (v.end - v.start) as u64)
+            .sum()
+    };
+    (bytes(true), bytes(false))
+}
+
+#[test]
+fn huge_pages_are_advised_for_all_that_stays_mapped() {
+    if !Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+        eprintln!("skipped: this kernel has no transparent huge pages");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "tiny-moe");
+    // No cap: the whole file, expert slabs included.
+    let free = open(&path, Budget::Unlimited, 0);
+    let s = free.paging_stats().unwrap();
+    let len = free.gguf().bytes().len().next_multiple_of(4096) as u64;
+    let k = free.desc.n_expert_used as u64;
+    assert_eq!(huge_advice(&free), (len, 0));
+    drop(free);
+    // A cap below the model: the fixed tensors only; the slabs stay on
+    // small pages, so loads and evictions move exactly their pages. Pages
+    // shared by a slab and its neighbour go with the fixed tensors.
+    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let tight = open(&path, Budget::Bytes(s.fixed_bytes + 4 * k * expert), 0);
+    let (huge, small) = huge_advice(&tight);
+    assert_eq!(huge + small, len);
+    let edges = 2 * 4096 * 3 * s.experts.len() as u64;
+    assert!(
+        small <= s.expert_total_bytes && small + edges >= s.expert_total_bytes,
+        "{small} bytes without advice for {} of experts",
+        s.expert_total_bytes
+    );
 }

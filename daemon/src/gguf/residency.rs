@@ -120,6 +120,46 @@ impl Gguf {
         Ok((present * ps) as u64)
     }
 
+    /// Asks for `r`'s whole pages to be backed by transparent huge pages
+    /// (`MADV_HUGEPAGE`), or no longer (`MADV_NOHUGEPAGE`, `huge` false):
+    /// faults then read 2 MiB folios into the page cache and map them with
+    /// one page-table entry, which spares decode (a stream of ~1 GB a
+    /// token) most of its TLB misses. Returns whether huge pages are on for
+    /// `r` now (asked for and THP not `never`); advice the kernel cannot
+    /// take is not an error.
+    pub fn advise_huge(&self, r: Range<u64>, huge: bool) -> io::Result<bool> {
+        let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"));
+        // Huge: every page `r` touches (a page shared with a neighbour can
+        // only be mapped huge with a whole 2 MiB block of advised pages
+        // around it). Not: only the pages no neighbour shares.
+        let span = if huge {
+            self.outer(&r)
+        } else {
+            self.inner(&r).map(|(p, l, _)| (p, l))
+        };
+        let Some((ptr, len)) = span else {
+            return Ok(false);
+        };
+        // SAFETY: advice on pages of our read-only mapping; huge pages hold
+        // the same file bytes, so every `&[u8]` into it stays valid.
+        let (advice, name) = if huge {
+            (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+        } else {
+            (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+        };
+        let rc = unsafe { libc::madvise(ptr, len, advice) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // EINVAL: a kernel built without THP.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(false);
+            }
+            return Err(io::Error::new(e.kind(), format!("{name}: {e}")));
+        }
+        Ok(huge && enabled)
+    }
+
     /// Reads `r` into memory and maps it, blocking until done
     /// (`MADV_POPULATE_READ`; `MADV_WILLNEED` on kernels before 5.14).
     /// Meant for a helper thread: the engine then finds the pages mapped.
@@ -310,5 +350,34 @@ mod tests {
         // Empty and out-of-range ranges are no-ops.
         assert_eq!(g.resident_bytes(len..len + 5).unwrap(), 0);
         g.populate(len..len + 5).unwrap();
+    }
+
+    #[test]
+    fn huge_page_advice_keeps_bytes_and_eviction_working() {
+        let ps = page_size() as u64;
+        let (_d, g) = mapped(1024 * ps as usize);
+        let len = g.bytes().len() as u64;
+        // Advice on the whole mapping and on a range inside it; what the
+        // kernel does with it depends on its THP setting, never on bytes.
+        let thp = g.advise_huge(0..len, true).unwrap();
+        let r = (len / 2) / ps * ps..(len / 2) / ps * ps + 32 * ps;
+        assert_eq!(g.advise_huge(r.clone(), true).unwrap(), thp);
+        // Taking the advice back for part of it (a cap that shrank) is
+        // never "on", and giving it again is as before.
+        assert!(!g.advise_huge(r.clone(), false).unwrap());
+        assert_eq!(g.advise_huge(r.clone(), true).unwrap(), thp);
+        g.populate(0..len).unwrap();
+        assert!(g.bytes()[g.bytes().len() - 4096..].iter().all(|&b| b == 7));
+        // Eviction still gives the range back, huge pages or not (a huge
+        // page is split to give back part of it).
+        assert_eq!(g.evict(r.clone()).unwrap(), 32 * ps);
+        assert_eq!(g.mapped_bytes(r.clone()).unwrap(), 0);
+        let sum: u64 = g.bytes()[r.start as usize..r.end as usize]
+            .iter()
+            .map(|&b| u64::from(b))
+            .sum();
+        assert_eq!(sum, 7 * 32 * ps);
+        // Out of range: nothing to advise.
+        assert!(!g.advise_huge(len + 1..len + 5, true).unwrap());
     }
 }

@@ -24,11 +24,6 @@ struct OutPtr(*mut f32);
 // pool's region ends before the owner of the slice uses it again.
 unsafe impl Sync for OutPtr {}
 
-/// Weight rows are handed out in about this many chunks per thread: few, so
-/// each thread streams long contiguous runs of the matrix (what the memory
-/// system rewards in decode), more than one, so uneven progress balances.
-const CHUNKS_PER_THREAD: usize = 2;
-
 /// `y[t * rows + r] = dot(w[r], act[t])`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -222,12 +217,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
     let (outs, starts) = (&outs, &starts);
     #[cfg(target_arch = "x86_64")]
     let sides = &sides;
-    let chunk = if max_n > FEW_TOKENS {
-        UNITS_PER_PREFILL_CHUNK
-    } else {
-        total.div_ceil(pool.n_threads() * CHUNKS_PER_THREAD)
-    };
-    pool.for_chunks(total, chunk, &|range| {
+    let unit = |range: std::ops::Range<usize>| {
         for u in range {
             let k = starts.partition_point(|&s| s <= u) - 1;
             let (job, r0) = (&jobs[k], (u - starts[k]) * UNIT_ROWS);
@@ -311,7 +301,14 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                 Kernel::Panel(p) => match p.never {},
             }
         }
-    });
+    };
+    if max_n > FEW_TOKENS {
+        pool.for_chunks(total, UNITS_PER_PREFILL_CHUNK, &unit);
+    } else {
+        // Decode: long runs of rows per thread (one linear stream each),
+        // shrinking at the end so neither thread waits for the other.
+        pool.for_chunks_guided(total, 1, &unit);
+    }
 }
 
 /// Rows `r0..r0 + rows` of `job` by two-row, four-token row dots.

@@ -138,6 +138,42 @@ impl ThreadPool {
             f(start..(start + chunk).min(n_items));
         });
     }
+
+    /// Runs `f(range)` over `0..n_items` in chunks that shrink as the work
+    /// runs out (each a share of what is left, at least `min_chunk`): long
+    /// contiguous runs while there is much to do, and at the end no thread
+    /// waits for another's last long chunk. What is handed out depends on
+    /// timing; the items each call sees are always disjoint and cover all.
+    pub fn for_chunks_guided(
+        &self,
+        n_items: usize,
+        min_chunk: usize,
+        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) {
+        let min_chunk = min_chunk.max(1);
+        let share = 2 * self.n_threads();
+        let next = AtomicUsize::new(0);
+        self.run(&|_, _| {
+            let mut start = next.load(Ordering::Relaxed);
+            while start < n_items {
+                let len = ((n_items - start) / share)
+                    .max(min_chunk)
+                    .min(n_items - start);
+                match next.compare_exchange_weak(
+                    start,
+                    start + len,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        f(start..start + len);
+                        start = next.load(Ordering::Relaxed);
+                    }
+                    Err(now) => start = now,
+                }
+            }
+        });
+    }
 }
 
 /// A raw base pointer shared by pool threads that touch disjoint parts.
@@ -264,6 +300,41 @@ mod tests {
                 seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
                 "n {n} chunk {chunk}"
             );
+        }
+    }
+
+    #[test]
+    fn guided_chunks_cover_every_item_once_and_shrink() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (n, min) in [(0, 1), (1, 1), (7, 3), (1000, 1), (896, 2)] {
+                let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                let chunks = Mutex::new(Vec::new());
+                pool.for_chunks_guided(n, min, &|r| {
+                    chunks.lock().unwrap().push(r.clone());
+                    for i in r {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                assert!(
+                    seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
+                    "n {n} min {min}"
+                );
+                let mut chunks = chunks.into_inner().unwrap();
+                chunks.sort_by_key(|r| r.start);
+                // In the order handed out: never longer than a share of
+                // what was left, never shorter than the minimum (but the
+                // tail), so the last ones are short.
+                for r in &chunks {
+                    let left = n - r.start;
+                    let share = (left / (2 * threads)).max(min).min(left);
+                    assert_eq!(r.len(), share, "n {n} min {min}: {chunks:?}");
+                }
+                if n >= 100 {
+                    assert!(chunks.first().unwrap().len() >= n / (2 * threads));
+                    assert!(chunks.last().unwrap().len() <= min);
+                }
+            }
         }
     }
 

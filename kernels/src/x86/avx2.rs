@@ -91,15 +91,7 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &
     let m = _mm256_set1_epi8(0x0f);
     // SAFETY (all loads): block i of every row is readable (the caller);
     // the reads are its 2-byte scale and its quant bytes.
-    // Each row's scale as the low word of a 4-byte load, interleaved into
-    // one register by an unpack tree (7 shuffles; inserting word by word
-    // costs twice the µops).
-    let h = |r: usize| unsafe { _mm_cvtsi32_si128(rows[r].add(at).cast::<i32>().read_unaligned()) };
-    let pair = |a: usize| _mm_unpacklo_epi16(h(a), h(a + 1));
-    let d = _mm256_cvtph_ps(_mm_unpacklo_epi64(
-        _mm_unpacklo_epi32(pair(0), pair(2)),
-        _mm_unpacklo_epi32(pair(4), pair(6)),
-    ));
+    let d = unsafe { row_scales(rows, at) };
     out[packed_regs(Q8) - 1] = _mm256_castps_si256(d);
     if Q8 {
         // Dwords 0..4 then 4..8 of the 32 quant bytes.
@@ -168,19 +160,102 @@ unsafe fn accumulate<const Q8: bool, const N: usize>(
         if Q8 {
             sum = _mm256_add_epi32(sum, _mm256_madd_epi16(a_hi[t], _mm256_set1_epi16(16)));
         }
-        // SAFETY: the caller guarantees entry i of d[t] and s[t]; read
-        // where they are, so each is one broadcast load.
-        let (st, dt) = unsafe { (*s[t].add(i), *d[t].add(i)) };
-        let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(st)));
-        let block = if Q8 {
-            // scalar: sum as f32 * (d_w * d_x)
-            _mm256_mul_ps(f, _mm256_mul_ps(dw, _mm256_set1_ps(dt)))
-        } else {
-            // scalar: sum as f32 * d_w * d_x
-            _mm256_mul_ps(_mm256_mul_ps(f, dw), _mm256_set1_ps(dt))
-        };
-        acc[t] = _mm256_add_ps(acc[t], block);
+        // SAFETY: the caller guarantees entry i of d[t] and s[t].
+        unsafe { add_block::<Q8>(sum, dw, d[t].add(i), s[t].add(i), &mut acc[t]) };
     }
+}
+
+/// Adds one block's products to `acc` (8 rows, one token): `sum` holds the
+/// rows' integer dots with the token's quants, `*d` and `*s` the token's
+/// block scale and offset sum, `dw` the rows' scales. The float steps are
+/// the scalar reference's, in its order.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be present, `d` and `s` readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_block<const Q8: bool>(
+    sum: __m256i,
+    dw: __m256,
+    d: *const f32,
+    s: *const i32,
+    acc: &mut __m256,
+) {
+    // SAFETY: by the caller; read where they are, so each is one
+    // broadcast load.
+    let (st, dt) = unsafe { (*s, *d) };
+    let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(st)));
+    let block = if Q8 {
+        // scalar: sum as f32 * (d_w * d_x)
+        _mm256_mul_ps(f, _mm256_mul_ps(dw, _mm256_set1_ps(dt)))
+    } else {
+        // scalar: sum as f32 * d_w * d_x
+        _mm256_mul_ps(_mm256_mul_ps(f, dw), _mm256_set1_ps(dt))
+    };
+    *acc = _mm256_add_ps(*acc, block);
+}
+
+/// The 8 rows' scales of block `i` (at byte `at` of each row) as floats:
+/// each the low word of a 4-byte load, interleaved into one register by an
+/// unpack tree (7 shuffles; inserting word by word costs twice the µops).
+///
+/// # Safety
+/// AVX2/FMA/F16C must be present and 4 bytes at `at` of every row readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_scales(rows: &[*const u8; GROUP], at: usize) -> __m256 {
+    // SAFETY: by the caller.
+    let h = |r: usize| unsafe { _mm_cvtsi32_si128(rows[r].add(at).cast::<i32>().read_unaligned()) };
+    let pair = |a: usize| _mm_unpacklo_epi16(h(a), h(a + 1));
+    _mm256_cvtph_ps(_mm_unpacklo_epi64(
+        _mm_unpacklo_epi32(pair(0), pair(2)),
+        _mm_unpacklo_epi32(pair(4), pair(6)),
+    ))
+}
+
+/// Integer dots of Q4_0 block `i` of the 8 rows (at byte `at`) with one
+/// token's 32 quants at `x`, row `r` in lane `r` (as `accumulate` sums
+/// them). Row pairs straight from memory against the token's quants
+/// broadcast to both halves, then one reduction: with a single token the
+/// transposition into the lane layout costs more than it saves.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be present, block `i` of every row and 32 bytes at
+/// `x` readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_dots_one(rows: &[*const u8; GROUP], at: usize, x: *const u8) -> __m256i {
+    let m = _mm256_set1_epi8(0x0f);
+    // Packed byte j holds weights j (low nibble) and j + 16 (high).
+    // SAFETY (all loads): by the caller; unaligned.
+    let (x_lo, x_hi) = unsafe {
+        (
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(x.cast())),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(x.add(16).cast())),
+        )
+    };
+    let v = [0, 1, 2, 3].map(|a| {
+        // SAFETY: see above. Rows a (low half) and a + 4 (high half).
+        let p = unsafe { load_pair(rows, a, at + 2) };
+        // Each i16 at most 2 * 15 * 128 per product pair: the sum of two
+        // fits.
+        let lo = _mm256_maddubs_epi16(_mm256_and_si256(p, m), x_lo);
+        let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(p), m), x_hi);
+        _mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1))
+    });
+    // v[a] holds four partial sums of row a (low half), a + 4 (high).
+    let t01 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(v[0], v[1]),
+        _mm256_unpackhi_epi32(v[0], v[1]),
+    );
+    let t23 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(v[2], v[3]),
+        _mm256_unpackhi_epi32(v[2], v[3]),
+    );
+    _mm256_add_epi32(
+        _mm256_unpacklo_epi64(t01, t23),
+        _mm256_unpackhi_epi64(t01, t23),
+    )
 }
 
 /// The low- and high-nibble registers of a block in the lane layout (Q4_0
@@ -263,6 +338,23 @@ unsafe fn direct<const Q8: bool, const N: usize>(
             // A hint: an address past the slice is harmless.
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
             line += 1;
+        }
+        if N == 1 && !Q8 {
+            let at = i * Format::Q4_0.block_bytes();
+            // SAFETY: every row has nb blocks (checked by `panel`), xs[0]
+            // holds nb blocks, d[0] and s[0] nb entries.
+            unsafe {
+                let x0 = x[0].add(i * Q8_0_BYTES + 2);
+                let sum = q4_0_dots_one(&rp, at, x0);
+                add_block::<false>(
+                    sum,
+                    row_scales(&rp, at),
+                    d[0].add(i),
+                    s[0].add(i),
+                    &mut acc[0],
+                );
+            }
+            continue;
         }
         let mut b = [_mm256_setzero_si256(); 17];
         // SAFETY: every row has nb blocks (checked by `panel`).
@@ -747,6 +839,8 @@ mod tests {
             // remainder, partial and whole groups, one and two groups.
             for &(rows, nb, n) in &[
                 (16, 1, 1),
+                (5, 9, 1),
+                (16, 65, 1),
                 (3, 7, 2),
                 (8, 2, 3),
                 (16, 65, 4),

@@ -329,6 +329,11 @@ unsafe fn direct<const F: u8>(
     r0: usize,
     out: Out,
 ) {
+    if F == Q4K && xs.len() == 1 {
+        // SAFETY: as [`panel`] checked.
+        unsafe { q4k_one(w, row_bytes, rows, nb, xs[0], r0, out) };
+        return;
+    }
     let used = nb * bytes_of(F);
     let n = xs.len();
     let mut vals = [0.0f32; 2 * DIRECT_MAX];
@@ -355,6 +360,135 @@ unsafe fn direct<const F: u8>(
             }
         }
     }
+}
+
+/// One token against the Q4_K group at `w` (decode). Each row pair's
+/// quants (rows `p` and `p + 4` in the two halves) meet the token's quants
+/// broadcast to both halves straight from the mapping, scaled per sub-block
+/// in i32; the headers (scales, mins, d, dmin) are unpacked once for all 8
+/// rows in the lane layout, the four pairs reduced to one lane per row and
+/// finished by [`accumulate`]'s float expression in lanes: the 2-row tiles
+/// spend as much on each row's header and sums as on its quants. The same
+/// exact integers, so the same bits.
+///
+/// # Safety
+/// As [`panel`] checked, with `x` the token's Q8_K row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_one(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    x: &[u8],
+    r0: usize,
+    out: Out,
+) {
+    let rp = group_rows(w, row_bytes, rows);
+    let (lo4, low6) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x3f));
+    let top2 = |v: __m256i| {
+        let t = _mm256_and_si256(_mm256_srli_epi32::<6>(v), _mm256_set1_epi8(3));
+        _mm256_slli_epi32::<4>(t)
+    };
+    // Byte `j` of each half's dword `p` (rows p and p + 4) in every i16.
+    let pick = |p: usize, j: usize| _mm256_set1_epi16((0x8000 | (4 * p + j)) as u16 as i16);
+    // The next group's bytes (usually this thread's next) in address
+    // order, spread over the blocks, as the Q4_0 decode path does.
+    let span = GROUP * row_bytes;
+    let lines = span.div_ceil(64);
+    let ahead = w.as_ptr().wrapping_add(span);
+    let (mut line, mut owed) = (0, 0);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        owed += lines;
+        while owed >= nb {
+            owed -= nb;
+            // A hint: an address past the mapping is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
+            line += 1;
+        }
+        let at = i * bytes_of(Q4K);
+        let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
+        // d @0, dmin @2, scales[12] @4 (see `load_block`).
+        // SAFETY: block i of every row is readable (checked by `panel`).
+        let [dd, a, b, c] = unsafe { dwords4(&rp, at) };
+        let sc = [
+            _mm256_and_si256(a, low6),
+            _mm256_or_si256(_mm256_and_si256(c, lo4), top2(a)),
+        ];
+        let mins = [
+            _mm256_and_si256(b, low6),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32::<4>(c), lo4), top2(b)),
+        ];
+        let mut isum = [_mm256_setzero_si256(); 4];
+        for m in 0..4 {
+            // qs[32m..32m + 32]: sub-block 2m in the low nibbles, 2m + 1
+            // in the high; 16 bytes (half h) at a time, with the token's
+            // quants of each in both halves.
+            // SAFETY: block i of x holds its 256 quants from Q8K_QS.
+            let y = [0, 1].map(|h| unsafe {
+                let q = xb.add(Q8K_QS + 64 * m + 16 * h);
+                (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast())),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(32).cast())),
+                )
+            });
+            let (j_lo, j_hi) = (2 * m, 2 * m + 1);
+            for (p, s) in isum.iter_mut().enumerate() {
+                let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for (h, (y_lo, y_hi)) in y.iter().enumerate() {
+                    // SAFETY: block i of rows p and p + 4 is readable.
+                    let v = unsafe { load_pair(&rp, p, at + 16 + 32 * m + 16 * h) };
+                    // Two pair sums of 4-bit values: at most 2 * 3840.
+                    let q_lo = _mm256_and_si256(v, lo4);
+                    let q_hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), lo4);
+                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(q_lo, *y_lo));
+                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(q_hi, *y_hi));
+                }
+                let s_lo = _mm256_shuffle_epi8(sc[j_lo / 4], pick(p, j_lo % 4));
+                let s_hi = _mm256_shuffle_epi8(sc[j_hi / 4], pick(p, j_hi % 4));
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(lo, s_lo));
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(hi, s_hi));
+            }
+        }
+        // isum[p]: four partial sums of row p (low half), p + 4 (high).
+        let t01 = _mm256_add_epi32(
+            _mm256_unpacklo_epi32(isum[0], isum[1]),
+            _mm256_unpackhi_epi32(isum[0], isum[1]),
+        );
+        let t23 = _mm256_add_epi32(
+            _mm256_unpacklo_epi32(isum[2], isum[3]),
+            _mm256_unpackhi_epi32(isum[2], isum[3]),
+        );
+        let isum = _mm256_add_epi32(
+            _mm256_unpacklo_epi64(t01, t23),
+            _mm256_unpackhi_epi64(t01, t23),
+        );
+        // From here [`accumulate`]'s steps for one token.
+        // SAFETY: block i of x holds its d and its 16 sums.
+        let (dx, bsums) = unsafe {
+            (
+                _mm256_set1_ps(xb.cast::<f32>().read_unaligned()),
+                xb.add(Q8K_BSUMS),
+            )
+        };
+        let mut msum = _mm256_setzero_si256();
+        for j in 0..8 {
+            let mj = _mm256_shuffle_epi8(mins[j / 4], pick16::<false>(j as i32 % 4, j as i32 % 4));
+            // SAFETY: as above.
+            let b = unsafe { dword(bsums.add(4 * j)) };
+            msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mj, b));
+        }
+        // sum(sc * q * x) * (d_w * d_x) - sum(m * bsum) * (dmin_w * d_x)
+        let d = _mm256_mul_ps(f16_lanes::<false>(dd), dx);
+        let dmin = _mm256_mul_ps(f16_lanes::<true>(dd), dx);
+        let block = _mm256_sub_ps(
+            _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin),
+        );
+        acc = _mm256_add_ps(acc, block);
+    }
+    // SAFETY: `panel` checked that the token's outputs fit; r0 < rows.
+    unsafe { out.store8(0, r0, acc) };
 }
 
 /// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`.
@@ -668,6 +802,8 @@ mod tests {
             // remainder, partial and whole groups, one and two groups.
             for &(rows, nb, n) in &[
                 (16, 1, 1),
+                (5, 3, 1),
+                (8, 7, 1),
                 (3, 3, 2),
                 (8, 2, 3),
                 (16, 4, 4),

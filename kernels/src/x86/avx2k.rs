@@ -398,14 +398,10 @@ unsafe fn q4k_one(
     let ahead = w.as_ptr().wrapping_add(span);
     let (mut line, mut owed) = (0, 0);
     let mut acc = _mm256_setzero_ps();
+    // Spread over the four 64-weight steps of each block too (a block is
+    // 144 bytes a row: a group's next lines come 18 per block).
+    let steps = 4 * nb;
     for i in 0..nb {
-        owed += lines;
-        while owed >= nb {
-            owed -= nb;
-            // A hint: an address past the mapping is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
-            line += 1;
-        }
         let at = i * bytes_of(Q4K);
         let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
         // d @0, dmin @2, scales[12] @4 (see `load_block`).
@@ -421,6 +417,13 @@ unsafe fn q4k_one(
         ];
         let mut isum = [_mm256_setzero_si256(); 4];
         for m in 0..4 {
+            owed += lines;
+            while owed >= steps {
+                owed -= steps;
+                // A hint: an address past the mapping is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
+                line += 1;
+            }
             // qs[32m..32m + 32]: sub-block 2m in the low nibbles, 2m + 1
             // in the high; 16 bytes (half h) at a time, with the token's
             // quants of each in both halves.

@@ -329,9 +329,15 @@ unsafe fn direct<const F: u8>(
     r0: usize,
     out: Out,
 ) {
-    if F == Q4K && xs.len() == 1 {
+    if xs.len() == 1 && F != Q5K {
         // SAFETY: as [`panel`] checked.
-        unsafe { q4k_one(w, row_bytes, rows, nb, xs[0], r0, out) };
+        unsafe {
+            if F == Q4K {
+                q4k_one(w, row_bytes, rows, nb, xs[0], r0, out)
+            } else {
+                q6k_one(w, row_bytes, rows, nb, xs[0], r0, out)
+            }
+        };
         return;
     }
     let used = nb * bytes_of(F);
@@ -488,6 +494,156 @@ unsafe fn q4k_one(
             _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d),
             _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin),
         );
+        acc = _mm256_add_ps(acc, block);
+    }
+    // SAFETY: `panel` checked that the token's outputs fit; r0 < rows.
+    unsafe { out.store8(0, r0, acc) };
+}
+
+/// One token against the Q6_K group at `w` (decode), as [`q4k_one`] does
+/// for Q4_K: row pairs (rows `p` and `p + 4` in the two halves) straight
+/// from the mapping, each pair's 16 sub-block scales sign-extended once per
+/// block, the +32 offset taken off in i32 before the reduction to one lane
+/// per row, then the panels' float expression in lanes. The same exact
+/// (wrapping) integers, so the same bits.
+///
+/// # Safety
+/// As [`panel`] checked, with `x` the token's Q8_K row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_one(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    x: &[u8],
+    r0: usize,
+    out: Out,
+) {
+    let rp = group_rows(w, row_bytes, rows);
+    let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    // i16 `k` of each half in every i16 of it.
+    let word = |k: usize| _mm256_set1_epi16((((2 * k + 1) << 8) | (2 * k)) as i16);
+    let span = GROUP * row_bytes;
+    let lines = span.div_ceil(64);
+    let ahead = w.as_ptr().wrapping_add(span);
+    let (mut line, mut owed, steps) = (0, 0, 4 * nb);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let at = i * bytes_of(Q6K);
+        let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
+        // ql[128] @0, qh[64] @128, scales i8[16] @192, d @208.
+        // SAFETY: block i of x holds its 16 sums of 16 quants.
+        let (b_lo, b_hi) = unsafe {
+            let b = xb.add(Q8K_BSUMS);
+            (
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(b.cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(b.add(16).cast())),
+            )
+        };
+        let mut isum = [_mm256_setzero_si256(); 4];
+        for (p, total) in isum.iter_mut().enumerate() {
+            // The next group's lines, spread over the pairs of each block.
+            owed += lines;
+            while owed >= steps {
+                owed -= steps;
+                // A hint: an address past the mapping is harmless.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
+                line += 1;
+            }
+            // SAFETY: block i of rows p and p + 4 is readable.
+            let e = unsafe { load_pair(&rp, p, at + 192) };
+            let sc = [
+                _mm256_srai_epi16::<8>(_mm256_unpacklo_epi8(e, e)),
+                _mm256_srai_epi16::<8>(_mm256_unpackhi_epi8(e, e)),
+            ];
+            // Sub-block k's scale times the activation's sum of it, for
+            // the +32 the values are stored with.
+            let corr = _mm256_add_epi32(
+                _mm256_madd_epi16(sc[0], b_lo),
+                _mm256_madd_epi16(sc[1], b_hi),
+            );
+            let mut s = _mm256_setzero_si256();
+            for n in 0..2 {
+                for h in 0..2 {
+                    // Values 128n + 32q + 16h.. (q = 0..4) of sub-block
+                    // 8n + 2q + h: ql bytes 64n + 16h.. (low nibbles, then
+                    // high) and 64n + 32 + 16h.., with qh bits 2q.. of
+                    // bytes 32n + 16h...
+                    let l = at + 64 * n + 16 * h;
+                    // SAFETY: block i of rows p and p + 4 is readable.
+                    let (a, b, hb) = unsafe {
+                        (
+                            load_pair(&rp, p, l),
+                            load_pair(&rp, p, l + 32),
+                            load_pair(&rp, p, at + 128 + 32 * n + 16 * h),
+                        )
+                    };
+                    let q = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(a, m4),
+                            _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(b, m4),
+                            _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
+                            _mm256_and_si256(hb, m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(b), m4),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m30),
+                        ),
+                    ];
+                    for (k, v) in q.into_iter().enumerate() {
+                        // SAFETY: block i of x holds its 256 quants.
+                        let y = unsafe {
+                            let at = Q8K_QS + 128 * n + 32 * k + 16 * h;
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(xb.add(at).cast()))
+                        };
+                        let sub = 8 * n + 2 * k + h;
+                        let scale = _mm256_shuffle_epi8(sc[sub / 8], word(sub % 8));
+                        // A pair of 6-bit values: at most 2 * 63 * 128.
+                        s = _mm256_add_epi32(
+                            s,
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), scale),
+                        );
+                    }
+                }
+            }
+            // (sum(sc * q * x) - 32 * sum(sc * bsum)), wrapping as the
+            // panels' lanes do.
+            *total = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(corr));
+        }
+        let t01 = _mm256_add_epi32(
+            _mm256_unpacklo_epi32(isum[0], isum[1]),
+            _mm256_unpackhi_epi32(isum[0], isum[1]),
+        );
+        let t23 = _mm256_add_epi32(
+            _mm256_unpacklo_epi32(isum[2], isum[3]),
+            _mm256_unpackhi_epi32(isum[2], isum[3]),
+        );
+        let total = _mm256_add_epi32(
+            _mm256_unpacklo_epi64(t01, t23),
+            _mm256_unpackhi_epi64(t01, t23),
+        );
+        // d @208 as the high word of 4 bytes @206 (a load at 208 would
+        // reach past the block, and past the mapping after the last).
+        // SAFETY: bytes 206..210 of block i of every row are readable.
+        let h = |r: usize| unsafe {
+            let v = rp[r].add(at + 206).cast::<u32>().read_unaligned() >> 16;
+            _mm_cvtsi32_si128(v as i32)
+        };
+        let pair = |a: usize| _mm_unpacklo_epi16(h(a), h(a + 1));
+        let dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(
+            _mm_unpacklo_epi32(pair(0), pair(2)),
+            _mm_unpacklo_epi32(pair(4), pair(6)),
+        ));
+        // SAFETY: block i of x holds its d.
+        let dx = _mm256_set1_ps(unsafe { xb.cast::<f32>().read_unaligned() });
+        // (...) * (d_w * d_x)
+        let block = _mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(dw, dx));
         acc = _mm256_add_ps(acc, block);
     }
     // SAFETY: `panel` checked that the token's outputs fit; r0 < rows.

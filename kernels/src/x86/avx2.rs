@@ -243,7 +243,15 @@ unsafe fn q4_0_dots_one(rows: &[*const u8; GROUP], at: usize, x: *const u8) -> _
         let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(p), m), x_hi);
         _mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1))
     });
-    // v[a] holds four partial sums of row a (low half), a + 4 (high).
+    sum_pairs(v)
+}
+
+/// One i32 lane per row from four row-pair registers: `v[a]` holds four
+/// partial sums of row `a` (low half) and of row `a + 4` (high half); the
+/// result holds row `r` in lane `r`, the lane layout of the groups.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn sum_pairs(v: [__m256i; 4]) -> __m256i {
     let t01 = _mm256_add_epi32(
         _mm256_unpacklo_epi32(v[0], v[1]),
         _mm256_unpackhi_epi32(v[0], v[1]),
@@ -256,6 +264,47 @@ unsafe fn q4_0_dots_one(rows: &[*const u8; GROUP], at: usize, x: *const u8) -> _
         _mm256_unpacklo_epi64(t01, t23),
         _mm256_unpackhi_epi64(t01, t23),
     )
+}
+
+/// Prefetches the group after the one at hand (usually this thread's
+/// next) into L1 in address order, its lines spread evenly over `steps`
+/// calls of [`NextGroup::step`]. Measured on a DRAM-sized run of matrices
+/// (`decode-dram` bench, Zen 3, 2 threads): 11.6 GB/s prefetching one line
+/// per row at the row's current offset, 13.3-14.1 GB/s with this linear
+/// stream (the hardware prefetcher joins in).
+pub(super) struct NextGroup {
+    ahead: *const u8,
+    lines: usize,
+    steps: usize,
+    line: usize,
+    owed: usize,
+}
+
+impl NextGroup {
+    /// For the group of `GROUP` rows `row_bytes` apart at `w`.
+    pub(super) fn new(w: &[u8], row_bytes: usize, steps: usize) -> NextGroup {
+        let span = GROUP * row_bytes;
+        NextGroup {
+            ahead: w.as_ptr().wrapping_add(span),
+            lines: span.div_ceil(64),
+            steps: steps.max(1),
+            line: 0,
+            owed: 0,
+        }
+    }
+
+    /// The lines due by this step (counted without a division).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn step(&mut self) {
+        self.owed += self.lines;
+        while self.owed >= self.steps {
+            self.owed -= self.steps;
+            // A hint: an address past the mapping is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(self.ahead.wrapping_add(self.line * 64).cast());
+            self.line += 1;
+        }
+    }
 }
 
 /// The low- and high-nibble registers of a block in the lane layout (Q4_0
@@ -320,25 +369,9 @@ unsafe fn direct<const Q8: bool, const N: usize>(
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let (d, s) = token_args::<N>(sums, t0);
     let mut acc = [_mm256_setzero_ps(); N];
-    // The next group's bytes (usually this thread's next), in address
-    // order, spread evenly over the blocks. Measured on a DRAM-sized run of
-    // matrices (`decode-dram` bench, Zen, 2 threads): 11.6 GB/s prefetching
-    // one line per row at the row's current offset, 13.3-14.1 GB/s with
-    // this linear stream into L1 (the hardware prefetcher joins in).
-    let span = GROUP * row_bytes;
-    let lines = span.div_ceil(64);
-    let ahead = w.as_ptr().wrapping_add(span);
-    // Block i prefetches up to line (i + 1) * lines / nb, counted without
-    // a division.
-    let (mut line, mut owed) = (0, 0);
+    let mut next = NextGroup::new(w, row_bytes, nb);
     for i in 0..nb {
-        owed += lines;
-        while owed >= nb {
-            owed -= nb;
-            // A hint: an address past the slice is harmless.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
-            line += 1;
-        }
+        next.step();
         if N == 1 && !Q8 {
             let at = i * Format::Q4_0.block_bytes();
             // SAFETY: every row has nb blocks (checked by `panel`), xs[0]

@@ -20,7 +20,9 @@
 //! Q4_K values: 8 * 3840; 4 of 5-bit Q5_K: 4 * 7936; 2 of 6-bit Q6_K:
 //! 2 * 16128) before `vpmaddwd` applies the sub-block scale in i32.
 
-use super::avx2::{GROUP, TILE, by_len, group_rows, load_pair, transpose4, with_packed};
+use super::avx2::{
+    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, sum_pairs, transpose4, with_packed,
+};
 use super::avx512::{Out, check_panel};
 use super::avx512k::KFormat;
 use std::arch::x86_64::*;
@@ -397,16 +399,11 @@ unsafe fn q4k_one(
     };
     // Byte `j` of each half's dword `p` (rows p and p + 4) in every i16.
     let pick = |p: usize, j: usize| _mm256_set1_epi16((0x8000 | (4 * p + j)) as u16 as i16);
-    // The next group's bytes (usually this thread's next) in address
-    // order, spread over the blocks, as the Q4_0 decode path does.
-    let span = GROUP * row_bytes;
-    let lines = span.div_ceil(64);
-    let ahead = w.as_ptr().wrapping_add(span);
-    let (mut line, mut owed) = (0, 0);
+    // The next group, spread over the four 64-weight steps of each block
+    // (a block is 144 bytes a row: 18 lines a block in one burst measured
+    // slower).
+    let mut next = NextGroup::new(w, row_bytes, 4 * nb);
     let mut acc = _mm256_setzero_ps();
-    // Spread over the four 64-weight steps of each block too (a block is
-    // 144 bytes a row: a group's next lines come 18 per block).
-    let steps = 4 * nb;
     for i in 0..nb {
         let at = i * bytes_of(Q4K);
         let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
@@ -423,13 +420,7 @@ unsafe fn q4k_one(
         ];
         let mut isum = [_mm256_setzero_si256(); 4];
         for m in 0..4 {
-            owed += lines;
-            while owed >= steps {
-                owed -= steps;
-                // A hint: an address past the mapping is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
-                line += 1;
-            }
+            next.step();
             // qs[32m..32m + 32]: sub-block 2m in the low nibbles, 2m + 1
             // in the high; 16 bytes (half h) at a time, with the token's
             // quants of each in both halves.
@@ -459,19 +450,7 @@ unsafe fn q4k_one(
                 *s = _mm256_add_epi32(*s, _mm256_madd_epi16(hi, s_hi));
             }
         }
-        // isum[p]: four partial sums of row p (low half), p + 4 (high).
-        let t01 = _mm256_add_epi32(
-            _mm256_unpacklo_epi32(isum[0], isum[1]),
-            _mm256_unpackhi_epi32(isum[0], isum[1]),
-        );
-        let t23 = _mm256_add_epi32(
-            _mm256_unpacklo_epi32(isum[2], isum[3]),
-            _mm256_unpackhi_epi32(isum[2], isum[3]),
-        );
-        let isum = _mm256_add_epi32(
-            _mm256_unpacklo_epi64(t01, t23),
-            _mm256_unpackhi_epi64(t01, t23),
-        );
+        let isum = sum_pairs(isum);
         // From here [`accumulate`]'s steps for one token.
         // SAFETY: block i of x holds its d and its 16 sums.
         let (dx, bsums) = unsafe {
@@ -523,10 +502,8 @@ unsafe fn q6k_one(
     let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
     // i16 `k` of each half in every i16 of it.
     let word = |k: usize| _mm256_set1_epi16((((2 * k + 1) << 8) | (2 * k)) as i16);
-    let span = GROUP * row_bytes;
-    let lines = span.div_ceil(64);
-    let ahead = w.as_ptr().wrapping_add(span);
-    let (mut line, mut owed, steps) = (0, 0, 4 * nb);
+    // The next group, spread over the four row pairs of each block.
+    let mut next = NextGroup::new(w, row_bytes, 4 * nb);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let at = i * bytes_of(Q6K);
@@ -542,14 +519,7 @@ unsafe fn q6k_one(
         };
         let mut isum = [_mm256_setzero_si256(); 4];
         for (p, total) in isum.iter_mut().enumerate() {
-            // The next group's lines, spread over the pairs of each block.
-            owed += lines;
-            while owed >= steps {
-                owed -= steps;
-                // A hint: an address past the mapping is harmless.
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
-                line += 1;
-            }
+            next.step();
             // SAFETY: block i of rows p and p + 4 is readable.
             let e = unsafe { load_pair(&rp, p, at + 192) };
             let sc = [
@@ -616,18 +586,7 @@ unsafe fn q6k_one(
             // panels' lanes do.
             *total = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(corr));
         }
-        let t01 = _mm256_add_epi32(
-            _mm256_unpacklo_epi32(isum[0], isum[1]),
-            _mm256_unpackhi_epi32(isum[0], isum[1]),
-        );
-        let t23 = _mm256_add_epi32(
-            _mm256_unpacklo_epi32(isum[2], isum[3]),
-            _mm256_unpackhi_epi32(isum[2], isum[3]),
-        );
-        let total = _mm256_add_epi32(
-            _mm256_unpacklo_epi64(t01, t23),
-            _mm256_unpackhi_epi64(t01, t23),
-        );
+        let total = sum_pairs(isum);
         // d @208 as the high word of 4 bytes @206 (a load at 208 would
         // reach past the block, and past the mapping after the last).
         // SAFETY: bytes 206..210 of block i of every row are readable.

@@ -2,6 +2,9 @@
 # lfmd vs llama.cpp on the same file and threads, in one run:
 #   scripts/bench-vs-llama.sh MODEL.gguf [THREADS] [PP] [TG] [-- extra llama-bench args, e.g. --repack 0]
 # Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg).
+# ROUNDS=N (default 1) alternates the two programs N times and adds the median
+# of each column and of the ratios: on a shared machine both drift with their
+# neighbours by 10-20% within minutes, so one pair of runs proves little.
 # Builds lfmd into $CARGO_TARGET_DIR (default target/); LFMD=path runs that
 # binary instead (say, a build of another commit).
 # Needs the reference build: scripts/ref-noamx.sh on AVX-512 machines that advertise
@@ -10,20 +13,42 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; T=${2:-2}; PP=${3:-512}; TG=${4:-128}
 shift $(( $# < 4 ? $# : 4 )); [ "${1:-}" = "--" ] && shift
+ROUNDS=${ROUNDS:-1}
 source ../shared/reference/env.sh
 if [ -z "${LFMD:-}" ]; then
   cargo build --release --locked -p lfmd >/dev/null
   LFMD=${CARGO_TARGET_DIR:-target}/release/lfmd
 fi
-ours=$("$LFMD" bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" --json)
-theirs=$("$LLB/llama-bench" -m "$MODEL" -t "$T" -p "$PP" -n "$TG" -o json "$@" 2>/dev/null)
-python3 - "$ours" "$theirs" <<'PY'
-import json, sys
-o = json.loads(sys.argv[1]); t = json.loads(sys.argv[2])
-pp = next((r["avg_ts"] for r in t if r["n_prompt"] > 0 and r["n_gen"] == 0), 0.0)
-tg = next((r["avg_ts"] for r in t if r["n_gen"] > 0 and r["n_prompt"] == 0), 0.0)
+runs=()
+for _ in $(seq "$ROUNDS"); do
+  ours=$("$LFMD" bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" --json)
+  theirs=$("$LLB/llama-bench" -m "$MODEL" -t "$T" -p "$PP" -n "$TG" -o json "$@" 2>/dev/null)
+  runs+=("$ours" "$theirs")
+done
+python3 - "${runs[@]}" <<'PY'
+import json, statistics, sys
+args = sys.argv[1:]
+rows = []
+for ours, theirs in zip(args[::2], args[1::2]):
+    o = json.loads(ours); t = json.loads(theirs)
+    pp = next((r["avg_ts"] for r in t if r["n_prompt"] > 0 and r["n_gen"] == 0), 0.0)
+    tg = next((r["avg_ts"] for r in t if r["n_gen"] > 0 and r["n_prompt"] == 0), 0.0)
+    rows.append((o, [("prefill", o["prefill_tokens_per_s"], pp), ("decode", o["decode_tokens_per_s"], tg)]))
+o = rows[0][0]
 print(f"model {o['model']} ({o['model_bytes']/1e9:.2f} GB), {o['threads']} threads, lfmd isa {o['isa']}")
-print(f"{'test':<8} {'lfmd tok/s':>12} {'llama.cpp':>12} {'ratio':>8}")
-for name, ours, ref in [("prefill", o["prefill_tokens_per_s"], pp), ("decode", o["decode_tokens_per_s"], tg)]:
-    print(f"{name:<8} {ours:>12.2f} {ref:>12.2f} {ours / ref if ref else float('nan'):>8.2f}")
+print(f"{'test':<10} {'lfmd tok/s':>12} {'llama.cpp':>12} {'ratio':>8}")
+ratio = lambda a, b: a / b if b else float("nan")
+for i, (_, tests) in enumerate(rows):
+    for name, ours, ref in tests:
+        tag = name if len(rows) == 1 else f"{name}#{i + 1}"
+        print(f"{tag:<10} {ours:>12.2f} {ref:>12.2f} {ratio(ours, ref):>8.2f}")
+if len(rows) > 1:
+    med = statistics.median
+    print(f"median of {len(rows)} rounds (ratio: the median of the rounds' ratios)")
+    for k, name in enumerate(["prefill", "decode"]):
+        ours = [t[k][1] for _, t in rows]
+        ref = [t[k][2] for _, t in rows]
+        rs = [ratio(a, b) for a, b in zip(ours, ref)]
+        print(f"{name:<10} {med(ours):>12.2f} {med(ref):>12.2f} {med(rs):>8.2f}"
+              f"  ({min(rs):.2f}-{max(rs):.2f})")
 PY

@@ -78,6 +78,25 @@ pub(super) unsafe fn load_pair(rows: &[*const u8; GROUP], a: usize, at: usize) -
     }
 }
 
+/// [`load_pair`] for the four pairs `a`, `a + 4` (written out: a closure
+/// here was left out of line, a call per pair in the packing loop).
+///
+/// # Safety
+/// 16 bytes at `at` of every row must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn load_pairs4(rows: &[*const u8; GROUP], at: usize) -> [__m256i; 4] {
+    // SAFETY: by the caller.
+    unsafe {
+        [
+            load_pair(rows, 0, at),
+            load_pair(rows, 1, at),
+            load_pair(rows, 2, at),
+            load_pair(rows, 3, at),
+        ]
+    }
+}
+
 /// Block `i` of the group's rows in the lane layout, written to
 /// `out[..packed_regs(Q8)]`.
 ///
@@ -99,7 +118,7 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &
         for half in 0..2 {
             let at = at + 2 + 16 * half;
             // SAFETY: see above.
-            let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at)) };
+            let v = unsafe { load_pairs4(rows, at) };
             for (k, p) in transpose4(v).into_iter().enumerate() {
                 let u = _mm256_xor_si256(p, flip);
                 out[4 * half + k] = _mm256_and_si256(u, m);
@@ -108,7 +127,7 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &
         }
     } else {
         // SAFETY: see above.
-        let v = unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at + 2)) };
+        let v = unsafe { load_pairs4(rows, at + 2) };
         for (k, p) in transpose4(v).into_iter().enumerate() {
             // Packed byte j holds elements j (low) and j + 16 (high).
             out[k] = _mm256_and_si256(p, m);

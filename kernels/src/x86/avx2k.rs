@@ -21,7 +21,8 @@
 //! 2 * 16128) before `vpmaddwd` applies the sub-block scale in i32.
 
 use super::avx2::{
-    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, sum_pairs, transpose4, with_packed,
+    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, load_pairs4, sum_pairs, transpose4,
+    with_packed,
 };
 use super::avx512::{Out, check_panel};
 use super::avx512k::KFormat;
@@ -67,7 +68,7 @@ const fn bytes_of(f: u8) -> usize {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dwords4(rows: &[*const u8; GROUP], at: usize) -> [__m256i; 4] {
     // SAFETY: by the caller.
-    transpose4(unsafe { [0, 1, 2, 3].map(|a| load_pair(rows, a, at)) })
+    transpose4(unsafe { load_pairs4(rows, at) })
 }
 
 /// A pshufb control that copies byte `lo` of each dword into its low i16

@@ -499,9 +499,14 @@ fn quantize_row(isa: Isa, act: ActType, x: &[f32], out: &mut [u8]) {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && isa.available() && act == ActType::Q8_0 {
-        // SAFETY: `Isa::Avx2` available implies AVX2, FMA and F16C.
-        return unsafe { crate::x86::avx2::quantize_q8_0(x, out) };
+    if isa == Isa::Avx2 && isa.available() {
+        match act {
+            // SAFETY: `Isa::Avx2` available implies AVX2, FMA and F16C.
+            ActType::Q8_0 => return unsafe { crate::x86::avx2::quantize_q8_0(x, out) },
+            // SAFETY: as above.
+            ActType::Q8K => return unsafe { crate::x86::avx2::quantize_q8k(x, out) },
+            _ => {}
+        }
     }
     let _ = isa;
     scalar::quantize_acts(act, x, out)

@@ -649,6 +649,78 @@ pub unsafe fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Q8_K activation blocks of `x` (a multiple of 256 values) into `out`,
+/// byte-identical to `scalar::quantize_acts` (ggml's reference), as
+/// `super::avx512::quantize_q8k` is: the scale from the first value of the
+/// largest magnitude (NaN ignored), ggml's `nearest_int` (the low mantissa
+/// bits of `v + 1.5 * 2^23`), the truncating `as i8` cast, and the i16 sums
+/// of each 16 quants.
+///
+/// # Safety
+/// The CPU must support AVX2.
+///
+/// # Panics
+/// If `out` is not 292 bytes per 256 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8k(x: &[f32], out: &mut [u8]) {
+    const Q8K: usize = 292;
+    assert!(
+        x.len().is_multiple_of(256) && out.len() == x.len() / 256 * Q8K,
+        "q8_k: bad row sizes"
+    );
+    let abs = |v: __m256| _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)));
+    for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K)) {
+        // max(|v|, m) keeps m when |v| is NaN, as the scalar scan does.
+        let mut m = _mm256_setzero_ps();
+        for c in xb.chunks_exact(8) {
+            // SAFETY: c holds 8 f32 values.
+            m = _mm256_max_ps(abs(unsafe { _mm256_loadu_ps(c.as_ptr()) }), m);
+        }
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        ob.fill(0);
+        if amax == 0.0 {
+            continue;
+        }
+        // The first element of that magnitude, as the scalar scan keeps.
+        let max = xb.iter().copied().find(|f| f.abs() == amax).unwrap_or(amax);
+        let iscale = -127.0 / max;
+        for (k, c) in xb.chunks_exact(16).enumerate() {
+            let q = |at: usize| {
+                // SAFETY: c holds 16 f32 values; `at` is 0 or 8.
+                let v = unsafe { _mm256_loadu_ps(c.as_ptr().add(at)) };
+                let f = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_set1_ps(iscale), v),
+                    _mm256_set1_ps(12_582_912.0),
+                );
+                let i = _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_castps_si256(f), _mm256_set1_epi32(0x007f_ffff)),
+                    _mm256_set1_epi32(0x0040_0000),
+                );
+                // The low byte, sign-extended: what `as i8` keeps.
+                let i = _mm256_min_epi32(i, _mm256_set1_epi32(127));
+                _mm256_srai_epi32::<24>(_mm256_slli_epi32::<24>(i))
+            };
+            let (a, b) = (q(0), q(8));
+            let s = _mm256_add_epi32(a, b);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+            let sum = _mm_cvtsi128_si32(s) as i16;
+            ob[260 + 2 * k..262 + 2 * k].copy_from_slice(&sum.to_le_bytes());
+            // Bytes in order: words a0..3 b0..3 | a4..7 b4..7, lanes put
+            // back in order, then bytes (every value is in -128..=127).
+            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+            let bytes =
+                _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+            // SAFETY: ob[4 + 16k..4 + 16k + 16] is in the block.
+            unsafe { _mm_storeu_si128(ob.as_mut_ptr().add(4 + 16 * k).cast(), bytes) };
+        }
+        ob[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
 /// 8 weights from `p` (element `i` onward) as f32.
 ///
 /// # Safety
@@ -873,6 +945,57 @@ mod tests {
             .enumerate()
         {
             assert_eq!(g, w, "block {b}: {:?}", &x[32 * b..32 * b + 32]);
+        }
+    }
+
+    #[test]
+    fn q8k_quantizer_writes_the_scalar_bytes() {
+        if !crate::isa::Isa::Avx2.available() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut rng = Lcg(7);
+        let blocks = 70;
+        let mut x: Vec<f32> = (0..256 * blocks)
+            .map(|i| {
+                // Magnitudes from 1e-30 to 1e30, a different one per block.
+                let scale = 10f32.powi((i / 256) as i32 % 61 - 30);
+                (f32::from(rng.next()) - 127.5) / 64.0 * scale
+            })
+            .collect();
+        // Ties for the largest magnitude (the first one's sign wins), exact
+        // halves once scaled, NaN, infinities, a subnormal largest value
+        // (the scale overflows), signed zeros, all-zero and all-NaN blocks.
+        let b = |k: usize| 256 * k..256 * (k + 1);
+        x[b(0)]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = j as f32 - 127.5);
+        x[b(0)][3] = -254.0;
+        x[b(0)][9] = 254.0;
+        x[b(1)][5] = f32::NAN;
+        x[b(2)][7] = f32::INFINITY;
+        x[b(3)][11] = f32::NEG_INFINITY;
+        x[b(4)].fill(-0.0);
+        x[b(4)][200] = 1e-45;
+        x[b(4)][201] = -7e-46;
+        x[b(5)].fill(0.0);
+        x[b(6)].fill(f32::NAN);
+        x[b(7)][0] = -0.0;
+        // A scale of exactly 1: every value a half, ties to even.
+        x[b(8)].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 / 2.0 - 64.0);
+        x[b(8)][1] = -127.0;
+        let mut want = vec![0u8; blocks * 292];
+        scalar::quantize_acts(crate::types::ActType::Q8K, &x, &mut want);
+        let mut got = vec![0u8; want.len()];
+        // SAFETY: AVX2 checked above.
+        unsafe { quantize_q8k(&x, &mut got) };
+        for (k, (g, w)) in got
+            .chunks_exact(292)
+            .zip(want.chunks_exact(292))
+            .enumerate()
+        {
+            assert_eq!(g, w, "block {k}");
         }
     }
 

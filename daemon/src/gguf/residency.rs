@@ -120,8 +120,9 @@ impl Gguf {
         Ok((present * ps) as u64)
     }
 
-    /// Asks for `r`'s whole pages to be backed by transparent huge pages
-    /// (`MADV_HUGEPAGE`), or no longer (`MADV_NOHUGEPAGE`, `huge` false):
+    /// Asks for the pages `r` touches to be backed by transparent huge pages
+    /// (`MADV_HUGEPAGE`), or for `r`'s whole pages no longer to be
+    /// (`MADV_NOHUGEPAGE`, `huge` false, leaving shared edge pages as they are):
     /// faults then read 2 MiB folios into the page cache and map them with
     /// one page-table entry, which spares decode (a stream of ~1 GB a
     /// token) most of its TLB misses. Returns whether huge pages are on for
@@ -141,13 +142,13 @@ impl Gguf {
         let Some((ptr, len)) = span else {
             return Ok(false);
         };
-        // SAFETY: advice on pages of our read-only mapping; huge pages hold
-        // the same file bytes, so every `&[u8]` into it stays valid.
         let (advice, name) = if huge {
             (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
         } else {
             (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
         };
+        // SAFETY: advice on pages of our read-only mapping; huge pages hold
+        // the same file bytes, so every `&[u8]` into it stays valid.
         let rc = unsafe { libc::madvise(ptr, len, advice) };
         if rc != 0 {
             let e = io::Error::last_os_error();

@@ -983,7 +983,10 @@ mod tests {
         x[b(6)].fill(f32::NAN);
         x[b(7)][0] = -0.0;
         // A scale of exactly 1: every value a half, ties to even.
-        x[b(8)].iter_mut().enumerate().for_each(|(j, v)| *v = j as f32 / 2.0 - 64.0);
+        x[b(8)]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = j as f32 / 2.0 - 64.0);
         x[b(8)][1] = -127.0;
         let mut want = vec![0u8; blocks * 292];
         scalar::quantize_acts(crate::types::ActType::Q8K, &x, &mut want);

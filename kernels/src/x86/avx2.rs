@@ -110,7 +110,7 @@ unsafe fn load_block<const Q8: bool>(rows: &[*const u8; GROUP], i: usize, out: &
     let m = _mm256_set1_epi8(0x0f);
     // SAFETY (all loads): block i of every row is readable (the caller);
     // the reads are its 2-byte scale and its quant bytes.
-    let d = unsafe { row_scales(rows, at) };
+    let d = unsafe { row_f16s::<false>(rows, at) };
     out[packed_regs(Q8) - 1] = _mm256_castps_si256(d);
     if Q8 {
         // Dwords 0..4 then 4..8 of the 32 quant bytes.
@@ -214,17 +214,21 @@ unsafe fn add_block<const Q8: bool>(
     *acc = _mm256_add_ps(*acc, block);
 }
 
-/// The 8 rows' scales of block `i` (at byte `at` of each row) as floats:
-/// each the low word of a 4-byte load, interleaved into one register by an
-/// unpack tree (7 shuffles; inserting word by word costs twice the µops).
+/// The 8 rows' f16 fields at byte `at` as floats: each the low word (the
+/// high one if `HIGH`) of a 4-byte load, interleaved into one register by
+/// an unpack tree (7 shuffles; inserting word by word costs twice the µops).
+/// `HIGH` reads a field that ends its block without loading past it.
 ///
 /// # Safety
 /// AVX2/FMA/F16C must be present and 4 bytes at `at` of every row readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_scales(rows: &[*const u8; GROUP], at: usize) -> __m256 {
+pub(super) unsafe fn row_f16s<const HIGH: bool>(rows: &[*const u8; GROUP], at: usize) -> __m256 {
     // SAFETY: by the caller.
-    let h = |r: usize| unsafe { _mm_cvtsi32_si128(rows[r].add(at).cast::<i32>().read_unaligned()) };
+    let h = |r: usize| unsafe {
+        let v = rows[r].add(at).cast::<u32>().read_unaligned();
+        _mm_cvtsi32_si128((if HIGH { v >> 16 } else { v }) as i32)
+    };
     let pair = |a: usize| _mm_unpacklo_epi16(h(a), h(a + 1));
     _mm256_cvtph_ps(_mm_unpacklo_epi64(
         _mm_unpacklo_epi32(pair(0), pair(2)),
@@ -400,7 +404,7 @@ unsafe fn direct<const Q8: bool, const N: usize>(
                 let sum = q4_0_dots_one(&rp, at, x0);
                 add_block::<false>(
                     sum,
-                    row_scales(&rp, at),
+                    row_f16s::<false>(&rp, at),
                     d[0].add(i),
                     s[0].add(i),
                     &mut acc[0],

@@ -3,9 +3,10 @@
 //! k-quant counterpart of [`super::avx2`] for CPUs without AVX-512 VNNI.
 //! A group's super-blocks are unpacked once per group into a thread-local
 //! buffer that every token tile reads (many tokens; no copy of a matrix
-//! outlives the call); a few tokens (decode) run as the 2-row tiles of
-//! [`super::kquants`] straight from the mapping, which compute the same
-//! integers and float expression.
+//! outlives the call); one token of Q4_K / Q6_K (decode) runs as 8-row
+//! groups of row pairs straight from the mapping, headers unpacked in lanes;
+//! other few-token products as the 2-row tiles of [`super::kquants`]. All
+//! compute the same integers and float expression.
 //!
 //! Numerics are those of the AVX-512 panels ([`super::avx512k`]): per
 //! super-block exact integers (the scaled sub-block dots, the minimum or
@@ -21,8 +22,8 @@
 //! 2 * 16128) before `vpmaddwd` applies the sub-block scale in i32.
 
 use super::avx2::{
-    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, load_pairs4, sum_pairs, transpose4,
-    with_packed,
+    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, load_pairs4, row_f16s, sum_pairs,
+    transpose4, with_packed,
 };
 use super::avx512::{Out, check_panel};
 use super::avx512k::KFormat;
@@ -214,18 +215,9 @@ unsafe fn load_block<const F: u8>(rows: &[*const u8; GROUP], i: usize, out: &mut
             let v = _mm256_shuffle_epi8(s[m / 2], pick16::<true>(b, b + 1));
             out[80 + m] = _mm256_srai_epi16::<8>(v);
         }
-        // SAFETY: d (2 bytes @208) of block i of every row is readable.
-        let h = |r: usize| unsafe { rows[r].add(at + 208).cast::<i16>().read_unaligned() };
-        out[88] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_setr_epi16(
-            h(0),
-            h(1),
-            h(2),
-            h(3),
-            h(4),
-            h(5),
-            h(6),
-            h(7),
-        )));
+        // SAFETY: d (bytes 206..210 hold it last) of block i of every row
+        // is readable.
+        out[88] = _mm256_castps_si256(unsafe { row_f16s::<true>(rows, at + 206) });
     }
 }
 
@@ -591,15 +583,7 @@ unsafe fn q6k_one(
         // d @208 as the high word of 4 bytes @206 (a load at 208 would
         // reach past the block, and past the mapping after the last).
         // SAFETY: bytes 206..210 of block i of every row are readable.
-        let h = |r: usize| unsafe {
-            let v = rp[r].add(at + 206).cast::<u32>().read_unaligned() >> 16;
-            _mm_cvtsi32_si128(v as i32)
-        };
-        let pair = |a: usize| _mm_unpacklo_epi16(h(a), h(a + 1));
-        let dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(
-            _mm_unpacklo_epi32(pair(0), pair(2)),
-            _mm_unpacklo_epi32(pair(4), pair(6)),
-        ));
+        let dw = unsafe { row_f16s::<true>(&rp, at + 206) };
         // SAFETY: block i of x holds its d.
         let dx = _mm256_set1_ps(unsafe { xb.cast::<f32>().read_unaligned() });
         // (...) * (d_w * d_x)

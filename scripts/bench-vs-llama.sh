@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # lfmd vs llama.cpp on the same file and threads, in one run:
 #   scripts/bench-vs-llama.sh MODEL.gguf [THREADS] [PP] [TG] [-- extra llama-bench args, e.g. --repack 0]
-# Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg).
+# Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg),
+# and decode as a weight stream against the rate lfmd's threads read the
+# mapping with no compute (decode's ceiling: see `lfmd bench`).
 # ROUNDS=N (default 1) alternates the two programs N times and adds the median
 # of each column and of the ratios: on a shared machine both drift with their
 # neighbours by 10-20% within minutes, so one pair of runs proves little.
@@ -51,4 +53,17 @@ if len(rows) > 1:
         rs = [ratio(a, b) for a, b in zip(ours, ref)]
         print(f"{name:<10} {med(ours):>12.2f} {med(ref):>12.2f} {med(rs):>8.2f}"
               f"  ({min(rs):.2f}-{max(rs):.2f})")
+# Decode's roofline: both programs read the same weights per token, and
+# lfmd measured (after its decode) how fast its threads read the mapping
+# with no compute at all.
+bytes_tok = o.get("decode_weight_bytes", 0)
+reads = [r[0].get("read_gb_per_s", 0.0) for r in rows]
+if bytes_tok and all(reads):
+    print(f"decode reads {bytes_tok / 1e9:.3f} GB of weights per token; per round, GB/s "
+          f"streamed and % of the pure-read rate of the mapping measured by lfmd after its decode:")
+    for i, ((_, tests), read) in enumerate(zip(rows, reads)):
+        ours, ref = tests[1][1] * bytes_tok / 1e9, tests[1][2] * bytes_tok / 1e9
+        print(f"  round {i + 1}: lfmd {ours:.2f} ({100 * ours / read:.0f}%), llama.cpp {ref:.2f} "
+              f"({100 * ref / read:.0f}%), pure read {read:.2f}; 1.3x llama.cpp would need "
+              f"{130 * ref / read:.0f}%")
 PY

@@ -24,6 +24,14 @@ pub struct BenchReport {
     /// Each repetition's decode rate, in order (the first from a cold
     /// cache when experts are paged, the later ones steady state).
     pub decode_tokens_per_s_reps: Vec<f64>,
+    /// Weight bytes each decoded token reads (see `Model::decode_weight_bytes`).
+    pub decode_weight_bytes: u64,
+    /// Those bytes at the decode rate: the weight stream decode sustains.
+    pub decode_weight_gb_per_s: f64,
+    /// What the same threads read per second from the same mapping with no
+    /// compute at all (`Model::read_rate`, measured after decode): the
+    /// ceiling of `decode_weight_gb_per_s`. 0 when no decode ran.
+    pub read_gb_per_s: f64,
     /// Expert paging's figures at the end (per-expert tables left out).
     pub paging: Option<crate::engine::PagingStats>,
 }
@@ -83,6 +91,9 @@ pub fn run(
     }
     let (t_pp, t_tg) = (t_pp / reps as f64, t_tg / reps as f64);
     let rate = |n: usize, t: f64| if n > 0 && t > 0.0 { n as f64 / t } else { 0.0 };
+    let decode_rate = rate(n_gen, t_tg);
+    let weight_bytes = model.decode_weight_bytes();
+    let read = if n_gen > 0 { model.read_rate(3) } else { 0.0 };
     Ok(BenchReport {
         model: name.to_owned(),
         model_bytes: model.gguf().file_len,
@@ -98,7 +109,10 @@ pub fn run(
         }),
         decode_tokens: n_gen,
         decode_seconds: t_tg,
-        decode_tokens_per_s: rate(n_gen, t_tg),
+        decode_tokens_per_s: decode_rate,
         decode_tokens_per_s_reps: tg_reps,
+        decode_weight_bytes: weight_bytes,
+        decode_weight_gb_per_s: weight_bytes as f64 * decode_rate / 1e9,
+        read_gb_per_s: read / 1e9,
     })
 }

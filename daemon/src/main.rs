@@ -650,7 +650,7 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
                 format!(
-                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}",
+                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
                     r.model,
                     r.threads,
                     r.isa,
@@ -665,6 +665,17 @@ fn run(cli: Cli) -> Result<()> {
                             .map(|x| format!("{x:.2}"))
                             .collect();
                         format!(" (each run: {})", each.join(", "))
+                    } else {
+                        String::new()
+                    },
+                    if r.read_gb_per_s > 0.0 {
+                        format!(
+                            "weights {:.3} GB per token: decode streams {:.2} GB/s, {:.0}% of the {:.2} GB/s these threads read from the mapping\n",
+                            r.decode_weight_bytes as f64 / 1e9,
+                            r.decode_weight_gb_per_s,
+                            100.0 * r.decode_weight_gb_per_s / r.read_gb_per_s,
+                            r.read_gb_per_s,
+                        )
                     } else {
                         String::new()
                     },

@@ -233,6 +233,41 @@ fn bench_reports_every_figure_it_promises() {
     assert_eq!(reps.len(), 2);
     assert!(reps.iter().all(|r| r.as_f64().unwrap() > 0.0));
     assert_eq!(v["paging"]["budget_mode"], "unlimited");
+    // Weight bytes per token, counted from the file: every matrix once, the
+    // stacked experts at k / n_expert, the embedding only as the tied
+    // output; norms, conv kernels and expert biases left out.
+    let g = lfmd::gguf::Gguf::open(&path).unwrap();
+    let h = g.header();
+    let desc = lfmd::model::ModelDesc::from_header(h).unwrap();
+    let tied = h.tensor("output.weight").is_none();
+    let per_token: u64 = h
+        .tensors
+        .iter()
+        .filter(|t| {
+            !(t.name.ends_with("norm.weight")
+                || t.name.ends_with("shortconv.conv.weight")
+                || t.name.ends_with("exp_probs_b.bias")
+                || (t.name == "token_embd.weight" && !tied))
+        })
+        .map(|t| {
+            if t.name.contains("_exps.") {
+                t.size * desc.n_expert_used as u64 / desc.n_expert as u64
+            } else {
+                t.size
+            }
+        })
+        .sum();
+    assert_eq!(v["decode_weight_bytes"], per_token, "{v}");
+    let (stream, read) = (
+        v["decode_weight_gb_per_s"].as_f64().unwrap(),
+        v["read_gb_per_s"].as_f64().unwrap(),
+    );
+    let decode = v["decode_tokens_per_s"].as_f64().unwrap();
+    assert!(
+        (stream - per_token as f64 * decode / 1e9).abs() <= 1e-9 * stream.max(1.0),
+        "{v}"
+    );
+    assert!(read > 0.0, "{v}");
     let text = ok(&lfmd(&[
         "bench",
         "--model",
@@ -251,4 +286,5 @@ fn bench_reports_every_figure_it_promises() {
         "{text}"
     );
     assert!(text.contains("paging  budget"), "{text}");
+    assert!(text.contains("GB per token: decode streams"), "{text}");
 }

@@ -11,6 +11,7 @@ pub mod isa;
 pub mod matmul;
 pub mod pool;
 pub mod scalar;
+pub mod stream;
 pub mod types;
 
 pub use blocks::*;

@@ -65,7 +65,12 @@ impl Tensor {
     }
 
     pub fn bytes<'a>(&self, file: &'a [u8]) -> &'a [u8] {
-        &file[self.start..self.start + self.rows * self.row_bytes]
+        &file[self.start..self.start + self.byte_len()]
+    }
+
+    /// Its size in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.rows * self.row_bytes
     }
 }
 
@@ -274,5 +279,64 @@ impl Model {
     /// Compute threads in use.
     pub fn n_threads(&self) -> usize {
         self.pool.n_threads()
+    }
+
+    /// The matrices every token reads whatever its routing: mixers, dense
+    /// FFNs, routers and the output. They are never paged out.
+    fn fixed_matrices(&self) -> Vec<Tensor> {
+        let mut m = vec![self.output];
+        for l in &self.layers {
+            match &l.mixer {
+                Mixer::Conv {
+                    in_proj, out_proj, ..
+                } => m.extend([*in_proj, *out_proj]),
+                Mixer::Attention { q, k, v, o, .. } => m.extend([*q, *k, *v, *o]),
+            }
+            match &l.ffn {
+                Ffn::Dense { gate, up, down } => m.extend([*gate, *up, *down]),
+                Ffn::Moe { router, .. } => m.push(*router),
+            }
+        }
+        m
+    }
+
+    /// Weight bytes one decoded token reads: the fixed matrices plus, in
+    /// each MoE layer, the gate, up and down rows of its `n_expert_used`
+    /// experts (the embedding row and the norm vectors left out). Decode
+    /// cannot run faster than this many bytes at the rate the machine
+    /// streams them ([`Model::read_rate`]).
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let fixed: usize = self.fixed_matrices().iter().map(Tensor::byte_len).sum();
+        let k = self.desc.n_expert_used;
+        let experts: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe { gate, up, down, .. } => {
+                    // Stacked experts: each holds 1 / n_expert of the rows.
+                    k * (gate.byte_len() + up.byte_len() + down.byte_len()) / self.desc.n_expert
+                }
+                Ffn::Dense { .. } => 0,
+            })
+            .sum();
+        (fixed + experts) as u64
+    }
+
+    /// The rate, in bytes per second, at which the compute threads read the
+    /// fixed matrices (memory that stays mapped, far larger than a cache on
+    /// a full-size model) with nothing else to do: the best of `passes`
+    /// reads. The ceiling decode's products work under.
+    pub fn read_rate(&self, passes: usize) -> f64 {
+        let file = self.gguf.bytes();
+        let fixed = self.fixed_matrices();
+        let parts: Vec<&[u8]> = fixed.iter().map(|t| t.bytes(file)).collect();
+        let bytes: usize = fixed.iter().map(Tensor::byte_len).sum();
+        (0..passes.max(1))
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                std::hint::black_box(lfm_kernels::stream::read_all(&self.pool, &parts));
+                bytes as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+            })
+            .fold(0.0, f64::max)
     }
 }

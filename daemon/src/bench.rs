@@ -1,8 +1,8 @@
 //! `lfmd bench`: prefill and decode speed on a model, measured the way
-//! llama-bench measures pp/tg (each test from an empty context, prompt
-//! and decode tokens drawn at random, decode fed one token at a time, one
-//! untimed warm-up token before), so the two can be
-//! compared side by side (scripts/bench-vs-llama.sh).
+//! llama-bench measures pp/tg (each test from a context holding `depth`
+//! tokens, empty by default, prompt and decode tokens drawn at random,
+//! decode fed one token at a time, one untimed warm-up token before), so
+//! the two can be compared side by side (scripts/bench-vs-llama.sh).
 
 use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
 use crate::rng::Rng;
@@ -15,6 +15,8 @@ pub struct BenchReport {
     pub model_bytes: u64,
     pub isa: String,
     pub threads: usize,
+    /// Tokens already in the context when each test starts (untimed).
+    pub depth: usize,
     pub prefill_tokens: usize,
     pub prefill_seconds: f64,
     pub prefill_tokens_per_s: f64,
@@ -36,18 +38,44 @@ pub struct BenchReport {
     pub paging: Option<crate::engine::PagingStats>,
 }
 
-/// Runs a `prompt`-token prefill and a `n_gen`-token decode, `reps` times each,
-/// and reports the mean rates.
-pub fn run(
-    model: &Model,
-    name: &str,
-    prompt: usize,
-    n_gen: usize,
-    reps: usize,
-) -> Result<BenchReport, EngineError> {
+/// What to measure: a `prompt`-token prefill and a `n_gen`-token decode,
+/// `reps` times each, each from a context already holding `depth` tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchParams {
+    pub prompt: usize,
+    pub n_gen: usize,
+    pub reps: usize,
+    pub depth: usize,
+}
+
+/// Tokens per forward call when filling the context to `depth`: bounds the
+/// activations' memory however deep.
+const DEPTH_CHUNK: usize = 512;
+
+/// Runs the tests of `params` and reports the mean rates.
+pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport, EngineError> {
+    let BenchParams {
+        prompt,
+        n_gen,
+        reps,
+        depth,
+    } = params;
     let nv = model.n_vocab() as u64;
     let mut rng = Rng::new(0x1f2e3d);
     let reps = reps.max(1);
+    // A fresh sequence holding `depth` random tokens (untimed).
+    let context = |rng: &mut Rng| -> Result<SeqState, EngineError> {
+        let mut st = SeqState::new(model);
+        let toks: Vec<u32> = (0..depth).map(|_| rng.below(nv) as u32).collect();
+        for chunk in toks.chunks(DEPTH_CHUNK) {
+            model.forward(&mut [BatchItem {
+                state: &mut st,
+                tokens: chunk,
+                logits: LogitsWanted::None,
+            }])?;
+        }
+        Ok(st)
+    };
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
     let mut tg_reps = Vec::new();
     // One untimed token first, as llama-bench warms up: the timed tests then
@@ -59,8 +87,8 @@ pub fn run(
     }])?;
     for _ in 0..reps {
         if prompt > 0 {
+            let mut st = context(&mut rng)?;
             let toks: Vec<u32> = (0..prompt).map(|_| rng.below(nv) as u32).collect();
-            let mut st = SeqState::new(model);
             let t0 = Instant::now();
             model.forward(&mut [BatchItem {
                 state: &mut st,
@@ -70,7 +98,7 @@ pub fn run(
             t_pp += t0.elapsed().as_secs_f64();
         }
         if n_gen > 0 {
-            let mut st = SeqState::new(model);
+            let mut st = context(&mut rng)?;
             // Random tokens, as llama-bench feeds: a synthetic model's own
             // argmax can fall into a loop of one token, whose routing then
             // repeats and flatters any expert cache.
@@ -99,6 +127,7 @@ pub fn run(
         model_bytes: model.gguf().file_len,
         isa: model.isa_name(),
         threads: model.n_threads(),
+        depth,
         prefill_tokens: prompt,
         prefill_seconds: t_pp,
         prefill_tokens_per_s: rate(prompt, t_pp),

@@ -60,6 +60,10 @@ enum Command {
         /// Repetitions of each test (the mean is reported).
         #[arg(short = 'r', long, default_value_t = 1)]
         reps: usize,
+        /// Tokens already in the context when each test starts (filled
+        /// untimed), as llama-bench's -d.
+        #[arg(short = 'd', long, default_value_t = 0)]
+        depth: usize,
         /// Compute threads (default: one per core).
         #[arg(short = 't', long)]
         threads: Option<usize>,
@@ -628,6 +632,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             n_gen,
             reps,
+            depth,
             threads,
             memory_budget,
             lock_experts,
@@ -645,15 +650,26 @@ fn run(cli: Cli) -> Result<()> {
             };
             let m = lfmd::engine::Model::open_with(&model, opts)
                 .with_context(|| format!("loading {}", model.display()))?;
-            let r = lfmd::bench::run(&m, &model.display().to_string(), prompt, n_gen, reps)?;
+            let params = lfmd::bench::BenchParams {
+                prompt,
+                n_gen,
+                reps,
+                depth,
+            };
+            let r = lfmd::bench::run(&m, &model.display().to_string(), params)?;
             let text = if json {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
                 format!(
-                    "{}: {} threads, isa {}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
+                    "{}: {} threads, isa {}{}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
                     r.model,
                     r.threads,
                     r.isa,
+                    if r.depth > 0 {
+                        format!(", tests after {} tokens of context", r.depth)
+                    } else {
+                        String::new()
+                    },
                     r.prefill_tokens,
                     r.prefill_tokens_per_s,
                     r.decode_tokens,

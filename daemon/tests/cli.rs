@@ -287,4 +287,21 @@ fn bench_reports_every_figure_it_promises() {
     );
     assert!(text.contains("paging  budget"), "{text}");
     assert!(text.contains("GB per token: decode streams"), "{text}");
+    // Depth: the tests start after that many tokens, which really enter the
+    // context: 4090 of tiny-moe's 4096 leave room for 6, not for 8 more.
+    let v: serde_json::Value = serde_json::from_str(&ok(&lfmd(&[
+        "bench", "--model", &path, "-t", "1", "-p", "4", "-n", "2", "-d", "64", "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["depth"], 64);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let out = lfmd(&[
+        "bench", "--model", &path, "-t", "1", "-p", "8", "-n", "0", "-d", "4090",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("position 4098") && err.contains("4096-token limit"),
+        "{err}"
+    );
 }

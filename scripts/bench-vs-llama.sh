@@ -4,6 +4,7 @@
 # Prints both rates and lfmd/llama.cpp ratios for prefill (pp) and decode (tg),
 # and decode as a weight stream against the rate lfmd's threads read the
 # mapping with no compute (decode's ceiling: see `lfmd bench`).
+# DEPTH=D starts every test after D tokens of context (-d of both).
 # ROUNDS=N (default 1) alternates the two programs N times and adds the median
 # of each column and of the ratios: on a shared machine both drift with their
 # neighbours by 10-20% within minutes, so one pair of runs proves little.
@@ -16,6 +17,8 @@ cd "$(dirname "$0")/.."
 MODEL=$1; T=${2:-2}; PP=${3:-512}; TG=${4:-128}
 shift $(( $# < 4 ? $# : 4 )); [ "${1:-}" = "--" ] && shift
 ROUNDS=${ROUNDS:-1}
+# DEPTH=D: every test starts after D tokens of context (both programs' -d).
+DEPTH=${DEPTH:-0}
 source ../shared/reference/env.sh
 if [ -z "${LFMD:-}" ]; then
   cargo build --release --locked -p lfmd >/dev/null
@@ -23,8 +26,8 @@ if [ -z "${LFMD:-}" ]; then
 fi
 runs=()
 for _ in $(seq "$ROUNDS"); do
-  ours=$("$LFMD" bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" --json)
-  theirs=$("$LLB/llama-bench" -m "$MODEL" -t "$T" -p "$PP" -n "$TG" -o json "$@" 2>/dev/null)
+  ours=$("$LFMD" bench --model "$MODEL" --threads "$T" -p "$PP" -n "$TG" -d "$DEPTH" --json)
+  theirs=$("$LLB/llama-bench" -m "$MODEL" -t "$T" -p "$PP" -n "$TG" -d "$DEPTH" -o json "$@" 2>/dev/null)
   runs+=("$ours" "$theirs")
 done
 python3 - "${runs[@]}" <<'PY'
@@ -37,7 +40,8 @@ for ours, theirs in zip(args[::2], args[1::2]):
     tg = next((r["avg_ts"] for r in t if r["n_gen"] > 0 and r["n_prompt"] == 0), 0.0)
     rows.append((o, [("prefill", o["prefill_tokens_per_s"], pp), ("decode", o["decode_tokens_per_s"], tg)]))
 o = rows[0][0]
-print(f"model {o['model']} ({o['model_bytes']/1e9:.2f} GB), {o['threads']} threads, lfmd isa {o['isa']}")
+depth = f", after {o['depth']} tokens of context" if o.get("depth") else ""
+print(f"model {o['model']} ({o['model_bytes']/1e9:.2f} GB), {o['threads']} threads, lfmd isa {o['isa']}{depth}")
 print(f"{'test':<10} {'lfmd tok/s':>12} {'llama.cpp':>12} {'ratio':>8}")
 ratio = lambda a, b: a / b if b else float("nan")
 for i, (_, tests) in enumerate(rows):

@@ -7,7 +7,7 @@ use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::f16;
-use lfm_kernels::attn::attention_fns;
+use lfm_kernels::attn::{KvHead, attention_fns};
 use lfm_kernels::dispatch::{kernel, quantize_activations_on};
 use lfm_kernels::scalar;
 use lfm_kernels::types::WeightType;
@@ -258,32 +258,31 @@ impl Model {
                             kc.extend(ks[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
                             vc.extend(vs[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
                         }
-                        // Each token's heads only read the cache (complete up
-                        // to this call's end) and write that token's row, so
-                        // tokens run in parallel; per-token arithmetic is the
-                        // same whatever thread runs it.
-                        let (kc, vc, qs) = (&*kc, &*vc, &qs);
-                        let (dot_f16, axpy_f16) = attention_fns(self.isa, hd);
+                        // Each (token, KV head) reads only the cache
+                        // (complete up to this call's end) and writes that
+                        // token's rows of the query heads sharing the KV
+                        // head, so they run in parallel (decode too: one
+                        // token still has n_head_kv of them); the arithmetic
+                        // of each is the same whatever thread runs it.
+                        let (kc, vc, qs) = (&kc[..], &vc[..], &qs);
+                        let fns = attention_fns(self.isa, hd);
+                        let width = group * hd;
                         let rows = &mut att[span.start * e..span.end * e];
-                        self.pool.for_each_mut(rows, e, &|i, out_row| {
-                            let t = span.start + i;
-                            let p = pos0 + i;
-                            let mut scores = Vec::with_capacity(p + 1);
-                            for hq in 0..nh {
-                                let kvh = hq / group;
-                                let qh = &qs[t * e + hq * hd..t * e + (hq + 1) * hd];
-                                scores.clear();
-                                for j in 0..=p {
-                                    let kh = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                    scores.push(dot_f16(qh, kh) * scale);
-                                }
-                                softmax(&mut scores);
-                                let out = &mut out_row[hq * hd..(hq + 1) * hd];
-                                for (j, &s) in scores.iter().enumerate() {
-                                    let vh = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                    axpy_f16(s, vh, out);
-                                }
-                            }
+                        self.pool.for_each_mut(rows, width, &|i, out| {
+                            let (ti, kvh) = (i / nkv, i % nkv);
+                            let t = span.start + ti;
+                            let kv = |cache| KvHead {
+                                cache,
+                                stride: kvd,
+                                offset: kvh * hd,
+                                hd,
+                                n: pos0 + ti + 1,
+                            };
+                            let q = &qs[t * e + kvh * width..t * e + (kvh + 1) * width];
+                            let mut p = vec![0.0f32; group * (pos0 + ti + 1)];
+                            (fns.scores)(q, kv(kc), scale, &mut p);
+                            p.chunks_exact_mut(pos0 + ti + 1).for_each(softmax);
+                            (fns.mix)(&p, kv(vc), out);
                         });
                     }
                     self.matmul(o, &att, n, &mut mix);

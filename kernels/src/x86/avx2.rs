@@ -257,15 +257,17 @@ unsafe fn q4_0_dots_one(rows: &[*const u8; GROUP], at: usize, x: *const u8) -> _
             _mm256_broadcastsi128_si256(_mm_loadu_si128(x.add(16).cast())),
         )
     };
-    let v = [0, 1, 2, 3].map(|a| {
-        // SAFETY: see above. Rows a (low half) and a + 4 (high half).
-        let p = unsafe { load_pair(rows, a, at + 2) };
+    // SAFETY: see above. Pair a: rows a (low half) and a + 4 (high half).
+    let mut v = unsafe { load_pairs4(rows, at + 2) };
+    // A loop, not an array map: the map's closure can be compiled out of
+    // line, a call per row pair (measured: half the decode rate).
+    for p in &mut v {
         // Each i16 at most 2 * 15 * 128 per product pair: the sum of two
         // fits.
-        let lo = _mm256_maddubs_epi16(_mm256_and_si256(p, m), x_lo);
-        let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(p), m), x_hi);
-        _mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1))
-    });
+        let lo = _mm256_maddubs_epi16(_mm256_and_si256(*p, m), x_lo);
+        let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(*p), m), x_hi);
+        *p = _mm256_madd_epi16(_mm256_add_epi16(lo, hi), _mm256_set1_epi16(1));
+    }
     sum_pairs(v)
 }
 

@@ -3,7 +3,7 @@
 //! k-quant counterpart of [`super::avx2`] for CPUs without AVX-512 VNNI.
 //! A group's super-blocks are unpacked once per group into a thread-local
 //! buffer that every token tile reads (many tokens; no copy of a matrix
-//! outlives the call); one token of Q4_K / Q6_K (decode) runs as 8-row
+//! outlives the call); one token of Q4_K / Q5_K / Q6_K (decode) runs as 8-row
 //! groups of row pairs straight from the mapping, headers unpacked in lanes;
 //! other few-token products as the 2-row tiles of [`super::kquants`]. All
 //! compute the same integers and float expression.
@@ -324,13 +324,13 @@ unsafe fn direct<const F: u8>(
     r0: usize,
     out: Out,
 ) {
-    if xs.len() == 1 && F != Q5K {
+    if xs.len() == 1 {
         // SAFETY: as [`panel`] checked.
         unsafe {
-            if F == Q4K {
-                q4k_one(w, row_bytes, rows, nb, xs[0], r0, out)
-            } else {
+            if F == Q6K {
                 q6k_one(w, row_bytes, rows, nb, xs[0], r0, out)
+            } else {
+                q45k_one::<F>(w, row_bytes, rows, nb, xs[0], r0, out)
             }
         };
         return;
@@ -363,19 +363,20 @@ unsafe fn direct<const F: u8>(
     }
 }
 
-/// One token against the Q4_K group at `w` (decode). Each row pair's
-/// quants (rows `p` and `p + 4` in the two halves) meet the token's quants
-/// broadcast to both halves straight from the mapping, scaled per sub-block
-/// in i32; the headers (scales, mins, d, dmin) are unpacked once for all 8
-/// rows in the lane layout, the four pairs reduced to one lane per row and
-/// finished by [`accumulate`]'s float expression in lanes: the 2-row tiles
-/// spend as much on each row's header and sums as on its quants. The same
-/// exact integers, so the same bits.
+/// One token against the Q4_K or Q5_K group at `w` (decode). Each row
+/// pair's quants (rows `p` and `p + 4` in the two halves; Q5_K's fifth bit
+/// from its qh bytes) meet the token's quants broadcast to both halves
+/// straight from the mapping, scaled per sub-block in i32; the headers
+/// (scales, mins, d, dmin) are unpacked once for all 8 rows in the lane
+/// layout, the four pairs reduced to one lane per row and finished by
+/// [`accumulate`]'s float expression in lanes: the 2-row tiles spend as
+/// much on each row's header and sums as on its quants. The same exact
+/// integers, so the same bits.
 ///
 /// # Safety
 /// As [`panel`] checked, with `x` the token's Q8_K row.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_one(
+unsafe fn q45k_one<const F: u8>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -397,8 +398,12 @@ unsafe fn q4k_one(
     // slower).
     let mut next = NextGroup::new(w, row_bytes, 4 * nb);
     let mut acc = _mm256_setzero_ps();
+    // Q4_K: qs[128] @16; Q5_K: qh[32] @16 (bit j of byte l: element
+    // 32j + l), qs[128] @48 (see `load_block`).
+    let qs = if F == Q5K { 48 } else { 16 };
+    let one = _mm256_set1_epi8(1);
     for i in 0..nb {
-        let at = i * bytes_of(Q4K);
+        let at = i * bytes_of(F);
         let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
         // d @0, dmin @2, scales[12] @4 (see `load_block`).
         // SAFETY: block i of every row is readable (checked by `panel`).
@@ -417,23 +422,40 @@ unsafe fn q4k_one(
             // qs[32m..32m + 32]: sub-block 2m in the low nibbles, 2m + 1
             // in the high; 16 bytes (half h) at a time, with the token's
             // quants of each in both halves.
-            // SAFETY: block i of x holds its 256 quants from Q8K_QS.
-            let y = [0, 1].map(|h| unsafe {
-                let q = xb.add(Q8K_QS + 64 * m + 16 * h);
-                (
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast())),
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(32).cast())),
-                )
-            });
+            // (A loop, not an array map, whose closure can be compiled
+            // out of line.)
+            let mut y = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 2];
+            for (h, y) in y.iter_mut().enumerate() {
+                // SAFETY: block i of x holds its 256 quants from Q8K_QS.
+                *y = unsafe {
+                    let q = xb.add(Q8K_QS + 64 * m + 16 * h);
+                    (
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast())),
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(32).cast())),
+                    )
+                };
+            }
             let (j_lo, j_hi) = (2 * m, 2 * m + 1);
             for (p, s) in isum.iter_mut().enumerate() {
                 let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for (h, (y_lo, y_hi)) in y.iter().enumerate() {
                     // SAFETY: block i of rows p and p + 4 is readable.
-                    let v = unsafe { load_pair(&rp, p, at + 16 + 32 * m + 16 * h) };
-                    // Two pair sums of 4-bit values: at most 2 * 3840.
-                    let q_lo = _mm256_and_si256(v, lo4);
-                    let q_hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), lo4);
+                    let v = unsafe { load_pair(&rp, p, at + qs + 32 * m + 16 * h) };
+                    // Two pair sums of 4-bit (5-bit) values: at most
+                    // 2 * 3840 (2 * 7936).
+                    let mut q_lo = _mm256_and_si256(v, lo4);
+                    let mut q_hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), lo4);
+                    if F == Q5K {
+                        // SAFETY: as above; qh bytes 16h.. of both rows.
+                        let qh = unsafe { load_pair(&rp, p, at + 16 + 16 * h) };
+                        // Bits 2m and 2m + 1 of each qh byte to bit 4.
+                        let bit = |s: usize| {
+                            let b = _mm256_srl_epi32(qh, _mm_cvtsi32_si128(s as i32));
+                            _mm256_slli_epi32::<4>(_mm256_and_si256(b, one))
+                        };
+                        q_lo = _mm256_or_si256(q_lo, bit(2 * m));
+                        q_hi = _mm256_or_si256(q_hi, bit(2 * m + 1));
+                    }
                     lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(q_lo, *y_lo));
                     hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(q_hi, *y_hi));
                 }
@@ -472,7 +494,7 @@ unsafe fn q4k_one(
     unsafe { out.store8(0, r0, acc) };
 }
 
-/// One token against the Q6_K group at `w` (decode), as [`q4k_one`] does
+/// One token against the Q6_K group at `w` (decode), as [`q45k_one`] does
 /// for Q4_K: row pairs (rows `p` and `p + 4` in the two halves) straight
 /// from the mapping, each pair's 16 sub-block scales sign-extended once per
 /// block, the +32 offset taken off in i32 before the reduction to one lane

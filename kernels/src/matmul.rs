@@ -218,87 +218,101 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
     #[cfg(target_arch = "x86_64")]
     let sides = &sides;
     let unit = |range: std::ops::Range<usize>| {
-        for u in range {
-            let k = starts.partition_point(|&s| s <= u) - 1;
-            let (job, r0) = (&jobs[k], (u - starts[k]) * UNIT_ROWS);
+        // The range's units job by job: one search per job it touches.
+        let mut first = range.start;
+        while first < range.end {
+            let k = starts.partition_point(|&s| s <= first) - 1;
+            let (job, units) = (&jobs[k], first..range.end.min(starts[k + 1]));
+            first = units.end;
             if job.acts.is_empty() {
                 continue;
             }
-            let rows = (job.rows - r0).min(UNIT_ROWS);
-            let store = |r: usize, t: usize, v: f32| {
-                debug_assert!(r < job.rows && t < job.acts.len());
-                // SAFETY: r < job.rows and t < job.acts.len(), so the index is
-                // inside job k's output (checked above); each (job, row) is
-                // in exactly one unit, handed to one thread, and every output
-                // slice is exclusively borrowed here.
-                unsafe { *outs[k].0.add(t * job.rows + r) = v };
-            };
-            match job.kernel {
-                Kernel::Rows(dot) => rows_unit(job, dot, r0, rows, &store),
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Panel(p) => {
-                    let w = &job.w[r0 * job.row_bytes..];
-                    // SAFETY: the results of rows r0..r0 + rows go to
-                    // y[t * job.rows + r0 + r], inside job k's output; this
-                    // unit is the only writer of those rows (see `store`).
-                    let out = unsafe {
-                        crate::x86::avx512::Out::raw(
-                            outs[k].0.add(r0),
-                            job.y.len() - r0,
-                            job.rows,
-                            rows,
-                        )
-                    };
-                    match (p.format, &sides[k]) {
-                        // SAFETY: a Legacy or K PanelKernel exists only after
-                        // dispatch found AVX-512 F/BW/VL/VNNI on this CPU.
-                        (PanelFormat::Legacy(f), Side::Sums(sums)) => unsafe {
-                            crate::x86::avx512::panel(
-                                f,
-                                w,
-                                job.row_bytes,
+            for u in units {
+                let r0 = (u - starts[k]) * UNIT_ROWS;
+                let rows = (job.rows - r0).min(UNIT_ROWS);
+                let store = |r: usize, t: usize, v: f32| {
+                    debug_assert!(r < job.rows && t < job.acts.len());
+                    // SAFETY: r < job.rows and t < job.acts.len(), so the index is
+                    // inside job k's output (checked above); each (job, row) is
+                    // in exactly one unit, handed to one thread, and every output
+                    // slice is exclusively borrowed here.
+                    unsafe { *outs[k].0.add(t * job.rows + r) = v };
+                };
+                match job.kernel {
+                    Kernel::Rows(dot) => rows_unit(job, dot, r0, rows, &store),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Panel(p) => {
+                        let w = &job.w[r0 * job.row_bytes..];
+                        // SAFETY: the results of rows r0..r0 + rows go to
+                        // y[t * job.rows + r0 + r], inside job k's output; this
+                        // unit is the only writer of those rows (see `store`).
+                        let out = unsafe {
+                            crate::x86::avx512::Out::raw(
+                                outs[k].0.add(r0),
+                                job.y.len() - r0,
+                                job.rows,
                                 rows,
-                                &job.acts,
-                                sums,
-                                out,
                             )
-                        },
-                        // SAFETY: as above.
-                        (PanelFormat::K(f), _) => unsafe {
-                            crate::x86::avx512k::panel(
-                                f,
-                                w,
-                                job.row_bytes,
-                                rows,
-                                &job.acts,
-                                job.cols / 256,
-                                out,
-                            )
-                        },
-                        // SAFETY: an AVX2 PanelKernel exists only after
-                        // dispatch found AVX2/FMA/F16C on this CPU.
-                        (PanelFormat::Avx2(f), Side::Sums(sums)) => unsafe {
-                            crate::x86::avx2::panel(f, w, job.row_bytes, rows, &job.acts, sums, out)
-                        },
-                        // SAFETY: as above.
-                        (PanelFormat::Avx2K(f), _) => unsafe {
-                            crate::x86::avx2k::panel(
-                                f,
-                                w,
-                                job.row_bytes,
-                                rows,
-                                &job.acts,
-                                job.cols / 256,
-                                out,
-                            )
-                        },
-                        (PanelFormat::Legacy(_) | PanelFormat::Avx2(_), Side::None) => {
-                            unreachable!("legacy panel jobs get activation sums")
+                        };
+                        match (p.format, &sides[k]) {
+                            // SAFETY: a Legacy or K PanelKernel exists only after
+                            // dispatch found AVX-512 F/BW/VL/VNNI on this CPU.
+                            (PanelFormat::Legacy(f), Side::Sums(sums)) => unsafe {
+                                crate::x86::avx512::panel(
+                                    f,
+                                    w,
+                                    job.row_bytes,
+                                    rows,
+                                    &job.acts,
+                                    sums,
+                                    out,
+                                )
+                            },
+                            // SAFETY: as above.
+                            (PanelFormat::K(f), _) => unsafe {
+                                crate::x86::avx512k::panel(
+                                    f,
+                                    w,
+                                    job.row_bytes,
+                                    rows,
+                                    &job.acts,
+                                    job.cols / 256,
+                                    out,
+                                )
+                            },
+                            // SAFETY: an AVX2 PanelKernel exists only after
+                            // dispatch found AVX2/FMA/F16C on this CPU.
+                            (PanelFormat::Avx2(f), Side::Sums(sums)) => unsafe {
+                                crate::x86::avx2::panel(
+                                    f,
+                                    w,
+                                    job.row_bytes,
+                                    rows,
+                                    &job.acts,
+                                    sums,
+                                    out,
+                                )
+                            },
+                            // SAFETY: as above.
+                            (PanelFormat::Avx2K(f), _) => unsafe {
+                                crate::x86::avx2k::panel(
+                                    f,
+                                    w,
+                                    job.row_bytes,
+                                    rows,
+                                    &job.acts,
+                                    job.cols / 256,
+                                    out,
+                                )
+                            },
+                            (PanelFormat::Legacy(_) | PanelFormat::Avx2(_), Side::None) => {
+                                unreachable!("legacy panel jobs get activation sums")
+                            }
                         }
                     }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    Kernel::Panel(p) => match p.never {},
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                Kernel::Panel(p) => match p.never {},
             }
         }
     };

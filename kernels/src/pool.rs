@@ -26,6 +26,9 @@ struct Shared {
     panicked: AtomicBool,
     sleep: Mutex<()>,
     wake: Condvar,
+    /// Workers parked on `wake` (or about to be): a region wakes them only
+    /// then, so a region meeting spinning workers makes no system call.
+    sleepers: AtomicUsize,
     n_threads: usize,
 }
 
@@ -57,6 +60,7 @@ impl ThreadPool {
             panicked: AtomicBool::new(false),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             n_threads,
         });
         let workers = (1..n_threads)
@@ -99,8 +103,11 @@ impl ThreadPool {
             *s.job.get() = Some(erased);
         }
         s.busy.store(n - 1, Ordering::Release);
-        s.epoch.fetch_add(1, Ordering::AcqRel);
-        {
+        // SeqCst with the worker's `sleepers` increment and epoch check:
+        // either it sees this epoch and does not park, or we see it parked
+        // (or parking, under the lock) and wake it.
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
@@ -227,9 +234,11 @@ fn worker(s: &Shared, tid: usize) {
                 std::hint::spin_loop();
             } else {
                 let g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
-                if s.epoch.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+                s.sleepers.fetch_add(1, Ordering::SeqCst);
+                if s.epoch.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::Acquire) {
                     drop(s.wake.wait(g).unwrap_or_else(|e| e.into_inner()));
                 }
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 spins = 0;
             }
         };
@@ -283,6 +292,21 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == round + 1));
             }
+        }
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_region() {
+        let pool = ThreadPool::new(3);
+        for _ in 0..5 {
+            // Longer than the spin: the workers park, and the next region
+            // must wake them (a lost wake-up hangs here).
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let hits = AtomicUsize::new(0);
+            pool.run(&|_, _| {
+                hits.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(hits.load(Ordering::Relaxed), 3);
         }
     }
 
@@ -365,16 +389,5 @@ mod tests {
         assert!(v.iter().enumerate().all(|(k, &x)| x == k + 1));
         let mut empty: Vec<u8> = Vec::new();
         pool.for_each_mut(&mut empty, 4, &|_, _| panic!("no pieces"));
-    }
-
-    #[test]
-    fn workers_wake_after_parking() {
-        let pool = ThreadPool::new(2);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let count = AtomicUsize::new(0);
-        pool.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 2);
     }
 }

@@ -2,7 +2,8 @@
 //! quantization, the row dot of every weight type on every ISA this CPU runs
 //! (through `dispatch::dot_fn`), and the `matmul` driver for a decode-shaped
 //! (1 token) and a prefill-shaped (64 tokens) product through the kernel the
-//! engine uses (`dispatch::kernel`: AVX-512 panels where there are some).
+//! engine uses (`dispatch::kernel`: AVX-512 panels where there are some),
+//! and attention over an f16 KV cache (`attn/scores`, `attn/mix`).
 //!
 //! `cargo bench -p lfm-kernels --bench kernels [-- [--exact] [--list] FILTER...]`
 //! runs the benchmarks whose name contains any FILTER (all by default), as
@@ -179,6 +180,37 @@ fn main() {
                 black_box(&out);
             },
         );
+    }
+
+    // Attention of one token's 4 query heads sharing a KV head (LFM2-8B:
+    // head size 64, 8 KV heads, so cache rows of 512 halves) over 2048
+    // cached positions: the scores, then the weighted values. GB/s of the
+    // KV head read; "rows" are positions.
+    let (hd, g, n, stride) = (64, 4, 2048, 512);
+    let cache: Vec<half::f16> = values(n * stride, 3)
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect();
+    let q = values(g * hd, 4);
+    for &isa in &isas {
+        let f = lfm_kernels::attn::attention_fns(isa, hd);
+        let kv = lfm_kernels::attn::KvHead {
+            cache: &cache,
+            stride,
+            offset: 3 * hd,
+            hd,
+            n,
+        };
+        let mut p = vec![0.0f32; g * n];
+        run.bench(&format!("attn/scores/{isa}/4x{n}"), n * hd * 2, n, || {
+            (f.scores)(black_box(&q), kv, 0.125, &mut p);
+            black_box(&p);
+        });
+        let mut out = vec![0.0f32; g * hd];
+        run.bench(&format!("attn/mix/{isa}/4x{n}"), n * hd * 2, n, || {
+            (f.mix)(black_box(&p), kv, &mut out);
+            black_box(&out);
+        });
     }
 
     let pool = ThreadPool::new(threads);

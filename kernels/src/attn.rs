@@ -143,6 +143,38 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// [`hsum`] of four accumulators at once: lane h is `hsum(a[h])`, by
+    /// the same additions in the same order (halves, then lanes 0 + 2 and
+    /// 1 + 3, then those two), with the four heads' lanes transposed so
+    /// each step serves all four.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum4(a: &[__m256; 4]) -> __m128 {
+        // Written out: a closure here can be compiled out of line.
+        let s0 = _mm_add_ps(
+            _mm256_castps256_ps128(a[0]),
+            _mm256_extractf128_ps::<1>(a[0]),
+        );
+        let s1 = _mm_add_ps(
+            _mm256_castps256_ps128(a[1]),
+            _mm256_extractf128_ps::<1>(a[1]),
+        );
+        let s2 = _mm_add_ps(
+            _mm256_castps256_ps128(a[2]),
+            _mm256_extractf128_ps::<1>(a[2]),
+        );
+        let s3 = _mm_add_ps(
+            _mm256_castps256_ps128(a[3]),
+            _mm256_extractf128_ps::<1>(a[3]),
+        );
+        let (t0, t1) = (_mm_unpacklo_ps(s0, s1), _mm_unpackhi_ps(s0, s1));
+        let (t2, t3) = (_mm_unpacklo_ps(s2, s3), _mm_unpackhi_ps(s2, s3));
+        // c_k: lane k of every head.
+        let (c0, c1) = (_mm_movelh_ps(t0, t2), _mm_movehl_ps(t2, t0));
+        let (c2, c3) = (_mm_movelh_ps(t1, t3), _mm_movehl_ps(t3, t1));
+        _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
+    }
+
     /// Eight halves at `p` as floats.
     ///
     /// # Safety
@@ -209,12 +241,35 @@ mod x86 {
                     }
                 }
             }
-            for h in 0..G {
-                // SAFETY: j (and j + 1 when two) < n; heads < G in out.
+            if let (Ok(a0), Ok(a1)) = (
+                <&[__m256; 4]>::try_from(&a0[..]),
+                <&[__m256; 4]>::try_from(&a1[..]),
+            ) {
+                // Four heads: their sums in one register.
+                let sv = _mm_set1_ps(scale);
+                let (mut v0, mut v1) = ([0.0f32; 4], [0.0f32; 4]);
+                // SAFETY: stores to local arrays of four.
                 unsafe {
-                    *out.add(h * n + j) = hsum(a0[h]) * scale;
-                    if two {
-                        *out.add(h * n + j + 1) = hsum(a1[h]) * scale;
+                    _mm_storeu_ps(v0.as_mut_ptr(), _mm_mul_ps(hsum4(a0), sv));
+                    _mm_storeu_ps(v1.as_mut_ptr(), _mm_mul_ps(hsum4(a1), sv));
+                }
+                for h in 0..4 {
+                    // SAFETY: j (and j + 1 when two) < n; heads < 4 in out.
+                    unsafe {
+                        *out.add(h * n + j) = v0[h];
+                        if two {
+                            *out.add(h * n + j + 1) = v1[h];
+                        }
+                    }
+                }
+            } else {
+                for h in 0..G {
+                    // SAFETY: j (and j + 1 when two) < n; heads < G in out.
+                    unsafe {
+                        *out.add(h * n + j) = hsum(a0[h]) * scale;
+                        if two {
+                            *out.add(h * n + j + 1) = hsum(a1[h]) * scale;
+                        }
                     }
                 }
             }

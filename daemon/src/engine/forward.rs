@@ -255,8 +255,11 @@ impl Model {
                             for head in ks[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
                                 rope_neox(head, p, d.rope_freq_base);
                             }
-                            kc.extend(ks[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
-                            vc.extend(vs[t * kvd..(t + 1) * kvd].iter().map(|&v| f16::from_f32(v)));
+                            for (h, (kh, vh)) in kc.iter_mut().zip(vc.iter_mut()).enumerate() {
+                                let at = t * kvd + h * hd..t * kvd + (h + 1) * hd;
+                                kh.extend(ks[at.clone()].iter().map(|&x| f16::from_f32(x)));
+                                vh.extend(vs[at].iter().map(|&x| f16::from_f32(x)));
+                            }
                         }
                         // Each (token, KV head) reads only the cache
                         // (complete up to this call's end) and writes that
@@ -264,25 +267,26 @@ impl Model {
                         // head, so they run in parallel (decode too: one
                         // token still has n_head_kv of them); the arithmetic
                         // of each is the same whatever thread runs it.
-                        let (kc, vc, qs) = (&kc[..], &vc[..], &qs);
+                        let (kc, vc, qs) = (&*kc, &*vc, &qs);
                         let fns = attention_fns(self.isa, hd);
                         let width = group * hd;
                         let rows = &mut att[span.start * e..span.end * e];
                         self.pool.for_each_mut(rows, width, &|i, out| {
                             let (ti, kvh) = (i / nkv, i % nkv);
                             let t = span.start + ti;
+                            let n_pos = pos0 + ti + 1;
                             let kv = |cache| KvHead {
                                 cache,
-                                stride: kvd,
-                                offset: kvh * hd,
+                                stride: hd,
+                                offset: 0,
                                 hd,
-                                n: pos0 + ti + 1,
+                                n: n_pos,
                             };
                             let q = &qs[t * e + kvh * width..t * e + (kvh + 1) * width];
-                            let mut p = vec![0.0f32; group * (pos0 + ti + 1)];
-                            (fns.scores)(q, kv(kc), scale, &mut p);
-                            p.chunks_exact_mut(pos0 + ti + 1).for_each(softmax);
-                            (fns.mix)(&p, kv(vc), out);
+                            let mut p = vec![0.0f32; group * n_pos];
+                            (fns.scores)(q, kv(&kc[kvh][..]), scale, &mut p);
+                            p.chunks_exact_mut(n_pos).for_each(softmax);
+                            (fns.mix)(&p, kv(&vc[kvh][..]), out);
                         });
                     }
                     self.matmul(o, &att, n, &mut mix);

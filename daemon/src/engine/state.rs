@@ -11,9 +11,10 @@ pub(crate) enum LayerState {
         window: Vec<f32>,
     },
     Attention {
-        /// `[pos][n_head_kv * head_dim]`.
-        k: Vec<f16>,
-        v: Vec<f16>,
+        /// Per KV head, `[pos][head_dim]`: a head's rows are contiguous,
+        /// so attending to them is one stream.
+        k: Vec<Vec<f16>>,
+        v: Vec<Vec<f16>>,
     },
 }
 
@@ -34,9 +35,9 @@ impl SeqState {
                 Mixer::Conv { .. } => LayerState::Conv {
                     window: vec![0.0; (d.conv_l_cache - 1) * d.n_embd],
                 },
-                Mixer::Attention { .. } => LayerState::Attention {
-                    k: Vec::new(),
-                    v: Vec::new(),
+                Mixer::Attention { n_head_kv, .. } => LayerState::Attention {
+                    k: vec![Vec::new(); n_head_kv],
+                    v: vec![Vec::new(); n_head_kv],
                 },
             })
             .collect();
@@ -58,7 +59,7 @@ impl SeqState {
             .iter()
             .map(|l| match l {
                 LayerState::Conv { window } => window.len() * 4,
-                LayerState::Attention { k, v } => (k.capacity() + v.capacity()) * 2,
+                LayerState::Attention { k, v } => k.iter().chain(v).map(|h| h.capacity() * 2).sum(),
             })
             .sum()
     }

@@ -352,12 +352,11 @@ impl Model {
     fn swiglu(&self, g: &mut [f32], u: &[f32]) {
         const CHUNK: usize = 2048;
         if g.len() < 2 * CHUNK {
-            g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+            swiglu_in_place(g, u);
             return;
         }
         self.pool.for_each_mut(g, CHUNK, &|i, part| {
-            let u = &u[i * CHUNK..];
-            part.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
+            swiglu_in_place(part, &u[i * CHUNK..]);
         });
     }
 
@@ -465,12 +464,9 @@ impl Model {
         }
         self.matmuls(jobs);
         // All experts' SwiGLU in one region, an expert per hand-out (per
-        // element the same arithmetic as `swiglu`).
-        self.pool.for_each_mut(&mut gs, 1, &|i, g| {
-            g[0].iter_mut()
-                .zip(&us[i])
-                .for_each(|(a, b)| *a = silu(*a) * b);
-        });
+        // element `swiglu_in_place`, as in `swiglu`).
+        self.pool
+            .for_each_mut(&mut gs, 1, &|i, g| swiglu_in_place(&mut g[0], &us[i]));
         let mut dns: Vec<Vec<f32>> = experts
             .iter()
             .map(|(_, u)| vec![0.0f32; u.len() * e])
@@ -529,4 +525,10 @@ impl Model {
         }
         (0..ne).filter(|&i| chosen[i]).collect()
     }
+}
+
+/// `g = silu(g) * u` elementwise (as far as both go): the one SwiGLU step
+/// every FFN path runs, however the work is split.
+fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
+    g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
 }

@@ -3,6 +3,7 @@
 //! parts (conv window, attention over the KV cache) run per sequence.
 
 use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid, silu, softmax};
+use super::scratch::Buf;
 use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
@@ -89,7 +90,7 @@ impl Model {
             *const f32,
             usize,
             lfm_kernels::types::ActType,
-            Vec<u8>,
+            Buf<'_, u8>,
             usize,
         )> = Vec::new();
         let mut which = Vec::with_capacity(jobs.len());
@@ -100,9 +101,9 @@ impl Model {
             let at = match bufs.iter().position(|b| (b.0, b.1, b.2) == key) {
                 Some(at) => at,
                 None => {
-                    let mut buf = Vec::new();
+                    let mut buf = self.act_scratch.empty(x.len());
                     let row =
-                        quantize_activations_on(&self.pool, self.isa, ty, x, w.cols, &mut buf);
+                        quantize_activations_on(&self.pool, self.isa, ty, x, w.cols, buf.vec_mut());
                     bufs.push((key.0, key.1, act, buf, row));
                     bufs.len() - 1
                 }
@@ -170,14 +171,14 @@ impl Model {
         if let Some(p) = &self.pager {
             p.begin_step();
         }
-        let mut x = vec![0.0f32; n * e];
+        let mut x = self.scratch.zeroed(n * e);
         for (row, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
             let t = self.tok_embd.rows(tok as usize, 1);
             dequantize_rows(&t, t.bytes(file), &mut x[row * e..(row + 1) * e]);
         }
 
-        let mut h = vec![0.0f32; n * e];
-        let mut mix = vec![0.0f32; n * e];
+        let mut h = self.scratch.zeroed(n * e);
+        let mut mix = self.scratch.zeroed(n * e);
         for (il, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, d.norm_eps, &mut h);
             match &layer.mixer {
@@ -186,10 +187,10 @@ impl Model {
                     in_proj,
                     out_proj,
                 } => {
-                    let mut bcx = vec![0.0f32; n * 3 * e];
+                    let mut bcx = self.scratch.zeroed(n * 3 * e);
                     self.matmul(in_proj, &h, n, &mut bcx);
                     let l = d.conv_l_cache;
-                    let mut y = vec![0.0f32; n * e];
+                    let mut y = self.scratch.zeroed(n * e);
                     for (it, span) in items.iter_mut().zip(&spans) {
                         let LayerState::Conv { window } = &mut it.state.layers[il] else {
                             unreachable!("state layout follows the model");
@@ -228,9 +229,9 @@ impl Model {
                 } => {
                     let (hd, nh, nkv) = (d.head_dim, d.n_head, *n_head_kv);
                     let kvd = nkv * hd;
-                    let mut qs = vec![0.0f32; n * e];
-                    let mut ks = vec![0.0f32; n * kvd];
-                    let mut vs = vec![0.0f32; n * kvd];
+                    let mut qs = self.scratch.zeroed(n * e);
+                    let mut ks = self.scratch.zeroed(n * kvd);
+                    let mut vs = self.scratch.zeroed(n * kvd);
                     self.matmuls(vec![
                         (q, &h, n, &mut qs[..]),
                         (k, &h, n, &mut ks[..]),
@@ -240,7 +241,7 @@ impl Model {
                     rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
                     let scale = 1.0 / (hd as f32).sqrt();
                     let group = nh / nkv;
-                    let mut att = vec![0.0f32; n * e];
+                    let mut att = self.scratch.zeroed(n * e);
                     for (it, span) in items.iter_mut().zip(&spans) {
                         let pos0 = it.state.pos;
                         let LayerState::Attention { k: kc, v: vc } = &mut it.state.layers[il]
@@ -292,14 +293,14 @@ impl Model {
                     self.matmul(o, &att, n, &mut mix);
                 }
             }
-            x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
+            x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &layer.ffn_norm, d.norm_eps, &mut h);
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
                     let f = gate.rows;
-                    let mut g = vec![0.0f32; n * f];
-                    let mut u = vec![0.0f32; n * f];
+                    let mut g = self.scratch.zeroed(n * f);
+                    let mut u = self.scratch.zeroed(n * f);
                     self.matmuls(vec![(gate, &h, n, &mut g[..]), (up, &h, n, &mut u[..])]);
                     self.swiglu(&mut g, &u);
                     self.matmul(down, &g, n, &mut mix);
@@ -317,7 +318,7 @@ impl Model {
                     );
                 }
             }
-            x.iter_mut().zip(&mix).for_each(|(a, b)| *a += b);
+            x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
         }
 
         // Logits for the rows asked for.
@@ -380,7 +381,7 @@ impl Model {
     ) {
         let d = &self.desc;
         let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
-        let mut logits = vec![0.0f32; n * ne];
+        let mut logits = self.scratch.zeroed(n * ne);
         self.matmul(router, h, n, &mut logits);
         // Per token: the chosen experts (in selection order) and their weights.
         let mut chosen = vec![(0usize, 0.0f32); n * k];
@@ -404,10 +405,9 @@ impl Model {
                 chosen[t * k + slot] = (i, probs[i] / sum);
             }
         }
-        // Expert outputs per (token, slot), then summed in slot order. All
-        // chosen experts' gate and up products run in one parallel region,
-        // then all their down products in another.
-        let mut per_slot = vec![0.0f32; n * k * e];
+        // Each chosen expert's tokens, as rows of flat buffers in expert
+        // order. All chosen experts' gate and up products run in one
+        // parallel region, then all their down products in another.
         let mut experts: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
         for ex in 0..ne {
             let users: Vec<(usize, usize)> = (0..n * k)
@@ -427,16 +427,19 @@ impl Model {
                 }
             }
         }
-        let hxs: Vec<Vec<f32>> = experts
+        let counts: Vec<usize> = experts.iter().map(|(_, u)| u.len()).collect();
+        // The row of (token, slot) in the flat buffers.
+        let mut row_of = vec![0usize; n * k];
+        let mut hx_all = self.scratch.zeroed(n * k * e);
+        for (r, (t, slot)) in experts
             .iter()
-            .map(|(_, users)| {
-                let mut hx = vec![0.0f32; users.len() * e];
-                for (i, &(t, _)) in users.iter().enumerate() {
-                    hx[i * e..(i + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
-                }
-                hx
-            })
-            .collect();
+            .flat_map(|(_, u)| u.iter().copied())
+            .enumerate()
+        {
+            row_of[t * k + slot] = r;
+            hx_all[r * e..(r + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
+        }
+        let hxs = split_rows(&mut hx_all, &counts, e);
         let slices: Vec<(Tensor, Tensor, Tensor)> = experts
             .iter()
             .map(|&(ex, _)| {
@@ -447,53 +450,46 @@ impl Model {
                 )
             })
             .collect();
-        let mut gs: Vec<Vec<f32>> = experts
-            .iter()
-            .map(|(_, u)| vec![0.0f32; u.len() * f])
-            .collect();
-        let mut us: Vec<Vec<f32>> = gs.clone();
+        let (mut g_all, mut u_all) = (
+            self.scratch.zeroed(n * k * f),
+            self.scratch.zeroed(n * k * f),
+        );
+        let mut gs = split_rows(&mut g_all, &counts, f);
+        let mut us = split_rows(&mut u_all, &counts, f);
         let mut jobs = Vec::with_capacity(2 * experts.len());
-        for ((((_, users), hx), (g_t, u_t, _)), (g, u)) in experts
-            .iter()
-            .zip(&hxs)
-            .zip(&slices)
-            .zip(gs.iter_mut().zip(us.iter_mut()))
-        {
-            jobs.push((g_t, &hx[..], users.len(), &mut g[..]));
-            jobs.push((u_t, &hx[..], users.len(), &mut u[..]));
+        for (((hx, (g_t, u_t, _)), g), u) in hxs.iter().zip(&slices).zip(&mut gs).zip(&mut us) {
+            let rows = hx.len() / e;
+            jobs.push((g_t, &hx[..], rows, &mut g[..]));
+            jobs.push((u_t, &hx[..], rows, &mut u[..]));
         }
         self.matmuls(jobs);
         // All experts' SwiGLU in one region, an expert per hand-out (per
         // element `swiglu_in_place`, as in `swiglu`).
         self.pool
-            .for_each_mut(&mut gs, 1, &|i, g| swiglu_in_place(&mut g[0], &us[i]));
-        let mut dns: Vec<Vec<f32>> = experts
+            .for_each_mut(&mut gs, 1, &|i, g| swiglu_in_place(g[0], us[i]));
+        let mut dn_all = self.scratch.zeroed(n * k * e);
+        let mut dns = split_rows(&mut dn_all, &counts, e);
+        let jobs = slices
             .iter()
-            .map(|(_, u)| vec![0.0f32; u.len() * e])
-            .collect();
-        let jobs = experts
-            .iter()
-            .zip(&slices)
             .zip(&gs)
-            .zip(dns.iter_mut())
-            .map(|((((_, users), (_, _, d_t)), g), dn)| (d_t, &g[..], users.len(), &mut dn[..]))
+            .zip(&mut dns)
+            .map(|(((_, _, d_t), g), dn)| (d_t, &g[..], g.len() / f, &mut dn[..]))
             .collect();
         self.matmuls(jobs);
-        for ((_, users), dn) in experts.iter().zip(&dns) {
-            for (i, &(t, slot)) in users.iter().enumerate() {
-                let w = chosen[t * k + slot].1;
-                let dst = &mut per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];
-                dst.iter_mut()
-                    .zip(&dn[i * e..(i + 1) * e])
-                    .for_each(|(o, v)| *o = v * w);
-            }
-        }
+        // Weighted and summed in slot order: the first slot's product, then
+        // each later one's added (f32 products rounded before the sums,
+        // the same arithmetic as summing per-slot copies).
         for t in 0..n {
             let o = &mut out[t * e..(t + 1) * e];
-            o.copy_from_slice(&per_slot[t * k * e..(t * k + 1) * e]);
-            for slot in 1..k {
-                let s = &per_slot[(t * k + slot) * e..(t * k + slot + 1) * e];
-                o.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+            for slot in 0..k {
+                let w = chosen[t * k + slot].1;
+                let r = row_of[t * k + slot];
+                let dn = &dn_all[r * e..(r + 1) * e];
+                if slot == 0 {
+                    o.iter_mut().zip(dn).for_each(|(a, v)| *a = v * w);
+                } else {
+                    o.iter_mut().zip(dn).for_each(|(a, v)| *a += v * w);
+                }
             }
         }
     }
@@ -508,9 +504,9 @@ impl Model {
         let Ffn::Moe { router, bias, .. } = &layer.ffn else {
             return Vec::new();
         };
-        let mut h = vec![0.0f32; n * e];
+        let mut h = self.scratch.zeroed(n * e);
         rms_norm(x, &layer.ffn_norm, d.norm_eps, &mut h);
-        let mut logits = vec![0.0f32; n * ne];
+        let mut logits = self.scratch.zeroed(n * ne);
         self.matmul(router, &h, n, &mut logits);
         let mut chosen = vec![false; ne];
         for t in 0..n {
@@ -525,6 +521,19 @@ impl Model {
         }
         (0..ne).filter(|&i| chosen[i]).collect()
     }
+}
+
+/// `buf` cut into consecutive runs of `counts[i] * width` elements.
+fn split_rows<'a>(buf: &'a mut [f32], counts: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut rest = buf;
+    counts
+        .iter()
+        .map(|&c| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(c * width);
+            rest = tail;
+            head
+        })
+        .collect()
 }
 
 /// `g = silu(g) * u` elementwise (as far as both go): the one SwiGLU step

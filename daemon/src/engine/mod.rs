@@ -9,6 +9,7 @@
 mod forward;
 mod ops;
 pub mod paging;
+mod scratch;
 mod state;
 mod weights;
 

@@ -183,24 +183,17 @@ fn main() {
     }
 
     // Attention of one token's 4 query heads sharing a KV head (LFM2-8B:
-    // head size 64, 8 KV heads, so cache rows of 512 halves) over 2048
-    // cached positions: the scores, then the weighted values. GB/s of the
-    // KV head read; "rows" are positions.
-    let (hd, g, n, stride) = (64, 4, 2048, 512);
-    let cache: Vec<half::f16> = values(n * stride, 3)
+    // head size 64) over 2048 cached positions: the scores, then the
+    // weighted values. GB/s of the KV head read; "rows" are positions.
+    let (hd, g, n) = (64, 4, 2048);
+    let cache: Vec<half::f16> = values(n * hd, 3)
         .into_iter()
         .map(half::f16::from_f32)
         .collect();
     let q = values(g * hd, 4);
     for &isa in &isas {
         let f = lfm_kernels::attn::attention_fns(isa, hd);
-        let kv = lfm_kernels::attn::KvHead {
-            cache: &cache,
-            stride,
-            offset: 3 * hd,
-            hd,
-            n,
-        };
+        let kv = lfm_kernels::attn::KvHead::new(&cache, hd);
         let mut p = vec![0.0f32; g * n];
         run.bench(&format!("attn/scores/{isa}/4x{n}"), n * hd * 2, n, || {
             (f.scores)(black_box(&q), kv, 0.125, &mut p);

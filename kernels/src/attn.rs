@@ -10,32 +10,45 @@
 use crate::isa::Isa;
 use half::f16;
 
-/// One KV head's rows in an f16 cache: row `j < n` is the `hd` halves at
-/// `j * stride + offset` of `cache`.
+/// One KV head's cached rows, position after position: row `j` is the
+/// `hd` halves at `j * hd` (the engine's cache layout, `[pos][hd]` per KV
+/// head, so a head's positions are one contiguous stream).
 #[derive(Clone, Copy, Debug)]
 pub struct KvHead<'a> {
-    pub cache: &'a [f16],
-    pub stride: usize,
-    pub offset: usize,
-    pub hd: usize,
-    pub n: usize,
+    rows: &'a [f16],
+    hd: usize,
+    n: usize,
 }
 
-impl KvHead<'_> {
-    fn row(&self, j: usize) -> &[f16] {
-        &self.cache[j * self.stride + self.offset..][..self.hd]
+impl<'a> KvHead<'a> {
+    /// The rows of `rows`, `hd` halves each.
+    ///
+    /// # Panics
+    /// If `hd` is 0 or `rows` is not whole rows.
+    pub fn new(rows: &'a [f16], hd: usize) -> Self {
+        assert!(
+            hd > 0 && rows.len().is_multiple_of(hd),
+            "KV rows of {hd} halves do not tile {} halves",
+            rows.len()
+        );
+        KvHead {
+            rows,
+            hd,
+            n: rows.len() / hd,
+        }
     }
 
-    /// Panics unless every row is inside the cache.
-    fn check(&self) {
-        assert!(
-            self.n == 0
-                || (self.n - 1)
-                    .checked_mul(self.stride)
-                    .and_then(|a| a.checked_add(self.offset + self.hd))
-                    .is_some_and(|end| end <= self.cache.len()),
-            "KV rows past the cache"
-        );
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn row(&self, j: usize) -> &[f16] {
+        &self.rows[j * self.hd..][..self.hd]
     }
 }
 
@@ -53,7 +66,8 @@ pub struct AttnFns {
     pub mix: MixF16,
 }
 
-/// The group's heads, checked against each other and the cache.
+/// The group's heads, checked against each other and the buffers (the
+/// cache's rows are whole by construction: [`KvHead::new`]).
 fn heads(q_len: usize, kv: &KvHead<'_>, per_head: usize, other: usize) -> usize {
     assert!(
         kv.hd > 0 && q_len.is_multiple_of(kv.hd),
@@ -61,7 +75,6 @@ fn heads(q_len: usize, kv: &KvHead<'_>, per_head: usize, other: usize) -> usize 
     );
     let g = q_len / kv.hd;
     assert_eq!(other, g * per_head, "buffer does not fit the heads");
-    kv.check();
     g
 }
 
@@ -100,8 +113,8 @@ fn scores_avx2(q: &[f32], k: KvHead<'_>, scale: f32, scores: &mut [f32]) {
     assert!(k.hd.is_multiple_of(8), "head size not a multiple of 8");
     let g = heads(q.len(), &k, k.n, scores.len());
     // SAFETY: handed out by `attention_fns` only when AVX2/FMA/F16C are
-    // present; `heads` checked the buffers and that every row is inside
-    // the cache, and hd is a multiple of 8.
+    // present; `heads` checked the buffers, every row is inside the
+    // cache (`KvHead::new`), and hd is a multiple of 8.
     unsafe { x86::scores(q.as_ptr(), &k, g, scale, scores.as_mut_ptr()) }
 }
 
@@ -222,7 +235,7 @@ mod x86 {
         out: *mut f32,
     ) -> usize {
         let (hd, n) = (k.hd, k.n);
-        let row = |j: usize| k.cache.as_ptr().wrapping_add(j * k.stride + k.offset);
+        let row = |j: usize| k.rows.as_ptr().wrapping_add(j * hd);
         let mut j = 0;
         while j < n {
             let two = j + 1 < n;
@@ -241,41 +254,38 @@ mod x86 {
                     }
                 }
             }
-            if let (Ok(a0), Ok(a1)) = (
-                <&[__m256; 4]>::try_from(&a0[..]),
-                <&[__m256; 4]>::try_from(&a1[..]),
-            ) {
-                // Four heads: their sums in one register.
-                let sv = _mm_set1_ps(scale);
-                let (mut v0, mut v1) = ([0.0f32; 4], [0.0f32; 4]);
-                // SAFETY: stores to local arrays of four.
+            let (v0, v1) = (scaled_sums(&a0, scale), scaled_sums(&a1, scale));
+            for h in 0..G {
+                // SAFETY: j (and j + 1 when two) < n; heads < G in out.
                 unsafe {
-                    _mm_storeu_ps(v0.as_mut_ptr(), _mm_mul_ps(hsum4(a0), sv));
-                    _mm_storeu_ps(v1.as_mut_ptr(), _mm_mul_ps(hsum4(a1), sv));
-                }
-                for h in 0..4 {
-                    // SAFETY: j (and j + 1 when two) < n; heads < 4 in out.
-                    unsafe {
-                        *out.add(h * n + j) = v0[h];
-                        if two {
-                            *out.add(h * n + j + 1) = v1[h];
-                        }
-                    }
-                }
-            } else {
-                for h in 0..G {
-                    // SAFETY: j (and j + 1 when two) < n; heads < G in out.
-                    unsafe {
-                        *out.add(h * n + j) = hsum(a0[h]) * scale;
-                        if two {
-                            *out.add(h * n + j + 1) = hsum(a1[h]) * scale;
-                        }
+                    *out.add(h * n + j) = v0[h];
+                    if two {
+                        *out.add(h * n + j + 1) = v1[h];
                     }
                 }
             }
             j += 2;
         }
         G
+    }
+
+    /// `hsum(a[h]) * scale` for each head; four heads' sums share one
+    /// transposed reduction ([`hsum4`]: the same additions in the same
+    /// order).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scaled_sums<const G: usize>(a: &[__m256; G], scale: f32) -> [f32; G] {
+        let mut v = [0.0f32; G];
+        if let Ok(a4) = <&[__m256; 4]>::try_from(&a[..]) {
+            let s = _mm_mul_ps(hsum4(a4), _mm_set1_ps(scale));
+            // SAFETY: stores four floats to `v`, which holds G = 4.
+            unsafe { _mm_storeu_ps(v.as_mut_ptr(), s) };
+        } else {
+            for (vh, &ah) in v.iter_mut().zip(a) {
+                *vh = hsum(ah) * scale;
+            }
+        }
+        v
     }
 
     /// Weighted values of `g` heads, in groups of 4, 2 and 1.
@@ -309,7 +319,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn mix_of<const G: usize>(p: *const f32, v: &KvHead<'_>, out: *mut f32) -> usize {
         let (hd, n) = (v.hd, v.n);
-        let row = |j: usize| v.cache.as_ptr().wrapping_add(j * v.stride + v.offset);
+        let row = |j: usize| v.rows.as_ptr().wrapping_add(j * hd);
         let mut i = 0;
         while i < hd {
             let wide = i + 16 <= hd;
@@ -353,9 +363,9 @@ mod tests {
         (0..n).map(move |i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 2.0)
     }
 
-    /// A cache of `n` rows of `stride` halves, the KV head at `offset`.
-    fn cache(n: usize, stride: usize, seed: usize) -> Vec<f16> {
-        values(n * stride, seed).map(f16::from_f32).collect()
+    /// `len` halves of cache.
+    fn cache(len: usize, seed: usize) -> Vec<f16> {
+        values(len, seed).map(f16::from_f32).collect()
     }
 
     /// The per-head definitions the grouped kernels must reproduce bit for
@@ -405,18 +415,11 @@ mod tests {
         for hd in [8, 64, 72] {
             for g in [1, 2, 3, 4, 5, 8] {
                 for n in [0, 1, 2, 3, 17] {
-                    let (stride, offset) = (3 * hd + 8, hd + 8);
-                    let (kc, vc) = (cache(n, stride, 1), cache(n, stride, 2));
-                    let kv = |c| KvHead {
-                        cache: c,
-                        stride,
-                        offset,
-                        hd,
-                        n,
-                    };
+                    let (kc, vc) = (cache(n * hd, 1), cache(n * hd, 2));
+                    let kv = |c| KvHead::new(c, hd);
                     let q: Vec<f32> = values(g * hd, 3).collect();
                     let p: Vec<f32> = values(g * n, 4).map(|x| x * 0.25 + 0.5).collect();
-                    let row = |c: &[f16], j: usize| c[j * stride + offset..][..hd].to_vec();
+                    let row = |c: &[f16], j: usize| c[j * hd..][..hd].to_vec();
                     let tag = format!("hd {hd}, {g} heads, {n} positions");
                     let mut want_s = vec![0.0f32; g * n];
                     let mut want_o = vec![0.0f32; g * hd];
@@ -483,17 +486,17 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "KV rows past the cache")]
-    fn rows_past_the_cache_are_refused() {
-        let c = vec![f16::ZERO; 100];
-        let k = KvHead {
-            cache: &c,
-            stride: 40,
-            offset: 30,
-            hd: 16,
-            n: 3,
-        };
-        let mut s = vec![0.0; 3];
-        (attention_fns(Isa::detect(), 16).scores)(&[0.0; 16], k, 1.0, &mut s);
+    #[should_panic(expected = "KV rows of 16 halves do not tile 100 halves")]
+    fn partial_rows_are_refused() {
+        KvHead::new(&[f16::ZERO; 100], 16);
+    }
+
+    #[test]
+    fn a_view_holds_its_rows() {
+        let c = cache(3 * 16, 5);
+        let k = KvHead::new(&c, 16);
+        assert_eq!((k.len(), k.is_empty()), (3, false));
+        assert_eq!(k.row(2), &c[32..48]);
+        assert!(KvHead::new(&[], 16).is_empty());
     }
 }

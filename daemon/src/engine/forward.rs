@@ -276,18 +276,12 @@ impl Model {
                             let (ti, kvh) = (i / nkv, i % nkv);
                             let t = span.start + ti;
                             let n_pos = pos0 + ti + 1;
-                            let kv = |cache| KvHead {
-                                cache,
-                                stride: hd,
-                                offset: 0,
-                                hd,
-                                n: n_pos,
-                            };
                             let q = &qs[t * e + kvh * width..t * e + (kvh + 1) * width];
+                            let (k, v) = (&kc[kvh][..n_pos * hd], &vc[kvh][..n_pos * hd]);
                             let mut p = vec![0.0f32; group * n_pos];
-                            (fns.scores)(q, kv(&kc[kvh][..]), scale, &mut p);
+                            (fns.scores)(q, KvHead::new(k, hd), scale, &mut p);
                             p.chunks_exact_mut(n_pos).for_each(softmax);
-                            (fns.mix)(&p, kv(&vc[kvh][..]), out);
+                            (fns.mix)(&p, KvHead::new(v, hd), out);
                         });
                     }
                     self.matmul(o, &att, n, &mut mix);

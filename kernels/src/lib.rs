@@ -4,6 +4,7 @@
 //! Invariant: this crate knows nothing about GGUF files or models. It sees
 //! blocks, rows and slices; the daemon maps files and hands slices in.
 
+pub mod act;
 pub mod attn;
 pub mod blocks;
 pub mod dispatch;

@@ -2,12 +2,13 @@
 //! products (one pass over each weight matrix per layer); the sequence-local
 //! parts (conv window, attention over the KV cache) run per sequence.
 
-use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid, silu, softmax};
+use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid};
 use super::scratch::Buf;
 use super::state::{LayerState, SeqState};
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
 use half::f16;
+use lfm_kernels::act::act_fns;
 use lfm_kernels::attn::{KvHead, attention_fns};
 use lfm_kernels::dispatch::{kernel, quantize_activations_on};
 use lfm_kernels::scalar;
@@ -270,6 +271,7 @@ impl Model {
                         // of each is the same whatever thread runs it.
                         let (kc, vc, qs) = (&*kc, &*vc, &qs);
                         let fns = attention_fns(self.isa, hd);
+                        let softmax = act_fns(self.isa).softmax;
                         let width = group * hd;
                         let rows = &mut att[span.start * e..span.end * e];
                         self.pool.for_each_mut(rows, width, &|i, out| {
@@ -346,12 +348,13 @@ impl Model {
     /// (one token's dense FFN, 7168 wide in LFM2-8B-A1B, already is).
     fn swiglu(&self, g: &mut [f32], u: &[f32]) {
         const CHUNK: usize = 2048;
+        let swiglu = act_fns(self.isa).swiglu;
         if g.len() < 2 * CHUNK {
-            swiglu_in_place(g, u);
+            swiglu(g, u);
             return;
         }
         self.pool.for_each_mut(g, CHUNK, &|i, part| {
-            swiglu_in_place(part, &u[i * CHUNK..]);
+            swiglu(part, &u[i * CHUNK..]);
         });
     }
 
@@ -458,9 +461,10 @@ impl Model {
         }
         self.matmuls(jobs);
         // All experts' SwiGLU in one region, an expert per hand-out (per
-        // element `swiglu_in_place`, as in `swiglu`).
+        // element, so the same values as `swiglu`'s split).
+        let swiglu = act_fns(self.isa).swiglu;
         self.pool
-            .for_each_mut(&mut gs, 1, &|i, g| swiglu_in_place(g[0], us[i]));
+            .for_each_mut(&mut gs, 1, &|i, g| swiglu(g[0], us[i]));
         let mut dn_all = self.scratch.zeroed(n * k * e);
         let mut dns = split_rows(&mut dn_all, &counts, e);
         let jobs = slices
@@ -528,10 +532,4 @@ fn split_rows<'a>(buf: &'a mut [f32], counts: &[usize], width: usize) -> Vec<&'a
             head
         })
         .collect()
-}
-
-/// `g = silu(g) * u` elementwise (as far as both go): the one SwiGLU step
-/// every FFN path runs, however the work is split.
-fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
-    g.iter_mut().zip(u).for_each(|(a, b)| *a = silu(*a) * b);
 }

@@ -1,6 +1,7 @@
 //! Element-wise and small operations of the forward pass, written to follow
 //! ggml's CPU arithmetic where it matters for agreement with llama.cpp
-//! (f64 sums in RMSNorm, iterative f32 RoPE angles).
+//! (f64 sums in RMSNorm, iterative f32 RoPE angles). SwiGLU and softmax
+//! live in `lfm_kernels::act` (SIMD, with ggml's vector `exp`).
 
 /// `x / sqrt(mean(x^2) + eps) * w`, row by row.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -28,10 +29,6 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -51,18 +48,6 @@ pub fn rope_neox(x: &mut [f32], pos: usize, freq_base: f32) {
         x[i + half] = a * s + b * c;
         theta *= theta_scale;
     }
-}
-
-/// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += f64::from(*v);
-    }
-    let inv = (1.0 / sum) as f32;
-    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 #[cfg(test)]
@@ -92,13 +77,5 @@ mod tests {
         // The first pair rotates by exactly `pos` radians.
         let (s, c) = 1234f32.sin_cos();
         assert!((x[0] - (orig[0] * c - orig[32] * s)).abs() < 1e-4);
-    }
-
-    #[test]
-    fn softmax_sums_to_one() {
-        let mut x = [1000.0f32, 1001.0, 999.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[1] > x[0] && x[0] > x[2]);
     }
 }

@@ -3,7 +3,8 @@
 //! (through `dispatch::dot_fn`), and the `matmul` driver for a decode-shaped
 //! (1 token) and a prefill-shaped (64 tokens) product through the kernel the
 //! engine uses (`dispatch::kernel`: AVX-512 panels where there are some),
-//! and attention over an f16 KV cache (`attn/scores`, `attn/mix`).
+//! attention over an f16 KV cache (`attn/scores`, `attn/mix`), and the
+//! activations (`act/swiglu`, `act/softmax`).
 //!
 //! `cargo bench -p lfm-kernels --bench kernels [-- [--exact] [--list] FILTER...]`
 //! runs the benchmarks whose name contains any FILTER (all by default), as
@@ -178,6 +179,36 @@ fn main() {
             || {
                 scalar::quantize_row(ty, black_box(xw), &mut out);
                 black_box(&out);
+            },
+        );
+    }
+
+    // The activations: one token's experts' SwiGLU (4 x 1792 in LFM2-8B)
+    // and a softmax over 2048 scores. GB/s of the f32 inputs; "rows" are
+    // elements.
+    let (gate, up, scores) = (values(4 * 1792, 5), values(4 * 1792, 6), values(2048, 7));
+    for &isa in &isas {
+        let f = lfm_kernels::act::act_fns(isa);
+        let mut g = gate.clone();
+        run.bench(
+            &format!("act/swiglu/{isa}/7168"),
+            g.len() * 8,
+            g.len(),
+            || {
+                g.copy_from_slice(&gate);
+                (f.swiglu)(black_box(&mut g), &up);
+                black_box(&g);
+            },
+        );
+        let mut p = scores.clone();
+        run.bench(
+            &format!("act/softmax/{isa}/2048"),
+            p.len() * 4,
+            p.len(),
+            || {
+                p.copy_from_slice(&scores);
+                (f.softmax)(black_box(&mut p));
+                black_box(&p);
             },
         );
     }

@@ -102,7 +102,8 @@ impl Model {
             let at = match bufs.iter().position(|b| (b.0, b.1, b.2) == key) {
                 Some(at) => at,
                 None => {
-                    let mut buf = self.act_scratch.empty(x.len());
+                    let bytes = act.row_bytes(w.cols) * (x.len() / w.cols);
+                    let mut buf = self.act_scratch.empty(bytes);
                     let row =
                         quantize_activations_on(&self.pool, self.isa, ty, x, w.cols, buf.vec_mut());
                     bufs.push((key.0, key.1, act, buf, row));

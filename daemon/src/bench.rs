@@ -1,7 +1,8 @@
 //! `lfmd bench`: prefill and decode speed on a model, measured the way
 //! llama-bench measures pp/tg (each test from a context holding `depth`
 //! tokens, empty by default, prompt and decode tokens drawn at random,
-//! decode fed one token at a time, one untimed warm-up token before), so
+//! decode fed one token at a time, after an untimed warm-up as llama-bench's:
+//! a whole prompt when there is a prefill test, then one token), so
 //! the two can be compared side by side (scripts/bench-vs-llama.sh).
 
 use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
@@ -78,13 +79,21 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     };
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
     let mut tg_reps = Vec::new();
-    // One untimed token first, as llama-bench warms up: the timed tests then
+    // Untimed warm-up runs first, as llama-bench's: a whole prompt when there
+    // is a prefill test (it touches nearly every expert, as the timed one
+    // would for the first time), then one token. The timed tests then
     // measure steady state, not the first touches of the mapping.
-    model.forward(&mut [BatchItem {
-        state: &mut SeqState::new(model),
-        tokens: &[rng.below(nv) as u32],
-        logits: LogitsWanted::Last,
-    }])?;
+    let warm: Vec<u32> = (0..prompt.max(1)).map(|_| rng.below(nv) as u32).collect();
+    let mut st = SeqState::new(model);
+    for chunk in [&warm[..warm.len() - 1], &warm[warm.len() - 1..]] {
+        if !chunk.is_empty() {
+            model.forward(&mut [BatchItem {
+                state: &mut st,
+                tokens: chunk,
+                logits: LogitsWanted::Last,
+            }])?;
+        }
+    }
     for _ in 0..reps {
         if prompt > 0 {
             let mut st = context(&mut rng)?;

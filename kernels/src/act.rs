@@ -103,13 +103,16 @@ fn sum8(v: &[f32]) -> f32 {
     (h[0] + h[2]) + (h[1] + h[3])
 }
 
-fn softmax_scalar(x: &mut [f32]) {
+/// The softmax every path runs: `block` turns 8 scores into `exp(v - max)`
+/// in place and returns their [`sum8`]; the sum of the blocks and of the
+/// rest (one by one) is taken in f64, as ggml's `ggml_vec_soft_max_f32`.
+#[inline(always)]
+fn softmax_by(x: &mut [f32], block: impl Fn(&mut [f32], f32) -> f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     let mut blocks = x.chunks_exact_mut(8);
     for b in &mut blocks {
-        b.iter_mut().for_each(|v| *v = exp(*v - max));
-        sum += f64::from(sum8(b));
+        sum += f64::from(block(b, max));
     }
     for v in blocks.into_remainder() {
         *v = exp(*v - max);
@@ -117,6 +120,13 @@ fn softmax_scalar(x: &mut [f32]) {
     }
     let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+fn softmax_scalar(x: &mut [f32]) {
+    softmax_by(x, |b, max| {
+        b.iter_mut().for_each(|v| *v = exp(*v - max));
+        sum8(b)
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -200,35 +210,18 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     fn softmax(x: &mut [f32]) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        let mut blocks = x.chunks_exact_mut(8);
-        for b in &mut blocks {
-            // SAFETY: the chunk holds 8 floats; unaligned load and store.
+        softmax_by(x, |b, max| {
+            // SAFETY: blocks hold 8 floats; unaligned load and store. The
+            // closure runs inside this AVX2/FMA function (inherited).
             unsafe {
                 let v = exp8(_mm256_sub_ps(
                     _mm256_loadu_ps(b.as_ptr()),
                     _mm256_set1_ps(max),
                 ));
                 _mm256_storeu_ps(b.as_mut_ptr(), v);
-                sum += f64::from(hsum8(v));
+                hsum8(v)
             }
-        }
-        for v in blocks.into_remainder() {
-            *v = exp(*v - max);
-            sum += f64::from(*v);
-        }
-        let inv = _mm256_set1_ps((1.0 / sum) as f32);
-        let mut blocks = x.chunks_exact_mut(8);
-        for b in &mut blocks {
-            // SAFETY: as above.
-            unsafe {
-                let v = _mm256_mul_ps(_mm256_loadu_ps(b.as_ptr()), inv);
-                _mm256_storeu_ps(b.as_mut_ptr(), v);
-            }
-        }
-        let inv = (1.0 / sum) as f32;
-        blocks.into_remainder().iter_mut().for_each(|v| *v *= inv);
+        });
     }
 }
 
@@ -303,29 +296,20 @@ mod arm {
 
     #[target_feature(enable = "neon")]
     fn softmax(x: &mut [f32]) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        let mut blocks = x.chunks_exact_mut(8);
-        for b in &mut blocks {
-            // SAFETY: the chunk holds 8 floats: two registers.
+        softmax_by(x, |b, max| {
+            // SAFETY: blocks hold 8 floats: two registers.
             unsafe {
                 let m = vdupq_n_f32(max);
                 let lo = exp4(vsubq_f32(vld1q_f32(b.as_ptr()), m));
                 let hi = exp4(vsubq_f32(vld1q_f32(b.as_ptr().add(4)), m));
                 vst1q_f32(b.as_mut_ptr(), lo);
                 vst1q_f32(b.as_mut_ptr().add(4), hi);
-                // The scalar tree: halves, pairs (0+2, 1+3), the last two.
+                // `sum8`'s tree: halves, pairs (0+2, 1+3), the last two.
                 let h = vaddq_f32(lo, hi);
                 let p = vadd_f32(vget_low_f32(h), vget_high_f32(h));
-                sum += f64::from(vget_lane_f32::<0>(p) + vget_lane_f32::<1>(p));
+                vget_lane_f32::<0>(p) + vget_lane_f32::<1>(p)
             }
-        }
-        for v in blocks.into_remainder() {
-            *v = exp(*v - max);
-            sum += f64::from(*v);
-        }
-        let inv = (1.0 / sum) as f32;
-        x.iter_mut().for_each(|v| *v *= inv);
+        });
     }
 }
 

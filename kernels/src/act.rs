@@ -1,9 +1,10 @@
 //! Element-wise activations: the SwiGLU step of every FFN (`g = silu(g) *
 //! u`) and the softmax of attention scores, with `exp` computed as ggml's
-//! vector code computes it (the Arm optimized-routines polynomial: at most
-//! 1.45 ulp plus rounding from `expf`), so llama.cpp's SIMD builds and ours
-//! agree on these bit for bit, and the float steps cost a few instructions
-//! per 8 elements instead of a libm call each.
+//! AVX2 and NEON code computes it (`ggml_v_expf`, after Arm's optimized
+//! routines: at most 1.45 ulp plus rounding), so llama.cpp's AVX2 and NEON
+//! builds and ours agree on SwiGLU bit for bit (and on the softmax of its
+//! `soft_max` op), and the float steps cost a few instructions per 8
+//! elements instead of a libm call each.
 //!
 //! [`exp`] is the definition, one lane written in plain Rust (every fused
 //! step a `mul_add`); the AVX2 and NEON paths reproduce it exactly, and the

@@ -56,9 +56,8 @@ impl<T: Copy + Default> Scratch<T> {
 
     fn give_back(&self, v: Vec<T>) {
         let mut free = self.lock();
-        let size = std::mem::size_of::<T>().max(1);
-        let kept: usize = free.iter().map(|f| f.capacity() * size).sum();
-        if v.capacity() > 0 && kept + v.capacity() * size <= self.keep_bytes {
+        let kept = bytes_of(&free);
+        if v.capacity() > 0 && kept + bytes_of(std::slice::from_ref(&v)) <= self.keep_bytes {
             free.push(v);
         }
     }
@@ -66,8 +65,7 @@ impl<T: Copy + Default> Scratch<T> {
     /// Bytes of capacity kept for reuse now.
     #[cfg(test)]
     fn kept_bytes(&self) -> usize {
-        let size = std::mem::size_of::<T>().max(1);
-        self.lock().iter().map(|f| f.capacity() * size).sum()
+        bytes_of(&self.lock())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<T>>> {
@@ -75,6 +73,12 @@ impl<T: Copy + Default> Scratch<T> {
         // either happened or not), so a poisoned lock is still usable.
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Bytes of capacity of `vs`.
+fn bytes_of<T>(vs: &[Vec<T>]) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    vs.iter().map(|v| v.capacity() * size).sum()
 }
 
 /// A vector on loan from a [`Scratch`]; it goes back when dropped.

@@ -83,13 +83,12 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     // is a prefill test (it touches nearly every expert, as the timed one
     // would for the first time), then one token. The timed tests then
     // measure steady state, not the first touches of the mapping.
-    let warm: Vec<u32> = (0..prompt.max(1)).map(|_| rng.below(nv) as u32).collect();
-    let mut st = SeqState::new(model);
-    for chunk in [&warm[..warm.len() - 1], &warm[warm.len() - 1..]] {
-        if !chunk.is_empty() {
+    for n in [prompt, 1] {
+        let toks: Vec<u32> = (0..n).map(|_| rng.below(nv) as u32).collect();
+        if !toks.is_empty() {
             model.forward(&mut [BatchItem {
-                state: &mut st,
-                tokens: chunk,
+                state: &mut SeqState::new(model),
+                tokens: &toks,
                 logits: LogitsWanted::Last,
             }])?;
         }

@@ -97,6 +97,19 @@ fn swiglu_scalar(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// The SwiGLU every SIMD path runs: `block` does `W` elements of `g` with
+/// the same of `u`, [`swiglu_scalar`] the rest.
+#[inline(always)]
+fn swiglu_by<const W: usize>(g: &mut [f32], u: &[f32], block: impl Fn(&mut [f32], &[f32])) {
+    let n = g.len().min(u.len());
+    let mut gs = g[..n].chunks_exact_mut(W);
+    let mut us = u[..n].chunks_exact(W);
+    for (gb, ub) in (&mut gs).zip(&mut us) {
+        block(gb, ub);
+    }
+    swiglu_scalar(gs.into_remainder(), us.remainder());
+}
+
 /// Eight values summed as the SIMD paths do: halves, pairs, then the last
 /// two (`((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))`).
 fn sum8(v: &[f32]) -> f32 {
@@ -187,12 +200,9 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     fn swiglu(g: &mut [f32], u: &[f32]) {
-        let n = g.len().min(u.len());
-        let (g, u) = (&mut g[..n], &u[..n]);
-        let mut gs = g.chunks_exact_mut(8);
-        let mut us = u.chunks_exact(8);
-        for (gb, ub) in (&mut gs).zip(&mut us) {
+        swiglu_by::<8>(g, u, |gb, ub| {
             // SAFETY: both chunks hold 8 floats; unaligned loads and store.
+            // The closure runs inside this AVX2/FMA function (inherited).
             unsafe {
                 let x = _mm256_loadu_ps(gb.as_ptr());
                 let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
@@ -200,8 +210,7 @@ mod x86 {
                 let y = _mm256_mul_ps(s, _mm256_loadu_ps(ub.as_ptr()));
                 _mm256_storeu_ps(gb.as_mut_ptr(), y);
             }
-        }
-        swiglu_scalar(gs.into_remainder(), us.remainder());
+        });
     }
 
     pub(super) fn softmax_avx2(x: &mut [f32]) {
@@ -274,11 +283,7 @@ mod arm {
 
     #[target_feature(enable = "neon")]
     fn swiglu(g: &mut [f32], u: &[f32]) {
-        let n = g.len().min(u.len());
-        let (g, u) = (&mut g[..n], &u[..n]);
-        let mut gs = g.chunks_exact_mut(4);
-        let mut us = u.chunks_exact(4);
-        for (gb, ub) in (&mut gs).zip(&mut us) {
+        swiglu_by::<4>(g, u, |gb, ub| {
             // SAFETY: both chunks hold 4 floats.
             unsafe {
                 let x = vld1q_f32(gb.as_ptr());
@@ -286,8 +291,7 @@ mod arm {
                 let s = vdivq_f32(x, vaddq_f32(vdupq_n_f32(1.0), e));
                 vst1q_f32(gb.as_mut_ptr(), vmulq_f32(s, vld1q_f32(ub.as_ptr())));
             }
-        }
-        swiglu_scalar(gs.into_remainder(), us.remainder());
+        });
     }
 
     pub(super) fn softmax_neon(x: &mut [f32]) {

@@ -1,0 +1,137 @@
+//! Every kernel path this CPU runs gives the scalar reference's logits through
+//! the whole engine, for each type `lfmd synth` writes, on a dense and a MoE
+//! model: a batched prefill and then one-token steps, which reach different
+//! kernels (the packed prefill products, the one-token products that read
+//! weight rows in place). The kernels' own tests check each path
+//! against the scalar one in isolation; this checks the engine's use of them
+//! (dispatch, thread splits, activation quantization, scratch reuse).
+
+use lfm_kernels::isa::Isa;
+use lfmd::engine::{BatchItem, EngineOptions, LogitsWanted, Model, SeqState};
+use lfmd::gguf::Gguf;
+use lfmd::synth::{self, SynthQuant};
+use std::sync::Arc;
+
+const QUANTS: &[&str] = &[
+    "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m",
+];
+
+/// A 7-token prefill with every position's logits, then 5 one-token steps.
+fn logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut st = SeqState::new(model);
+    let prefill = model
+        .forward(&mut [BatchItem {
+            state: &mut st,
+            tokens: &tokens[..7],
+            logits: LogitsWanted::All,
+        }])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let mut out: Vec<Vec<f32>> = prefill
+        .chunks(model.n_vocab())
+        .map(<[f32]>::to_vec)
+        .collect();
+    for t in &tokens[7..] {
+        let step = model
+            .forward(&mut [BatchItem {
+                state: &mut st,
+                tokens: std::slice::from_ref(t),
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .pop()
+            .unwrap();
+        out.push(step);
+    }
+    out
+}
+
+fn open(g: &Arc<Gguf>, isa: Isa) -> Model {
+    let opts = EngineOptions {
+        isa: Some(isa),
+        threads: Some(2),
+        ..Default::default()
+    };
+    Model::from_gguf_with(g.clone(), opts).unwrap()
+}
+
+/// Per position: the largest |difference| between two paths' logits over
+/// the position's logit range.
+fn relative_gaps(got: &[Vec<f32>], want: &[Vec<f32>]) -> Vec<f32> {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            let hi = y.iter().cloned().fold(f32::MIN, f32::max);
+            let lo = y.iter().cloned().fold(f32::MAX, f32::min);
+            assert!(hi > lo, "flat logits: the model computes nothing");
+            let gap = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
+            assert!(gap.is_finite(), "non-finite logits");
+            gap / (hi - lo)
+        })
+        .collect()
+}
+
+fn check(preset: &str) {
+    let others: Vec<Isa> = Isa::ALL
+        .into_iter()
+        .filter(|&i| i != Isa::Scalar && i.available())
+        .collect();
+    if others.is_empty() {
+        eprintln!("only the scalar path runs on this CPU: nothing to compare");
+        return;
+    }
+    let tokens = [1u32, 6, 300, 45, 99, 120, 7, 3, 200, 201, 17, 511];
+    for q in QUANTS {
+        let mut bytes = Vec::new();
+        let quant = SynthQuant::parse(q).unwrap();
+        synth::write_to(synth::find_preset(preset).unwrap(), quant, 5, &mut bytes).unwrap();
+        let g = Arc::new(Gguf::from_bytes(bytes).unwrap());
+        let want = logits(&open(&g, Isa::Scalar), &tokens);
+        for &isa in &others {
+            let got = logits(&open(&g, isa), &tokens);
+            let what = format!("{preset} {q} on {}", isa.name());
+            // On AVX2 every kernel a Q4_0 or Q8_0 model passes through
+            // (products, activations, norms, attention) computes the scalar
+            // reference's bits.
+            if isa == Isa::Avx2 && (*q == "q4_0" || *q == "q8_0") {
+                assert!(got == want, "{what}: logits are not the scalar path's bits");
+                continue;
+            }
+            // Elsewhere sums run in another order: ~1e-7 of the range, except
+            // where that flips the rounding of an activation quantized to
+            // int8 (or a near-tie in the router's top-k) downstream, seen up
+            // to ~5e-2 at one position. A wrong scale, row or tail moves most
+            // positions by the whole range.
+            let mut gaps = relative_gaps(&got, &want);
+            let shown: Vec<String> = gaps.iter().map(|g| format!("{g:.0e}")).collect();
+            eprintln!("{what}: {}", shown.join(" "));
+            gaps.sort_by(f32::total_cmp);
+            let (median, max) = (gaps[gaps.len() / 2], gaps[gaps.len() - 1]);
+            assert!(
+                median <= 1e-2,
+                "{what}: median position off by {median:e} of the logit range"
+            );
+            assert!(
+                max <= 0.1,
+                "{what}: a position off by {max:e} of the logit range"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_isa_matches_scalar_on_tiny_dense() {
+    check("tiny-dense");
+}
+
+#[test]
+fn every_isa_matches_scalar_on_tiny_moe() {
+    check("tiny-moe");
+}

@@ -15,6 +15,10 @@ pub struct BenchReport {
     pub model: String,
     pub model_bytes: u64,
     pub isa: String,
+    /// Which kernel family ran each of the model's weight types, for decode
+    /// (one token) and for the prefill test's size: on AVX-512 CPUs
+    /// few-token products run on the AVX2 kernels.
+    pub kernels: Vec<KernelChoice>,
     pub threads: usize,
     /// Tokens already in the context when each test starts (untimed).
     pub depth: usize,
@@ -37,6 +41,14 @@ pub struct BenchReport {
     pub read_gb_per_s: f64,
     /// Expert paging's figures at the end (per-expert tables left out).
     pub paging: Option<crate::engine::PagingStats>,
+}
+
+/// The kernel family a weight type's products ran on.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelChoice {
+    pub weight_type: String,
+    pub decode: String,
+    pub prefill: String,
 }
 
 /// What to measure: a `prompt`-token prefill and a `n_gen`-token decode,
@@ -134,6 +146,16 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
         model: name.to_owned(),
         model_bytes: model.gguf().file_len,
         isa: model.isa_name(),
+        kernels: model
+            .kernel_families(1)
+            .into_iter()
+            .zip(model.kernel_families(prompt.max(1)))
+            .map(|((weight_type, decode), (_, prefill))| KernelChoice {
+                weight_type,
+                decode,
+                prefill,
+            })
+            .collect(),
         threads: model.n_threads(),
         depth,
         prefill_tokens: prompt,

@@ -579,6 +579,21 @@ fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Writes to stdout; a closed pipe (`lfmd inspect … | head`) is not an error.
+/// `lfmd bench`'s note on kernel families that differ from the ISA's own
+/// (AVX-512 CPUs run few-token products on AVX2 kernels): empty otherwise.
+fn kernel_note(kernels: &[lfmd::bench::KernelChoice]) -> String {
+    let mixed: Vec<String> = kernels
+        .iter()
+        .filter(|k| k.decode != k.prefill)
+        .map(|k| format!("{} decode {}, prefill {}", k.weight_type, k.decode, k.prefill))
+        .collect();
+    if mixed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", mixed.join("; "))
+    }
+}
+
 fn write_stdout(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -661,10 +676,11 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
                 format!(
-                    "{}: {} threads, isa {}{}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
+                    "{}: {} threads, isa {}{}{}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
                     r.model,
                     r.threads,
                     r.isa,
+                    kernel_note(&r.kernels),
                     if r.depth > 0 {
                         format!(", tests after {} tokens of context", r.depth)
                     } else {

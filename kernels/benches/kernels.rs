@@ -1,8 +1,11 @@
 //! Per-kernel benchmarks (figures, never assertions): activation
 //! quantization, the row dot of every weight type on every ISA this CPU runs
 //! (through `dispatch::dot_fn`), and the `matmul` driver for a decode-shaped
-//! (1 token) and a prefill-shaped (64 tokens) product through the kernel the
-//! engine uses (`dispatch::kernel`: AVX-512 panels where there are some),
+//! (1 token), few-token (2 to 16: `fewN`) and prefill-shaped (64 tokens)
+//! product through each ISA's own kernel family (`dispatch::family_kernel`:
+//! AVX-512 panels where there are some) and through the one the engine
+//! picks for that size on this CPU (`matmul/<type>/default/...`:
+//! `dispatch::kernel`, which runs AVX2 kernels for few tokens on AVX-512),
 //! attention over an f16 KV cache (`attn/scores`, `attn/mix`), and the
 //! activations (`act/swiglu`, `act/softmax`).
 //!
@@ -13,9 +16,9 @@
 //! spent per benchmark (default 150 ms, at least 3 passes) and
 //! `LFM_BENCH_THREADS` the matmul pool's threads (default: every CPU).
 
-use lfm_kernels::dispatch::{dot_fn, kernel, quantize_activations};
+use lfm_kernels::dispatch::{dot_fn, family_kernel, kernel, kernel_name, quantize_activations};
 use lfm_kernels::isa::Isa;
-use lfm_kernels::matmul::{DotFn, matmul};
+use lfm_kernels::matmul::{DotFn, Kernel, matmul};
 use lfm_kernels::pool::ThreadPool;
 use lfm_kernels::scalar;
 use lfm_kernels::types::{ActType, WeightType};
@@ -28,6 +31,10 @@ const COLS: usize = 2048;
 const ROWS: usize = 2048;
 /// Tokens of the prefill-shaped product and of the activation quantization.
 const PREFILL: usize = 64;
+/// Token counts of the few-token products (continuous batching of a few
+/// decoding sequences, an expert's share of a small batch): where the AVX2
+/// and AVX-512 families cross (`dispatch::avx2_up_to_tokens`).
+const FEW: [usize; 5] = [2, 4, 8, 12, 16];
 /// Matrices of the DRAM-streaming decode benchmark (Q4_0: 144 MiB).
 const DRAM_MATRICES: usize = 64;
 /// Distinct quantized rows; the matrix repeats them (quantizing k-quants is slow).
@@ -238,17 +245,28 @@ fn main() {
     }
 
     let pool = ThreadPool::new(threads);
+    let best = Isa::detect();
     for ty in WeightType::ALL {
         let name = lower(ty.name());
+        // Per kernel family (an ISA this CPU runs), plus "default": what the
+        // engine runs on this CPU's best path for each size.
+        let sizes = |fam: &str| {
+            let mut v = vec![(1, format!("matmul/{name}/{fam}/decode"))];
+            v.extend(FEW.map(|n| (n, format!("matmul/{name}/{fam}/few{n}"))));
+            v.push((PREFILL, format!("matmul/{name}/{fam}/prefill{PREFILL}")));
+            v
+        };
         let names = |isa: Isa| {
             let isa = isa.name();
-            [
+            let mut v = vec![
                 format!("dot/{name}/{isa}/2x1"),
                 format!("dot/{name}/{isa}/2x4"),
-                format!("matmul/{name}/{isa}/decode"),
-                format!("matmul/{name}/{isa}/prefill{PREFILL}"),
                 format!("matmul/{name}/{isa}/decode-dram"),
-            ]
+                format!("matmul/{name}/default/decode-dram"),
+            ];
+            v.extend(sizes(isa).into_iter().map(|(_, n)| n));
+            v.extend(sizes("default").into_iter().map(|(_, n)| n));
+            v
         };
         if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n))) {
             continue; // skip quantizing weights nobody asked for
@@ -258,55 +276,63 @@ fn main() {
         let mut acts = Vec::new();
         let act_row = quantize_activations(ty, &x, COLS, &mut acts);
         let act_rows: Vec<&[u8]> = acts.chunks_exact(act_row).collect();
-        for &isa in &isas {
-            let f: DotFn = dot_fn(isa, ty);
-            let [dot1, dot4, decode, prefill, dram] = names(isa);
-            // The register tiles matmul hands out: two weight rows against
-            // one token (decode) or four (prefill).
-            for (tokens, bench) in [(1, &dot1), (4, &dot4)] {
-                let xs = &act_rows[..tokens];
-                run.bench(bench, w.len(), ROWS, || {
-                    let mut out = [0.0f32; 8];
-                    for pair in w.chunks_exact(2 * row) {
-                        let (a, b) = pair.split_at(row);
-                        f(&[a, b], xs, COLS, &mut out[..2 * tokens]);
-                        black_box(&out);
-                    }
-                });
-            }
-            // `n` tokens against the ROWS x COLS matrix `m`, into `y`.
-            let product = |m: &[u8], n: usize, y: &mut [f32]| {
-                matmul(
-                    &pool,
-                    kernel(isa, ty),
-                    m,
-                    ROWS,
-                    COLS,
-                    row,
-                    &acts,
-                    act_row,
-                    n,
-                    y,
-                );
-                black_box(y);
-            };
-            for (n, bench) in [(1, &decode), (PREFILL, &prefill)] {
-                let mut y = vec![0.0f32; n * ROWS];
-                run.bench(bench, w.len(), ROWS, || product(&w, n, &mut y));
-            }
-            if run.wants(&dram) {
-                // Decode as the model meets it: one token against a run of
-                // distinct matrices far larger than the last-level cache,
-                // each its own product (and pool barrier), so the weights
-                // stream from DRAM as they do per token.
+        // `n` tokens against the ROWS x COLS matrix `m`, into `y`, by the
+        // kernel `pick(n)` gives.
+        let product = |pick: &dyn Fn(usize) -> Kernel, m: &[u8], n: usize, y: &mut [f32]| {
+            matmul(&pool, pick(n), m, ROWS, COLS, row, &acts, act_row, n, y);
+            black_box(y);
+        };
+        // Decode as the model meets it: one token against a run of distinct
+        // matrices far larger than the last-level cache, each its own
+        // product (and pool barrier), so the weights stream from DRAM as
+        // they do per token.
+        let dram = |bench: &str, pick: &dyn Fn(usize) -> Kernel| {
+            if run.wants(bench) {
                 let big = w.repeat(DRAM_MATRICES);
                 let mut y = vec![0.0f32; ROWS];
-                run.bench(&dram, big.len(), ROWS * DRAM_MATRICES, || {
+                run.bench(bench, big.len(), ROWS * DRAM_MATRICES, || {
                     for m in big.chunks_exact(w.len()) {
-                        product(m, 1, &mut y);
+                        product(pick, m, 1, &mut y);
                     }
                 });
             }
+        };
+        for &isa in &isas {
+            let f: DotFn = dot_fn(isa, ty);
+            let isa_name = isa.name();
+            // The register tiles matmul hands out: two weight rows against
+            // one token (decode) or four (prefill).
+            for tokens in [1, 4] {
+                let xs = &act_rows[..tokens];
+                run.bench(
+                    &format!("dot/{name}/{isa_name}/2x{tokens}"),
+                    w.len(),
+                    ROWS,
+                    || {
+                        let mut out = [0.0f32; 8];
+                        for pair in w.chunks_exact(2 * row) {
+                            let (a, b) = pair.split_at(row);
+                            f(&[a, b], xs, COLS, &mut out[..2 * tokens]);
+                            black_box(&out);
+                        }
+                    },
+                );
+            }
+            let own = |_: usize| family_kernel(isa, ty);
+            for (n, bench) in sizes(isa_name) {
+                let mut y = vec![0.0f32; n * ROWS];
+                run.bench(&bench, w.len(), ROWS, || product(&own, &w, n, &mut y));
+            }
+            dram(&format!("matmul/{name}/{isa_name}/decode-dram"), &own);
         }
+        let engine = |n: usize| kernel(best, ty, n);
+        for (n, bench) in sizes("default") {
+            if run.wants(&bench) && !run.list {
+                println!("# {bench}: {}", kernel_name(best, ty, n));
+            }
+            let mut y = vec![0.0f32; n * ROWS];
+            run.bench(&bench, w.len(), ROWS, || product(&engine, &w, n, &mut y));
+        }
+        dram(&format!("matmul/{name}/default/decode-dram"), &engine);
     }
 }

@@ -294,9 +294,93 @@ fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     kpanel_rows(KFormat::Q6K, ws, xs, n, out)
 }
 
-/// How products with weights of `ty` run on `isa` (which must be
-/// available): 16-row panels where the ISA has them, row dots otherwise.
-pub fn kernel(isa: Isa, ty: WeightType) -> Kernel {
+/// On an AVX-512 CPU, the largest product (in activation rows: tokens)
+/// that runs on the AVX2 kernels instead of the AVX-512 ones, per weight
+/// type; 0 where AVX-512 serves every size.
+///
+/// Measured, not guessed (`shared/measurements/avx512-zen4-kernels.md`,
+/// a Zen 4 VM, `cargo bench -p lfm-kernels --bench kernels -- matmul/`,
+/// ns per weight row, AVX2 / AVX-512 VNNI):
+///
+/// | tokens | 1 | 2 | 4 | 8 | 16 | 64 |
+/// | --- | --- | --- | --- | --- | --- | --- |
+/// | Q4_0 | 28 / 57 | 40 / 62 | 59 / 73 | 112 / 112 | 268 / 201 | 659 / 442 |
+/// | Q4_K | 27 / 64 | 57 / 68 | 80 / 80 | 92 / 109 | 220 / 197 | 685 / 451 |
+/// | Q6_K | 38 / 94 | 64 / 97 | 92 / 109 | 114 / 145 | 289 / 249 | 728 / 528 |
+///
+/// The AVX2 groups stream weight rows straight from the mapping; the
+/// AVX-512 panels gather blocks into lanes, which pays only once a gathered
+/// block serves enough tokens. Q8_0 (decode 44 vs 19 GB/s) and Q5_K (the
+/// same panel and group code as Q4_K/Q6_K) take the same crossover. Float
+/// weights and Q4_1/Q5_0/Q5_1 keep their AVX-512 kernels at every size:
+/// unmeasured, and the AVX-512 and AVX2 float dots sum in different orders,
+/// so switching by size would make a sequence's logits depend on its batch.
+/// Switching is safe for the types below because both families give the
+/// same bits (Q4_0/Q8_0: the scalar reference's; k-quants: the panels'
+/// order), which `tests/isa_paths.rs` checks across the crossover.
+pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
+    match ty {
+        WeightType::Q4_0
+        | WeightType::Q8_0
+        | WeightType::Q4K
+        | WeightType::Q5K
+        | WeightType::Q6K => 8,
+        WeightType::F32
+        | WeightType::F16
+        | WeightType::BF16
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1 => 0,
+    }
+}
+
+/// The kernel family that runs a product of `tokens` activation rows with
+/// `ty` weights when the chosen path is `isa` on a CPU with (`vnni`) or
+/// without AVX-512 VNNI: `isa` itself, except on AVX-512 where the AVX2
+/// kernels are the faster ones for few tokens ([`avx2_up_to_tokens`]). A
+/// pure function of its arguments, so the choice is testable on any CPU.
+pub fn family(isa: Isa, vnni: bool, ty: WeightType, tokens: usize) -> Isa {
+    // Without VNNI the AVX-512 path has no quantized kernels of its own:
+    // `family_kernel` already gives it the AVX2 ones.
+    if isa == Isa::Avx512 && vnni && tokens <= avx2_up_to_tokens(ty) {
+        Isa::Avx2
+    } else {
+        isa
+    }
+}
+
+/// Whether this CPU has AVX-512 VNNI (what the AVX-512 panels need).
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// How a product of `tokens` activation rows with weights of `ty` runs on
+/// `isa` (which must be available): the faster family for that size
+/// ([`family`]), then that family's kernel ([`family_kernel`]). Every choice
+/// for a type gives the same bits, so a sequence's results never depend on
+/// how many tokens share its products.
+pub fn kernel(isa: Isa, ty: WeightType, tokens: usize) -> Kernel {
+    family_kernel(family(isa, has_vnni(), ty, tokens), ty)
+}
+
+/// The name of the kernel family [`kernel`] runs for `tokens` rows of `ty`
+/// on `isa`, as `Isa`'s display (`avx2`, `avx512+vnni`, …): for reports.
+pub fn kernel_name(isa: Isa, ty: WeightType, tokens: usize) -> String {
+    family(isa, has_vnni(), ty, tokens).to_string()
+}
+
+/// How products with weights of `ty` run on the kernel family `isa` (which
+/// must be available), whatever their size: 16-row panels where the ISA has
+/// them, row dots otherwise. Benchmarks and tests use it to reach one
+/// family; the engine uses [`kernel`].
+pub fn family_kernel(isa: Isa, ty: WeightType) -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if let Some(f) = panel_format(isa, ty) {
         return Kernel::Panel(PanelKernel {
@@ -548,43 +632,33 @@ pub fn quantize_activations_on(
 mod tests {
     use super::*;
 
+    /// The size-based choice: on an AVX-512 VNNI CPU the AVX2 family up to
+    /// the crossover, AVX-512 beyond it, floats and the tile-only legacy
+    /// types always AVX-512; nothing changes on other paths or without VNNI.
+    /// Pure, so it runs on any CPU (`tests/isa_paths.rs` runs the kernels).
     #[test]
-    fn parallel_activation_conversion_gives_the_same_bytes() {
-        let cols = 512;
-        let x: Vec<f32> = (0..37 * cols)
-            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
-            .collect();
-        for ty in [
-            WeightType::Q4_0,
-            WeightType::Q4_1,
-            WeightType::Q4K,
-            WeightType::F16,
-        ] {
-            let mut x = x.clone();
-            // Extremes: a NaN, infinities, ties at .5, zeros, a zero block.
-            x[3] = f32::NAN;
-            x[700] = f32::INFINITY;
-            x[1500] = -f32::INFINITY;
-            x[2000] = 0.5;
-            x[2001] = -2.5;
-            x[3 * cols..4 * cols].fill(0.0);
-            x[5 * cols..5 * cols + 32].fill(-0.0);
-            x[6 * cols + 7] = 1e-40;
-            let mut want = Vec::new();
-            let row = quantize_activations(ty, &x, cols, &mut want);
-            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-                for threads in [1, 2, 3] {
-                    let pool = crate::pool::ThreadPool::new(threads);
-                    for n in [1, 5, 37] {
-                        let mut got = vec![0xAA; 3];
-                        let r =
-                            quantize_activations_on(&pool, isa, ty, &x[..n * cols], cols, &mut got);
-                        assert_eq!(r, row);
-                        let same = got.iter().zip(&want[..n * row]).all(|(a, b)| a == b);
-                        assert!(
-                            same && got.len() == n * row,
-                            "{ty:?} on {isa}, {threads} threads, {n} rows"
-                        );
+    fn avx512_cpus_take_the_avx2_kernels_for_few_tokens() {
+        use WeightType::*;
+        for ty in [Q4_0, Q8_0, Q4K, Q5K, Q6K] {
+            assert_eq!(avx2_up_to_tokens(ty), 8, "{ty:?}");
+            for n in 1..=8 {
+                assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx2, "{ty:?} {n}");
+            }
+            for n in [9, 12, 16, 64, 512] {
+                assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx512, "{ty:?} {n}");
+            }
+        }
+        for ty in [F32, F16, BF16, Q4_1, Q5_0, Q5_1] {
+            for n in [1, 8, 64] {
+                assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx512, "{ty:?} {n}");
+            }
+        }
+        for ty in WeightType::ALL {
+            for n in [1, 4, 8, 9, 64] {
+                assert_eq!(family(Isa::Avx512, false, ty, n), Isa::Avx512);
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::Neon] {
+                    for vnni in [false, true] {
+                        assert_eq!(family(isa, vnni, ty, n), isa, "{isa} {ty:?} {n}");
                     }
                 }
             }
@@ -631,117 +705,6 @@ mod tests {
                     assert_eq!(bits(&got), bits(&want), "{ty:?} {r}x{t}");
                 }
             }
-        }
-    }
-
-    /// Checks that `ty` products through the kernel the engine uses give
-    /// `want(weight row, activation row)` (as bits) on every ISA in `isas`,
-    /// whatever the threads, the token count (direct and packed paths,
-    /// every tile remainder) or the rows (37: partial groups), and so do the
-    /// row-dot entries in every tile shape.
-    fn products_give(
-        ty: WeightType,
-        cols: usize,
-        seed: u64,
-        isas: &[Isa],
-        want: &dyn Fn(&[u8], &[u8]) -> u32,
-    ) {
-        let mut seed = seed;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
-        let rows = 37;
-        let row = ty.row_bytes(cols);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rnd()).collect();
-        let mut wq = vec![0u8; rows * row];
-        for (x, q) in w.chunks_exact(cols).zip(wq.chunks_exact_mut(row)) {
-            scalar::quantize_row(ty, x, q);
-        }
-        let x: Vec<f32> = (0..9 * cols).map(|_| rnd() * 4.0).collect();
-        let mut xq = Vec::new();
-        let act_row = quantize_activations(ty, &x, cols, &mut xq);
-        let want = |r: usize, t: usize| {
-            want(
-                &wq[r * row..(r + 1) * row],
-                &xq[t * act_row..(t + 1) * act_row],
-            )
-        };
-        for &isa in isas.iter().filter(|i| i.available()) {
-            for threads in [1, 2, 3] {
-                let pool = crate::pool::ThreadPool::new(threads);
-                for n in [1, 2, 3, 4, 5, 6, 7, 9] {
-                    let mut y = vec![f32::NAN; n * rows];
-                    crate::matmul::matmul(
-                        &pool,
-                        kernel(isa, ty),
-                        &wq,
-                        rows,
-                        cols,
-                        row,
-                        &xq,
-                        act_row,
-                        n,
-                        &mut y,
-                    );
-                    for t in 0..n {
-                        for r in 0..rows {
-                            assert_eq!(
-                                y[t * rows + r].to_bits(),
-                                want(r, t),
-                                "{ty:?} on {isa}, {threads} threads, {n} tokens: ({r}, {t})"
-                            );
-                        }
-                    }
-                }
-            }
-            let ws = [&wq[3 * row..4 * row], &wq[row..2 * row]];
-            let xs: Vec<&[u8]> = xq.chunks_exact(act_row).take(4).collect();
-            for r in 1..=2 {
-                for t in 1..=4 {
-                    let mut got = vec![0.0f32; r * t];
-                    dot_fn(isa, ty)(&ws[..r], &xs[..t], cols, &mut got);
-                    for (i, wr) in [3, 1].into_iter().take(r).enumerate() {
-                        for j in 0..t {
-                            assert_eq!(
-                                got[i * t + j].to_bits(),
-                                want(wr, j),
-                                "{ty:?} on {isa}: {r}x{t}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Q4_0 and Q8_0 products (panels, AVX2 groups or row dots) give the
-    /// scalar reference's bits on every ISA.
-    #[test]
-    fn legacy_products_give_the_scalar_bits_on_every_isa() {
-        for ty in [WeightType::Q4_0, WeightType::Q8_0] {
-            products_give(ty, 96, 5, &Isa::ALL, &|w, x| {
-                scalar::vec_dot(ty, w, x, 96).to_bits()
-            });
-        }
-    }
-
-    /// Q4_K/Q5_K/Q6_K products on x86 (AVX-512 panels or AVX2 groups) give
-    /// the panels' bits on every SIMD ISA.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn kquant_products_give_the_panel_bits_on_x86() {
-        use crate::x86::avx2k::panel_order_dot;
-        for (ty, format) in [
-            (WeightType::Q4K, KFormat::Q4K),
-            (WeightType::Q5K, KFormat::Q5K),
-            (WeightType::Q6K, KFormat::Q6K),
-        ] {
-            products_give(ty, 512, 9, &[Isa::Avx2, Isa::Avx512], &|w, x| {
-                panel_order_dot(format, w, x, 2).to_bits()
-            });
         }
     }
 

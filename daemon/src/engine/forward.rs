@@ -118,7 +118,7 @@ impl Model {
             .map(|((w, _, n, y), &at)| {
                 let (buf, row) = (&bufs[at].3, bufs[at].4);
                 lfm_kernels::matmul::MatJob {
-                    kernel: kernel(self.isa, weight_type(w.ty)),
+                    kernel: kernel(self.isa, weight_type(w.ty), n),
                     w: w.bytes(file),
                     rows: w.rows,
                     cols: w.cols,

@@ -311,6 +311,32 @@ impl Model {
         m
     }
 
+    /// For each weight type among the model's matrices (the stacked experts
+    /// included), the kernel family its products of `tokens` rows run on
+    /// (`lfm_kernels::dispatch::kernel_name`: on AVX-512 CPUs few-token
+    /// products take the AVX2 kernels), sorted by type name.
+    pub fn kernel_families(&self, tokens: usize) -> Vec<(String, String)> {
+        let mut all = self.fixed_matrices();
+        for l in &self.layers {
+            if let Ffn::Moe { gate, up, down, .. } = &l.ffn {
+                all.extend([*gate, *up, *down]);
+            }
+        }
+        let mut out: Vec<(String, String)> = all
+            .iter()
+            .map(|t| {
+                let ty = super::forward::weight_type(t.ty);
+                (
+                    ty.name().to_ascii_lowercase(),
+                    lfm_kernels::dispatch::kernel_name(self.isa, ty, tokens),
+                )
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Weight bytes one decoded token reads: the fixed matrices plus, in
     /// each MoE layer, the gate, up and down rows of its `n_expert_used`
     /// experts (the embedding row and the norm vectors left out). Decode

@@ -739,9 +739,9 @@ unsafe fn panel_of<const F: u8>(
 }
 
 /// The AVX-512 panels' arithmetic, plainly written: what every group output
-/// must equal bit for bit (integer steps wrap as the vector lanes do).
-#[cfg(test)]
-pub(crate) fn panel_order_dot(format: KFormat, w: &[u8], x: &[u8], nb: usize) -> f32 {
+/// must equal bit for bit (integer steps wrap as the vector lanes do). The
+/// reference of the x86 k-quant kernels' tests (`tests/isa_paths.rs`).
+pub fn panel_order_dot(format: KFormat, w: &[u8], x: &[u8], nb: usize) -> f32 {
     let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
     let bytes = match format {
         KFormat::Q4K => 144,

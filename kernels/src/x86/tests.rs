@@ -1,7 +1,8 @@
 //! The x86 kernels of the 32-wide formats with a minimum or fifth bit and of
 //! the k-quants against the scalar reference (random blocks, extreme fields,
 //! odd block counts), their batch invariance (every tile shape gives every
-//! (row, token) the same bits) and VNNI = AVX2 bit for bit; the AVX2
+//! (row, token) the same bits; the VNNI variants too where the CPU has
+//! them, and `tests/isa_paths.rs` checks VNNI = AVX2 bit for bit); the AVX2
 //! k-quant groups on the same cases against the panels' order and the
 //! scalar reference.
 
@@ -503,24 +504,6 @@ fn every_tile_shape_gives_the_same_bits() {
                     }
                 }
             }
-        }
-    }
-}
-
-#[test]
-fn vnni_is_bit_identical_to_avx2() {
-    if !vnni() {
-        return;
-    }
-    for (ty, f_avx2, f_vnni) in KERNELS {
-        for c in cases(ty) {
-            assert_eq!(
-                full(f_avx2, &c).map(f32::to_bits),
-                full(f_vnni, &c).map(f32::to_bits),
-                "{ty:?} {:?} {} blocks",
-                c.fill,
-                c.nb
-            );
         }
     }
 }

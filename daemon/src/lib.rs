@@ -7,6 +7,7 @@
 //! `grpc`) and the D-Bus one (`dbus`), with their configuration, logging and
 //! systemd integration (`config`, `log`, `systemd`).
 
+pub mod authority;
 pub mod bench;
 pub mod chat;
 pub mod config;

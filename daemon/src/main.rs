@@ -585,7 +585,12 @@ fn kernel_note(kernels: &[lfmd::bench::KernelChoice]) -> String {
     let mixed: Vec<String> = kernels
         .iter()
         .filter(|k| k.decode != k.prefill)
-        .map(|k| format!("{} decode {}, prefill {}", k.weight_type, k.decode, k.prefill))
+        .map(|k| {
+            format!(
+                "{} decode {}, prefill {}",
+                k.weight_type, k.decode, k.prefill
+            )
+        })
         .collect();
     if mixed.is_empty() {
         String::new()

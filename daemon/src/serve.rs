@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 /// Where to listen.
@@ -410,7 +411,10 @@ where
         let task = match b {
             Bound::Unix(l, guard) => {
                 guards.push(guard);
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                // Clients send all sorts of `:authority` on Unix sockets
+                // (grpcio: the path, percent-encoded), which h2 refuses.
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l)
+                    .map(|c| c.map(crate::authority::AuthorityFix::new));
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
             }
             Bound::Tcp(l) => {

@@ -717,3 +717,101 @@ async fn a_model_replaced_by_rename_leaves_requests_alone_and_a_restart_serves_t
     assert_eq!(new.ids.len(), alone.ids.len());
     assert_ne!(new.ids, alone.ids, "the seed-2 weights answer differently");
 }
+
+/// Reads from `s` until the daemon closes it (EOF or a reset); fails after
+/// 10 s. Bytes the server sends first (its SETTINGS, a GOAWAY) are skipped.
+async fn closed_by_the_daemon(s: &mut tokio::net::UnixStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    loop {
+        let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("{what}: the connection is still open after 10 s"),
+        }
+    }
+}
+
+/// A raw HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Bad bytes on the Unix socket, below gRPC: garbage instead of the HTTP/2
+/// preface, a header block announced past the limit, an undecodable HPACK
+/// block, a CONTINUATION that never comes — each connection is closed, and a
+/// half-open one (half a preface, then nothing) holds nothing up: the daemon
+/// answers other clients throughout.
+#[tokio::test]
+async fn malformed_http2_closes_only_that_connection() {
+    use tokio::io::AsyncWriteExt;
+    let d = Daemon::start(&[]).await;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let settings = h2_frame(0x4, 0, 0, &[]);
+    let with = |frames: &[Vec<u8>]| {
+        let mut v = preface.clone();
+        v.extend_from_slice(&settings);
+        for f in frames {
+            v.extend_from_slice(f);
+        }
+        v
+    };
+    // Half a preface, held open for the whole test.
+    let mut half_open = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    half_open.write_all(&preface[..10]).await.unwrap();
+    let oversized = {
+        let mut v = with(&[]);
+        v.extend_from_slice(&[0x02, 0x00, 0x00, 0x1, 0x4, 0, 0, 0, 1]);
+        v.extend_from_slice(&[0x82; 4096]);
+        v
+    };
+    let cases: [(&str, Vec<u8>); 4] = [
+        (
+            "garbage instead of the preface",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff".to_vec(),
+        ),
+        ("a 128 KiB header block", oversized),
+        (
+            "an undecodable HPACK block",
+            with(&[h2_frame(0x1, 0x4, 1, &[0xff, 0xff, 0xff, 0xff, 0x0f])]),
+        ),
+        (
+            "a DATA frame where a CONTINUATION was due",
+            with(&[h2_frame(0x1, 0, 1, &[0x82]), h2_frame(0x0, 0, 1, b"x")]),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let mut s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+        // The daemon may close before it has read everything.
+        let _ = s.write_all(&bytes).await;
+        closed_by_the_daemon(&mut s, what).await;
+        let status = d
+            .client()
+            .await
+            .get_status(pb::GetStatusRequest::default())
+            .await;
+        assert!(
+            status.is_ok(),
+            "{what}: the daemon stopped answering: {}",
+            d.log()
+        );
+    }
+    // A whole request still works beside the half-open connection.
+    let mut c = d.client().await;
+    let a = ask(&mut c, &Ask::Raw("Hello".into()), greedy(3)).await;
+    assert_eq!(a.stats.generated_tokens, 3);
+    drop(half_open);
+    assert!(
+        d.client()
+            .await
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .is_ok()
+    );
+}

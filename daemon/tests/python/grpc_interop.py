@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""lfmd's gRPC API through grpcio, the Python client from PyPI, written as
+its documentation says and with default channel options: health, reflection,
+a streamed chat with a session follow-up, tokenize/detokenize, a cancelled
+stream, and the shipped example client. Run by daemon/tests/python_grpc.rs
+against a real `lfmd serve`; prints `ok NAME` per check and exits non-zero on
+the first failure.
+
+    grpc_interop.py SOCKET PROTO_DIR EXAMPLE full|basic
+"""
+
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+socket, proto_dir, example, mode = sys.argv[1:5]
+sys.path.insert(0, proto_dir)
+pb, services = grpc.protos_and_services("lfm/v1/lfm.proto")
+channel = grpc.insecure_channel("unix:" + socket)
+lfm = services.LfmStub(channel)
+TIMEOUT = 60
+
+
+def check(name, fn):
+    fn()
+    print("ok", name, flush=True)
+
+
+def health():
+    h = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "lfm.v1.Lfm"):
+        r = h.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING, (service, r)
+
+
+def reflection():
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    names = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "lfm.v1.Lfm" in names, names
+    assert "grpc.health.v1.Health" in names, names
+    # The descriptors are usable: a method of lfm.v1.Lfm resolves.
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    chat = pool.FindServiceByName("lfm.v1.Lfm").FindMethodByName("Chat")
+    assert chat.output_type.full_name == "lfm.v1.GenerateResponse", chat.output_type.full_name
+
+
+def turn(content, session):
+    request = pb.ChatRequest(
+        messages=[pb.ChatMessage(role="user", content=content)],
+        options=pb.SamplingOptions(temperature=0.0, max_tokens=6),
+        session_id=session,
+    )
+    text, done = "", None
+    for event in lfm.Chat(request, timeout=TIMEOUT):
+        if event.HasField("delta"):
+            assert done is None, "a delta after Done"
+            text += event.delta.text
+        else:
+            done = event.done
+    assert done is not None, "the stream ended without Done"
+    return text, done
+
+
+def chat_session():
+    _, first = turn("Hello there", "py-session")
+    assert first.stats.generated_tokens == 6, first
+    assert first.finish_reason == pb.FINISH_REASON_LENGTH, first
+    assert first.session_id == "py-session", first
+    _, second = turn("And again?", "py-session")
+    s = second.stats
+    # The follow-up carries the first turn in its context but prefills only
+    # its own new tokens.
+    assert s.prompt_tokens > first.stats.prompt_tokens, (first.stats, s)
+    assert 0 < s.prefilled_tokens < s.prompt_tokens, s
+
+
+def tokenize():
+    ids = lfm.Tokenize(pb.TokenizeRequest(text="Hello world", add_bos=False), timeout=TIMEOUT).token_ids
+    assert len(ids) > 0
+    text = lfm.Detokenize(pb.DetokenizeRequest(token_ids=ids), timeout=TIMEOUT).text
+    assert text == "Hello world", text
+    with_bos = lfm.Tokenize(pb.TokenizeRequest(text="Hello world"), timeout=TIMEOUT).token_ids
+    assert list(with_bos) == [1] + list(ids), (list(with_bos), list(ids))
+
+
+def cancelled_stream():
+    call = lfm.Generate(
+        pb.GenerateRequest(
+            prompt="Count:",
+            options=pb.SamplingOptions(max_tokens=100000, ignore_eos=True),
+        ),
+        timeout=TIMEOUT,
+    )
+    first = next(call)
+    assert first.HasField("delta"), first
+    busy = lfm.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT)
+    assert busy.active_requests == 1, busy
+    call.cancel()
+    try:
+        for _ in call:
+            pass
+        raise AssertionError("the cancelled stream went on")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.CANCELLED, e
+    # The daemon stops the request and frees its slot.
+    t0 = time.monotonic()
+    while lfm.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).active_requests != 0:
+        assert time.monotonic() - t0 < 20, "the cancelled request is still running"
+        time.sleep(0.05)
+    # And serves the next one.
+    _, done = turn("Still there?", None)
+    assert done.stats.generated_tokens == 6, done
+
+
+def example_client():
+    out = subprocess.run(
+        [sys.executable, example, "--socket", socket, "--proto", proto_dir,
+         "--max-tokens", "5", "Hi"],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "# lfmd " in out.stdout, out.stdout
+    assert "# first: FINISH_REASON_" in out.stdout, out.stdout
+    assert "# follow-up: FINISH_REASON_" in out.stdout, out.stdout
+
+
+check("health", health)
+check("chat_session", chat_session)
+if mode == "full":
+    check("reflection", reflection)
+    check("tokenize", tokenize)
+    check("cancelled_stream", cancelled_stream)
+    check("example_client", example_client)
+print("all checks passed", flush=True)

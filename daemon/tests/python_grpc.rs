@@ -1,0 +1,155 @@
+//! gRPC clients nobody here wrote, as users run them: grpcio (Python, from
+//! PyPI) with default channel options against a real `lfmd serve`, on a
+//! `--grpc unix:` socket and on one passed by socket activation
+//! (`tests/python/grpc_interop.py` does the calls; the shipped
+//! `examples/python/lfm_client.py` runs too). grpcio sends the socket path,
+//! percent-encoded, as `:authority` (`daemon/src/authority.rs`).
+//!
+//! Without Python's grpcio, grpcio-tools, grpcio-health-checking and
+//! grpcio-reflection (or `systemd-socket-activate` for the second trial) a
+//! trial is reported ignored, not passed; `LFM_REQUIRE_PYTHON_GRPC=1` (CI)
+//! makes that a failure.
+
+mod common;
+
+use common::{LFMD, Lfmd, synth_model};
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpc_interop.py");
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/python/lfm_client.py"
+);
+const PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Why the Python side cannot run here, if it cannot.
+fn python_missing() -> Option<String> {
+    let probe = Command::new(python())
+        .args([
+            "-c",
+            "import grpc, grpc_tools, grpc_health.v1.health_pb2, grpc_reflection.v1alpha",
+        ])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "Python's grpcio packages are missing (pip install grpcio grpcio-tools \
+             grpcio-health-checking grpcio-reflection): {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )),
+        Err(e) => Some(format!("{}: {e}", python())),
+    }
+}
+
+fn socket_activate() -> Option<PathBuf> {
+    [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Runs the interop script against `socket`; its output on failure.
+fn interop(socket: &Path, mode: &str, d: &Lfmd) -> Result<(), Failed> {
+    let out = Command::new(python())
+        .arg(SCRIPT)
+        .arg(socket)
+        .arg(PROTO)
+        .arg(EXAMPLE)
+        .arg(mode)
+        .output()
+        .map_err(|e| format!("running {}: {e}", python()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("all checks passed") {
+        return Ok(());
+    }
+    Err(format!(
+        "grpc_interop.py {mode} failed ({}):\n{stdout}\n{}\n--- lfmd log ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    )
+    .into())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `lfmd serve --grpc unix:…`: every check, the example client included.
+fn on_a_unix_socket() -> Result<(), Failed> {
+    let d = runtime().block_on(Lfmd::start(&["--max-concurrent", "2"]));
+    interop(&d.socket, "full", &d)
+}
+
+/// A socket passed by systemd (here `systemd-socket-activate`).
+fn on_an_activated_socket() -> Result<(), Failed> {
+    let activate = socket_activate().ok_or("systemd-socket-activate is missing")?;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = synth_model(tmp.path());
+    let socket = tmp.path().join("activated.sock");
+    let mut cmd = Command::new(activate);
+    cmd.arg("-l")
+        .arg(&socket)
+        .arg("--fdname=grpc")
+        .arg(LFMD)
+        .arg("serve")
+        .arg("--model")
+        .arg(&model)
+        .args(["--threads", "1", "--config", "/dev/null"]);
+    let d = Lfmd::spawn(cmd, tmp.path(), socket.clone());
+    // The first connection (the script's) starts lfmd.
+    let r = interop(&socket, "basic", &d);
+    if r.is_ok() {
+        let log = d.log();
+        if !log.contains("socket activation: Unix socket \"grpc\"") {
+            return Err(format!("lfmd was not socket-activated:\n{log}").into());
+        }
+    }
+    r
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
+    let missing = python_missing();
+    let activate_missing = socket_activate()
+        .is_none()
+        .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
+    let mut trials = Vec::new();
+    let mut add =
+        |name: &str, f: fn() -> Result<(), Failed>, why: Option<String>| match (why, required) {
+            (Some(why), true) => {
+                let msg = format!("LFM_REQUIRE_PYTHON_GRPC=1 but {why}");
+                trials.push(Trial::test(name, move || Err(msg.into())));
+            }
+            (Some(why), false) => {
+                if !args.list {
+                    eprintln!("{name}: SKIPPED ({why})");
+                }
+                trials.push(Trial::test(name, f).with_ignored_flag(true));
+            }
+            (None, _) => trials.push(Trial::test(name, f)),
+        };
+    add("grpcio::unix_socket", on_a_unix_socket, missing.clone());
+    add(
+        "grpcio::socket_activated",
+        on_an_activated_socket,
+        missing.or(activate_missing),
+    );
+    libtest_mimic::run(&args, trials).exit();
+}

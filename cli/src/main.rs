@@ -1,5 +1,6 @@
 //! `lfmctl`: the command-line client of the lfmd daemon, over gRPC (the
-//! `lfm.v1` API of `lfm-proto`), or D-Bus for `ask --dbus`. `ask` streams an answer, `chat` holds a
+//! `lfm.v1` API of `lfm-proto`), or D-Bus with `--dbus` (`ask`, `chat`, `status`, `info`,
+//! `stats`). `ask` streams an answer, `chat` holds a
 //! conversation on a daemon session, `status`, `info` and `tokenize` query,
 //! `load` generates load.
 //!
@@ -29,12 +30,11 @@ struct Cli {
     /// system daemon's /run/lfmd/lfmd.sock.
     #[arg(long, global = true, env = "LFMD_SOCKET")]
     socket: Option<String>,
-    /// Ask over D-Bus instead of gRPC: --dbus (the session bus),
-    /// --dbus=system, or --dbus=ADDRESS (unix:path=/run/x/bus). `ask` only.
+    /// Talk over D-Bus instead of gRPC: --dbus (the session bus),
+    /// --dbus=system, or --dbus=ADDRESS (unix:path=/run/x/bus). For ask,
+    /// chat, status, info and stats, which also take it after their name.
     #[arg(
         long,
-        global = true,
-        env = "LFMD_DBUS",
         value_name = "BUS",
         num_args = 0..=1,
         require_equals = true,
@@ -55,6 +55,8 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        transport: Transport,
     },
     /// The expert pager: memory budget, experts in memory, loads and
     /// evictions; --experts adds a per-layer heat map of expert use.
@@ -64,11 +66,15 @@ enum Cmd {
         experts: bool,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        transport: Transport,
     },
     /// The model the daemon serves.
     Info {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        transport: Transport,
     },
     /// Load generator: N concurrent clients, random cancels and
     /// disconnects; reports outcomes, time to first token, RSS over time.
@@ -90,6 +96,22 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: std::path::PathBuf,
     },
+}
+
+/// The transport flag of the commands that work over D-Bus too.
+#[derive(Args, Clone, Default)]
+struct Transport {
+    /// Talk over D-Bus instead of gRPC: --dbus (the session bus),
+    /// --dbus=system, or --dbus=ADDRESS (unix:path=/run/x/bus).
+    #[arg(
+        long,
+        env = "LFMD_DBUS",
+        value_name = "BUS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "session"
+    )]
+    dbus: Option<String>,
 }
 
 /// Sampling flags: unset ones take the daemon's defaults.
@@ -139,6 +161,8 @@ struct Sampling {
 struct AskArgs {
     #[command(flatten)]
     sampling: Sampling,
+    #[command(flatten)]
+    transport: Transport,
     /// System prompt.
     #[arg(long)]
     system: Option<String>,
@@ -156,6 +180,8 @@ struct AskArgs {
 struct ChatArgs {
     #[command(flatten)]
     sampling: Sampling,
+    #[command(flatten)]
+    transport: Transport,
     #[arg(long)]
     system: Option<String>,
     /// Continue (or name) a daemon session; default: a new one.
@@ -221,7 +247,7 @@ fn default_target() -> Target {
 async fn client(cli: &Cli) -> Result<(LfmClient<Channel>, Target)> {
     if cli.bus().is_some() {
         return Err(Failure::Usage(
-            "--dbus works with ask only; drop it (and unset LFMD_DBUS) to use gRPC".into(),
+            "--dbus works with ask, chat, status, info and stats; drop it (and unset LFMD_DBUS) to use gRPC".into(),
         ));
     }
     let target = match &cli.socket {
@@ -398,9 +424,21 @@ fn read_prompt(words: &[String]) -> Result<String> {
 }
 
 impl Cli {
-    /// The bus of `--dbus` / `LFMD_DBUS` (empty means unset).
+    /// The bus of `--dbus` / `LFMD_DBUS` (empty means unset): the
+    /// command's own flag, else the one before the command's name.
     fn bus(&self) -> Option<&str> {
-        self.dbus.as_deref().filter(|b| !b.is_empty())
+        let own = match &self.cmd {
+            Cmd::Ask(a) => &a.transport,
+            Cmd::Chat(a) => &a.transport,
+            Cmd::Status { transport, .. }
+            | Cmd::Stats { transport, .. }
+            | Cmd::Info { transport, .. } => transport,
+            Cmd::Load(_) | Cmd::Tokenize { .. } | Cmd::Man { .. } => &Transport { dbus: None },
+        };
+        own.dbus
+            .as_deref()
+            .or(self.dbus.as_deref())
+            .filter(|b| !b.is_empty())
     }
 }
 
@@ -452,15 +490,29 @@ async fn ask(cli: &Cli, a: &AskArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where `chat` sends its turns.
+enum ChatLink {
+    Grpc(LfmClient<Channel>, pb::SamplingOptions, pb::Priority),
+    Dbus(dbus::ChatOverDbus),
+}
+
 async fn chat(cli: &Cli, a: &ChatArgs) -> Result<()> {
-    let (opts, priority) = options(&a.sampling)?;
-    let (mut c, _) = client(cli).await?;
     let session = a.session.clone().unwrap_or_else(|| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         format!("lfmctl-{}-{}", std::process::id(), t.as_nanos())
     });
+    let mut link = match cli.bus() {
+        Some(bus) => ChatLink::Dbus(
+            dbus::ChatOverDbus::new(&dbus::parse_bus(bus)?, &a.sampling, &session).await?,
+        ),
+        None => {
+            let (opts, priority) = options(&a.sampling)?;
+            let (c, _) = client(cli).await?;
+            ChatLink::Grpc(c, opts, priority)
+        }
+    };
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("session {session}; an empty line or /exit ends it");
@@ -482,24 +534,26 @@ async fn chat(cli: &Cli, a: &ChatArgs) -> Result<()> {
         }
         let mut messages = Vec::new();
         if let Some(s) = system.take() {
-            messages.push(pb::ChatMessage {
-                role: "system".into(),
-                content: s,
-            });
+            messages.push(("system".to_owned(), s));
         }
-        messages.push(pb::ChatMessage {
-            role: "user".into(),
-            content: line.to_owned(),
-        });
-        let req = pb::ChatRequest {
-            messages,
-            options: Some(opts.clone()),
-            priority: priority.into(),
-            session_id: Some(session.clone()),
-        };
-        let result = match c.chat(with_timeout(req, &a.sampling)?).await {
-            Ok(r) => read_answer(r.into_inner(), true).await.map(|_| ()),
-            Err(s) => Err(rpc_failure(s)),
+        messages.push(("user".to_owned(), line.to_owned()));
+        let result = match &mut link {
+            ChatLink::Dbus(d) => d.turn(&messages).await,
+            ChatLink::Grpc(c, opts, priority) => {
+                let req = pb::ChatRequest {
+                    messages: messages
+                        .into_iter()
+                        .map(|(role, content)| pb::ChatMessage { role, content })
+                        .collect(),
+                    options: Some(opts.clone()),
+                    priority: (*priority).into(),
+                    session_id: Some(session.clone()),
+                };
+                match c.chat(with_timeout(req, &a.sampling)?).await {
+                    Ok(r) => read_answer(r.into_inner(), true).await.map(|_| ()),
+                    Err(s) => Err(rpc_failure(s)),
+                }
+            }
         };
         out("\n")?;
         match result {
@@ -526,18 +580,27 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Man { out } => std::fs::create_dir_all(out)
             .and_then(|()| clap_mangen::generate_to(Cli::command(), out))
             .map_err(|e| Failure::Other(format!("writing man pages to {}: {e}", out.display()))),
-        Cmd::Status { json } => {
-            let (mut c, target) = client(&cli).await?;
-            let s = c
-                .get_status(pb::GetStatusRequest::default())
-                .await
-                .map_err(rpc_failure)?
-                .into_inner();
+        Cmd::Status { json, .. } => {
+            let (s, target) = match cli.bus() {
+                Some(bus) => {
+                    let bus = dbus::parse_bus(bus)?;
+                    (dbus::status(&bus).await?, bus.to_string())
+                }
+                None => {
+                    let (mut c, target) = client(&cli).await?;
+                    let s = c
+                        .get_status(pb::GetStatusRequest::default())
+                        .await
+                        .map_err(rpc_failure)?
+                        .into_inner();
+                    (s, target.to_string())
+                }
+            };
             if *json {
                 out(&format!(
                     "{:#}\n",
                     serde_json::json!({
-                        "socket": target.to_string(),
+                        "socket": target,
                         "version": s.version,
                         "active_requests": s.active_requests,
                         "queued_requests": s.queued_requests,
@@ -593,14 +656,19 @@ async fn run(cli: Cli) -> Result<()> {
                 ))
             }
         }
-        Cmd::Stats { experts, json } => {
-            let (mut c, _) = client(&cli).await?;
-            let s = c
-                .get_status(pb::GetStatusRequest { experts: *experts })
-                .await
-                .map_err(rpc_failure)?
-                .into_inner();
-            match (s.paging, *json) {
+        Cmd::Stats { experts, json, .. } => {
+            let paging = match cli.bus() {
+                Some(bus) => dbus::paging(&dbus::parse_bus(bus)?, *experts).await?,
+                None => {
+                    let (mut c, _) = client(&cli).await?;
+                    c.get_status(pb::GetStatusRequest { experts: *experts })
+                        .await
+                        .map_err(rpc_failure)?
+                        .into_inner()
+                        .paging
+                }
+            };
+            match (paging, *json) {
                 (Some(p), true) => out(&format!("{:#}\n", stats::to_json(&p, *experts))),
                 (None, true) => out("{\"paging\": null}\n"),
                 (Some(p), false) => {
@@ -618,13 +686,17 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
             }
         }
-        Cmd::Info { json } => {
-            let (mut c, _) = client(&cli).await?;
-            let m = c
-                .get_model_info(pb::GetModelInfoRequest {})
-                .await
-                .map_err(rpc_failure)?
-                .into_inner();
+        Cmd::Info { json, .. } => {
+            let m = match cli.bus() {
+                Some(bus) => dbus::model_info(&dbus::parse_bus(bus)?).await?,
+                None => {
+                    let (mut c, _) = client(&cli).await?;
+                    c.get_model_info(pb::GetModelInfoRequest {})
+                        .await
+                        .map_err(rpc_failure)?
+                        .into_inner()
+                }
+            };
             if *json {
                 out(&format!(
                     "{:#}\n",

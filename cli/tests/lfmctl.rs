@@ -128,7 +128,9 @@ fn usage_errors_exit_2() {
         &["ask", "--temperature", "warm", "hi"],
         &["ask", "--priority", "urgent", "hi"],
         &["ask", "--raw", "--system", "s", "hi"],
-        &["--dbus", "status"],
+        &["--dbus=", "status", "--dbus=nonsense"],
+        &["tokenize", "--dbus", "x"],
+        &["load", "--dbus"],
     ] {
         let out = lfmctl(&s, args, "");
         assert_eq!(
@@ -422,6 +424,62 @@ fn ask_over_dbus_streams_the_answer_grpc_gives_and_exit_3_without_a_daemon() {
     );
     assert!(!over_dbus.stdout.is_empty());
     assert_eq!(text(&over_dbus.stdout), text(&over_grpc.stdout));
+
+    // The other commands that offer --dbus honour it (flag after the
+    // command's name too), with the output gRPC gives.
+    let both = |args: &[&str], stdin: &str| {
+        let mut with: Vec<&str> = args.to_vec();
+        with.push(&flag);
+        let a = lfmctl(&d.socket, &with, stdin);
+        let b = lfmctl(&d.socket, args, stdin);
+        assert_eq!(a.status.code(), Some(0), "{with:?}: {}", text(&a.stderr));
+        assert_eq!(b.status.code(), Some(0), "{args:?}: {}", text(&b.stderr));
+        (text(&a.stdout), text(&b.stdout))
+    };
+    let (a, b) = both(&["info", "--json"], "");
+    assert_eq!(a, b);
+    assert!(a.contains("\"architecture\": \"lfm2moe\""), "{a}");
+    let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+    let (a, b) = both(&["status", "--json"], "");
+    let (a, b) = (json(&a), json(&b));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&a), keys(&b));
+    for k in [
+        "max_concurrent",
+        "queue_capacity",
+        "isa",
+        "threads",
+        "version",
+    ] {
+        assert_eq!(a[k], b[k], "{k}");
+    }
+    assert!(a["socket"].as_str().unwrap().contains(&address), "{a}");
+    assert!(
+        a["paging"]["expert_total_bytes"].as_u64().unwrap() > 0,
+        "{a}"
+    );
+    let (a, b) = both(&["stats", "--experts", "--json"], "");
+    let (a, b) = (json(&a), json(&b));
+    assert_eq!(keys(&a), keys(&b));
+    assert_eq!(
+        a["layers"].as_array().map(Vec::len),
+        b["layers"].as_array().map(Vec::len)
+    );
+    assert!(!a["layers"].as_array().unwrap().is_empty(), "{a}");
+    // Two turns on a daemon session: the same answers as over gRPC.
+    let (a, b) = both(
+        &[
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+        ],
+        "Hello\nAnd then?\n",
+    );
+    assert_eq!(a, b);
+    assert_eq!(a.lines().count(), 2, "{a:?}");
     stop.send(()).unwrap();
     server.join().unwrap();
     let _ = bus.kill();

@@ -94,27 +94,117 @@ pub enum DbusError {
     Bus { bus: String, source: zbus::Error },
 }
 
-/// The options `Generate` and `Ask` take: name, D-Bus signature, what to
-/// call the type in an error.
-const OPTIONS: &[(&str, &str, &str)] = &[
-    ("max_tokens", "u", "uint32"),
-    ("temperature", "d", "double"),
-    ("top_k", "u", "uint32"),
-    ("top_p", "d", "double"),
-    ("min_p", "d", "double"),
-    ("repeat_penalty", "d", "double"),
-    ("presence_penalty", "d", "double"),
-    ("frequency_penalty", "d", "double"),
-    ("seed", "t", "uint64"),
-    ("stop", "as", "array of strings"),
-    ("ignore_eos", "b", "boolean"),
-    ("priority", "s", "string"),
-    ("system", "s", "string"),
-    ("raw", "b", "boolean"),
-    ("add_bos", "b", "boolean"),
-    ("session", "s", "string"),
-    ("timeout", "d", "double"),
+/// What an option's value may be. Numbers take whatever D-Bus number type
+/// the caller's binding picked (a bare `6` is `i` in GVariant text, GJS,
+/// Qt and most Python bindings), checked against the option's range;
+/// strings and booleans are strict.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// An integer from 0 to the bound, of any integer type (`y n q i u x t`).
+    Uint(u64),
+    /// A double (`d`), or any integer type.
+    Float,
+    Bool,
+    Str,
+    Strs,
+}
+
+/// The options `Generate`, `Ask`, `Chat` and `AskChat` take.
+const OPTIONS: &[(&str, Kind)] = &[
+    ("max_tokens", Kind::Uint(u32::MAX as u64)),
+    ("temperature", Kind::Float),
+    ("top_k", Kind::Uint(u32::MAX as u64)),
+    ("top_p", Kind::Float),
+    ("min_p", Kind::Float),
+    ("repeat_penalty", Kind::Float),
+    ("presence_penalty", Kind::Float),
+    ("frequency_penalty", Kind::Float),
+    ("seed", Kind::Uint(u64::MAX)),
+    ("stop", Kind::Strs),
+    ("ignore_eos", Kind::Bool),
+    ("priority", Kind::Str),
+    ("system", Kind::Str),
+    ("raw", Kind::Bool),
+    ("add_bos", Kind::Bool),
+    ("session", Kind::Str),
+    ("timeout", Kind::Float),
 ];
+
+/// An option's value, checked against its kind.
+#[derive(Debug)]
+enum OptValue {
+    Uint(u64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+}
+
+/// The integer a D-Bus integer value holds.
+fn integer(v: &Value<'_>) -> Option<i128> {
+    Some(match v {
+        Value::U8(n) => i128::from(*n),
+        Value::I16(n) => i128::from(*n),
+        Value::U16(n) => i128::from(*n),
+        Value::I32(n) => i128::from(*n),
+        Value::U32(n) => i128::from(*n),
+        Value::I64(n) => i128::from(*n),
+        Value::U64(n) => i128::from(*n),
+        _ => return None,
+    })
+}
+
+/// Checks option `key`'s value `v` against `kind`. A variant inside the
+/// variant (`<<6>>`) is looked through.
+fn option_value(key: &str, kind: Kind, v: &Value<'_>) -> Result<OptValue, ApiError> {
+    if let Value::Value(inner) = v {
+        return option_value(key, kind, inner);
+    }
+    let sig = v.value_signature().to_string();
+    let bad = |m: String| Err(ApiError::InvalidArgument(m));
+    match kind {
+        Kind::Uint(max) => match integer(v) {
+            Some(n) if n >= 0 && n <= i128::from(max) => Ok(OptValue::Uint(n as u64)),
+            Some(n) => bad(format!("option {key:?} is {n}; it must be from 0 to {max}")),
+            None => bad(format!(
+                "option {key:?} must be an integer from 0 to {max} (D-Bus types y n q i u x t), not '{sig}'"
+            )),
+        },
+        Kind::Float => match (v, integer(v)) {
+            (Value::F64(x), _) => Ok(OptValue::Float(*x)),
+            (_, Some(n)) => Ok(OptValue::Float(n as f64)),
+            _ => bad(format!(
+                "option {key:?} must be a number (D-Bus type 'd', or an integer type), not '{sig}'"
+            )),
+        },
+        Kind::Bool => match v {
+            Value::Bool(b) => Ok(OptValue::Bool(*b)),
+            _ => bad(format!(
+                "option {key:?} must be a boolean (D-Bus type 'b'), not '{sig}'"
+            )),
+        },
+        Kind::Str => match v {
+            Value::Str(s) => Ok(OptValue::Str(s.as_str().to_owned())),
+            _ => bad(format!(
+                "option {key:?} must be a string (D-Bus type 's'), not '{sig}'"
+            )),
+        },
+        Kind::Strs => match v {
+            Value::Array(a) if sig == "as" => Ok(OptValue::Strs(
+                a.inner()
+                    .iter()
+                    .filter_map(|s| match s {
+                        Value::Str(s) => Some(s.as_str().to_owned()),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            _ => bad(format!(
+                "option {key:?} must be an array of strings (D-Bus type 'as'), not '{sig}'"
+            )),
+        },
+    }
+}
 
 /// A request as the scheduler takes it, less the client.
 #[derive(Debug)]
@@ -125,9 +215,47 @@ struct Parsed {
     deadline: Option<Instant>,
 }
 
-/// Converts `Generate`/`Ask` arguments. Ranges are the scheduler's to
-/// check (as for gRPC); here only names, types and combinations.
-fn parse_request(prompt: String, opts: &HashMap<String, OwnedValue>) -> Result<Parsed, ApiError> {
+/// What a request asks: a prompt (`Generate`, `Ask`) or a conversation
+/// (`Chat`, `AskChat`).
+#[derive(Debug)]
+enum Asking {
+    Prompt(String),
+    Messages(Vec<crate::chat::ChatMessage>),
+}
+
+/// `Chat`'s `aa{sv}` messages: each exactly `role` and `content`, strings.
+fn messages_of(
+    messages: Vec<HashMap<String, OwnedValue>>,
+) -> Result<Vec<crate::chat::ChatMessage>, ApiError> {
+    let bad = |m: String| ApiError::InvalidArgument(m);
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| -> Result<String, ApiError> {
+                match m.get(k).map(|v| option_value(k, Kind::Str, v)) {
+                    Some(Ok(OptValue::Str(s))) => Ok(s),
+                    Some(Err(ApiError::InvalidArgument(e))) => Err(bad(format!("message {i}: {e}"))),
+                    _ => Err(bad(format!(
+                        "message {i} has no {k:?}: each message is {{\"role\": <s>, \"content\": <s>}}"
+                    ))),
+                }
+            };
+            let (role, content) = (field("role")?, field("content")?);
+            if let Some(k) = m.keys().find(|k| *k != "role" && *k != "content") {
+                return Err(bad(format!(
+                    "message {i} has an unknown key {k:?}; a message has \"role\" and \"content\""
+                )));
+            }
+            Ok(crate::chat::ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+/// Converts `Generate`/`Ask`/`Chat`/`AskChat` arguments. Ranges are the
+/// scheduler's to check (as for gRPC); here only names, types and
+/// combinations.
+fn parse_request(asking: Asking, opts: &HashMap<String, OwnedValue>) -> Result<Parsed, ApiError> {
     let bad = |m: String| Err(ApiError::InvalidArgument(m));
     let d = SamplingParams::default();
     let mut o = Options {
@@ -138,42 +266,26 @@ fn parse_request(prompt: String, opts: &HashMap<String, OwnedValue>) -> Result<P
     let (mut system, mut raw, mut add_bos, mut session) = (None, false, None, None);
     let f32_of = |x: f64| x as f32;
     for (key, v) in opts {
-        let v: &Value<'_> = v;
-        let Some(&(_, sig, ty)) = OPTIONS.iter().find(|(k, ..)| k == key) else {
-            let known: Vec<_> = OPTIONS.iter().map(|(k, ..)| *k).collect();
+        let Some(&(_, kind)) = OPTIONS.iter().find(|(k, _)| k == key) else {
+            let known: Vec<_> = OPTIONS.iter().map(|(k, _)| *k).collect();
             return bad(format!(
                 "unknown option {key:?}; the options are {}",
                 known.join(", ")
             ));
         };
-        if v.value_signature() != sig {
-            return bad(format!(
-                "option {key:?} must be a {ty} (D-Bus type '{sig}'), not '{}'",
-                v.value_signature()
-            ));
-        }
-        match (key.as_str(), v) {
-            ("max_tokens", Value::U32(n)) => o.max_tokens = Some(*n as usize),
-            ("temperature", Value::F64(x)) => o.sampling.temperature = f32_of(*x),
-            ("top_k", Value::U32(n)) => o.sampling.top_k = *n as usize,
-            ("top_p", Value::F64(x)) => o.sampling.top_p = f32_of(*x),
-            ("min_p", Value::F64(x)) => o.sampling.min_p = f32_of(*x),
-            ("repeat_penalty", Value::F64(x)) => o.sampling.repeat_penalty = f32_of(*x),
-            ("presence_penalty", Value::F64(x)) => o.sampling.presence_penalty = f32_of(*x),
-            ("frequency_penalty", Value::F64(x)) => o.sampling.frequency_penalty = f32_of(*x),
-            ("seed", Value::U64(n)) => o.sampling.seed = *n,
-            ("stop", Value::Array(a)) => {
-                o.stop = a
-                    .inner()
-                    .iter()
-                    .filter_map(|s| match s {
-                        Value::Str(s) => Some(s.as_str().to_owned()),
-                        _ => None,
-                    })
-                    .collect();
-            }
-            ("ignore_eos", Value::Bool(b)) => o.ignore_eos = *b,
-            ("priority", Value::Str(s)) => {
+        match (key.as_str(), option_value(key, kind, v)?) {
+            ("max_tokens", OptValue::Uint(n)) => o.max_tokens = Some(n as usize),
+            ("temperature", OptValue::Float(x)) => o.sampling.temperature = f32_of(x),
+            ("top_k", OptValue::Uint(n)) => o.sampling.top_k = n as usize,
+            ("top_p", OptValue::Float(x)) => o.sampling.top_p = f32_of(x),
+            ("min_p", OptValue::Float(x)) => o.sampling.min_p = f32_of(x),
+            ("repeat_penalty", OptValue::Float(x)) => o.sampling.repeat_penalty = f32_of(x),
+            ("presence_penalty", OptValue::Float(x)) => o.sampling.presence_penalty = f32_of(x),
+            ("frequency_penalty", OptValue::Float(x)) => o.sampling.frequency_penalty = f32_of(x),
+            ("seed", OptValue::Uint(n)) => o.sampling.seed = n,
+            ("stop", OptValue::Strs(v)) => o.stop = v,
+            ("ignore_eos", OptValue::Bool(b)) => o.ignore_eos = b,
+            ("priority", OptValue::Str(s)) => {
                 priority = match s.as_str() {
                     "interactive" => Priority::Interactive,
                     "background" => Priority::Background,
@@ -184,45 +296,66 @@ fn parse_request(prompt: String, opts: &HashMap<String, OwnedValue>) -> Result<P
                     }
                 }
             }
-            ("system", Value::Str(s)) => system = Some(s.as_str().to_owned()),
-            ("raw", Value::Bool(b)) => raw = *b,
-            ("add_bos", Value::Bool(b)) => add_bos = Some(*b),
-            ("session", Value::Str(s)) => session = Some(s.as_str().to_owned()),
-            ("timeout", Value::F64(t)) => {
-                if !(t.is_finite() && *t > 0.0 && *t < 1e9) {
+            ("system", OptValue::Str(s)) => system = Some(s),
+            ("raw", OptValue::Bool(b)) => raw = b,
+            ("add_bos", OptValue::Bool(b)) => add_bos = Some(b),
+            ("session", OptValue::Str(s)) => session = Some(s),
+            ("timeout", OptValue::Float(t)) => {
+                if !(t.is_finite() && t > 0.0 && t < 1e9) {
                     return bad(format!(
                         "timeout {t} is not a positive number of seconds; leave it unset for none"
                     ));
                 }
-                deadline = Some(Instant::now() + Duration::from_secs_f64(*t));
+                deadline = Some(Instant::now() + Duration::from_secs_f64(t));
             }
-            // The signature matched, so the value is of the listed type.
-            _ => return bad(format!("option {key:?} must be a {ty}")),
+            (_, v) => {
+                return Err(ApiError::Internal(format!(
+                    "option {key:?} checked as {kind:?} gave {v:?}"
+                )));
+            }
         }
     }
-    let input = if raw {
-        if system.is_some() || session.is_some() {
+    let input = match asking {
+        Asking::Prompt(_) | Asking::Messages(_) if raw && session.is_some() => {
             return bad(
                 "raw continues the prompt as plain text: drop system and session, or raw".into(),
             );
         }
-        Input::Prompt {
-            text: prompt,
-            add_bos,
+        Asking::Prompt(text) if raw => {
+            if system.is_some() {
+                return bad(
+                    "raw continues the prompt as plain text: drop system and session, or raw"
+                        .into(),
+                );
+            }
+            Input::Prompt { text, add_bos }
         }
-    } else {
-        if add_bos.is_some() {
+        Asking::Messages(_) if raw => {
+            return bad(
+                "raw applies to Generate and Ask: Chat's messages go through the chat template"
+                    .into(),
+            );
+        }
+        _ if add_bos.is_some() => {
             return bad("add_bos applies to raw prompts only: set raw too, or drop add_bos".into());
         }
-        let mut messages = Vec::new();
-        if let Some(s) = system {
-            messages.push(crate::chat::ChatMessage::new("system", s));
+        Asking::Prompt(prompt) => {
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(crate::chat::ChatMessage::new("system", s));
+            }
+            if prompt.is_empty() {
+                return bad("the prompt is empty: give some text to answer".into());
+            }
+            messages.push(crate::chat::ChatMessage::new("user", prompt));
+            Input::Chat { messages, session }
         }
-        if prompt.is_empty() {
-            return bad("the prompt is empty: give some text to answer".into());
+        Asking::Messages(mut messages) => {
+            if let Some(s) = system {
+                messages.insert(0, crate::chat::ChatMessage::new("system", s));
+            }
+            Input::Chat { messages, session }
         }
-        messages.push(crate::chat::ChatMessage::new("user", prompt));
-        Input::Chat { messages, session }
     };
     Ok(Parsed {
         input,
@@ -393,10 +526,10 @@ impl Shared {
     async fn start(
         self: &Arc<Self>,
         caller: &str,
-        prompt: String,
+        asking: Asking,
         options: &HashMap<String, OwnedValue>,
     ) -> Result<Running, ApiError> {
-        let p = parse_request(prompt, options)?;
+        let p = parse_request(asking, options)?;
         let (ticket, cancel) = self.register(caller);
         let client = self.client_of(caller).await?;
         let handle = self.handle.clone();
@@ -427,41 +560,38 @@ pub struct Daemon1 {
 impl Daemon1 {
     /// Answers `prompt` (a chat turn, or raw text with `raw`) and returns
     /// the text and `info` when done.
+    #[zbus(out_args("text", "info"))]
     async fn generate(
         &self,
         #[zbus(header)] hdr: Header<'_>,
         prompt: String,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<(String, HashMap<&'static str, Value<'static>>), ApiError> {
+    ) -> Result<(String, Info), ApiError> {
         let caller = Shared::caller(&hdr)?;
-        let Running {
-            ticket,
-            mut cancel,
-            mut events,
-        } = self.shared.start(&caller, prompt, &options).await?;
-        let mut text = String::new();
-        let result = loop {
-            tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(Event::Delta(d)) => text.push_str(&d.text),
-                    Some(Event::Done(d)) => break Ok((text, info_of(&d))),
-                    Some(Event::Failed(f)) => break Err(f.into()),
-                    None => break Err(engine_gone()),
-                },
-                _ = &mut cancel => {
-                    break Err(ApiError::Cancelled(format!("{caller} left the bus")));
-                }
-            }
-        };
-        // The receiver goes first: a cancelled request's slot is freed.
-        drop(events);
-        drop(ticket);
-        result
+        self.complete(caller, Asking::Prompt(prompt), options).await
+    }
+
+    /// Answers a conversation: `messages` are `{"role": s, "content": s}`
+    /// dicts, rendered by the model's chat template (with `session`, the
+    /// messages to add to the session's conversation). Returns the text and
+    /// `info` when done.
+    #[zbus(out_args("text", "info"))]
+    async fn chat(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        messages: Vec<HashMap<String, OwnedValue>>,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(String, Info), ApiError> {
+        let caller = Shared::caller(&hdr)?;
+        let messages = messages_of(messages)?;
+        self.complete(caller, Asking::Messages(messages), options)
+            .await
     }
 
     /// Starts answering `prompt`; returns the request object, whose
     /// `Token` and `Finished` signals go to the caller only. Add a match
     /// rule for them before calling (see README: the Ask protocol).
+    #[zbus(out_args("request"))]
     async fn ask(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -471,27 +601,104 @@ impl Daemon1 {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, ApiError> {
         let caller = Shared::caller(&hdr)?;
-        let running = self.shared.start(&caller, prompt, &options).await?;
-        let path = OwnedObjectPath::try_from(format!("{REQUESTS_PATH}/{}", running.ticket.id))
-            .map_err(|e| ApiError::Internal(format!("request path: {e}")))?;
-        let object = Request1 {
-            shared: self.shared.clone(),
-            owner: caller.clone(),
-            id: running.ticket.id,
-        };
-        server.at(&path, object).await?;
-        let (reply, sent) = ResponseDispatchNotifier::new(path.clone());
-        let conn = conn.clone();
-        tokio::spawn(async move {
-            // Nothing is emitted before the caller has its path.
-            sent.await;
-            stream_request(&conn, &path, &caller, running).await;
-            let _ = conn
-                .object_server()
-                .remove::<Request1, _>(path.as_ref())
-                .await;
-        });
-        Ok(reply)
+        self.start_streaming(caller, conn, server, Asking::Prompt(prompt), options)
+            .await
+    }
+
+    /// `Ask` for a conversation: `messages` as `Chat` takes them.
+    #[zbus(out_args("request"))]
+    async fn ask_chat(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &ObjectServer,
+        messages: Vec<HashMap<String, OwnedValue>>,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, ApiError> {
+        let caller = Shared::caller(&hdr)?;
+        let messages = messages_of(messages)?;
+        self.start_streaming(caller, conn, server, Asking::Messages(messages), options)
+            .await
+    }
+
+    /// What gRPC's `GetModelInfo` gives, by the same names: `path`,
+    /// `architecture`, `name`, `file_type`, `file_bytes`, `n_params`,
+    /// `n_layer`, `n_embd`, `n_vocab`, `n_expert`, `n_expert_used`,
+    /// `n_ctx_train`, `context_tokens`, `has_chat_template`, `isa`, `threads`.
+    #[zbus(out_args("info"))]
+    async fn model_info(&self) -> Info {
+        let m = self.shared.handle.model_info();
+        HashMap::from([
+            ("path", Value::from(m.path.clone())),
+            ("architecture", Value::from(m.architecture.clone())),
+            ("name", Value::from(m.name.clone())),
+            ("file_type", Value::from(m.file_type.clone())),
+            ("file_bytes", Value::U64(m.file_bytes)),
+            ("n_params", Value::U64(m.n_params)),
+            ("n_layer", Value::U32(m.n_layer as u32)),
+            ("n_embd", Value::U32(m.n_embd as u32)),
+            ("n_vocab", Value::U32(m.n_vocab as u32)),
+            ("n_expert", Value::U32(m.n_expert as u32)),
+            ("n_expert_used", Value::U32(m.n_expert_used as u32)),
+            ("n_ctx_train", Value::U32(m.n_ctx_train as u32)),
+            ("context_tokens", Value::U32(m.context as u32)),
+            ("has_chat_template", Value::Bool(m.has_chat_template)),
+            ("isa", Value::from(m.isa.clone())),
+            ("threads", Value::U32(m.threads as u32)),
+        ])
+    }
+
+    /// What gRPC's `GetStatus` gives, by the same names: requests
+    /// (`active_requests`, `queued_requests`, `requests_total`, …), limits
+    /// (`max_concurrent`, `queue_capacity`), `sessions`, throughput over the
+    /// last 10 s, `isa`, `threads`, memory (`rss_bytes`, `rss_anon_bytes`,
+    /// `rss_file_bytes`, `peak_rss_bytes`), `uptime_seconds`, `version`,
+    /// `model`, and `paging` (an `a{sv}` of `ExpertStats`' totals) when the
+    /// model's experts are paged.
+    #[zbus(out_args("status"))]
+    async fn status(&self) -> Result<Info, ApiError> {
+        let h = &self.shared.handle;
+        let s = h.status();
+        let m = h.model_info();
+        let mem = s.memory.unwrap_or_default();
+        let mut out: Info = HashMap::from([
+            ("active_requests", Value::U32(s.active as u32)),
+            ("queued_requests", Value::U32(s.queued as u32)),
+            ("max_concurrent", Value::U32(s.max_concurrent as u32)),
+            ("queue_capacity", Value::U32(s.queue_capacity as u32)),
+            ("sessions", Value::U32(s.sessions as u32)),
+            ("requests_total", Value::U64(s.requests_total)),
+            ("prompt_tokens_total", Value::U64(s.prompt_tokens_total)),
+            (
+                "generated_tokens_total",
+                Value::U64(s.generated_tokens_total),
+            ),
+            (
+                "generated_tokens_per_second",
+                Value::F64(s.generated_tokens_per_second),
+            ),
+            (
+                "prefill_tokens_per_second",
+                Value::F64(s.prefill_tokens_per_second),
+            ),
+            ("isa", Value::from(m.isa.clone())),
+            ("threads", Value::U32(m.threads as u32)),
+            ("uptime_seconds", Value::F64(s.uptime.as_secs_f64())),
+            ("rss_bytes", Value::U64(mem.rss_bytes)),
+            ("rss_anon_bytes", Value::U64(mem.rss_anon_bytes)),
+            ("rss_file_bytes", Value::U64(mem.rss_file_bytes)),
+            ("peak_rss_bytes", Value::U64(mem.peak_rss_bytes)),
+            ("version", Value::from(env!("CARGO_PKG_VERSION"))),
+            ("model", Value::from(m.name.clone())),
+        ]);
+        let handle = h.clone();
+        let paging = tokio::task::spawn_blocking(move || handle.paging_stats(false))
+            .await
+            .map_err(|e| ApiError::Internal(format!("reading the pager's figures: {e}")))?;
+        if let Some(p) = paging {
+            out.insert("paging", Value::from(expert_stats_of(p).0));
+        }
+        Ok(out)
     }
 
     /// The expert pager's figures: totals by name (`budget_mode`,
@@ -502,6 +709,7 @@ impl Daemon1 {
     /// `(layer, expert, hits, loads, bytes_in, evictions, resident, locked)`
     /// per MoE layer and expert. `FailedPrecondition` for a model without
     /// paged experts.
+    #[zbus(out_args("totals", "experts"))]
     async fn expert_stats(&self) -> Result<(ExpertTotals, Vec<ExpertRow>), ApiError> {
         let handle = self.shared.handle.clone();
         let p = tokio::task::spawn_blocking(move || handle.paging_stats(true))
@@ -559,6 +767,75 @@ impl Daemon1 {
     #[zbus(property)]
     fn queued_requests(&self) -> u32 {
         self.shared.load.borrow().queued as u32
+    }
+}
+
+/// `info` and `status` dictionaries.
+type Info = HashMap<&'static str, Value<'static>>;
+
+impl Daemon1 {
+    /// Runs a request to its end (`Generate`, `Chat`).
+    async fn complete(
+        &self,
+        caller: String,
+        asking: Asking,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(String, Info), ApiError> {
+        let Running {
+            ticket,
+            mut cancel,
+            mut events,
+        } = self.shared.start(&caller, asking, &options).await?;
+        let mut text = String::new();
+        let result = loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(Event::Delta(d)) => text.push_str(&d.text),
+                    Some(Event::Done(d)) => break Ok((text, info_of(&d))),
+                    Some(Event::Failed(f)) => break Err(f.into()),
+                    None => break Err(engine_gone()),
+                },
+                _ = &mut cancel => {
+                    break Err(ApiError::Cancelled(format!("{caller} left the bus")));
+                }
+            }
+        };
+        // The receiver goes first: a cancelled request's slot is freed.
+        drop(events);
+        drop(ticket);
+        result
+    }
+
+    /// Starts a request whose events go out as signals (`Ask`, `AskChat`).
+    async fn start_streaming(
+        &self,
+        caller: String,
+        conn: &Connection,
+        server: &ObjectServer,
+        asking: Asking,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, ApiError> {
+        let running = self.shared.start(&caller, asking, &options).await?;
+        let path = OwnedObjectPath::try_from(format!("{REQUESTS_PATH}/{}", running.ticket.id))
+            .map_err(|e| ApiError::Internal(format!("request path: {e}")))?;
+        let object = Request1 {
+            shared: self.shared.clone(),
+            owner: caller.clone(),
+            id: running.ticket.id,
+        };
+        server.at(&path, object).await?;
+        let (reply, sent) = ResponseDispatchNotifier::new(path.clone());
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            // Nothing is emitted before the caller has its path.
+            sent.await;
+            stream_request(&conn, &path, &caller, running).await;
+            let _ = conn
+                .object_server()
+                .remove::<Request1, _>(path.as_ref())
+                .await;
+        });
+        Ok(reply)
     }
 }
 
@@ -835,7 +1112,7 @@ mod tests {
     }
 
     fn err(kv: &[(&str, Value<'_>)]) -> String {
-        match parse_request("hi".into(), &opts(kv)) {
+        match parse_request(Asking::Prompt("hi".into()), &opts(kv)) {
             Err(ApiError::InvalidArgument(m)) => m,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
@@ -844,7 +1121,7 @@ mod tests {
     #[test]
     fn options_convert_with_their_documented_types() {
         let p = parse_request(
-            "hi".into(),
+            Asking::Prompt("hi".into()),
             &opts(&[
                 ("max_tokens", Value::U32(8)),
                 ("temperature", Value::F64(0.0)),
@@ -868,7 +1145,11 @@ mod tests {
             panic!("a chat turn by default");
         };
         assert_eq!((messages.len(), session), (2, None));
-        let p = parse_request("go on".into(), &opts(&[("raw", Value::Bool(true))])).unwrap();
+        let p = parse_request(
+            Asking::Prompt("go on".into()),
+            &opts(&[("raw", Value::Bool(true))]),
+        )
+        .unwrap();
         assert!(matches!(p.input, Input::Prompt { .. }));
         assert_eq!(p.options.sampling, SamplingParams::default());
     }
@@ -880,8 +1161,29 @@ mod tests {
             m.contains("\"temprature\"") && m.contains("temperature"),
             "{m}"
         );
-        let m = err(&[("max_tokens", Value::I32(8))]);
-        assert!(m.contains("max_tokens") && m.contains("uint32"), "{m}");
+        let m = err(&[("max_tokens", Value::from("8"))]);
+        assert!(
+            m.contains("max_tokens") && m.contains("integer from 0 to 4294967295"),
+            "{m}"
+        );
+        let m = err(&[("max_tokens", Value::I32(-8))]);
+        assert!(
+            m.contains("max_tokens") && m.contains("-8") && m.contains("from 0 to"),
+            "{m}"
+        );
+        let m = err(&[("max_tokens", Value::I64(1 << 32))]);
+        assert!(m.contains("4294967296") && m.contains("4294967295"), "{m}");
+        let m = err(&[("seed", Value::I64(-1))]);
+        assert!(
+            m.contains("seed") && m.contains("18446744073709551615"),
+            "{m}"
+        );
+        let m = err(&[("temperature", Value::from("hot"))]);
+        assert!(m.contains("temperature") && m.contains("number"), "{m}");
+        let m = err(&[("ignore_eos", Value::I32(1))]);
+        assert!(m.contains("boolean"), "{m}");
+        let m = err(&[("system", Value::I32(1))]);
+        assert!(m.contains("string"), "{m}");
         let m = err(&[("stop", Value::from(vec![1u32]))]);
         assert!(m.contains("array of strings"), "{m}");
         let m = err(&[("priority", Value::from("urgent"))]);
@@ -890,6 +1192,106 @@ mod tests {
         assert!(m.contains("timeout"), "{m}");
         err(&[("raw", Value::Bool(true)), ("system", Value::from("s"))]);
         err(&[("add_bos", Value::Bool(true))]);
+    }
+
+    /// What bindings send for a bare number: every integer type for an
+    /// integer option within its range, and integers for a double one.
+    #[test]
+    fn numbers_take_any_integer_type_in_range() {
+        let ints: [Value<'_>; 7] = [
+            Value::U8(6),
+            Value::I16(6),
+            Value::U16(6),
+            Value::I32(6),
+            Value::U32(6),
+            Value::I64(6),
+            Value::U64(6),
+        ];
+        for v in ints {
+            let sig = v.value_signature().to_string();
+            let p = parse_request(
+                Asking::Prompt("hi".into()),
+                &opts(&[
+                    ("max_tokens", v.try_clone().unwrap()),
+                    ("top_k", v.try_clone().unwrap()),
+                    ("seed", v.try_clone().unwrap()),
+                    ("temperature", v.try_clone().unwrap()),
+                    ("top_p", Value::Value(Box::new(Value::F64(0.5)))),
+                ]),
+            )
+            .unwrap_or_else(|e| panic!("{sig}: {e:?}"));
+            assert_eq!(p.options.max_tokens, Some(6), "{sig}");
+            assert_eq!(p.options.sampling.top_k, 6, "{sig}");
+            assert_eq!(p.options.sampling.seed, 6, "{sig}");
+            assert_eq!(p.options.sampling.temperature, 6.0, "{sig}");
+            // A variant in the variant is looked through.
+            assert_eq!(p.options.sampling.top_p, 0.5, "{sig}");
+        }
+        let p = parse_request(
+            Asking::Prompt("hi".into()),
+            &opts(&[
+                ("max_tokens", Value::U64(u64::from(u32::MAX))),
+                ("seed", Value::U64(u64::MAX)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(p.options.max_tokens, Some(u32::MAX as usize));
+        assert_eq!(p.options.sampling.seed, u64::MAX);
+    }
+
+    #[test]
+    fn chat_messages_are_role_and_content() {
+        let msg = |kv: &[(&str, Value<'_>)]| opts(kv);
+        let m = messages_of(vec![
+            msg(&[
+                ("role", Value::from("user")),
+                ("content", Value::from("Hi")),
+            ]),
+            msg(&[
+                ("role", Value::from("assistant")),
+                ("content", Value::from("Hello")),
+            ]),
+        ])
+        .unwrap();
+        assert_eq!(m.len(), 2);
+        let p = parse_request(
+            Asking::Messages(m),
+            &opts(&[
+                ("system", Value::from("be brief")),
+                ("session", Value::from("s")),
+            ]),
+        )
+        .unwrap();
+        let Input::Chat { messages, session } = p.input else {
+            panic!("a chat");
+        };
+        assert_eq!(messages.len(), 3, "the system message goes first");
+        assert_eq!(session.as_deref(), Some("s"));
+        let bad = |m: Vec<HashMap<String, OwnedValue>>| match messages_of(m) {
+            Err(ApiError::InvalidArgument(e)) => e,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        let e = bad(vec![msg(&[("role", Value::from("user"))])]);
+        assert!(e.contains("message 0") && e.contains("\"content\""), "{e}");
+        let e = bad(vec![msg(&[
+            ("role", Value::from("user")),
+            ("content", Value::from("x")),
+            ("name", Value::from("y")),
+        ])]);
+        assert!(e.contains("unknown key \"name\""), "{e}");
+        let e = bad(vec![msg(&[
+            ("role", Value::U32(1)),
+            ("content", Value::from("x")),
+        ])]);
+        assert!(e.contains("role") && e.contains("string"), "{e}");
+        let e = match parse_request(
+            Asking::Messages(vec![]),
+            &opts(&[("raw", Value::Bool(true))]),
+        ) {
+            Err(ApiError::InvalidArgument(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert!(e.contains("raw applies to Generate and Ask"), "{e}");
     }
 
     #[test]

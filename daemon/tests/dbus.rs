@@ -551,9 +551,15 @@ async fn bad_requests_get_the_documented_error_names() {
             ),
             (
                 "hi",
-                HashMap::from([("max_tokens", Value::I32(8))]),
+                HashMap::from([("max_tokens", Value::I32(-8))]),
                 "InvalidArgument",
-                "uint32",
+                "\"max_tokens\" is -8; it must be from 0 to 4294967295",
+            ),
+            (
+                "hi",
+                HashMap::from([("max_tokens", Value::from("8"))]),
+                "InvalidArgument",
+                "integer from 0 to 4294967295",
             ),
             (
                 "hi",
@@ -777,7 +783,7 @@ async fn hostile_requests_get_their_errors_and_the_daemon_serves_on() {
                 "hi",
                 HashMap::from([("temperature", Value::from("hot"))]),
                 "InvalidArgument",
-                "double",
+                "must be a number",
             ),
             (
                 "hi",
@@ -876,4 +882,179 @@ async fn hostile_requests_get_their_errors_and_the_daemon_serves_on() {
         assert!(!d.log().contains("panicked"), "{}", d.log());
     })
     .await;
+}
+
+/// A tool a desktop developer would use, or a loud skip (a failure under
+/// `LFM_REQUIRE_DBUS=1`, as in CI).
+fn tool_or_skip(ok: bool, what: &str, install: &str) -> bool {
+    if !ok {
+        assert!(
+            !std::env::var("LFM_REQUIRE_DBUS").is_ok_and(|v| v == "1"),
+            "LFM_REQUIRE_DBUS=1 but {what} is missing: {install}"
+        );
+        eprintln!("*** SKIPPED: {what} is missing ({install}) ***");
+    }
+    ok
+}
+
+/// Clients nobody here wrote, called as their documentation says: `gdbus`
+/// with GVariant text's plain integers (`i`), busctl reading the named
+/// introspection, `Status` and `Chat`, and a Python script on jeepney
+/// (`examples/python/lfm_dbus.py`: `Ask`, its signals, a cancel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desktop_clients_work_with_plain_integers_and_named_arguments() {
+    let Some(d) = Daemon::start(&[]).await else {
+        return;
+    };
+    let gdbus = |args: &[&str]| {
+        Command::new("gdbus")
+            .args(["call", "--address", &d.bus.address, "--dest", BUS_NAME])
+            .args(["--object-path", OBJECT_PATH])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    if tool_or_skip(
+        Command::new("gdbus").arg("help").output().is_ok(),
+        "gdbus",
+        "apt-get install libglib2.0-bin",
+    ) {
+        let method = format!("{INTERFACE}.Generate");
+        let out = gdbus(&[
+            "--method",
+            &method,
+            "hello",
+            "{'max_tokens': <6>, 'temperature': <0>}",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("'generated_tokens': <uint32 6>"), "{text}");
+        let out = gdbus(&["--method", &method, "hello", "{'max_tokens': <-6>}"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("org.lfm.Daemon1.Error.InvalidArgument")
+                && err.contains("\"max_tokens\" is -6; it must be from 0 to 4294967295"),
+            "{err}"
+        );
+        let chat = format!("{INTERFACE}.Chat");
+        let out = gdbus(&[
+            "--method",
+            &chat,
+            "[{'role': <'system'>, 'content': <'Be brief.'>}, {'role': <'user'>, 'content': <'Hi'>}]",
+            "{'max_tokens': <3>, 'temperature': <0>}",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("'generated_tokens': <uint32 3>"), "{text}");
+    }
+
+    // Every argument of our interfaces is named.
+    for (path, iface) in [(OBJECT_PATH, INTERFACE)] {
+        let out = d.busctl(&["introspect", "--xml-interface", BUS_NAME, path]);
+        assert!(out.status.success());
+        let xml = String::from_utf8_lossy(&out.stdout);
+        let ours = &xml[xml.find(&format!("<interface name=\"{iface}\"")).unwrap()..];
+        let ours = &ours[..ours.find("</interface>").unwrap()];
+        assert!(!ours.contains("name=\"arg_"), "{ours}");
+        for name in [
+            "prompt", "options", "text", "info", "request", "messages", "status", "totals",
+            "experts",
+        ] {
+            assert!(ours.contains(&format!("name=\"{name}\"")), "{name}: {ours}");
+        }
+        for method in [
+            "Generate",
+            "Chat",
+            "Ask",
+            "AskChat",
+            "Status",
+            "ExpertStats",
+        ] {
+            assert!(
+                ours.contains(&format!("<method name=\"{method}\">")),
+                "{method}: {ours}"
+            );
+        }
+    }
+
+    // Status: what gRPC's GetStatus gives.
+    let v = json(&d.busctl(&[
+        "--json=short",
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "Status",
+    ]));
+    let st = &v["data"][0];
+    for k in [
+        "active_requests",
+        "queued_requests",
+        "max_concurrent",
+        "queue_capacity",
+        "sessions",
+        "requests_total",
+        "generated_tokens_total",
+        "generated_tokens_per_second",
+        "isa",
+        "threads",
+        "rss_bytes",
+        "uptime_seconds",
+        "version",
+        "paging",
+    ] {
+        assert!(st.get(k).is_some(), "Status lacks {k}: {v}");
+    }
+    assert_eq!(st["max_concurrent"]["data"], 8, "{v}");
+    assert!(
+        st["paging"]["data"].get("expert_total_bytes").is_some(),
+        "{v}"
+    );
+
+    // Python on jeepney, from PyPI: the example script, whole and cancelled.
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/lfm_dbus.py"
+    );
+    let has_jeepney = Command::new("python3")
+        .args(["-c", "import jeepney"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if tool_or_skip(has_jeepney, "Python's jeepney", "pip install jeepney") {
+        let run = |extra: &[&str]| {
+            Command::new("python3")
+                .arg(example)
+                .args(["--bus", &d.bus.address, "--temperature", "0"])
+                .args(extra)
+                .arg("Hello")
+                .output()
+                .unwrap()
+        };
+        let out = run(&["--max-tokens", "7"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("# length: 7 tokens"), "{err}");
+        let out = run(&["--max-tokens", "4000", "--cancel-after", "3"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        // Cancelled after the third token (a fast engine may have sent
+        // another before the Cancel arrived).
+        let n: u32 = err
+            .split("# cancelled: ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not cancelled: {err}"));
+        assert!((3..100).contains(&n), "{err}");
+        wait_idle(&d.conn().await, "after the cancelled Ask").await;
+    }
 }

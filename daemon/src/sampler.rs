@@ -129,39 +129,158 @@ impl Sampler {
 
     /// Picks the next token from `logits`, given the tokens so far (prompt
     /// and generated) for the penalties.
+    ///
+    /// The distribution is llama.cpp's chain (penalties, top-k, top-p,
+    /// min-p, temperature) over the candidates sorted by logit (ties: lower
+    /// id first), but found without sorting the vocabulary: min-p keeps
+    /// only tokens within `ln(min_p)` of the best logit and top-k only `k`,
+    /// so those are selected in O(vocab) and only the survivors are sorted
+    /// (with the default min_p 0.15 a handful of 65,536). The softmax
+    /// normalizer top-p needs is summed over the top-k set (all tokens
+    /// without top-k) only when top-p is on.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
-        let window = &history[history.len().saturating_sub(p.penalty_window)..];
-        if !window.is_empty()
-            && (p.repeat_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0)
-        {
-            let mut counts: HashMap<u32, u32> = HashMap::new();
-            for &t in window {
-                *counts.entry(t).or_default() += 1;
-            }
-            for (&t, &c) in &counts {
-                if let Some((_, l)) = cand.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repeat_penalty
-                    } else {
-                        *l * p.repeat_penalty
-                    };
-                    *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+        let mut l = logits.to_vec();
+        apply_penalties(p, &mut l, history);
+        // NaN logits never win (and a NaN best leaves nothing to compare).
+        let Some((best_id, max)) = l.iter().enumerate().filter(|(_, v)| !v.is_nan()).fold(
+            None,
+            |best: Option<(usize, f32)>, (i, &v)| match best {
+                Some((_, b)) if v <= b => best,
+                _ => Some((i, v)),
+            },
+        ) else {
+            return 0;
+        };
+        if p.temperature <= 0.0 {
+            // Greedy: highest logit, lowest id on ties.
+            return best_id as u32;
+        }
+        // Candidates: every token if min-p is off, else those min-p can
+        // keep: exp(l - max) >= min_p (the f32 difference, as `softmax`
+        // takes it), found by a cheap bound then checked exactly.
+        let mut cand: Vec<(u32, f32)> = if p.min_p > 0.0 {
+            let bound = f64::from(p.min_p).ln() - 1e-6;
+            l.iter()
+                .enumerate()
+                .filter(|&(_, &v)| {
+                    let d = f64::from(v - max);
+                    d >= bound && d.exp() >= f64::from(p.min_p)
+                })
+                .map(|(i, &v)| (i as u32, v))
+                .collect()
+        } else {
+            l.iter()
+                .enumerate()
+                .filter(|(_, v)| !v.is_nan())
+                .map(|(i, &v)| (i as u32, v))
+                .collect()
+        };
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && cand.len() > p.top_k {
+            cand.select_nth_unstable_by(p.top_k - 1, order);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(order);
+        if p.top_p < 1.0 {
+            // The normalizer over the top-k set, of which `cand` may be
+            // only the min-p part.
+            let z = top_k_mass(&l, max, p.top_k);
+            let mut acc = 0.0;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                acc += f64::from(c.1 - max).exp() / z;
+                if acc >= f64::from(p.top_p) {
+                    keep = i + 1;
+                    break;
                 }
             }
+            cand.truncate(keep);
         }
-        // NaN logits never win.
+        for c in &mut cand {
+            c.1 /= p.temperature;
+        }
+        let probs = softmax(&cand);
+        let r = self.rng.next_f32() as f64;
+        let mut acc = 0.0;
+        for (c, pr) in cand.iter().zip(&probs) {
+            acc += pr;
+            if r < acc {
+                return c.0;
+            }
+        }
+        cand[cand.len() - 1].0
+    }
+}
+
+/// Repetition, presence and frequency penalties on the tokens of the
+/// recent window.
+fn apply_penalties(p: &SamplingParams, l: &mut [f32], history: &[u32]) {
+    let window = &history[history.len().saturating_sub(p.penalty_window)..];
+    if window.is_empty()
+        || (p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0)
+    {
+        return;
+    }
+    let mut counts: HashMap<u32, u32> = HashMap::new();
+    for &t in window {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &c) in &counts {
+        if let Some(v) = l.get_mut(t as usize) {
+            *v = if *v > 0.0 {
+                *v / p.repeat_penalty
+            } else {
+                *v * p.repeat_penalty
+            };
+            *v -= c as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+}
+
+/// `sum exp(l - max)` over the `top_k` highest logits (all when 0), NaN
+/// left out: softmax's normalizer over the top-k set.
+fn top_k_mass(l: &[f32], max: f32, top_k: usize) -> f64 {
+    let e = |v: f32| f64::from(v - max).exp();
+    if top_k == 0 || top_k >= l.len() {
+        return l.iter().filter(|v| !v.is_nan()).map(|&v| e(v)).sum();
+    }
+    let mut v: Vec<f32> = l.iter().copied().filter(|v| !v.is_nan()).collect();
+    if v.len() > top_k {
+        v.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+        v.truncate(top_k);
+    }
+    v.into_iter().map(e).sum()
+}
+
+/// Probabilities of candidates sorted by logit, descending.
+fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler as it was (a full sort of the vocabulary), kept as the
+    /// reference the selection-based one must agree with.
+    fn sample_by_sorting(
+        p: &SamplingParams,
+        rng: &mut Rng,
+        logits: &[f32],
+        history: &[u32],
+    ) -> u32 {
+        let mut l = logits.to_vec();
+        apply_penalties(p, &mut l, history);
+        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
         cand.retain(|c| !c.1.is_nan());
         if cand.is_empty() {
             return 0;
         }
         if p.temperature <= 0.0 {
-            // Greedy: highest logit, lowest id on ties.
             return cand
                 .iter()
                 .fold(cand[0], |best, &c| if c.1 > best.1 { c } else { best })
@@ -192,7 +311,7 @@ impl Sampler {
             c.1 /= p.temperature;
         }
         let probs = softmax(&cand);
-        let r = self.rng.next_f32() as f64;
+        let r = rng.next_f32() as f64;
         let mut acc = 0.0;
         for (c, pr) in cand.iter().zip(&probs) {
             acc += pr;
@@ -202,19 +321,71 @@ impl Sampler {
         }
         cand[cand.len() - 1].0
     }
-}
 
-/// Probabilities of candidates sorted by logit, descending.
-fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
-    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
-    let z: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / z).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Same seed, same token as the sort-based sampler, for every
+    /// combination of parameters, on random logits of several shapes
+    /// (flat, peaked, ties, NaNs, a 65,536 vocabulary), with penalties.
+    #[test]
+    fn selection_draws_what_sorting_draws() {
+        let mut rng = Rng::new(99);
+        let mut draws = 0;
+        for shape in 0..5 {
+            let n = if shape == 4 { 65_536 } else { 500 };
+            // The full-size vocabulary: fewer cases (the reference sorts it).
+            let (cases, big) = if shape == 4 { (1, true) } else { (6, false) };
+            for case in 0..cases {
+                let logits: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let u = rng.next_f32();
+                        match shape {
+                            0 => u * 2.0,                 // flat
+                            1 => u * 30.0 - 15.0,         // wide
+                            2 => (u * 8.0).round() * 0.5, // many ties
+                            3 if i % 97 == 3 => f32::NAN, // NaNs
+                            _ => u * 12.0 - (i % 7) as f32,
+                        }
+                    })
+                    .collect();
+                let history: Vec<u32> = (0..40)
+                    .map(|_| (rng.next_f32() * n as f32) as u32 % n as u32)
+                    .collect();
+                let pick = |all: &'static [f32], few: &'static [f32]| if big { few } else { all };
+                for &temperature in pick(&[0.0, 0.3, 1.0, 2.5], &[0.3, 1.0]) {
+                    for top_k in if big { vec![0, 40] } else { vec![0, 1, 5, 40] } {
+                        for &top_p in pick(&[1.0, 0.95, 0.5], &[1.0, 0.9]) {
+                            for &min_p in pick(&[0.0, 0.05, 0.15, 0.9], &[0.0, 0.15]) {
+                                for &repeat_penalty in pick(&[1.0, 1.05], &[1.05]) {
+                                    let p = SamplingParams {
+                                        temperature,
+                                        top_k,
+                                        top_p,
+                                        min_p,
+                                        repeat_penalty,
+                                        presence_penalty: 0.1,
+                                        seed: (shape * 100 + case) as u64,
+                                        ..Default::default()
+                                    };
+                                    let mut s = Sampler::new(p.clone());
+                                    let mut r = Rng::new(p.seed);
+                                    for step in 0..3 {
+                                        let h = &history[..10 * step + 10];
+                                        let want = sample_by_sorting(&p, &mut r, &logits, h);
+                                        let got = s.sample(&logits, h);
+                                        assert_eq!(
+                                            got, want,
+                                            "shape {shape} case {case} {p:?} step {step}"
+                                        );
+                                        draws += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(draws > 8_000, "{draws}");
+    }
 
     fn logits() -> Vec<f32> {
         (0..100)

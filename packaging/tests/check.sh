@@ -8,7 +8,8 @@
 #   4. `systemd-analyze security`: lfmd.service exposure <= 2.0;
 #   5. the D-Bus policy on a private system bus, with real users: the lfmd
 #      user owns org.lfm.Daemon1, root and group lfm call methods, anyone
-#      else only reads properties; the activation files are accepted;
+#      else only reads properties (a stand-in owner, then the real lfmd
+#      called by gdbus and lfmctl); the activation files are accepted;
 #   6. dpkg -i and dpkg --purge (only without systemd as PID 1 and with no
 #      lfmd package installed).
 # It creates the lfmd user and lfm group (from our sysusers.d file) and a
@@ -213,7 +214,8 @@ has_owner() {
 # With it, "reached" means the bus let the call through; a refusal is the
 # bus's own AccessDenied.
 DBUS_SYSTEM_BUS_ADDRESS=$addr as lfmd dbus-test-tool echo --system --name=org.lfm.Daemon1 &
-pids+=("$!")
+standin=$!
+pids+=("$standin")
 for _ in $(seq 50); do
   has_owner && break
   sleep 0.1
@@ -242,6 +244,44 @@ want "nobody introspects" reached nobody "${obj[@]}" org.freedesktop.DBus.Intros
 for u in nobody lfmtest; do
   want "$u claims org.lfm.Daemon1" $denied "$u" org.freedesktop.DBus / org.freedesktop.DBus.RequestName string:org.lfm.Daemon1 uint32:0
 done
+
+# The real daemon in the stand-in's place, as the lfmd user, and GLib's gdbus
+# as desktop code calls it (plain integers in the options): a member of lfm
+# gets an answer, an outsider the bus's AccessDenied.
+kill "$standin"
+for _ in $(seq 50); do
+  has_owner || break
+  sleep 0.1
+done
+run=$tmp/lfmd-run
+mkdir -m 0750 "$run"
+"$root/usr/bin/lfmd" synth --preset tiny-moe --quant q8_0 "$run/tiny.gguf" >/dev/null 2>&1 \
+  || fail "lfmd synth failed"
+chown -R lfmd:lfm "$run"
+as lfmd "$root/usr/bin/lfmd" serve --model "$run/tiny.gguf" --grpc "unix:$run/lfmd.sock" \
+  --dbus "$addr" --threads 1 --config /dev/null 2>"$run/log" &
+pids+=("$!")
+for _ in $(seq 300); do
+  has_owner && break
+  sleep 0.1
+done
+has_owner || fail "lfmd serve --dbus did not own org.lfm.Daemon1 as the lfmd user: $(cat "$run/log")"
+command -v gdbus >/dev/null || fail "gdbus missing (package libglib2.0-bin)"
+gcall() { # USER: Generate with plain integers, through gdbus
+  as "$1" gdbus call --address "$addr" --dest org.lfm.Daemon1 --object-path /org/lfm/Daemon1 \
+    --method org.lfm.Daemon1.Generate hello "{'max_tokens': <3>, 'temperature': <0>}" 2>&1
+}
+out=$(gcall lfmtest) || fail "a member of lfm could not Generate through gdbus: $out"
+echo "$out" | grep -q "'generated_tokens': <uint32 3>" || fail "gdbus Generate as lfmtest: $out"
+checks=$((checks + 1))
+if out=$(gcall nobody); then fail "an outsider's Generate went through: $out"; fi
+echo "$out" | grep -q 'org.freedesktop.DBus.Error.AccessDenied' || fail "gdbus Generate as nobody: $out"
+checks=$((checks + 1))
+out=$(as lfmtest "$root/usr/bin/lfmctl" status --dbus="$addr" 2>&1) || fail "lfmctl status --dbus as lfmtest: $out"
+checks=$((checks + 1))
+# Stopped before step 6 (whose purge removes the lfmd user).
+pkill -TERM -u lfmd -x lfmd 2>/dev/null || true
+
 # The activation file parses and names the bus name (a system bus accepts
 # only files with User=).
 as root dbus-send --bus="$addr" --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.ListActivatableNames \

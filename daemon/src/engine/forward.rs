@@ -138,6 +138,25 @@ impl Model {
         self.forward_with_stats(items, None)
     }
 
+    /// Whether `tokens` can run on `state`: ids inside the vocabulary, and
+    /// room in the context. [`Model::forward`] fails the whole call on an
+    /// item that fails this, so a caller batching independent sequences
+    /// checks each first and fails only the one at fault.
+    pub fn check(&self, state: &SeqState, tokens: &[u32]) -> Result<(), EngineError> {
+        let (d, nv) = (&self.desc, self.desc.n_vocab);
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= nv) {
+            return Err(EngineError::BadToken { id, n_vocab: nv });
+        }
+        let end = state.pos + tokens.len();
+        if end > d.n_ctx_train {
+            return Err(EngineError::ContextFull {
+                pos: end,
+                limit: d.n_ctx_train,
+            });
+        }
+        Ok(())
+    }
+
     /// [`Model::forward`], also filling `stats`.
     pub fn forward_with_stats(
         &self,
@@ -147,16 +166,7 @@ impl Model {
         let d = &self.desc;
         let (e, nv) = (d.n_embd, d.n_vocab);
         for it in items.iter() {
-            if let Some(&id) = it.tokens.iter().find(|&&t| t as usize >= nv) {
-                return Err(EngineError::BadToken { id, n_vocab: nv });
-            }
-            let end = it.state.pos + it.tokens.len();
-            if end > d.n_ctx_train {
-                return Err(EngineError::ContextFull {
-                    pos: end,
-                    limit: d.n_ctx_train,
-                });
-            }
+            self.check(it.state, it.tokens)?;
         }
         let file = self.gguf.bytes();
         // Row ranges of each item in the flattened batch.
@@ -318,27 +328,51 @@ impl Model {
             x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
         }
 
-        // Logits for the rows asked for.
-        let mut out = Vec::with_capacity(items.len());
-        for (it, span) in items.iter().zip(&spans) {
-            let rows: Vec<usize> = match it.logits {
+        // Logits for the rows asked for, every item's in one product: the
+        // output matrix (65,536 rows in LFM2) streams once a step, not once
+        // per sequence. Each row's logits are the same bits however many
+        // rows share the product (the kernels are batch-invariant).
+        let rows: Vec<Vec<usize>> = items
+            .iter()
+            .zip(&spans)
+            .map(|(it, span)| match it.logits {
                 LogitsWanted::None => Vec::new(),
                 LogitsWanted::Last => span.clone().last().into_iter().collect(),
                 LogitsWanted::All => span.clone().collect(),
-            };
-            let mut hn = vec![0.0f32; rows.len() * e];
-            for (i, &r) in rows.iter().enumerate() {
-                rms_norm(
-                    &x[r * e..(r + 1) * e],
-                    &self.output_norm,
-                    d.norm_eps,
-                    &mut hn[i * e..(i + 1) * e],
-                );
-            }
-            let mut logits = vec![0.0f32; rows.len() * nv];
-            self.matmul(&self.output, &hn, rows.len(), &mut logits);
-            out.push(logits);
+            })
+            .collect();
+        let total: usize = rows.iter().map(Vec::len).sum();
+        let mut hn = vec![0.0f32; total * e];
+        for (i, &r) in rows.iter().flatten().enumerate() {
+            rms_norm(
+                &x[r * e..(r + 1) * e],
+                &self.output_norm,
+                d.norm_eps,
+                &mut hn[i * e..(i + 1) * e],
+            );
         }
+        let mut logits = vec![0.0f32; total * nv];
+        if total > 0 {
+            self.matmul(&self.output, &hn, total, &mut logits);
+        }
+        if rows.len() == 1 {
+            return self.finish(items, vec![logits]);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for r in &rows {
+            out.push(logits[at * nv..(at + r.len()) * nv].to_vec());
+            at += r.len();
+        }
+        self.finish(items, out)
+    }
+
+    /// Advances every item's position past the tokens it ran.
+    fn finish(
+        &self,
+        items: &mut [BatchItem<'_>],
+        out: Vec<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         for it in items.iter_mut() {
             it.state.pos += it.tokens.len();
         }

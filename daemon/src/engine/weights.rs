@@ -273,6 +273,12 @@ impl Model {
         self.isa.to_string()
     }
 
+    /// The compute threads, for work the engine's caller spreads over them
+    /// between forward calls (sampling a step's sequences).
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
     pub fn isa(&self) -> Isa {
         self.isa
     }

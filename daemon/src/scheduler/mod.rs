@@ -714,11 +714,14 @@ impl Handle {
             generated_tokens_per_second: generated as f64 / window,
             prefill_tokens_per_second: prefilled as f64 / window,
             uptime: now.duration_since(self.started),
-            memory: crate::procstat::memory(),
+            memory: None,
         };
         drop(g);
+        // Read outside the lock the engine takes every step: /proc is a
+        // file read and a syscall.
         Status {
             sessions: self.sessions.len(now),
+            memory: crate::procstat::memory(),
             ..s
         }
     }
@@ -1081,6 +1084,94 @@ mod tests {
                 e => return e,
             }
         }
+    }
+
+    fn ask_n(h: &Handle, text: &str, max_tokens: usize) -> Generation {
+        h.submit(Request {
+            input: Input::Prompt {
+                text: text.into(),
+                add_bos: Some(false),
+            },
+            options: Options {
+                max_tokens: Some(max_tokens),
+                ignore_eos: true,
+                sampling: crate::sampler::SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            client: Client {
+                id: text.into(),
+                owner: "t".into(),
+                ..Default::default()
+            },
+            priority: Priority::Interactive,
+            deadline: None,
+        })
+        .unwrap()
+    }
+
+    /// Every token of a generation, and how it ended.
+    async fn tokens(g: &mut Generation) -> (Vec<u32>, Event) {
+        let mut t = Vec::new();
+        loop {
+            match g.next().await.expect("a final event") {
+                Event::Delta(d) => t.extend(d.tokens),
+                e => return (t, e),
+            }
+        }
+    }
+
+    /// A fault in one sequence of a step (armed by `arm` for chunks of the
+    /// faulty prompt's length) fails that request alone with `Internal`
+    /// saying `says`; the request beside it gets the tokens it gets alone.
+    /// Each test's faulty prompt has a length of its own: the hooks are
+    /// process-wide and the tests run in parallel.
+    async fn one_fault_fails_one_request(
+        arm: &std::sync::atomic::AtomicUsize,
+        faulty: &str,
+        says: &str,
+    ) {
+        let h = tiny_handle(Config::default());
+        let fine = "A quiet afternoon by the river";
+        let n = h.tokenize(faulty, Some(false), true).len();
+        assert!(n > 8 && h.tokenize(fine, Some(false), true).len() != n);
+        let (alone, _) = tokens(&mut ask_n(&h, fine, 12)).await;
+        arm.store(n, Ordering::Relaxed);
+        // Both wait while the engine is busy with the first, then share steps.
+        let mut busy = ask_n(&h, "Warm up the engine a little", 6);
+        let mut good = ask_n(&h, fine, 12);
+        let mut bad = ask_n(&h, faulty, 12);
+        let (bad_tokens, bad_end) = tokens(&mut bad).await;
+        let (good_tokens, good_end) = tokens(&mut good).await;
+        let _ = tokens(&mut busy).await;
+        arm.store(0, Ordering::Relaxed);
+        let Event::Failed(Failure::Internal(why)) = bad_end else {
+            panic!("the faulty request must fail, got {bad_end:?}");
+        };
+        assert!(why.contains(says), "{why}");
+        assert!(bad_tokens.is_empty(), "{bad_tokens:?}");
+        assert!(matches!(good_end, Event::Done(_)), "{good_end:?}");
+        assert_eq!(good_tokens, alone, "the request beside the fault changed");
+        assert_eq!(h.status().active, 0);
+    }
+
+    #[tokio::test]
+    async fn a_nan_in_one_sequence_fails_it_alone() {
+        let faulty = "One, two, three, four, five, six, seven, eight, nine, ten, eleven.";
+        one_fault_fails_one_request(&worker::NAN_ON_CHUNK, faulty, "NaN").await;
+    }
+
+    #[tokio::test]
+    async fn a_sequence_that_cannot_run_fails_alone() {
+        let faulty = "Alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon phi chi psi omega.";
+        one_fault_fails_one_request(
+            &worker::FAIL_CHECK_ON_CHUNK,
+            faulty,
+            "injected check failure",
+        )
+        .await;
     }
 
     #[tokio::test]

@@ -16,6 +16,18 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
+/// One sequence's share of a step's sampling, done on a pool thread.
+struct Advance<'a> {
+    /// Its place in the running list.
+    index: usize,
+    seq: &'a mut Sequence,
+    /// Tokens it fed this step.
+    n: usize,
+    /// Its logits, if it asked for them.
+    row: Option<&'a [f32]>,
+    out: Option<Result<Option<crate::sequence::Step>, String>>,
+}
+
 pub(crate) struct Worker {
     model: Model,
     tokenizer: Arc<Tokenizer>,
@@ -65,6 +77,18 @@ impl Running {
         let _ = self.events.send(Event::Failed(why));
     }
 }
+
+/// Tests arm this with a chunk length: a sequence feeding a chunk of exactly
+/// that many tokens fails the engine's per-sequence check.
+#[cfg(test)]
+pub(crate) static FAIL_CHECK_ON_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Tests arm this with a chunk length: the logits of a sequence that fed a
+/// chunk of exactly that many tokens get a NaN, as a numeric fault would.
+#[cfg(test)]
+pub(crate) static NAN_ON_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// Tests arm this with a chunk length: a forward call feeding a chunk of
 /// exactly that many tokens panics, as a kernel bug would.
@@ -250,11 +274,40 @@ impl Worker {
             })
             .collect();
         let take = plan_step(&views, prefill_chunk);
-        let chunks: Vec<Vec<u32>> = running
+        let mut chunks: Vec<Vec<u32>> = running
             .iter()
             .zip(&take)
             .map(|(r, &n)| r.seq.next_input(n).to_vec())
             .collect();
+        // A sequence whose input cannot run (a token outside the vocabulary,
+        // no room left) fails alone; the others go on.
+        let mut refused = Vec::new();
+        for i in (0..running.len()).rev() {
+            let bad = !chunks[i].is_empty() && {
+                #[cfg(test)]
+                let injected = FAIL_CHECK_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed)
+                    == chunks[i].len();
+                #[cfg(not(test))]
+                let injected = false;
+                injected || self.model.check(&running[i].seq.state, &chunks[i]).is_err()
+            };
+            if bad {
+                let why = match self.model.check(&running[i].seq.state, &chunks[i]) {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "injected check failure".into(),
+                };
+                chunks.remove(i);
+                refused.push((running.remove(i), why));
+            }
+        }
+        if !refused.is_empty() {
+            self.shared.lock().set_active(running.len());
+            for (r, why) in refused {
+                crate::error!("a sequence's input cannot run ({why}); failing its request");
+                r.fail(Failure::Internal(why));
+            }
+        }
+
         let wants: Vec<bool> = running
             .iter()
             .zip(&chunks)
@@ -320,8 +373,10 @@ impl Worker {
         };
 
         let now = Instant::now();
-        let mut generated = 0u32;
-        let mut finished = Vec::new();
+        // Sampling (and detokenizing, stop strings) of every sequence that
+        // got logits, in parallel on the pool when there are several: each
+        // is O(vocabulary) and independent of the others.
+        let mut work: Vec<Advance<'_>> = Vec::with_capacity(running.len());
         let mut k = 0;
         for (i, r) in running.iter_mut().enumerate() {
             let (chunk, want) = (&chunks[i], wants[i]);
@@ -330,11 +385,70 @@ impl Worker {
             }
             let row = want.then(|| &logits[k][..]);
             k += 1;
-            let advanced = catch_unwind(AssertUnwindSafe(|| r.seq.advance(chunk.len(), row)));
+            work.push(Advance {
+                index: i,
+                seq: &mut r.seq,
+                n: chunk.len(),
+                row,
+                out: None,
+            });
+        }
+        #[cfg(test)]
+        let poisoned: Vec<Vec<f32>>;
+        #[cfg(test)]
+        {
+            let n = NAN_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed);
+            poisoned = work
+                .iter()
+                .map(|a| match a.row {
+                    Some(r) if a.n == n => {
+                        let mut r = r.to_vec();
+                        let mid = r.len() / 2;
+                        r[mid] = f32::NAN;
+                        r
+                    }
+                    _ => Vec::new(),
+                })
+                .collect();
+            for (a, p) in work.iter_mut().zip(&poisoned) {
+                if !p.is_empty() {
+                    a.row = Some(p);
+                }
+            }
+        }
+        let advance = |a: &mut Advance<'_>| {
+            // A NaN means this sequence's numbers went wrong (its state, or
+            // the model file): it ends alone, nothing is sampled from them.
+            if a.row.is_some_and(|r| r.iter().any(|v| v.is_nan())) {
+                a.out = Some(Err(
+                    "the model produced a NaN logit for this request (a numeric fault in the model file or the engine); it was stopped, other requests are unaffected".into(),
+                ));
+                return;
+            }
+            a.out = Some(
+                catch_unwind(AssertUnwindSafe(|| a.seq.advance(a.n, a.row)))
+                    .map_err(|p| panic_message(&*p)),
+            );
+        };
+        if work.iter().filter(|a| a.row.is_some()).count() > 1 {
+            self.model
+                .pool()
+                .for_each_mut(&mut work, 1, &|_, part| part.iter_mut().for_each(advance));
+        } else {
+            work.iter_mut().for_each(advance);
+        }
+        let outcomes: Vec<(usize, Result<Option<crate::sequence::Step>, String>)> = work
+            .into_iter()
+            .map(|a| (a.index, a.out.unwrap_or_else(|| Err("not sampled".into()))))
+            .collect();
+        let mut generated = 0u32;
+        let mut finished = Vec::new();
+        for (i, advanced) in outcomes {
+            let r = &mut running[i];
             let step = match advanced {
                 Ok(s) => s,
-                Err(p) => {
-                    finished.push((i, Err(Failure::Internal(panic_message(&*p)))));
+                Err(why) => {
+                    finished.push((i, Err(Failure::Internal(why))));
                     continue;
                 }
             };

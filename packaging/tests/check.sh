@@ -282,6 +282,23 @@ echo "$out" | grep -q 'org.freedesktop.DBus.Error.AccessDenied' || fail "gdbus G
 checks=$((checks + 1))
 out=$(as lfmtest "$root/usr/bin/lfmctl" status --dbus="$addr" 2>&1) || fail "lfmctl status --dbus as lfmtest: $out"
 checks=$((checks + 1))
+# A Python desktop script (examples/python/lfm_dbus.py on Debian's python3 and
+# python3-jeepney): Ask, its signals, a cancel, as a member; refused outside.
+cp examples/python/lfm_dbus.py "$run/lfm_dbus.py"
+chmod 0644 "$run/lfm_dbus.py"
+chmod 0755 "$run"
+pyask() { # USER ARGS...
+  local u=$1
+  shift
+  as "$u" /usr/bin/python3 "$run/lfm_dbus.py" --bus "$addr" --temperature 0 "$@" Hello 2>&1
+}
+out=$(pyask lfmtest --max-tokens 5) || fail "the Python D-Bus example as lfmtest: $out"
+echo "$out" | grep -q '# length: 5 tokens' || fail "the Python D-Bus example as lfmtest: $out"
+out=$(pyask lfmtest --max-tokens 4000 --cancel-after 2) || fail "the Python D-Bus example's cancel as lfmtest: $out"
+echo "$out" | grep -q '# cancelled: ' || fail "the Python D-Bus example's cancel as lfmtest: $out"
+if out=$(pyask nobody --max-tokens 5); then fail "the Python D-Bus example ran as nobody: $out"; fi
+echo "$out" | grep -q 'AccessDenied' || fail "the Python D-Bus example as nobody: $out"
+checks=$((checks + 3))
 # Stopped before step 6 (whose purge removes the lfmd user).
 pkill -TERM -u lfmd -x lfmd 2>/dev/null || true
 

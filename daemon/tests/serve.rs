@@ -140,19 +140,47 @@ async fn sixteen_concurrent_clients_get_the_answers_they_get_alone() {
             }
         })
         .collect();
+    // Mixed sampling: greedy, and seeded draws with the defaults, top-k
+    // with min-p, top-p at a high temperature, penalties.
+    let opts = |i: usize| -> pb::SamplingOptions {
+        let seeded = |o: pb::SamplingOptions| pb::SamplingOptions {
+            seed: Some(1000 + i as u64),
+            max_tokens: Some(24),
+            ..o
+        };
+        match i % 4 {
+            0 => greedy(24),
+            1 => seeded(Default::default()),
+            2 => seeded(pb::SamplingOptions {
+                temperature: Some(0.8),
+                top_k: Some(40),
+                min_p: Some(0.05),
+                ..Default::default()
+            }),
+            _ => seeded(pb::SamplingOptions {
+                temperature: Some(1.2),
+                top_p: Some(0.9),
+                min_p: Some(0.0),
+                presence_penalty: Some(0.5),
+                ..Default::default()
+            }),
+        }
+    };
     let mut c = d.client().await;
     let mut alone = Vec::new();
-    for q in &questions {
-        alone.push(ask(&mut c, q, greedy(24)).await);
+    for (i, q) in questions.iter().enumerate() {
+        alone.push(ask(&mut c, q, opts(i)).await);
     }
     let tasks: Vec<_> = questions
         .iter()
         .cloned()
-        .map(|q| {
+        .enumerate()
+        .map(|(i, q)| {
             let target = d.target.clone();
+            let o = opts(i);
             tokio::spawn(async move {
                 let mut c = connect(&target).await.unwrap();
-                ask(&mut c, &q, greedy(24)).await
+                ask(&mut c, &q, o).await
             })
         })
         .collect();

@@ -102,8 +102,18 @@ impl Rng {
     }
 }
 
-/// Columns of the test matrices: two k-quant super-blocks, 16 legacy blocks.
+/// Columns of most test matrices: two k-quant super-blocks, 16 legacy blocks.
 const COLS: usize = 512;
+
+/// Row lengths `products` tries for `ty`: one block, a few, many (65 legacy
+/// blocks, 7 super-blocks), odd lengths for the float dots' tails.
+fn widths(ty: WeightType) -> &'static [usize] {
+    match ty.block_size() {
+        256 => &[256, 512, 1792],
+        32 => &[32, 224, 512, 2080],
+        _ => &[15, 512, 1001],
+    }
+}
 /// Weight rows: two 16-row units and a partial one (partial AVX2 groups).
 const ROWS: usize = 37;
 /// Activation rows available to the products.
@@ -116,33 +126,40 @@ const COUNTS: [usize; 11] = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17];
 /// larger than the row, as a sub-matrix view has).
 struct Matrix {
     ty: WeightType,
+    cols: usize,
     bytes: Vec<u8>,
     stride: usize,
 }
 
 impl Matrix {
     fn row(&self, r: usize) -> &[u8] {
-        &self.bytes[r * self.stride..r * self.stride + self.ty.row_bytes(COLS)]
+        &self.bytes[r * self.stride..r * self.stride + self.ty.row_bytes(self.cols)]
     }
 }
 
-fn quantized(ty: WeightType, rng: &mut Rng, pad: usize) -> Matrix {
-    let row = ty.row_bytes(COLS);
+fn quantized(ty: WeightType, rng: &mut Rng, pad: usize, cols: usize) -> Matrix {
+    let row = ty.row_bytes(cols);
     let stride = row + pad;
     let mut bytes = vec![0xA5u8; ROWS * stride];
     for r in 0..ROWS {
-        let x = rng.values(COLS, 1.0);
+        let x = rng.values(cols, 1.0);
         scalar::quantize_row(ty, &x, &mut bytes[r * stride..r * stride + row]);
     }
-    Matrix { ty, bytes, stride }
+    Matrix {
+        ty,
+        cols,
+        bytes,
+        stride,
+    }
 }
 
 /// Raw blocks: every bit pattern of quants and packed scales, with sane
 /// f16 scales or (`extreme`, Q4_0/Q8_0 only) extreme ones (largest of both
 /// signs, smallest normal, zero) and extreme quants, in padded rows.
 fn raw(fam: Family, ty: WeightType, rng: &mut Rng, extreme: bool) -> Matrix {
+    let cols = COLS;
     let extreme = extreme && matches!(ty, WeightType::Q4_0 | WeightType::Q8_0);
-    let row = ty.row_bytes(COLS);
+    let row = ty.row_bytes(cols);
     let panel = matches!(family_kernel(fam.isa, ty), Kernel::Panel(_));
     let stride = row + if panel { ty.block_bytes() } else { 0 };
     let mut bytes: Vec<u8> = (0..ROWS * stride).map(|_| rng.byte()).collect();
@@ -171,14 +188,19 @@ fn raw(fam: Family, ty: WeightType, rng: &mut Rng, extreme: bool) -> Matrix {
             }
         }
     }
-    Matrix { ty, bytes, stride }
+    Matrix {
+        ty,
+        cols,
+        bytes,
+        stride,
+    }
 }
 
 /// Activation rows in the format `ty` pairs with, from values of `scale`.
-fn activations(ty: WeightType, rng: &mut Rng, scale: f32) -> (Vec<u8>, usize) {
-    let x = rng.values(TOKENS * COLS, scale);
+fn activations(ty: WeightType, rng: &mut Rng, scale: f32, cols: usize) -> (Vec<u8>, usize) {
+    let x = rng.values(TOKENS * cols, scale);
     let mut q = Vec::new();
-    let row = quantize_activations(ty, &x, COLS, &mut q);
+    let row = quantize_activations(ty, &x, cols, &mut q);
     (q, row)
 }
 
@@ -205,20 +227,20 @@ enum Want {
     Near(f32, f32),
 }
 
-fn want(fam: Family, ty: WeightType, w: &[u8], x: &[u8]) -> Want {
+fn want(fam: Family, ty: WeightType, w: &[u8], x: &[u8], cols: usize) -> Want {
     if act_type_for(ty) == ActType::F32 {
         // Float weights meet f32 activations (the scalar pairing rounds
         // them to the weight type): the exact sum, to rounding.
-        let mut wd = vec![0.0f32; COLS];
+        let mut wd = vec![0.0f32; cols];
         scalar::dequantize_row(ty, w, &mut wd);
         let exact: f64 = wd
             .iter()
             .zip(x.chunks_exact(4))
             .map(|(&a, c)| f64::from(a) * f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .sum();
-        return Want::Near(exact as f32, tolerance(ty, w, x));
+        return Want::Near(exact as f32, tolerance(ty, w, x, cols));
     }
-    let reference = scalar::vec_dot(ty, w, x, COLS);
+    let reference = scalar::vec_dot(ty, w, x, cols);
     // The x86 k-quant kernels all compute the panels' order.
     #[cfg(target_arch = "x86_64")]
     if fam.is_x86() {
@@ -231,7 +253,7 @@ fn want(fam: Family, ty: WeightType, w: &[u8], x: &[u8]) -> Want {
             _ => None,
         };
         if let Some(f) = format {
-            return Want::Bits(panel_order_dot(f, w, x, COLS / 256));
+            return Want::Bits(panel_order_dot(f, w, x, cols / 256));
         }
     }
     match ty {
@@ -239,14 +261,14 @@ fn want(fam: Family, ty: WeightType, w: &[u8], x: &[u8]) -> Want {
         WeightType::Q4_0 | WeightType::Q8_0 => Want::Bits(reference),
         // NEON reproduces ggml's order for every quantized type.
         _ if fam.isa == Isa::Neon && act_type_for(ty) != ActType::F32 => Want::Bits(reference),
-        _ => Want::Near(reference, tolerance(ty, w, x)),
+        _ => Want::Near(reference, tolerance(ty, w, x, cols)),
     }
 }
 
 /// 16 f32 epsilons of the sum of the terms' magnitudes (dequantized): what
 /// a different summation order may change.
-fn tolerance(ty: WeightType, w: &[u8], x: &[u8]) -> f32 {
-    let mut wd = vec![0.0f32; COLS];
+fn tolerance(ty: WeightType, w: &[u8], x: &[u8], cols: usize) -> f32 {
+    let mut wd = vec![0.0f32; cols];
     scalar::dequantize_row(ty, w, &mut wd);
     let xd: Vec<f32> = match act_type_for(ty) {
         ActType::F32 => x
@@ -254,7 +276,7 @@ fn tolerance(ty: WeightType, w: &[u8], x: &[u8]) -> f32 {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         // The activation formats' largest |value| bounds each term well enough.
-        _ => vec![activation_bound(act_type_for(ty), x); COLS],
+        _ => vec![activation_bound(act_type_for(ty), x); cols],
     };
     let mag: f64 = wd
         .iter()
@@ -309,7 +331,7 @@ fn product(
 ) -> Vec<f32> {
     let mut y = vec![f32::NAN; n * ROWS];
     matmul(
-        pool, k, &m.bytes, ROWS, COLS, m.stride, &acts.0, acts.1, n, &mut y,
+        pool, k, &m.bytes, ROWS, m.cols, m.stride, &acts.0, acts.1, n, &mut y,
     );
     y
 }
@@ -327,7 +349,7 @@ fn products_of(fam: Family, m: &Matrix, acts: &(Vec<u8>, usize), label: &str) {
     let wants: Vec<Vec<Want>> = (0..ROWS)
         .map(|r| {
             (0..TOKENS)
-                .map(|t| want(fam, ty, m.row(r), act(t)))
+                .map(|t| want(fam, ty, m.row(r), act(t), m.cols))
                 .collect()
         })
         .collect();
@@ -371,9 +393,16 @@ fn products(fam: Family, ty: WeightType) {
         vec![0]
     };
     for pad in pads {
-        let m = quantized(ty, &mut rng, pad);
-        let acts = activations(ty, &mut rng, 4.0);
-        products_of(fam, &m, &acts, &format!("quantized, pad {pad}"));
+        for &cols in widths(ty) {
+            let m = quantized(ty, &mut rng, pad, cols);
+            let acts = activations(ty, &mut rng, 4.0, cols);
+            products_of(
+                fam,
+                &m,
+                &acts,
+                &format!("quantized, {cols} columns, pad {pad}"),
+            );
+        }
     }
 }
 
@@ -385,7 +414,7 @@ fn extremes(fam: Family, ty: WeightType) {
         let acts = if extreme && act_type_for(ty) == ActType::Q8_0 {
             extreme_q8_0(&mut rng)
         } else {
-            activations(ty, &mut rng, 6.0)
+            activations(ty, &mut rng, 6.0, COLS)
         };
         products_of(
             fam,
@@ -404,8 +433,8 @@ fn extremes(fam: Family, ty: WeightType) {
 /// order of them) gives the bits the family's products give.
 fn row_dots(fam: Family, ty: WeightType) {
     let mut rng = Rng(31 + ty as u64);
-    let m = quantized(ty, &mut rng, 0);
-    let acts = activations(ty, &mut rng, 4.0);
+    let m = quantized(ty, &mut rng, 0, COLS);
+    let acts = activations(ty, &mut rng, 4.0, COLS);
     let y = product(
         &ThreadPool::new(1),
         family_kernel(fam.isa, ty),
@@ -522,9 +551,9 @@ fn same_bits_as_avx2(ty: WeightType) {
         let m = if extreme {
             raw(FAMILIES[0], ty, &mut rng, true)
         } else {
-            quantized(ty, &mut rng, 0)
+            quantized(ty, &mut rng, 0, COLS)
         };
-        let acts = activations(ty, &mut rng, 4.0);
+        let acts = activations(ty, &mut rng, 4.0, COLS);
         let pool = ThreadPool::new(2);
         for n in COUNTS {
             let a = product(&pool, family_kernel(Isa::Avx512, ty), &m, &acts, n);
@@ -561,9 +590,9 @@ fn vnni_tiles(ty: WeightType) {
         let m = if extreme {
             raw(FAMILIES[0], ty, &mut rng, true)
         } else {
-            quantized(ty, &mut rng, 0)
+            quantized(ty, &mut rng, 0, COLS)
         };
-        let acts = activations(ty, &mut rng, 4.0);
+        let acts = activations(ty, &mut rng, 4.0, COLS);
         let xs: Vec<&[u8]> = acts.0.chunks_exact(acts.1).take(4).collect();
         for r in 1..=2 {
             for t in 1..=4 {
@@ -594,8 +623,8 @@ fn vnni_tiles(ty: WeightType) {
 fn engine_choice(ty: WeightType) {
     let isa = Isa::detect();
     let mut rng = Rng(9 + ty as u64);
-    let m = quantized(ty, &mut rng, 0);
-    let acts = activations(ty, &mut rng, 4.0);
+    let m = quantized(ty, &mut rng, 0, COLS);
+    let acts = activations(ty, &mut rng, 4.0, COLS);
     let pool = ThreadPool::new(2);
     let mut alone = Vec::new();
     for t in 0..TOKENS {
@@ -621,8 +650,8 @@ fn engine_choice(ty: WeightType) {
 fn simulated_avx512_choice(ty: WeightType) {
     let fam = FAMILIES[0];
     let mut rng = Rng(21 + ty as u64);
-    let m = quantized(ty, &mut rng, 0);
-    let acts = activations(ty, &mut rng, 4.0);
+    let m = quantized(ty, &mut rng, 0, COLS);
+    let acts = activations(ty, &mut rng, 4.0, COLS);
     let pool = ThreadPool::new(2);
     let up_to = avx2_up_to_tokens(ty);
     assert!(up_to > 0, "{ty:?} has no AVX2 range on AVX-512");
@@ -632,7 +661,13 @@ fn simulated_avx512_choice(ty: WeightType) {
         let y = product(&pool, family_kernel(chosen, ty), &m, &acts, n);
         for t in 0..n {
             for r in 0..ROWS {
-                let w = want(fam, ty, m.row(r), &acts.0[t * acts.1..(t + 1) * acts.1]);
+                let w = want(
+                    fam,
+                    ty,
+                    m.row(r),
+                    &acts.0[t * acts.1..(t + 1) * acts.1],
+                    COLS,
+                );
                 check(y[t * ROWS + r], &w, &|| {
                     format!("{ty:?} {n} tokens: ({r}, {t})")
                 });

@@ -316,13 +316,8 @@ fn parse_request(asking: Asking, opts: &HashMap<String, OwnedValue>) -> Result<P
         }
     }
     let input = match asking {
-        Asking::Prompt(_) | Asking::Messages(_) if raw && session.is_some() => {
-            return bad(
-                "raw continues the prompt as plain text: drop system and session, or raw".into(),
-            );
-        }
         Asking::Prompt(text) if raw => {
-            if system.is_some() {
+            if system.is_some() || session.is_some() {
                 return bad(
                     "raw continues the prompt as plain text: drop system and session, or raw"
                         .into(),

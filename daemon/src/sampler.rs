@@ -197,20 +197,26 @@ impl Sampler {
             }
             cand.truncate(keep);
         }
-        for c in &mut cand {
-            c.1 /= p.temperature;
-        }
-        let probs = softmax(&cand);
-        let r = self.rng.next_f32() as f64;
-        let mut acc = 0.0;
-        for (c, pr) in cand.iter().zip(&probs) {
-            acc += pr;
-            if r < acc {
-                return c.0;
-            }
-        }
-        cand[cand.len() - 1].0
+        draw(&mut cand, p.temperature, &mut self.rng)
     }
+}
+
+/// The seeded draw from `cand` (sorted by logit, descending; not empty)
+/// at `temperature`: cumulative probabilities in that order.
+fn draw(cand: &mut [(u32, f32)], temperature: f32, rng: &mut Rng) -> u32 {
+    for c in cand.iter_mut() {
+        c.1 /= temperature;
+    }
+    let probs = softmax(cand);
+    let r = rng.next_f32() as f64;
+    let mut acc = 0.0;
+    for (c, pr) in cand.iter().zip(&probs) {
+        acc += pr;
+        if r < acc {
+            return c.0;
+        }
+    }
+    cand[cand.len() - 1].0
 }
 
 /// Repetition, presence and frequency penalties on the tokens of the
@@ -265,8 +271,8 @@ fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
 mod tests {
     use super::*;
 
-    /// The sampler as it was (a full sort of the vocabulary), kept as the
-    /// reference the selection-based one must agree with.
+    /// The sampler as it was (a full sort of the vocabulary, then the same
+    /// draw), kept as the reference the selection-based one must agree with.
     fn sample_by_sorting(
         p: &SamplingParams,
         rng: &mut Rng,
@@ -307,19 +313,7 @@ mod tests {
             keep = keep.min(probs.iter().take_while(|&&pr| pr >= floor).count().max(1));
         }
         cand.truncate(keep);
-        for c in &mut cand {
-            c.1 /= p.temperature;
-        }
-        let probs = softmax(&cand);
-        let r = rng.next_f32() as f64;
-        let mut acc = 0.0;
-        for (c, pr) in cand.iter().zip(&probs) {
-            acc += pr;
-            if r < acc {
-                return c.0;
-            }
-        }
-        cand[cand.len() - 1].0
+        draw(&mut cand, p.temperature, rng)
     }
 
     /// Same seed, same token as the sort-based sampler, for every

@@ -919,19 +919,20 @@ async fn desktop_clients_work_with_plain_integers_and_named_arguments() {
         "gdbus",
         "apt-get install libglib2.0-bin",
     ) {
+        // A call that must succeed: its output.
+        let gdbus_ok = |args: &[&str]| {
+            let out = gdbus(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "gdbus {args:?}: {err}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
         let method = format!("{INTERFACE}.Generate");
-        let out = gdbus(&[
+        let text = gdbus_ok(&[
             "--method",
             &method,
             "hello",
             "{'max_tokens': <6>, 'temperature': <0>}",
         ]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert!(text.contains("'generated_tokens': <uint32 6>"), "{text}");
         let out = gdbus(&["--method", &method, "hello", "{'max_tokens': <-6>}"]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -942,18 +943,12 @@ async fn desktop_clients_work_with_plain_integers_and_named_arguments() {
             "{err}"
         );
         let chat = format!("{INTERFACE}.Chat");
-        let out = gdbus(&[
+        let text = gdbus_ok(&[
             "--method",
             &chat,
             "[{'role': <'system'>, 'content': <'Be brief.'>}, {'role': <'user'>, 'content': <'Hi'>}]",
             "{'max_tokens': <3>, 'temperature': <0>}",
         ]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert!(text.contains("'generated_tokens': <uint32 3>"), "{text}");
     }
 

@@ -12,9 +12,9 @@
 
 mod common;
 
-use common::{LFMD, Lfmd, synth_model};
+use common::{Lfmd, find_socket_activate, socket_activated, synth_model};
 use libtest_mimic::{Arguments, Failed, Trial};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpc_interop.py");
@@ -48,16 +48,6 @@ fn python_missing() -> Option<String> {
         )),
         Err(e) => Some(format!("{}: {e}", python())),
     }
-}
-
-fn socket_activate() -> Option<PathBuf> {
-    [
-        "/usr/bin/systemd-socket-activate",
-        "/bin/systemd-socket-activate",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
 }
 
 /// Runs the interop script against `socket`; its output on failure.
@@ -98,19 +88,11 @@ fn on_a_unix_socket() -> Result<(), Failed> {
 
 /// A socket passed by systemd (here `systemd-socket-activate`).
 fn on_an_activated_socket() -> Result<(), Failed> {
-    let activate = socket_activate().ok_or("systemd-socket-activate is missing")?;
+    let activate = find_socket_activate().ok_or("systemd-socket-activate is missing")?;
     let tmp = tempfile::tempdir().unwrap();
     let model = synth_model(tmp.path());
     let socket = tmp.path().join("activated.sock");
-    let mut cmd = Command::new(activate);
-    cmd.arg("-l")
-        .arg(&socket)
-        .arg("--fdname=grpc")
-        .arg(LFMD)
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--threads", "1", "--config", "/dev/null"]);
+    let cmd = socket_activated(&activate, &model, &socket);
     let d = Lfmd::spawn(cmd, tmp.path(), socket.clone());
     // The first connection (the script's) starts lfmd.
     let r = interop(&socket, "basic", &d);
@@ -127,7 +109,7 @@ fn main() {
     let args = Arguments::from_args();
     let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
     let missing = python_missing();
-    let activate_missing = socket_activate()
+    let activate_missing = find_socket_activate()
         .is_none()
         .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
     let mut trials = Vec::new();

@@ -346,13 +346,7 @@ fn config_errors_name_the_file_key_and_line() {
 /// `systemd-socket-activate` (from the `systemd` package) or a loud skip;
 /// `LFM_REQUIRE_SYSTEMD_TOOLS=1` (CI) makes its absence a failure.
 fn socket_activate() -> Option<PathBuf> {
-    let found = [
-        "/usr/bin/systemd-socket-activate",
-        "/bin/systemd-socket-activate",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
+    let found = common::find_socket_activate();
     if found.is_none() {
         assert!(
             std::env::var("LFM_REQUIRE_SYSTEMD_TOOLS").is_err(),
@@ -373,15 +367,7 @@ async fn socket_activation_serves_on_the_socket_systemd_passes() {
     let model = synth_model(dir);
     let socket = dir.join("activated.sock");
     // The activator listens, and starts lfmd at the first connection.
-    let mut cmd = Command::new(activate);
-    cmd.arg("-l")
-        .arg(&socket)
-        .arg("--fdname=grpc")
-        .arg(LFMD)
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--threads", "1", "--config", "/dev/null"]);
+    let cmd = common::socket_activated(&activate, &model, &socket);
     let mut d = Lfmd::spawn(cmd, dir, socket.clone());
     d.answering().await;
     let mut c = d.client().await;

@@ -714,22 +714,7 @@ fn main() {
                 None => t,
             });
         };
-        for &ty in &quantized_types {
-            let n = ty.name().to_ascii_lowercase();
-            add(
-                format!("products::{n}"),
-                Box::new(move || products(fam, ty)),
-            );
-            add(
-                format!("extremes::{n}"),
-                Box::new(move || extremes(fam, ty)),
-            );
-            add(
-                format!("row_dots::{n}"),
-                Box::new(move || row_dots(fam, ty)),
-            );
-        }
-        for ty in [WeightType::F32, WeightType::F16, WeightType::BF16] {
+        for ty in WeightType::ALL {
             let n = ty.name().to_ascii_lowercase();
             add(
                 format!("products::{n}"),
@@ -739,6 +724,13 @@ fn main() {
                 format!("row_dots::{n}"),
                 Box::new(move || row_dots(fam, ty)),
             );
+            // Float weights have no blocks to make extreme.
+            if quantized_types.contains(&ty) {
+                add(
+                    format!("extremes::{n}"),
+                    Box::new(move || extremes(fam, ty)),
+                );
+            }
         }
         add("float_dots".into(), Box::new(move || float_dots(fam)));
         for ty in [WeightType::Q4_0, WeightType::Q4_1, WeightType::Q4K] {

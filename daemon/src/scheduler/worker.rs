@@ -283,19 +283,18 @@ impl Worker {
         // no room left) fails alone; the others go on.
         let mut refused = Vec::new();
         for i in (0..running.len()).rev() {
-            let bad = !chunks[i].is_empty() && {
-                #[cfg(test)]
-                let injected = FAIL_CHECK_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed)
-                    == chunks[i].len();
-                #[cfg(not(test))]
-                let injected = false;
-                injected || self.model.check(&running[i].seq.state, &chunks[i]).is_err()
+            if chunks[i].is_empty() {
+                continue;
+            }
+            let checked = self.model.check(&running[i].seq.state, &chunks[i]);
+            #[cfg(test)]
+            let checked = match FAIL_CHECK_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed) {
+                n if n == chunks[i].len() => Err("injected check failure".to_owned()),
+                _ => checked.map_err(|e| e.to_string()),
             };
-            if bad {
-                let why = match self.model.check(&running[i].seq.state, &chunks[i]) {
-                    Err(e) => e.to_string(),
-                    Ok(()) => "injected check failure".into(),
-                };
+            #[cfg(not(test))]
+            let checked = checked.map_err(|e| e.to_string());
+            if let Err(why) = checked {
                 chunks.remove(i);
                 refused.push((running.remove(i), why));
             }

@@ -45,6 +45,33 @@ pub fn serve_command(model: &Path, socket: &Path) -> Command {
     cmd
 }
 
+/// `systemd-socket-activate` (package `systemd`), if installed.
+pub fn find_socket_activate() -> Option<PathBuf> {
+    [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// `ACTIVATE -l SOCKET --fdname=grpc lfmd serve --model MODEL`: the
+/// activator listens and starts lfmd at the first connection, passing the
+/// socket as systemd would.
+pub fn socket_activated(activate: &Path, model: &Path, socket: &Path) -> Command {
+    let mut cmd = Command::new(activate);
+    cmd.arg("-l")
+        .arg(socket)
+        .arg("--fdname=grpc")
+        .arg(LFMD)
+        .arg("serve")
+        .arg("--model")
+        .arg(model)
+        .args(["--threads", "1", "--config", "/dev/null"]);
+    cmd
+}
+
 /// A running `lfmd`, with stderr in `dir/lfmd.log`; killed when dropped.
 pub struct Lfmd {
     pub child: Child,

@@ -4,8 +4,12 @@
 //! decode fed one token at a time, after an untimed warm-up as llama-bench's:
 //! a whole prompt when there is a prefill test, then one token), so
 //! the two can be compared side by side (scripts/bench-vs-llama.sh).
+//! With `sequences` > 1 the decode test runs that many sequences, one token
+//! each per forward step, as the daemon serves that many clients (llama's
+//! batched-bench), and reports what a step reads: the fixed matrices once
+//! and each distinct expert the tokens chose once.
 
-use crate::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
+use crate::engine::{BatchItem, EngineError, ForwardStats, LogitsWanted, Model, SeqState};
 use crate::rng::Rng;
 use serde::Serialize;
 use std::time::Instant;
@@ -25,15 +29,29 @@ pub struct BenchReport {
     pub prefill_tokens: usize,
     pub prefill_seconds: f64,
     pub prefill_tokens_per_s: f64,
+    /// Sequences decoded together, a token each per step.
+    pub sequences: usize,
+    /// Tokens each sequence decodes.
     pub decode_tokens: usize,
     pub decode_seconds: f64,
+    /// All sequences' tokens per second.
     pub decode_tokens_per_s: f64,
     /// Each repetition's decode rate, in order (the first from a cold
     /// cache when experts are paged, the later ones steady state).
     pub decode_tokens_per_s_reps: Vec<f64>,
-    /// Weight bytes each decoded token reads (see `Model::decode_weight_bytes`).
+    /// Weight bytes one sequence's decoded token reads alone (see
+    /// `Model::decode_weight_bytes`).
     pub decode_weight_bytes: u64,
-    /// Those bytes at the decode rate: the weight stream decode sustains.
+    /// Weight bytes a decode step read, on average (`Model::step_weight_bytes`
+    /// of the experts the step's tokens chose): `decode_weight_bytes` for one
+    /// sequence, less than `sequences` times it for several.
+    pub decode_step_weight_bytes: f64,
+    /// Distinct experts a MoE layer ran per decode step, on average
+    /// (`n_expert_used` for one sequence).
+    pub decode_experts_per_layer: f64,
+    /// Decoded tokens per GB of weights read: what batching buys.
+    pub decode_tokens_per_gb: f64,
+    /// The step bytes at the step rate: the weight stream decode sustains.
     pub decode_weight_gb_per_s: f64,
     /// What the same threads read per second from the same mapping with no
     /// compute at all (`Model::read_rate`, measured after decode): the
@@ -59,6 +77,8 @@ pub struct BenchParams {
     pub n_gen: usize,
     pub reps: usize,
     pub depth: usize,
+    /// Sequences decoded together (at least 1).
+    pub sequences: usize,
 }
 
 /// Tokens per forward call when filling the context to `depth`: bounds the
@@ -72,7 +92,9 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
         n_gen,
         reps,
         depth,
+        sequences,
     } = params;
+    let sequences = sequences.max(1);
     let nv = model.n_vocab() as u64;
     let mut rng = Rng::new(0x1f2e3d);
     let reps = reps.max(1);
@@ -91,6 +113,9 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     };
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
     let mut tg_reps = Vec::new();
+    // Decode steps run, and the sums of their weight bytes and mean
+    // distinct experts per MoE layer.
+    let (mut steps, mut step_bytes, mut experts) = (0usize, 0.0f64, 0.0f64);
     // Untimed warm-up runs first, as llama-bench's: a whole prompt when there
     // is a prefill test (it touches nearly every expert, as the timed one
     // would for the first time), then one token. The timed tests then
@@ -118,29 +143,45 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
             t_pp += t0.elapsed().as_secs_f64();
         }
         if n_gen > 0 {
-            let mut st = context(&mut rng)?;
+            let mut states = (0..sequences)
+                .map(|_| context(&mut rng))
+                .collect::<Result<Vec<_>, _>>()?;
             // Random tokens, as llama-bench feeds: a synthetic model's own
             // argmax can fall into a loop of one token, whose routing then
             // repeats and flatters any expert cache.
-            let toks: Vec<u32> = (0..n_gen).map(|_| rng.below(nv) as u32).collect();
+            let toks: Vec<u32> = (0..n_gen * sequences)
+                .map(|_| rng.below(nv) as u32)
+                .collect();
+            let mut stats = ForwardStats::default();
             let t0 = Instant::now();
-            for tok in &toks {
-                let out = model.forward(&mut [BatchItem {
-                    state: &mut st,
-                    tokens: std::slice::from_ref(tok),
-                    logits: LogitsWanted::Last,
-                }])?;
+            for step in toks.chunks(sequences) {
+                let mut items: Vec<BatchItem<'_>> = states
+                    .iter_mut()
+                    .zip(step)
+                    .map(|(state, tok)| BatchItem {
+                        state,
+                        tokens: std::slice::from_ref(tok),
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                let out = model.forward_with_stats(&mut items, Some(&mut stats))?;
                 std::hint::black_box(out);
+                step_bytes += model.step_weight_bytes(&stats.experts) as f64;
+                let moe: Vec<usize> = stats.experts.iter().copied().filter(|&x| x > 0).collect();
+                experts += moe.iter().sum::<usize>() as f64 / moe.len().max(1) as f64;
+                steps += 1;
             }
             let t = t0.elapsed().as_secs_f64();
             t_tg += t;
-            tg_reps.push(n_gen as f64 / t.max(1e-9));
+            tg_reps.push((n_gen * sequences) as f64 / t.max(1e-9));
         }
     }
     let (t_pp, t_tg) = (t_pp / reps as f64, t_tg / reps as f64);
     let rate = |n: usize, t: f64| if n > 0 && t > 0.0 { n as f64 / t } else { 0.0 };
-    let decode_rate = rate(n_gen, t_tg);
+    let decode_rate = rate(n_gen * sequences, t_tg);
     let weight_bytes = model.decode_weight_bytes();
+    let per_step = |sum: f64| if steps > 0 { sum / steps as f64 } else { 0.0 };
+    let (step_bytes, experts) = (per_step(step_bytes), per_step(experts));
     let read = if n_gen > 0 { model.read_rate(3) } else { 0.0 };
     Ok(BenchReport {
         model: name.to_owned(),
@@ -166,12 +207,116 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
             p.layer_ids.clear();
             p
         }),
+        sequences,
         decode_tokens: n_gen,
         decode_seconds: t_tg,
         decode_tokens_per_s: decode_rate,
         decode_tokens_per_s_reps: tg_reps,
         decode_weight_bytes: weight_bytes,
-        decode_weight_gb_per_s: weight_bytes as f64 * decode_rate / 1e9,
+        decode_step_weight_bytes: step_bytes,
+        decode_experts_per_layer: experts,
+        decode_tokens_per_gb: if step_bytes > 0.0 {
+            sequences as f64 * 1e9 / step_bytes
+        } else {
+            0.0
+        },
+        decode_weight_gb_per_s: step_bytes * decode_rate / sequences as f64 / 1e9,
         read_gb_per_s: read / 1e9,
     })
+}
+
+impl BenchReport {
+    /// The report for a terminal: rates, the weight stream against the
+    /// read ceiling, what batching saved, paging.
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "{}: {} threads, isa {}{}{}\n",
+            self.model,
+            self.threads,
+            self.isa,
+            kernel_note(&self.kernels),
+            if self.depth > 0 {
+                format!(", tests after {} tokens of context", self.depth)
+            } else {
+                String::new()
+            },
+        );
+        out += &format!(
+            "prefill {:>5} tokens {:>9.2} tok/s\n",
+            self.prefill_tokens, self.prefill_tokens_per_s
+        );
+        let seqs = if self.sequences > 1 {
+            format!(" ({} sequences together, all their tokens)", self.sequences)
+        } else {
+            String::new()
+        };
+        let each = if self.decode_tokens_per_s_reps.len() > 1 {
+            let each: Vec<String> = self
+                .decode_tokens_per_s_reps
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect();
+            format!(" (each run: {})", each.join(", "))
+        } else {
+            String::new()
+        };
+        out += &format!(
+            "decode  {:>5} tokens {:>9.2} tok/s{seqs}{each}\n",
+            self.decode_tokens, self.decode_tokens_per_s
+        );
+        if self.read_gb_per_s > 0.0 {
+            out += &format!(
+                "weights {:.3} GB per step: decode streams {:.2} GB/s, {:.0}% of the {:.2} GB/s these threads read from the mapping\n",
+                self.decode_step_weight_bytes / 1e9,
+                self.decode_weight_gb_per_s,
+                100.0 * self.decode_weight_gb_per_s / self.read_gb_per_s,
+                self.read_gb_per_s,
+            );
+        }
+        if self.sequences > 1 && self.decode_step_weight_bytes > 0.0 {
+            out += &format!(
+                "batching {} tokens per step read {:.1} distinct experts per MoE layer: {:.2} tokens per GB of weights, {:.2}x one sequence's {:.2}\n",
+                self.sequences,
+                self.decode_experts_per_layer,
+                self.decode_tokens_per_gb,
+                self.decode_tokens_per_gb * self.decode_weight_bytes as f64 / 1e9,
+                1e9 / self.decode_weight_bytes as f64,
+            );
+        }
+        if let Some(p) = &self.paging {
+            out += &format!(
+                "paging  budget {} ({}), {} loads, {:.2} GB in ({:.1} s loading, {:.2} GB/s), {} evictions, {} major faults\n",
+                p.budget_bytes
+                    .map_or("none".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
+                p.budget_mode,
+                p.loads,
+                p.bytes_in as f64 / 1e9,
+                p.load_seconds,
+                p.bytes_in as f64 / 1e9 / p.load_seconds.max(1e-9),
+                p.evictions,
+                p.major_faults.map_or("?".into(), |f| f.to_string()),
+            );
+        }
+        out
+    }
+}
+
+/// The note on kernel families that differ from the ISA's own (AVX-512
+/// CPUs run few-token products on AVX2 kernels): empty otherwise.
+fn kernel_note(kernels: &[KernelChoice]) -> String {
+    let mixed: Vec<String> = kernels
+        .iter()
+        .filter(|k| k.decode != k.prefill)
+        .map(|k| {
+            format!(
+                "{} decode {}, prefill {}",
+                k.weight_type, k.decode, k.prefill
+            )
+        })
+        .collect();
+    if mixed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", mixed.join("; "))
+    }
 }

@@ -64,6 +64,10 @@ enum Command {
         /// untimed), as llama-bench's -d.
         #[arg(short = 'd', long, default_value_t = 0)]
         depth: usize,
+        /// Sequences decoded together, a token each per step, as the daemon
+        /// serves that many clients (the decode rate is all of theirs).
+        #[arg(short = 's', long, default_value_t = 1)]
+        sequences: usize,
         /// Compute threads (default: one per core).
         #[arg(short = 't', long)]
         threads: Option<usize>,
@@ -579,26 +583,6 @@ fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
 }
 
 /// Writes to stdout; a closed pipe (`lfmd inspect … | head`) is not an error.
-/// `lfmd bench`'s note on kernel families that differ from the ISA's own
-/// (AVX-512 CPUs run few-token products on AVX2 kernels): empty otherwise.
-fn kernel_note(kernels: &[lfmd::bench::KernelChoice]) -> String {
-    let mixed: Vec<String> = kernels
-        .iter()
-        .filter(|k| k.decode != k.prefill)
-        .map(|k| {
-            format!(
-                "{} decode {}, prefill {}",
-                k.weight_type, k.decode, k.prefill
-            )
-        })
-        .collect();
-    if mixed.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", mixed.join("; "))
-    }
-}
-
 fn write_stdout(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -653,6 +637,7 @@ fn run(cli: Cli) -> Result<()> {
             n_gen,
             reps,
             depth,
+            sequences,
             threads,
             memory_budget,
             lock_experts,
@@ -675,59 +660,13 @@ fn run(cli: Cli) -> Result<()> {
                 n_gen,
                 reps,
                 depth,
+                sequences,
             };
             let r = lfmd::bench::run(&m, &model.display().to_string(), params)?;
             let text = if json {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {
-                format!(
-                    "{}: {} threads, isa {}{}{}\nprefill {:>5} tokens {:>9.2} tok/s\ndecode  {:>5} tokens {:>9.2} tok/s{}\n{}{}",
-                    r.model,
-                    r.threads,
-                    r.isa,
-                    kernel_note(&r.kernels),
-                    if r.depth > 0 {
-                        format!(", tests after {} tokens of context", r.depth)
-                    } else {
-                        String::new()
-                    },
-                    r.prefill_tokens,
-                    r.prefill_tokens_per_s,
-                    r.decode_tokens,
-                    r.decode_tokens_per_s,
-                    if r.decode_tokens_per_s_reps.len() > 1 {
-                        let each: Vec<String> = r
-                            .decode_tokens_per_s_reps
-                            .iter()
-                            .map(|x| format!("{x:.2}"))
-                            .collect();
-                        format!(" (each run: {})", each.join(", "))
-                    } else {
-                        String::new()
-                    },
-                    if r.read_gb_per_s > 0.0 {
-                        format!(
-                            "weights {:.3} GB per token: decode streams {:.2} GB/s, {:.0}% of the {:.2} GB/s these threads read from the mapping\n",
-                            r.decode_weight_bytes as f64 / 1e9,
-                            r.decode_weight_gb_per_s,
-                            100.0 * r.decode_weight_gb_per_s / r.read_gb_per_s,
-                            r.read_gb_per_s,
-                        )
-                    } else {
-                        String::new()
-                    },
-                    r.paging.as_ref().map_or(String::new(), |p| format!(
-                        "paging  budget {} ({}), {} loads, {:.2} GB in ({:.1} s loading, {:.2} GB/s), {} evictions, {} major faults\n",
-                        p.budget_bytes.map_or("none".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
-                        p.budget_mode,
-                        p.loads,
-                        p.bytes_in as f64 / 1e9,
-                        p.load_seconds,
-                        p.bytes_in as f64 / 1e9 / p.load_seconds.max(1e-9),
-                        p.evictions,
-                        p.major_faults.map_or("?".into(), |f| f.to_string()),
-                    ))
-                )
+                r.to_text()
             };
             write_stdout(&text)?;
         }

@@ -286,7 +286,61 @@ fn bench_reports_every_figure_it_promises() {
         "{text}"
     );
     assert!(text.contains("paging  budget"), "{text}");
-    assert!(text.contains("GB per token: decode streams"), "{text}");
+    assert!(text.contains("GB per step: decode streams"), "{text}");
+    // One sequence: a step reads what one token does, k experts a layer.
+    assert_eq!(v["sequences"], 1);
+    let k = desc.n_expert_used as f64;
+    assert_eq!(
+        v["decode_step_weight_bytes"].as_f64().unwrap(),
+        per_token as f64,
+        "{v}"
+    );
+    assert_eq!(v["decode_experts_per_layer"].as_f64().unwrap(), k, "{v}");
+    // Several sequences together: their tokens, one step each, share the
+    // fixed matrices, and each MoE layer reads between k and min(s*k,
+    // n_expert) distinct experts; the rate counts every sequence's tokens.
+    let v: serde_json::Value = serde_json::from_str(&ok(&lfmd(&[
+        "bench", "--model", &path, "-t", "1", "-p", "0", "-n", "3", "-s", "4", "--json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        (v["sequences"].as_u64(), v["decode_tokens"].as_u64()),
+        (Some(4), Some(3))
+    );
+    let experts = v["decode_experts_per_layer"].as_f64().unwrap();
+    let most = (4.0 * k).min(desc.n_expert as f64);
+    assert!(experts > k && experts <= most, "{v}");
+    let expert_bytes: u64 = h
+        .tensors
+        .iter()
+        .filter(|t| t.name.contains("_exps."))
+        .map(|t| t.size / desc.n_expert as u64)
+        .sum();
+    let fixed = per_token - expert_bytes * desc.n_expert_used as u64;
+    let step = v["decode_step_weight_bytes"].as_f64().unwrap();
+    // Every MoE layer's experts are the same size: a step reads each
+    // layer's distinct experts at expert_bytes / (MoE layers), which sums
+    // to the mean distinct count times expert_bytes.
+    let want = fixed as f64 + experts * expert_bytes as f64;
+    assert!(
+        (step - want).abs() <= 1e-6 * want,
+        "step bytes {step}, want {want}: {v}"
+    );
+    let per_gb = v["decode_tokens_per_gb"].as_f64().unwrap();
+    assert!((per_gb - 4e9 / step).abs() <= 1e-9 * per_gb, "{v}");
+    let stream = v["decode_weight_gb_per_s"].as_f64().unwrap();
+    let rate = v["decode_tokens_per_s"].as_f64().unwrap();
+    assert!(
+        (stream - step * rate / 4.0 / 1e9).abs() <= 1e-9 * stream.max(1.0),
+        "{v}"
+    );
+    let text = ok(&lfmd(&[
+        "bench", "--model", &path, "-t", "1", "-p", "0", "-n", "2", "-s", "3",
+    ]));
+    assert!(
+        text.contains("(3 sequences together") && text.contains("tokens per GB"),
+        "{text}"
+    );
     // Depth: the tests start after that many tokens, which really enter the
     // context: 4090 of tiny-moe's 4096 leave room for 6, not for 8 more.
     let v: serde_json::Value = serde_json::from_str(&ok(&lfmd(&[

@@ -32,6 +32,9 @@ pub struct ForwardStats {
     /// best unchosen one. A gap near zero is a routing tie that rounding
     /// noise can flip.
     pub route_margin: Vec<f32>,
+    /// Per layer: the distinct experts the call's tokens chose together
+    /// (0 in dense layers), whose rows the step read once each.
+    pub experts: Vec<usize>,
 }
 
 /// One sequence's share of a forward call.
@@ -179,6 +182,7 @@ impl Model {
 
         if let Some(st) = stats.as_deref_mut() {
             st.route_margin = vec![f32::INFINITY; n];
+            st.experts = vec![0; self.layers.len()];
         }
         if let Some(p) = &self.pager {
             p.begin_step();
@@ -188,6 +192,13 @@ impl Model {
             let t = self.tok_embd.rows(tok as usize, 1);
             dequantize_rows(&t, t.bytes(file), &mut x[row * e..(row + 1) * e]);
         }
+
+        // Each row of the batch: its item and its position in that sequence.
+        let token_at: Vec<(usize, usize)> = items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, it)| (0..it.tokens.len()).map(move |j| (i, it.state.pos + j)))
+            .collect();
 
         let mut h = self.scratch.zeroed(n * e);
         let mut mix = self.scratch.zeroed(n * e);
@@ -201,33 +212,8 @@ impl Model {
                 } => {
                     let mut bcx = self.scratch.zeroed(n * 3 * e);
                     self.matmul(in_proj, &h, n, &mut bcx);
-                    let l = d.conv_l_cache;
                     let mut y = self.scratch.zeroed(n * e);
-                    for (it, span) in items.iter_mut().zip(&spans) {
-                        let LayerState::Conv { window } = &mut it.state.layers[il] else {
-                            unreachable!("state layout follows the model");
-                        };
-                        for t in span.clone() {
-                            let row = &bcx[t * 3 * e..(t + 1) * 3 * e];
-                            let (b, rest) = row.split_at(e);
-                            let (c, xin) = rest.split_at(e);
-                            for ch in 0..e {
-                                let bx = b[ch] * xin[ch];
-                                let taps = &conv[ch * l..(ch + 1) * l];
-                                let mut acc = 0.0f32;
-                                for k in 0..l - 1 {
-                                    acc += window[k * e + ch] * taps[k];
-                                }
-                                acc += bx * taps[l - 1];
-                                y[t * e + ch] = c[ch] * acc;
-                                // Slide the window: drop the oldest input, append bx.
-                                for k in 0..l - 2 {
-                                    window[k * e + ch] = window[(k + 1) * e + ch];
-                                }
-                                window[(l - 2) * e + ch] = bx;
-                            }
-                        }
-                    }
+                    self.short_conv(items, &spans, il, conv, &bcx, &mut y);
                     self.matmul(out_proj, &y, n, &mut mix);
                 }
                 Mixer::Attention {
@@ -239,7 +225,7 @@ impl Model {
                     q_norm,
                     k_norm,
                 } => {
-                    let (hd, nh, nkv) = (d.head_dim, d.n_head, *n_head_kv);
+                    let (hd, nkv) = (d.head_dim, *n_head_kv);
                     let kvd = nkv * hd;
                     let mut qs = self.scratch.zeroed(n * e);
                     let mut ks = self.scratch.zeroed(n * kvd);
@@ -251,9 +237,9 @@ impl Model {
                     ]);
                     rms_norm_inplace(&mut qs, q_norm, d.norm_eps);
                     rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
-                    let scale = 1.0 / (hd as f32).sqrt();
-                    let group = nh / nkv;
-                    let mut att = self.scratch.zeroed(n * e);
+                    // RoPE on the keys, and the call's rows into each
+                    // sequence's cache (complete up to this call's end
+                    // before anything attends to it).
                     for (it, span) in items.iter_mut().zip(&spans) {
                         let pos0 = it.state.pos;
                         let LayerState::Attention { k: kc, v: vc } = &mut it.state.layers[il]
@@ -261,12 +247,8 @@ impl Model {
                             unreachable!("state layout follows the model");
                         };
                         for (i, t) in span.clone().enumerate() {
-                            let p = pos0 + i;
-                            for head in qs[t * e..(t + 1) * e].chunks_exact_mut(hd) {
-                                rope_neox(head, p, d.rope_freq_base);
-                            }
                             for head in ks[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                                rope_neox(head, p, d.rope_freq_base);
+                                rope_neox(head, pos0 + i, d.rope_freq_base);
                             }
                             for (h, (kh, vh)) in kc.iter_mut().zip(vc.iter_mut()).enumerate() {
                                 let at = t * kvd + h * hd..t * kvd + (h + 1) * hd;
@@ -274,29 +256,9 @@ impl Model {
                                 vh.extend(vs[at].iter().map(|&x| f16::from_f32(x)));
                             }
                         }
-                        // Each (token, KV head) reads only the cache
-                        // (complete up to this call's end) and writes that
-                        // token's rows of the query heads sharing the KV
-                        // head, so they run in parallel (decode too: one
-                        // token still has n_head_kv of them); the arithmetic
-                        // of each is the same whatever thread runs it.
-                        let (kc, vc, qs) = (&*kc, &*vc, &qs);
-                        let fns = attention_fns(self.isa, hd);
-                        let softmax = act_fns(self.isa).softmax;
-                        let width = group * hd;
-                        let rows = &mut att[span.start * e..span.end * e];
-                        self.pool.for_each_mut(rows, width, &|i, out| {
-                            let (ti, kvh) = (i / nkv, i % nkv);
-                            let t = span.start + ti;
-                            let n_pos = pos0 + ti + 1;
-                            let q = &qs[t * e + kvh * width..t * e + (kvh + 1) * width];
-                            let (k, v) = (&kc[kvh][..n_pos * hd], &vc[kvh][..n_pos * hd]);
-                            let mut p = vec![0.0f32; group * n_pos];
-                            (fns.scores)(q, KvHead::new(k, hd), scale, &mut p);
-                            p.chunks_exact_mut(n_pos).for_each(softmax);
-                            (fns.mix)(&p, KvHead::new(v, hd), out);
-                        });
                     }
+                    let mut att = self.scratch.zeroed(n * e);
+                    self.attend(items, &token_at, il, nkv, &qs, &mut att);
                     self.matmul(o, &att, n, &mut mix);
                 }
             }
@@ -320,9 +282,12 @@ impl Model {
                     down,
                 } => {
                     let margins = stats.as_deref_mut().map(|s| &mut s.route_margin[..]);
-                    self.moe(
+                    let used = self.moe(
                         il, &x, router, bias, gate, up, down, &h, n, &mut mix, margins,
                     );
+                    if let Some(st) = stats.as_deref_mut() {
+                        st.experts[il] = used;
+                    }
                 }
             }
             x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
@@ -379,6 +344,124 @@ impl Model {
         Ok(out)
     }
 
+    /// The short convolution of every item's tokens (`bcx`: `[n][3 * n_embd]`,
+    /// the in-projection's B, C and x parts), into `y` (`[n][n_embd]`),
+    /// sliding each item's window. One pool region for all items: a work
+    /// unit is one item's tokens over a block of channels (channels are
+    /// independent, so the arithmetic is the same however they are dealt).
+    fn short_conv(
+        &self,
+        items: &mut [BatchItem<'_>],
+        spans: &[std::ops::Range<usize>],
+        il: usize,
+        taps: &[f32],
+        bcx: &[f32],
+        y: &mut [f32],
+    ) {
+        const BLOCK: usize = 256;
+        let (e, l) = (self.desc.n_embd, self.desc.conv_l_cache);
+        let l1 = l - 1;
+        // Unit outputs, `[token][channel in block]` per (item, block), laid
+        // out item after item: an item's blocks fill its rows' share.
+        let mut outs = self.scratch.zeroed(y.len());
+        let mut units = Vec::with_capacity(items.len() * e.div_ceil(BLOCK));
+        let mut out_rest = &mut outs[..];
+        for (it, span) in items.iter_mut().zip(spans) {
+            let LayerState::Conv { window } = &mut it.state.layers[il] else {
+                unreachable!("state layout follows the model");
+            };
+            for (b, w) in window.chunks_mut(BLOCK * l1).enumerate() {
+                let (o, rest) =
+                    std::mem::take(&mut out_rest).split_at_mut(span.len() * w.len() / l1);
+                out_rest = rest;
+                units.push((span.clone(), b * BLOCK, w, o));
+            }
+        }
+        self.pool.for_each_mut(&mut units, 1, &|_, unit| {
+            let (span, c0, window, out) = &mut unit[0];
+            let width = window.len() / l1;
+            for (ti, t) in span.clone().enumerate() {
+                let row = &bcx[t * 3 * e..(t + 1) * 3 * e];
+                let (b, rest) = row.split_at(e);
+                let (c, xin) = rest.split_at(e);
+                for j in 0..width {
+                    let ch = *c0 + j;
+                    let bx = b[ch] * xin[ch];
+                    let tap = &taps[ch * l..(ch + 1) * l];
+                    // This channel's past inputs, oldest first.
+                    let past = &mut window[j * l1..(j + 1) * l1];
+                    let mut acc = 0.0f32;
+                    for k in 0..l1 {
+                        acc += past[k] * tap[k];
+                    }
+                    acc += bx * tap[l1];
+                    out[ti * width + j] = c[ch] * acc;
+                    past.copy_within(1.., 0);
+                    past[l1 - 1] = bx;
+                }
+            }
+        });
+        for (span, c0, window, out) in &units {
+            let width = window.len() / l1;
+            for (ti, t) in span.clone().enumerate() {
+                y[t * e + c0..t * e + c0 + width]
+                    .copy_from_slice(&out[ti * width..(ti + 1) * width]);
+            }
+        }
+    }
+
+    /// Attention of every row of the batch (queries `qs`, `[n][n_embd]`,
+    /// before RoPE) over its own sequence's cache, into `att`. One pool
+    /// region for all items: a work unit is one (row, KV head), covering the
+    /// query heads that share it; it reads only the caches (complete up to
+    /// this call's end) and writes its own part of `att`, so units run in
+    /// any order on any thread with the same arithmetic.
+    fn attend(
+        &self,
+        items: &[BatchItem<'_>],
+        token_at: &[(usize, usize)],
+        il: usize,
+        nkv: usize,
+        qs: &[f32],
+        att: &mut [f32],
+    ) {
+        let d = &self.desc;
+        let (e, hd) = (d.n_embd, d.head_dim);
+        let group = d.n_head / nkv;
+        let width = group * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Each item's (K, V) caches of this layer, per KV head.
+        let caches: Vec<KvCaches<'_>> = items
+            .iter()
+            .map(|it| match &it.state.layers[il] {
+                LayerState::Attention { k, v } => (&k[..], &v[..]),
+                LayerState::Conv { .. } => unreachable!("state layout follows the model"),
+            })
+            .collect();
+        let fns = attention_fns(self.isa, hd);
+        let softmax = act_fns(self.isa).softmax;
+        self.pool.for_each_mut(att, width, &|i, out| {
+            let (t, kvh) = (i / nkv, i % nkv);
+            let (item, pos) = token_at[t];
+            let n_pos = pos + 1;
+            let (kc, vc) = caches[item];
+            let (k, v) = (&kc[kvh][..n_pos * hd], &vc[kvh][..n_pos * hd]);
+            ATTEND_SCRATCH.with_borrow_mut(|s| {
+                // This thread's buffer: the group's queries, then scores.
+                s.clear();
+                s.extend_from_slice(&qs[t * e + kvh * width..t * e + (kvh + 1) * width]);
+                s.resize(width + group * n_pos, 0.0);
+                let (q, p) = s.split_at_mut(width);
+                for head in q.chunks_exact_mut(hd) {
+                    rope_neox(head, pos, d.rope_freq_base);
+                }
+                (fns.scores)(q, KvHead::new(k, hd), scale, p);
+                p.chunks_exact_mut(n_pos).for_each(softmax);
+                (fns.mix)(p, KvHead::new(v, hd), out);
+            });
+        });
+    }
+
     /// `g = silu(g) * u`, elementwise, spread over the pool when large
     /// (one token's dense FFN, 7168 wide in LFM2-8B-A1B, already is).
     fn swiglu(&self, g: &mut [f32], u: &[f32]) {
@@ -395,7 +478,8 @@ impl Model {
 
     /// Mixture of experts: sigmoid router, bias for selection only, top-k,
     /// normalized weights, weighted sum of SwiGLU experts (summed in
-    /// selection order, as llama.cpp does).
+    /// selection order, as llama.cpp does). Returns how many distinct
+    /// experts the tokens chose.
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
@@ -410,19 +494,20 @@ impl Model {
         n: usize,
         out: &mut [f32],
         mut margins: Option<&mut [f32]>,
-    ) {
+    ) -> usize {
         let d = &self.desc;
         let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
         let mut logits = self.scratch.zeroed(n * ne);
         self.matmul(router, h, n, &mut logits);
         // Per token: the chosen experts (in selection order) and their weights.
         let mut chosen = vec![(0usize, 0.0f32); n * k];
+        let (mut probs, mut order) = (vec![0.0f32; ne], vec![0usize; ne]);
         for t in 0..n {
-            let probs: Vec<f32> = logits[t * ne..(t + 1) * ne]
-                .iter()
-                .map(|&v| sigmoid(v))
-                .collect();
-            let mut order: Vec<usize> = (0..ne).collect();
+            probs
+                .iter_mut()
+                .zip(&logits[t * ne..(t + 1) * ne])
+                .for_each(|(p, &v)| *p = sigmoid(v));
+            order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
             order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
             if let (Some(m), Some(&next)) = (margins.as_deref_mut(), order.get(k)) {
                 let gap = (probs[order[k - 1]] + bias[order[k - 1]]) - (probs[next] + bias[next]);
@@ -525,6 +610,7 @@ impl Model {
                 }
             }
         }
+        experts.len()
     }
 
     /// The experts MoE layer `il` would choose for the residual stream `x`
@@ -554,6 +640,16 @@ impl Model {
         }
         (0..ne).filter(|&i| chosen[i]).collect()
     }
+}
+
+/// One sequence's K and V caches of a layer, per KV head.
+type KvCaches<'a> = (&'a [Vec<f16>], &'a [Vec<f16>]);
+
+thread_local! {
+    /// Per-thread room for one attention unit's queries and scores: grows
+    /// to the longest context seen, then is reused (no allocation per token
+    /// or head).
+    static ATTEND_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `buf` cut into consecutive runs of `counts[i] * width` elements.

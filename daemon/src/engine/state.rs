@@ -6,8 +6,8 @@ use half::f16;
 
 pub(crate) enum LayerState {
     Conv {
-        /// The last `l_cache - 1` inputs of the conv, oldest first,
-        /// `[l_cache - 1][n_embd]`.
+        /// The last `l_cache - 1` inputs of the conv, per channel, oldest
+        /// first: `[n_embd][l_cache - 1]` (a block of channels is one run).
         window: Vec<f32>,
     },
     Attention {

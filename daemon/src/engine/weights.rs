@@ -349,20 +349,30 @@ impl Model {
     /// cannot run faster than this many bytes at the rate the machine
     /// streams them ([`Model::read_rate`]).
     pub fn decode_weight_bytes(&self) -> u64 {
-        let fixed: usize = self.fixed_matrices().iter().map(Tensor::byte_len).sum();
         let k = self.desc.n_expert_used;
-        let experts: usize = self
+        self.step_weight_bytes(&vec![k; self.layers.len()])
+    }
+
+    /// Weight bytes a forward step reads when MoE layer `il` runs
+    /// `experts[il]` distinct experts (entries of dense layers ignored;
+    /// [`ForwardStats::experts`](super::ForwardStats) gives what a step
+    /// chose): the fixed matrices once, however many tokens share the step,
+    /// plus each distinct expert's rows once.
+    pub fn step_weight_bytes(&self, experts: &[usize]) -> u64 {
+        let fixed: usize = self.fixed_matrices().iter().map(Tensor::byte_len).sum();
+        let moe: usize = self
             .layers
             .iter()
-            .map(|l| match &l.ffn {
+            .zip(experts)
+            .map(|(l, &used)| match &l.ffn {
                 Ffn::Moe { gate, up, down, .. } => {
                     // Stacked experts: each holds 1 / n_expert of the rows.
-                    k * (gate.byte_len() + up.byte_len() + down.byte_len()) / self.desc.n_expert
+                    used * (gate.byte_len() + up.byte_len() + down.byte_len()) / self.desc.n_expert
                 }
                 Ffn::Dense { .. } => 0,
             })
             .sum();
-        (fixed + experts) as u64
+        (fixed + moe) as u64
     }
 
     /// The rate, in bytes per second, at which the compute threads read the

@@ -7,11 +7,18 @@ about PROMPT words, GEN tokens generated (end-of-generation ignored, greedy),
 so both servers do the same work. lfmd is driven by `lfmctl load` (one
 process, a connection per client), llama-server by threads here. Reported
 per server and client count: aggregate generated tokens/s over the wall
-time, and p50/p99 time to first token as the client sees it (request sent
-to first streamed token).
+time, p50/p99 time to first token as the client sees it (request sent to
+first streamed token), and fairness: the spread (fastest / slowest) of the
+clients' own rates (tokens over each client's busy time).
+
+Before the servers, `lfmd bench` measures the same file and threads with
+one sequence (prefill of the prompt's token count, GEN decoded tokens): the
+rate one client would see with no serving overhead at all, printed as the
+"bench" row of the 1-client table (the lfmd row's ratio to it is the
+serving path's cost).
 
 Usage: scripts/bench_serve.py MODEL [--threads T] [--clients 1,4,8,16]
-       [--reqs 2] [--gen 64] [--prompt 96] [--llama-server PATH]
+       [--reqs 3] [--gen 128] [--prompt 56] [--llama-server PATH]
 Figures only: nothing here asserts a speed.
 """
 import argparse
@@ -53,14 +60,19 @@ def wait_for(check, what, timeout=120):
 
 
 def run_clients(n, reqs, one):
-    """Runs n client threads of reqs requests each; returns (wall, results)."""
-    results, lock = [], threading.Lock()
+    """Runs n client threads of reqs requests each; returns (wall, results,
+    per-client rates)."""
+    results, rates, lock = [], [], threading.Lock()
 
     def client(c):
+        t0, got = time.time(), 0
         for r in range(reqs):
             res = one(c, r)
+            got += res[0]
             with lock:
                 results.append(res)
+        with lock:
+            rates.append(got / max(time.time() - t0, 1e-9))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
     t0 = time.time()
@@ -68,7 +80,34 @@ def run_clients(n, reqs, one):
         t.start()
     for t in threads:
         t.join()
-    return time.time() - t0, results
+    return time.time() - t0, results, rates
+
+
+def spread(rates):
+    rates = [r for r in rates if r > 0]
+    return max(rates) / min(rates) if rates else float("nan")
+
+
+def lfmd_bench(args, prompt_tokens):
+    """lfmd's own single-sequence figures on the file: prefill of the
+    prompt's length, then GEN decoded tokens; returns (pp, tg, predicted
+    tokens/s of one client that sends such requests back to back)."""
+    lfmd = os.path.join(ROOT, "target/release/lfmd")
+    out = subprocess.run(
+        [lfmd, "bench", "--model", args.model, "-t", str(args.threads),
+         "-p", str(prompt_tokens), "-n", str(args.gen), "--json"],
+        capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    pp, tg = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
+    return pp, tg, args.gen / (prompt_tokens / pp + args.gen / tg)
+
+
+def prompt_tokens(args):
+    """Tokens of a typical prompt of the run, by the model's tokenizer."""
+    lfmd = os.path.join(ROOT, "target/release/lfmd")
+    out = subprocess.run([lfmd, "tokenize", "--model", args.model, prompt(0, 0, args.prompt)],
+                         capture_output=True, text=True, check=True)
+    return len(json.loads(out.stdout))
 
 
 def bench_lfmd(args, n):
@@ -108,7 +147,8 @@ def bench_lfmd(args, n):
              "--max-tokens", str(args.gen), "--prompt-words", str(args.prompt), "--json"],
             capture_output=True, text=True, check=True)
         r = json.loads(out.stdout)
-        return r["tokens_per_second"], r["ttft_p50_seconds"], r["ttft_p99_seconds"]
+        return (r["tokens_per_second"], r["ttft_p50_seconds"], r["ttft_p99_seconds"],
+                r["client_spread"] or float("nan"))
     finally:
         daemon.terminate()
         daemon.wait()
@@ -150,9 +190,9 @@ def bench_llama(args, n, port=18181):
                     break
             return tokens, ttft if ttft is not None else float("nan")
         one(n, 0)  # warm-up, untimed, as for lfmd
-        wall, res = run_clients(n, args.reqs, one)
+        wall, res, rates = run_clients(n, args.reqs, one)
         ttfts = [f for _, f in res]
-        return sum(t for t, _ in res) / wall, pct(ttfts, 50), pct(ttfts, 99)
+        return sum(t for t, _ in res) / wall, pct(ttfts, 50), pct(ttfts, 99), spread(rates)
     finally:
         server.terminate()
         server.wait()
@@ -163,25 +203,32 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clients", default="1,4,8,16")
-    ap.add_argument("--reqs", type=int, default=2)
-    ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=96, help="prompt words")
+    ap.add_argument("--reqs", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=56, help="prompt words (56: ~100 tokens of the synthetic 8B)")
     ap.add_argument("--llama-server", default=os.path.join(os.environ.get("LLB", ""), "llama-server"))
     args = ap.parse_args()
     have_llama = os.path.exists(args.llama_server)
+    ptoks = prompt_tokens(args)
     print(f"model {args.model}, {args.threads} threads, {args.reqs} requests per client, "
-          f"{args.gen} tokens each, prompts of ~{args.prompt} words")
-    print(f"{'clients':>7} {'server':<12} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} {'ratio':>6}")
+          f"{args.gen} tokens each, prompts of ~{args.prompt} words ({ptoks} tokens)")
+    pp, tg, one = lfmd_bench(args, ptoks)
+    print(f"lfmd bench, one sequence: prefill {pp:.2f} tok/s, decode {tg:.2f} tok/s: "
+          f"one client at most {one:.2f} tok/s")
+    print(f"{'clients':>7} {'server':<12} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+          f"{'spread':>7} {'ratio':>6}")
     for n in [int(x) for x in args.clients.split(",")]:
         rows = []
         for name, fn in [("lfmd", bench_lfmd), ("llama-server", bench_llama)]:
             if name == "llama-server" and not have_llama:
                 continue
-            tps, p50, p99 = fn(args, n)
-            rows.append((name, tps, p50, p99))
-        for name, tps, p50, p99 in rows:
+            rows.append((name, *fn(args, n)))
+        for name, tps, p50, p99, spr in rows:
             ratio = tps / rows[1][1] if len(rows) > 1 and name == "lfmd" else float("nan")
-            print(f"{n:>7} {name:<12} {tps:>8.2f} {p50:>8.2f}s {p99:>8.2f}s {ratio:>6.2f}")
+            print(f"{n:>7} {name:<12} {tps:>8.2f} {p50:>8.2f}s {p99:>8.2f}s {spr:>7.2f} {ratio:>6.2f}")
+        if n == 1:
+            print(f"{n:>7} {'bench':<12} {one:>8.2f} {'':>9} {'':>9} {'':>7} "
+                  f"{rows[0][1] / one:>6.2f}  (lfmd serving / lfmd bench)")
         sys.stdout.flush()
 
 

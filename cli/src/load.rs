@@ -230,12 +230,16 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
     // there is no daemon.
     let (mut status_client, target) = client(cli).await?;
     let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+    // Per client: tokens received and seconds from its first request to
+    // the end of its last (its own rate, for fairness).
+    let clients: Arc<Mutex<Vec<(u64, f64)>>> = Arc::default();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(a.duration);
     let mut tasks = Vec::new();
     for c in 0..a.clients {
         let (mut conn, _) = client(cli).await?;
         let records = records.clone();
+        let clients = clients.clone();
         let opts = opts.clone();
         let mut rng = Rng(a
             .load_seed
@@ -246,6 +250,7 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
         let (cancel, disconnect) = (a.cancel_rate, a.disconnect_rate);
         let reconnect = target.clone();
         tasks.push(tokio::spawn(async move {
+            let (began, mut got) = (Instant::now(), 0u64);
             let mut i = 0;
             while requests.map_or(Instant::now() < deadline, |r| i < r) {
                 let roll = rng.unit();
@@ -264,6 +269,7 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
                     add_bos: None,
                 };
                 let rec = one_request(&mut conn, req, plan).await;
+                got += rec.tokens;
                 if let Outcome::Rejected(hint) = rec.outcome {
                     // Back-pressure: wait as the daemon asks (within reason).
                     tokio::time::sleep(
@@ -284,6 +290,10 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
                 records.lock().unwrap_or_else(|p| p.into_inner()).push(rec);
                 i += 1;
             }
+            clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((got, began.elapsed().as_secs_f64()));
         }));
     }
     // RSS over time, one sample a second while the clients run.
@@ -318,7 +328,12 @@ pub(crate) async fn run(cli: &Cli, a: &LoadArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let records = std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()));
-    report(a, &target.to_string(), wall, &records, &rss, leaked)
+    let clients = std::mem::take(&mut *clients.lock().unwrap_or_else(|p| p.into_inner()));
+    let rates: Vec<f64> = clients
+        .iter()
+        .map(|&(tokens, secs)| tokens as f64 / secs.max(1e-9))
+        .collect();
+    report(a, &target.to_string(), wall, &records, &rates, &rss, leaked)
 }
 
 /// Awaits every task (a task that panicked counts as nothing recorded).
@@ -333,6 +348,7 @@ fn report(
     target: &str,
     wall: f64,
     records: &[Record],
+    client_rates: &[f64],
     rss: &[(f64, u64)],
     leaked: (u32, u32),
 ) -> Result<()> {
@@ -355,6 +371,14 @@ fn report(
     let tokens: u64 = records.iter().map(|r| r.tokens).sum();
     let mut ttfts: Vec<f64> = records.iter().filter_map(|r| r.ttft).collect();
     let (p50, p99) = (pct(&mut ttfts, 50.0), pct(&mut ttfts, 99.0));
+    // Fairness: the fastest client's rate over the slowest's.
+    let slowest = client_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let fastest = client_rates.iter().copied().fold(0.0, f64::max);
+    let spread = if slowest > 0.0 && slowest.is_finite() {
+        fastest / slowest
+    } else {
+        f64::NAN
+    };
     let rss_max = rss.iter().map(|r| r.1).max().unwrap_or(0);
     let rss_first = rss.first().map_or(0, |r| r.1);
     let rss_last = rss.last().map_or(0, |r| r.1);
@@ -377,6 +401,8 @@ fn report(
                 "tokens_per_second": tokens as f64 / wall,
                 "ttft_p50_seconds": p50,
                 "ttft_p99_seconds": p99,
+                "client_tokens_per_second": client_rates,
+                "client_spread": if spread.is_finite() { serde_json::json!(spread) } else { serde_json::Value::Null },
                 "rss_bytes": rss.iter().map(|r| serde_json::json!([r.0, r.1])).collect::<Vec<_>>(),
                 "left_running": leaked.0,
                 "left_queued": leaked.1,
@@ -385,10 +411,12 @@ fn report(
     }
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     out(&format!(
-        "{} clients on {target}, {wall:.1} s: {} requests\n  completed {completed} {reasons:?}, cancelled {cancelled}, disconnected {disconnected}, turned away (queue full) {rejected}, failed {failed} {failures:?}\n  {tokens} tokens, {:.1} tok/s; time to first token p50 {p50:.3} s, p99 {p99:.3} s\n  daemon RSS {:.1} MiB at start, {:.1} max, {:.1} at end ({} samples)\n  left on the daemon afterwards: {} running, {} queued\n",
+        "{} clients on {target}, {wall:.1} s: {} requests\n  completed {completed} {reasons:?}, cancelled {cancelled}, disconnected {disconnected}, turned away (queue full) {rejected}, failed {failed} {failures:?}\n  {tokens} tokens, {:.1} tok/s; time to first token p50 {p50:.3} s, p99 {p99:.3} s\n  per client {:.2} to {:.2} tok/s (spread {spread:.2})\n  daemon RSS {:.1} MiB at start, {:.1} max, {:.1} at end ({} samples)\n  left on the daemon afterwards: {} running, {} queued\n",
         a.clients,
         records.len(),
         tokens as f64 / wall,
+        if slowest.is_finite() { slowest } else { 0.0 },
+        fastest,
         mib(rss_first),
         mib(rss_max),
         mib(rss_last),

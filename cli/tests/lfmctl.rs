@@ -328,6 +328,27 @@ fn load_accounts_for_every_request_and_leaves_nothing_behind() {
     // The daemon let go of everything: cancellations freed their slots.
     assert_eq!((n("left_running"), n("left_queued")), (0, 0), "{r}");
     assert!(!r["rss_bytes"].as_array().unwrap().is_empty());
+    // Each client's own rate, and their spread (fastest over slowest):
+    // the tokens they received over their busy time add up to the total.
+    let rates: Vec<f64> = r["client_tokens_per_second"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(rates.len(), 6, "{r}");
+    assert!(rates.iter().all(|&x| x > 0.0), "{r}");
+    let (lo, hi) = rates
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let spread = r["client_spread"].as_f64().unwrap();
+    assert!((spread - hi / lo).abs() < 1e-9 * spread, "{r}");
+    let wall = r["wall_seconds"].as_f64().unwrap();
+    let total: f64 = rates.iter().map(|x| x * wall).sum();
+    assert!(
+        total >= n("generated_tokens") as f64 * (1.0 - 1e-9),
+        "each client's rate is over its own time, at most the wall time: {r}"
+    );
 }
 
 /// A private session bus (`dbus-daemon`) in `dir`, or `None` after a loud

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the llama.cpp goldens under daemon/tests/goldens/llama/ from the
+# Regenerates the llama.cpp goldens under daemon/engine/tests/goldens/llama/ from the
 # reference build (scripts/ref-noamx.sh, or ../shared/reference/setup-llama.sh on a
 # CPU without AMX). For every (preset, type) below it synthesizes the model, records
 # its sha256, and asks llama.cpp to tokenize fixed texts and continue a prompt
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ../shared/reference/env.sh
-OUT=daemon/tests/goldens/llama
+OUT=daemon/engine/tests/goldens/llama
 WORK=${GOLDEN_WORK:-target/goldens}
 mkdir -p "$OUT" "$WORK"
 # Teacher-forced sequence: ids below 512 so it fits every preset's vocabulary.

@@ -617,26 +617,59 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_decode_to_typed_errors(bytes in prop::collection::vec(any::<u8>(), 0..256), chat: bool) {
+        fn decoded_bytes_get_exactly_the_documented_verdict(
+            raw in prop::collection::vec(any::<u8>(), 0..256),
+            generate in (any_options(), prop_oneof![Just(String::new()), "[a-z ]{1,12}"]),
+            chat in (any_options(), prop::collection::vec(prop_oneof![Just(String::new()), "[a-z]{1,9}"], 0..4),
+                     prop::option::of(prop_oneof![Just(0usize), Just(1), Just(128), Just(129)])),
+            flip in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            which in 0u8..3,
+        ) {
             use prost::Message;
-            let parts = if chat {
-                match pb::ChatRequest::decode(&bytes[..]) {
-                    Ok(r) => chat_parts(r),
-                    Err(_) => return Ok(()),
-                }
-            } else {
-                match pb::GenerateRequest::decode(&bytes[..]) {
-                    Ok(r) => generate_parts(r),
-                    Err(_) => return Ok(()),
-                }
+            // Bytes off the wire: noise, or a real request's encoding with
+            // perhaps one byte changed (so most cases decode to something).
+            let mut bytes = match which {
+                0 => raw,
+                1 => pb::GenerateRequest {
+                    prompt: generate.1.clone(),
+                    options: Some(generate.0.clone()),
+                    ..Default::default()
+                }.encode_to_vec(),
+                _ => pb::ChatRequest {
+                    messages: chat.1.iter().map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into() }).collect(),
+                    options: Some(chat.0.clone()),
+                    session_id: chat.2.map(|n| "s".repeat(n)),
+                    ..Default::default()
+                }.encode_to_vec(),
             };
-            match parts {
-                Ok((input, options, _)) => {
-                    if let Err(e) = scheduler::validate(&input, &options) {
-                        prop_assert_eq!(status_from(e).code(), Code::InvalidArgument);
-                    }
-                }
-                Err(status) => prop_assert_eq!(status.code(), Code::InvalidArgument),
+            if let (Some((at, b)), false) = (flip, bytes.is_empty()) {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            // A message that does not decode is the transport's (tonic
+            // answers INTERNAL before any handler); one that does gets the
+            // verdict the documented rules give, written out here again.
+            let options_ok = |o: &Option<pb::SamplingOptions>| o.as_ref().is_none_or(documented);
+            let (parts, want) = if which == 2 {
+                let Ok(r) = pb::ChatRequest::decode(&bytes[..]) else { return Ok(()) };
+                let want = options_ok(&r.options)
+                    && (0..=2).contains(&r.priority)
+                    && !r.messages.is_empty()
+                    && r.messages.iter().all(|m| !m.role.is_empty())
+                    && r.session_id.as_ref().is_none_or(|s| (1..=128).contains(&s.len()));
+                (chat_parts(r), want)
+            } else {
+                let Ok(r) = pb::GenerateRequest::decode(&bytes[..]) else { return Ok(()) };
+                let want = options_ok(&r.options) && (0..=2).contains(&r.priority) && !r.prompt.is_empty();
+                (generate_parts(r), want)
+            };
+            let verdict = parts.and_then(|(input, options, _)| {
+                scheduler::validate(&input, &options).map_err(status_from)
+            });
+            prop_assert_eq!(verdict.is_ok(), want, "{:?}", verdict.as_ref().err());
+            if let Err(status) = verdict {
+                prop_assert_eq!(status.code(), Code::InvalidArgument);
+                prop_assert!(!status.message().is_empty());
             }
         }
 

@@ -6,10 +6,10 @@
 // Index loops read closest to the math in a reference implementation.
 #![allow(clippy::needless_range_loop)]
 
-use lfmd::engine::{BatchItem, LogitsWanted, Model, SeqState};
-use lfmd::gguf::GgmlType;
-use lfmd::gguf::Gguf;
-use lfmd::synth;
+use lfm_engine::engine::{BatchItem, LogitsWanted, Model, SeqState};
+use lfm_engine::gguf::GgmlType;
+use lfm_engine::gguf::Gguf;
+use lfm_engine::synth;
 use std::sync::Arc;
 
 struct Ref {

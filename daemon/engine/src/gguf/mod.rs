@@ -9,6 +9,8 @@
 mod error;
 mod reader;
 mod residency;
+/// The system's page size (the unit of residency and of expert paging).
+pub use residency::page_size;
 mod types;
 mod value;
 mod writer;

@@ -6,11 +6,15 @@
 //! given: `LFM_VOCAB_GGUF` (e.g. llama.cpp's `models/ggml-vocab-llama-bpe.gguf`)
 //! and `LFM_TOKENIZER_FIXTURES` (the folder holding
 //! `ggml-vocab-llama-bpe.gguf.inp` and `.out`, named after the vocab file).
+//! Without them the trial is reported ignored (skipped), not passed
+//! (libtest-mimic: libtest has no run-time skip), and with
+//! `LFM_REQUIRE_TOKENIZER_FIXTURES=1` (set by `.ci/run` where it provides
+//! them) their absence fails the run.
 
 use std::path::{Path, PathBuf};
 
-use lfmd::gguf::Gguf;
-use lfmd::tokenizer::Tokenizer;
+use lfm_engine::gguf::Gguf;
+use lfm_engine::tokenizer::Tokenizer;
 
 /// Splits `.inp` and `.out` as `read_tests` in llama.cpp's
 /// `tests/test-tokenizer-0.cpp`: inputs are separated by
@@ -61,19 +65,31 @@ fn env_path(name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-#[test]
-fn llama_cpp_test_vectors() {
-    let (Some(vocab), Some(dir)) = (
-        env_path("LFM_VOCAB_GGUF"),
-        env_path("LFM_TOKENIZER_FIXTURES"),
-    ) else {
-        println!(
-            "skipped: set LFM_VOCAB_GGUF to a vocab GGUF (llama.cpp's models/ggml-vocab-llama-bpe.gguf) \
-             and LFM_TOKENIZER_FIXTURES to the folder with its .inp/.out test vectors"
-        );
-        return;
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let fixtures = env_path("LFM_VOCAB_GGUF").zip(env_path("LFM_TOKENIZER_FIXTURES"));
+    let required = std::env::var("LFM_REQUIRE_TOKENIZER_FIXTURES").is_ok_and(|v| v == "1");
+    let trial = match fixtures {
+        Some((vocab, dir)) => libtest_mimic::Trial::test("llama_cpp_test_vectors", move || {
+            llama_cpp_test_vectors(&vocab, &dir);
+            Ok(())
+        }),
+        None if required => libtest_mimic::Trial::test("llama_cpp_test_vectors", || {
+            Err("LFM_REQUIRE_TOKENIZER_FIXTURES=1 but LFM_VOCAB_GGUF or LFM_TOKENIZER_FIXTURES is unset".into())
+        }),
+        None => {
+            eprintln!(
+                "*** SKIPPED: set LFM_VOCAB_GGUF to a vocab GGUF (llama.cpp's models/ggml-vocab-llama-bpe.gguf) \
+                 and LFM_TOKENIZER_FIXTURES to the folder with its .inp/.out test vectors ***"
+            );
+            libtest_mimic::Trial::test("llama_cpp_test_vectors", || Ok(())).with_ignored_flag(true)
+        }
     };
-    let gguf = Gguf::open(&vocab).unwrap_or_else(|e| panic!("{}: {e}", vocab.display()));
+    libtest_mimic::run(&args, vec![trial]).exit();
+}
+
+fn llama_cpp_test_vectors(vocab: &Path, dir: &Path) {
+    let gguf = Gguf::open(vocab).unwrap_or_else(|e| panic!("{}: {e}", vocab.display()));
     let tok =
         Tokenizer::from_gguf(gguf.header()).unwrap_or_else(|e| panic!("{}: {e}", vocab.display()));
     let name = vocab
@@ -81,7 +97,7 @@ fn llama_cpp_test_vectors() {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let read = |ext: &str| {
-        let path: PathBuf = Path::new(&dir).join(format!("{name}.{ext}"));
+        let path: PathBuf = dir.join(format!("{name}.{ext}"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
     let vectors = read_vectors(&read("inp"), &read("out"));

@@ -2,9 +2,9 @@
 //! the batch or on how its tokens were split into calls, and bad input is
 //! refused without touching state.
 
-use lfmd::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
-use lfmd::gguf::{GgmlType, Gguf};
-use lfmd::synth;
+use lfm_engine::engine::{BatchItem, EngineError, LogitsWanted, Model, SeqState};
+use lfm_engine::gguf::{GgmlType, Gguf};
+use lfm_engine::synth;
 use std::sync::Arc;
 
 fn model(preset: &str, ty: GgmlType) -> Model {

@@ -4,8 +4,8 @@
 //! proof that llama.cpp runs our presets. The full-size presets are hashed as
 //! they stream (a few seconds for the 4.7 GB 8b-a1b; nothing is stored).
 
-use lfmd::gguf::GgmlType;
-use lfmd::synth;
+use lfm_engine::gguf::GgmlType;
+use lfm_engine::synth;
 use sha2::{Digest, Sha256};
 use std::io;
 use std::path::PathBuf;
@@ -143,7 +143,7 @@ const ROUTE_TIE: f32 = 2e-3;
 /// logits as llama.cpp is (minus 0.001). Prints the conformance table.
 #[test]
 fn logits_match_llama_cpp() {
-    use lfmd::engine::{BatchItem, ForwardStats, LogitsWanted, Model, SeqState};
+    use lfm_engine::engine::{BatchItem, ForwardStats, LogitsWanted, Model, SeqState};
     let all = goldens();
     let by_name: std::collections::HashMap<&str, &serde_json::Value> =
         all.iter().map(|(n, g)| (n.as_str(), g)).collect();
@@ -163,7 +163,7 @@ fn logits_match_llama_cpp() {
         let mut bytes = Vec::new();
         synth::write_to(preset, q, g["seed"].as_u64().unwrap(), &mut bytes).unwrap();
         let model = Model::from_gguf(std::sync::Arc::new(
-            lfmd::gguf::Gguf::from_bytes(bytes).unwrap(),
+            lfm_engine::gguf::Gguf::from_bytes(bytes).unwrap(),
         ))
         .unwrap();
         let ids: Vec<u32> = g["forced_ids"]
@@ -280,8 +280,8 @@ fn tokenizer_matches_llama_cpp_on_synthetic_vocabularies() {
             continue;
         }
         synth::write_to(preset, q, 0, &mut bytes).unwrap();
-        let header = lfmd::gguf::parse_header(&bytes).unwrap();
-        let tok = lfmd::tokenizer::Tokenizer::from_gguf(&header).unwrap();
+        let header = lfm_engine::gguf::parse_header(&bytes).unwrap();
+        let tok = lfm_engine::tokenizer::Tokenizer::from_gguf(&header).unwrap();
         for case in g["tokenize"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
             let want: Vec<u32> = case["ids"]

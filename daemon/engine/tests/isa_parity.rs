@@ -10,10 +10,10 @@
 //! One trial per (model, path); a path this CPU cannot run is reported
 //! ignored, not passed (libtest-mimic: libtest has no run-time skip).
 
+use lfm_engine::engine::{BatchItem, EngineOptions, LogitsWanted, Model, SeqState};
+use lfm_engine::gguf::{GgmlType, Gguf};
+use lfm_engine::synth::{self, SynthQuant};
 use lfm_kernels::isa::Isa;
-use lfmd::engine::{BatchItem, EngineOptions, LogitsWanted, Model, SeqState};
-use lfmd::gguf::{GgmlType, Gguf};
-use lfmd::synth::{self, SynthQuant};
 use libtest_mimic::{Arguments, Trial};
 use std::sync::Arc;
 

@@ -42,6 +42,11 @@ pub fn engine_wakeup(period: Option<Duration>) -> Duration {
 /// younger than half a period. A hung engine (a step that never returns, a
 /// deadlock) stops the pings, and systemd restarts the daemon.
 pub async fn feed_watchdog(handle: Handle, period: Duration) {
+    feed_watchdog_with(handle, period, || notify(&[NotifyState::Watchdog])).await
+}
+
+/// [`feed_watchdog`] with the ping given (tests count them).
+pub(crate) async fn feed_watchdog_with(handle: Handle, period: Duration, mut ping: impl FnMut()) {
     let half = period / 2;
     let mut tick = tokio::time::interval(half);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,7 +59,7 @@ pub async fn feed_watchdog(handle: Handle, period: Duration) {
                 crate::warn!("the engine is responsive again; watchdog pings resume");
                 withheld = false;
             }
-            notify(&[NotifyState::Watchdog]);
+            ping();
         } else if !withheld {
             crate::error!(
                 "the engine loop has not gone round for {:.1} s; withholding watchdog pings (systemd restarts lfmd after {:.1} s)",

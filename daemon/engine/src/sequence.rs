@@ -223,11 +223,4 @@ impl Sequence {
             finished,
         })
     }
-
-    /// Ends the sequence early (cancellation); returns any held-back text.
-    pub fn cancel(&mut self) -> String {
-        self.finished = Some(FinishReason::Cancelled);
-        self.pending.clear();
-        String::new()
-    }
 }

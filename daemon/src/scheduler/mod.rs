@@ -1175,6 +1175,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_watchdog_is_withheld_while_the_engine_is_stuck() {
+        let period = Duration::from_millis(400);
+        // As `lfmd serve` configures the engine under a watchdog.
+        let h = tiny_handle(Config {
+            idle_wakeup: crate::systemd::engine_wakeup(Some(period)),
+            ..Config::default()
+        });
+        let stuck = "The engine hangs on this prompt for a while, as a bad kernel would.";
+        let n = h.tokenize(stuck, Some(false), true).len();
+        assert!(n > 1);
+        // Pings as systemd would see them, every half period while the
+        // engine's heartbeat is fresh.
+        let pings: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let seen = pings.clone();
+        let feeder = tokio::spawn(crate::systemd::feed_watchdog_with(
+            h.clone(),
+            period,
+            move || {
+                seen.lock().unwrap().push(std::time::Instant::now());
+            },
+        ));
+        let count = || pings.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(count() >= 2, "an idle, healthy engine is pinged for");
+        worker::STALL_ON_CHUNK.store(n, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let mut req = ask(&h, stuck);
+        let end = last(&mut req).await;
+        worker::STALL_ON_CHUNK.store(0, Ordering::Relaxed);
+        let stalled = t0.elapsed();
+        assert!(matches!(end, Event::Done(_)), "{end:?}");
+        assert!(stalled >= Duration::from_millis(worker::STALL_MS));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        feeder.abort();
+        let pings = pings.lock().unwrap().clone();
+        // No ping for well over a period while the engine was stuck (a
+        // feeder that pinged regardless would leave no gap over ~200 ms)…
+        let gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(
+            gap >= Duration::from_millis(1000),
+            "largest gap between pings {gap:?}"
+        );
+        // …and pings again once it went round.
+        assert!(
+            pings.iter().filter(|&&p| p > t0 + stalled).count() >= 2,
+            "pings resume after the stall"
+        );
+    }
+
+    #[tokio::test]
     async fn a_panic_in_a_step_fails_that_step_and_the_engine_serves_on() {
         let h = tiny_handle(Config::default());
         // The faulty prompt's prefill chunk (its whole length) panics.

@@ -96,6 +96,15 @@ pub(crate) static NAN_ON_CHUNK: std::sync::atomic::AtomicUsize =
 pub(crate) static PANIC_ON_CHUNK: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
 
+/// Tests arm this with a chunk length: a step feeding a chunk of exactly
+/// that many tokens first stalls for `STALL_MS`, as a hung kernel would
+/// (the engine loop does not go round meanwhile).
+#[cfg(test)]
+pub(crate) static STALL_ON_CHUNK: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+#[cfg(test)]
+pub(crate) const STALL_MS: u64 = 1500;
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -327,6 +336,10 @@ impl Worker {
                     n == 0 || chunks.iter().all(|c| c.len() != n),
                     "injected fault"
                 );
+                let n = STALL_ON_CHUNK.load(std::sync::atomic::Ordering::Relaxed);
+                if n != 0 && chunks.iter().any(|c| c.len() == n) {
+                    std::thread::sleep(std::time::Duration::from_millis(STALL_MS));
+                }
             }
             let mut items: Vec<BatchItem<'_>> = running
                 .iter_mut()

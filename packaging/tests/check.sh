@@ -8,8 +8,8 @@
 #   4. `systemd-analyze security`: lfmd.service exposure <= 2.0;
 #   5. the D-Bus policy on a private system bus, with real users: the lfmd
 #      user owns org.lfm.Daemon1, root and group lfm call methods, anyone
-#      else only reads properties (a stand-in owner, then the real lfmd
-#      called by gdbus and lfmctl); the activation files are accepted;
+#      else only reads properties, all against the real `lfmd serve --dbus`
+#      (dbus-send, gdbus, lfmctl, Python); the activation files are accepted;
 #   6. dpkg -i and dpkg --purge (only without systemd as PID 1 and with no
 #      lfmd package installed).
 # It creates the lfmd user and lfm group (from our sysusers.d file) and a
@@ -209,53 +209,9 @@ has_owner() {
     org.freedesktop.DBus.NameHasOwner string:org.lfm.Daemon1 | grep -q 'boolean true'
 }
 
-# The owner: a stand-in that claims org.lfm.Daemon1 and answers every call
-# with an empty reply, run as lfmd. (At merge: lfmd serve --dbus ADDRESS.)
-# With it, "reached" means the bus let the call through; a refusal is the
-# bus's own AccessDenied.
-DBUS_SYSTEM_BUS_ADDRESS=$addr as lfmd dbus-test-tool echo --system --name=org.lfm.Daemon1 &
-standin=$!
-pids+=("$standin")
-for _ in $(seq 50); do
-  has_owner && break
-  sleep 0.1
-done
-has_owner || fail "the lfmd user could not own org.lfm.Daemon1"
-
-obj=(org.lfm.Daemon1 /org/lfm/Daemon1)
-props=org.freedesktop.DBus.Properties
-checks=0
-want() { # WHAT VERDICT USER ARGS...
-  local what=$1 verdict=$2 got
-  shift 2
-  got=$(dsend "$@")
-  [ "$got" = "$verdict" ] || fail "D-Bus policy: $what: got '$got', want '$verdict'"
-  checks=$((checks + 1))
-}
-denied=org.freedesktop.DBus.Error.AccessDenied
-want "root calls a method" reached root "${obj[@]}" org.lfm.Daemon1.GetStatus
-want "a member of lfm calls a method" reached lfmtest "${obj[@]}" org.lfm.Daemon1.GetStatus
-want "a member of lfm sets a property" reached lfmtest "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:X variant:int32:1
-want "nobody calls a method" $denied nobody "${obj[@]}" org.lfm.Daemon1.GetStatus
-want "nobody sets a property" $denied nobody "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:X variant:int32:1
-want "nobody reads a property" reached nobody "${obj[@]}" $props.Get string:org.lfm.Daemon1 string:Version
-want "nobody reads all properties" reached nobody "${obj[@]}" $props.GetAll string:org.lfm.Daemon1
-want "nobody introspects" reached nobody "${obj[@]}" org.freedesktop.DBus.Introspectable.Introspect
-for u in nobody lfmtest; do
-  want "$u claims org.lfm.Daemon1" $denied "$u" org.freedesktop.DBus / org.freedesktop.DBus.RequestName string:org.lfm.Daemon1 uint32:0
-done
-
-# The real daemon in the stand-in's place, as the lfmd user, and GLib's gdbus
-# as desktop code calls it (plain integers in the options): a member of lfm
-# gets an answer, an outsider the bus's AccessDenied.
-# (`as` runs it under setpriv in a subshell: end the tool itself.)
-kill "$standin" 2>/dev/null || true
-pkill -u lfmd -x dbus-test-tool 2>/dev/null || true
-for _ in $(seq 50); do
-  has_owner || break
-  sleep 0.1
-done
-has_owner && fail "the stand-in still owns org.lfm.Daemon1"
+# The owner: the real daemon, as the lfmd user (its unit's User=). With it,
+# "reached" means the bus let the call through and lfmd answered; a refusal
+# by the bus is its own AccessDenied.
 run=$tmp/lfmd-run
 mkdir -m 0750 "$run"
 "$root/usr/bin/lfmd" synth --preset tiny-moe --quant q8_0 "$run/tiny.gguf" >/dev/null 2>&1 \
@@ -269,6 +225,34 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 has_owner || fail "lfmd serve --dbus did not own org.lfm.Daemon1 as the lfmd user: $(cat "$run/log")"
+
+obj=(org.lfm.Daemon1 /org/lfm/Daemon1)
+props=org.freedesktop.DBus.Properties
+checks=0
+want() { # WHAT VERDICT USER ARGS...
+  local what=$1 verdict=$2 got
+  shift 2
+  got=$(dsend "$@")
+  [ "$got" = "$verdict" ] || fail "D-Bus policy: $what: got '$got', want '$verdict'"
+  checks=$((checks + 1))
+}
+denied=org.freedesktop.DBus.Error.AccessDenied
+# Calls lfmd answers (Status), and a property write that reaches lfmd, which
+# refuses it itself (its properties are read-only): the bus let both through.
+want "root calls a method" reached root "${obj[@]}" org.lfm.Daemon1.Status
+want "a member of lfm calls a method" reached lfmtest "${obj[@]}" org.lfm.Daemon1.Status
+want "a member of lfm sets a property (lfmd refuses)" org.freedesktop.DBus.Error.PropertyReadOnly lfmtest "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:Version variant:string:x
+want "nobody calls a method" $denied nobody "${obj[@]}" org.lfm.Daemon1.Status
+want "nobody sets a property" $denied nobody "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:Version variant:string:x
+want "nobody reads a property" reached nobody "${obj[@]}" $props.Get string:org.lfm.Daemon1 string:Version
+want "nobody reads all properties" reached nobody "${obj[@]}" $props.GetAll string:org.lfm.Daemon1
+want "nobody introspects" reached nobody "${obj[@]}" org.freedesktop.DBus.Introspectable.Introspect
+for u in nobody lfmtest; do
+  want "$u claims org.lfm.Daemon1" $denied "$u" org.freedesktop.DBus / org.freedesktop.DBus.RequestName string:org.lfm.Daemon1 uint32:0
+done
+
+# GLib's gdbus as desktop code calls lfmd (plain integers in the options): a
+# member of lfm gets an answer, an outsider the bus's AccessDenied.
 command -v gdbus >/dev/null || fail "gdbus missing (package libglib2.0-bin)"
 gcall() { # USER: Generate with plain integers, through gdbus
   as "$1" gdbus call --address "$addr" --dest org.lfm.Daemon1 --object-path /org/lfm/Daemon1 \

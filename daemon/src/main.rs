@@ -450,7 +450,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn serve(a: ServeArgs) -> Result<()> {
     use lfmd::serve::default_listen;
     // Before any thread: taking them clears LISTEN_FDS and LISTEN_PID.
-    let inherited = lfmd::systemd::take_inherited().map_err(anyhow::Error::msg)?;
+    let inherited = lfmd::systemd::take_inherited()?;
     let settings = a.settings()?;
     lfmd::log::init(settings.log_level);
     let listen = if settings.grpc.is_empty() && inherited.is_empty() {

@@ -466,7 +466,7 @@ where
                 systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 continue;
             }
-            r = &mut exit => break Some(r.err().unwrap_or_else(|| "it exited unasked".into())),
+            r = &mut exit => break Some(r.err().map_or_else(|| "it exited unasked".to_owned(), |e| e.to_string())),
         };
         crate::info!("{name} received");
         break None;
@@ -504,7 +504,8 @@ where
                 grace.as_secs_f64()
             );
             handle.shutdown(grace);
-            exit.await.map_err(ServeError::EngineDied)
+            exit.await
+                .map_err(|e| ServeError::EngineDied(e.to_string()))
         }
     };
     // Streams have ended with the engine; connections close promptly.

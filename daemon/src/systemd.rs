@@ -102,6 +102,16 @@ pub async fn report_status(handle: Handle, every: Duration, mut last: String) {
     }
 }
 
+/// A socket from systemd that lfmd cannot serve on.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "socket {fd} ({name}) passed by systemd is not a listening Unix or TCP stream socket; lfmd.socket should have ListenStream= only"
+)]
+pub struct NotAListener {
+    pub fd: usize,
+    pub name: String,
+}
+
 /// A listening socket systemd passed us.
 pub enum Inherited {
     Unix(std::os::unix::net::UnixListener),
@@ -111,7 +121,7 @@ pub enum Inherited {
 /// Takes the sockets of socket activation (`LISTEN_FDS`, for this process
 /// per `LISTEN_PID`), with their `FileDescriptorName=`s. Call before any
 /// thread starts: it clears the variables so children do not inherit them.
-pub fn take_inherited() -> Result<Vec<(Inherited, String)>, String> {
+pub fn take_inherited() -> Result<Vec<(Inherited, String)>, NotAListener> {
     let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
         .map(|v| v.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
@@ -123,12 +133,7 @@ pub fn take_inherited() -> Result<Vec<(Inherited, String)>, String> {
             Ok(Some(l)) => Inherited::Unix(l),
             _ => match fds.take_tcp_listener(i) {
                 Ok(Some(l)) => Inherited::Tcp(l),
-                _ => {
-                    return Err(format!(
-                        "socket {} ({name}) passed by systemd is not a listening Unix or TCP stream socket; lfmd.socket should have ListenStream= only",
-                        i + 3
-                    ));
-                }
+                _ => return Err(NotAListener { fd: i + 3, name }),
             },
         };
         out.push((sock, name));

@@ -469,15 +469,25 @@ impl Shared {
     }
 }
 
+/// Why the engine thread stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineDied {
+    /// It panicked outside any one step (each step's own panics fail only
+    /// that step's requests); the message is the panic's.
+    #[error("the engine thread failed: {0}")]
+    Panicked(String),
+    /// It ended without reporting (its channel closed).
+    #[error("the engine thread vanished without a report")]
+    Vanished,
+}
+
 /// Resolves when the engine thread ends: `Ok` after a shutdown, `Err` with
 /// the reason if it died.
-pub struct EngineExit(tokio::sync::oneshot::Receiver<Result<(), String>>);
+pub struct EngineExit(tokio::sync::oneshot::Receiver<Result<(), EngineDied>>);
 
 impl EngineExit {
-    pub async fn wait(self) -> Result<(), String> {
-        self.0
-            .await
-            .unwrap_or_else(|_| Err("the engine thread vanished".into()))
+    pub async fn wait(self) -> Result<(), EngineDied> {
+        self.0.await.unwrap_or(Err(EngineDied::Vanished))
     }
 }
 

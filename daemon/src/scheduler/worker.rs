@@ -128,7 +128,7 @@ impl Worker {
     }
 
     /// Runs until shutdown (`Ok`) or an unrecoverable failure (`Err`).
-    pub fn run(self) -> Result<(), String> {
+    pub fn run(self) -> Result<(), super::EngineDied> {
         let mut running = Vec::new();
         match catch_unwind(AssertUnwindSafe(|| self.serve(&mut running))) {
             Ok(()) => Ok(()),
@@ -146,7 +146,7 @@ impl Worker {
                 for r in running.drain(..) {
                     r.fail(Failure::Internal(msg.clone()));
                 }
-                Err(msg)
+                Err(super::EngineDied::Panicked(msg))
             }
         }
     }

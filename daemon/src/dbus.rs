@@ -402,7 +402,7 @@ impl Callers {
     }
 }
 
-struct Shared {
+struct ServiceState {
     handle: Handle,
     load: watch::Receiver<Load>,
     dbus: DBusProxy<'static>,
@@ -412,7 +412,7 @@ struct Shared {
 
 /// A request's place in [`Callers`]; dropped when the request ends.
 struct Ticket {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceState>,
     caller: String,
     id: u64,
 }
@@ -430,13 +430,13 @@ impl Drop for Ticket {
 }
 
 /// A request the scheduler took, with what stops it.
-struct Running {
+struct CallRequest {
     ticket: Ticket,
     cancel: oneshot::Receiver<()>,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
 }
 
-impl Shared {
+impl ServiceState {
     /// The caller that sent `hdr`.
     fn caller(hdr: &Header<'_>) -> Result<String, ApiError> {
         hdr.sender().map(|s| s.to_string()).ok_or_else(|| {
@@ -523,7 +523,7 @@ impl Shared {
         caller: &str,
         asking: Asking,
         options: &HashMap<String, OwnedValue>,
-    ) -> Result<Running, ApiError> {
+    ) -> Result<CallRequest, ApiError> {
         let p = parse_request(asking, options)?;
         let (ticket, cancel) = self.register(caller);
         let client = self.client_of(caller).await?;
@@ -538,7 +538,7 @@ impl Shared {
         let generation = tokio::task::spawn_blocking(move || handle.submit(req))
             .await
             .map_err(|e| ApiError::Internal(format!("preparing the request failed: {e}")))??;
-        Ok(Running {
+        Ok(CallRequest {
             ticket,
             cancel,
             events: generation.into_receiver(),
@@ -548,7 +548,7 @@ impl Shared {
 
 /// The `org.lfm.Daemon1` object.
 pub struct Daemon1 {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceState>,
 }
 
 #[interface(name = "org.lfm.Daemon1")]
@@ -562,7 +562,7 @@ impl Daemon1 {
         prompt: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<(String, Info), ApiError> {
-        let caller = Shared::caller(&hdr)?;
+        let caller = ServiceState::caller(&hdr)?;
         self.complete(caller, Asking::Prompt(prompt), options).await
     }
 
@@ -577,7 +577,7 @@ impl Daemon1 {
         messages: Vec<HashMap<String, OwnedValue>>,
         options: HashMap<String, OwnedValue>,
     ) -> Result<(String, Info), ApiError> {
-        let caller = Shared::caller(&hdr)?;
+        let caller = ServiceState::caller(&hdr)?;
         let messages = messages_of(messages)?;
         self.complete(caller, Asking::Messages(messages), options)
             .await
@@ -595,7 +595,7 @@ impl Daemon1 {
         prompt: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, ApiError> {
-        let caller = Shared::caller(&hdr)?;
+        let caller = ServiceState::caller(&hdr)?;
         self.start_streaming(caller, conn, server, Asking::Prompt(prompt), options)
             .await
     }
@@ -610,7 +610,7 @@ impl Daemon1 {
         messages: Vec<HashMap<String, OwnedValue>>,
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<OwnedObjectPath>, ApiError> {
-        let caller = Shared::caller(&hdr)?;
+        let caller = ServiceState::caller(&hdr)?;
         let messages = messages_of(messages)?;
         self.start_streaming(caller, conn, server, Asking::Messages(messages), options)
             .await
@@ -776,7 +776,7 @@ impl Daemon1 {
         asking: Asking,
         options: HashMap<String, OwnedValue>,
     ) -> Result<(String, Info), ApiError> {
-        let Running {
+        let CallRequest {
             ticket,
             mut cancel,
             mut events,
@@ -891,8 +891,8 @@ fn expert_stats_of(p: crate::engine::PagingStats) -> (ExpertTotals, Vec<ExpertRo
 
 /// Forwards a request's events as signals to `caller` until it ends (or is
 /// cancelled: then `Finished("cancelled", …)` with the tokens so far).
-async fn stream_request(conn: &Connection, path: &OwnedObjectPath, caller: &str, r: Running) {
-    let Running {
+async fn stream_request(conn: &Connection, path: &OwnedObjectPath, caller: &str, r: CallRequest) {
+    let CallRequest {
         ticket,
         mut cancel,
         mut events,
@@ -949,7 +949,7 @@ fn error_info(e: ApiError) -> HashMap<&'static str, Value<'static>> {
 
 /// An `Ask` in progress: `/org/lfm/Daemon1/requests/N`.
 struct Request1 {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceState>,
     owner: String,
     id: u64,
 }
@@ -959,7 +959,7 @@ impl Request1 {
     /// Stops the request; `Finished("cancelled", …)` follows. Only its
     /// caller may.
     async fn cancel(&self, #[zbus(header)] hdr: Header<'_>) -> Result<(), ApiError> {
-        if Shared::caller(&hdr)? != self.owner {
+        if ServiceState::caller(&hdr)? != self.owner {
             return Err(ApiError::AccessDenied(
                 "only the connection that asked may cancel a request".into(),
             ));
@@ -1031,7 +1031,7 @@ pub async fn serve(handle: Handle, bus: &Bus) -> Result<DbusServer, DbusError> {
         .build()
         .await
         .map_err(on)?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ServiceState {
         load: handle.watch_load(),
         handle,
         dbus: dbus.clone(),

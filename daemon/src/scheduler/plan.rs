@@ -6,7 +6,7 @@ use super::queue::Priority;
 
 /// A running sequence as the planner sees it.
 #[derive(Clone, Copy, Debug)]
-pub struct Running {
+pub struct StepNeed {
     /// Tokens still to feed before its next sample (1 while decoding).
     pub pending: usize,
     pub priority: Priority,
@@ -19,7 +19,7 @@ pub struct Running {
 /// admission order (the input order), each taking as much of what is left
 /// as it needs, so the oldest prompt finishes first. A budget of 0 is taken
 /// as 1: prefill always progresses.
-pub fn plan_step(running: &[Running], prefill_budget: usize) -> Vec<usize> {
+pub fn plan_step(running: &[StepNeed], prefill_budget: usize) -> Vec<usize> {
     let mut take = vec![0; running.len()];
     let mut budget = prefill_budget.max(1);
     for (i, r) in running.iter().enumerate() {
@@ -42,15 +42,15 @@ pub fn plan_step(running: &[Running], prefill_budget: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    fn run(pending: usize) -> Running {
-        Running {
+    fn run(pending: usize) -> StepNeed {
+        StepNeed {
             pending,
             priority: Priority::Interactive,
         }
     }
 
-    fn bg(pending: usize) -> Running {
-        Running {
+    fn bg(pending: usize) -> StepNeed {
+        StepNeed {
             pending,
             priority: Priority::Background,
         }

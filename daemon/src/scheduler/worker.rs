@@ -6,7 +6,7 @@
 //! the loop goes on; a panic elsewhere ends the thread, failing everything,
 //! and is reported through `EngineExit`.
 
-use super::plan::{Running as View, plan_step};
+use super::plan::{StepNeed, plan_step};
 use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats, UserSlot};
 use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
 use crate::sequence::{FinishReason, Sequence};
@@ -36,7 +36,7 @@ pub(crate) struct Worker {
 }
 
 /// A request holding a slot.
-struct Running {
+struct Admitted {
     seq: Sequence,
     priority: Priority,
     events: UnboundedSender<Event>,
@@ -69,7 +69,7 @@ impl Job {
     }
 }
 
-impl Running {
+impl Admitted {
     fn fail(mut self, why: Failure) {
         // The session (if any) keeps its conversation; its state was
         // partly advanced, so it is dropped with the sequence.
@@ -151,7 +151,7 @@ impl Worker {
         }
     }
 
-    fn serve(&self, running: &mut Vec<Running>) {
+    fn serve(&self, running: &mut Vec<Admitted>) {
         while let Some(prefill_chunk) = self.admit(running) {
             self.drop_gone(running);
             if !running.is_empty() {
@@ -163,7 +163,7 @@ impl Worker {
     /// Housekeeping under the lock, then fills free slots. Waits while
     /// nothing runs; returns the step's prefill budget, or `None` when shut
     /// down and drained.
-    fn admit(&self, running: &mut Vec<Running>) -> Option<usize> {
+    fn admit(&self, running: &mut Vec<Admitted>) -> Option<usize> {
         let mut g = self.shared.lock();
         loop {
             self.shared.beat();
@@ -211,7 +211,7 @@ impl Worker {
         }
     }
 
-    fn start(&self, mut job: Job, now: Instant) -> Running {
+    fn start(&self, mut job: Job, now: Instant) -> Admitted {
         let state = job
             .state
             .take()
@@ -232,7 +232,7 @@ impl Worker {
         if job.ignore_eos {
             seq.ignore_eos();
         }
-        Running {
+        Admitted {
             seq,
             priority: job.priority,
             events: job.events.clone(),
@@ -250,7 +250,7 @@ impl Worker {
 
     /// Frees the slots of requests whose client went away (cancelled) or
     /// whose deadline passed.
-    fn drop_gone(&self, running: &mut Vec<Running>) {
+    fn drop_gone(&self, running: &mut Vec<Admitted>) {
         let now = Instant::now();
         let before = running.len();
         let mut expired = Vec::new();
@@ -274,10 +274,10 @@ impl Worker {
     }
 
     /// One forward call over every running sequence, then sampling.
-    fn step(&self, running: &mut Vec<Running>, prefill_chunk: usize) {
-        let views: Vec<View> = running
+    fn step(&self, running: &mut Vec<Admitted>, prefill_chunk: usize) {
+        let views: Vec<StepNeed> = running
             .iter()
-            .map(|r| View {
+            .map(|r| StepNeed {
                 pending: r.seq.pending_len(),
                 priority: r.priority,
             })
@@ -516,7 +516,7 @@ impl Worker {
 
     /// Checks a session back in, then sends the final event (in that
     /// order, so a client may send its next turn as soon as it sees Done).
-    fn finish(&self, r: Running, now: Instant) {
+    fn finish(&self, r: Admitted, now: Instant) {
         let reason = r.seq.finish_reason().cloned().expect("finished");
         let first = r.first_token.unwrap_or(now);
         let stats = Stats {

@@ -201,7 +201,7 @@ impl State {
     }
 }
 
-struct Shared {
+struct PagerShared {
     gguf: Arc<Gguf>,
     index: ExpertIndex,
     opts: PagingOptions,
@@ -218,7 +218,7 @@ struct Shared {
 
 /// The expert cache of one model. Dropping it stops its I/O thread.
 pub struct Pager {
-    shared: Arc<Shared>,
+    shared: Arc<PagerShared>,
     /// Model layer index → MoE ordinal.
     moe_of: Vec<Option<usize>>,
     thread: Option<JoinHandle<()>>,
@@ -227,7 +227,7 @@ pub struct Pager {
 /// Reads a [`Pager`]'s figures from any thread; cheap to clone. Holds the
 /// pager's bookkeeping, not its I/O thread.
 #[derive(Clone)]
-pub struct PagingMonitor(Arc<Shared>);
+pub struct PagingMonitor(Arc<PagerShared>);
 
 impl PagingMonitor {
     /// The figures with residency measured from the page tables.
@@ -299,7 +299,7 @@ impl Pager {
                     .collect()
             })
             .collect();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PagerShared {
             gguf,
             index,
             opts,
@@ -503,7 +503,7 @@ impl Drop for Pager {
     }
 }
 
-impl Shared {
+impl PagerShared {
     fn stats(&self, measure: bool) -> PagingStats {
         let measured = measure.then(|| self.measure_residency());
         let mut st = self.lock();

@@ -1,15 +1,16 @@
-//! The forward pass. All tokens of all sequences in a call share the matrix
-//! products (one pass over each weight matrix per layer); the sequence-local
-//! parts (conv window, attention over the KV cache) run per sequence.
+//! The forward pass: the embedding, each layer's blocks (`blocks.rs`) with
+//! their norms and residual adds, the logits. All tokens of all sequences in
+//! a call share the matrix products (one pass over each weight matrix per
+//! layer); the sequence-local parts (conv window, attention over the KV
+//! cache) run for every sequence in one parallel region.
 
-use super::ops::{rms_norm, rms_norm_inplace, rope_neox, sigmoid};
+use super::blocks::Batch;
+use super::ops::{rms_norm, sigmoid};
 use super::scratch::Buf;
-use super::state::{LayerState, SeqState};
+use super::state::SeqState;
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
 use crate::gguf::GgmlType;
-use half::f16;
 use lfm_kernels::act::act_fns;
-use lfm_kernels::attn::{KvHead, attention_fns};
 use lfm_kernels::dispatch::{kernel, quantize_activations_on};
 use lfm_kernels::scalar;
 use lfm_kernels::types::WeightType;
@@ -80,7 +81,7 @@ impl Model {
     /// Quantized weights meet activations quantized the way llama.cpp pairs
     /// them (Q8_0, Q8_1 or Q8_K blocks, integer block sums), so the results
     /// agree with it to rounding; float weights use f32 activations.
-    fn matmul(&self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
+    pub(super) fn matmul(&self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32]) {
         debug_assert_eq!(x.len(), n * w.cols);
         self.matmuls(vec![(w, x, n, y)]);
     }
@@ -88,7 +89,7 @@ impl Model {
     /// Several products in one parallel region (see `matmul_many`): each
     /// job is `(weights, activations, n, output)`. Activations shared by
     /// jobs of the same format are converted once.
-    fn matmuls(&self, jobs: Vec<(&Tensor, &[f32], usize, &mut [f32])>) {
+    pub(super) fn matmuls(&self, jobs: Vec<(&Tensor, &[f32], usize, &mut [f32])>) {
         let file = self.gguf.bytes();
         let mut bufs: Vec<(
             *const f32,
@@ -172,14 +173,8 @@ impl Model {
             self.check(it.state, it.tokens)?;
         }
         let file = self.gguf.bytes();
-        // Row ranges of each item in the flattened batch.
-        let mut spans = Vec::with_capacity(items.len());
-        let mut n = 0;
-        for it in items.iter() {
-            spans.push(n..n + it.tokens.len());
-            n += it.tokens.len();
-        }
-
+        let mut batch = Batch::new(items);
+        let n = batch.rows();
         if let Some(st) = stats.as_deref_mut() {
             st.route_margin = vec![f32::INFINITY; n];
             st.experts = vec![0; self.layers.len()];
@@ -188,103 +183,32 @@ impl Model {
             p.begin_step();
         }
         let mut x = self.scratch.zeroed(n * e);
-        for (row, &tok) in items.iter().flat_map(|it| it.tokens.iter()).enumerate() {
+        for (row, &tok) in batch
+            .items
+            .iter()
+            .flat_map(|it| it.tokens.iter())
+            .enumerate()
+        {
             let t = self.tok_embd.rows(tok as usize, 1);
             dequantize_rows(&t, t.bytes(file), &mut x[row * e..(row + 1) * e]);
         }
-
-        // Each row of the batch: its item and its position in that sequence.
-        let token_at: Vec<(usize, usize)> = items
-            .iter()
-            .enumerate()
-            .flat_map(|(i, it)| (0..it.tokens.len()).map(move |j| (i, it.state.pos + j)))
-            .collect();
 
         let mut h = self.scratch.zeroed(n * e);
         let mut mix = self.scratch.zeroed(n * e);
         for (il, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, d.norm_eps, &mut h);
             match &layer.mixer {
-                Mixer::Conv {
-                    conv,
-                    in_proj,
-                    out_proj,
-                } => {
-                    let mut bcx = self.scratch.zeroed(n * 3 * e);
-                    self.matmul(in_proj, &h, n, &mut bcx);
-                    let mut y = self.scratch.zeroed(n * e);
-                    self.short_conv(items, &spans, il, conv, &bcx, &mut y);
-                    self.matmul(out_proj, &y, n, &mut mix);
-                }
-                Mixer::Attention {
-                    n_head_kv,
-                    q,
-                    k,
-                    v,
-                    o,
-                    q_norm,
-                    k_norm,
-                } => {
-                    let (hd, nkv) = (d.head_dim, *n_head_kv);
-                    let kvd = nkv * hd;
-                    let mut qs = self.scratch.zeroed(n * e);
-                    let mut ks = self.scratch.zeroed(n * kvd);
-                    let mut vs = self.scratch.zeroed(n * kvd);
-                    self.matmuls(vec![
-                        (q, &h, n, &mut qs[..]),
-                        (k, &h, n, &mut ks[..]),
-                        (v, &h, n, &mut vs[..]),
-                    ]);
-                    rms_norm_inplace(&mut qs, q_norm, d.norm_eps);
-                    rms_norm_inplace(&mut ks, k_norm, d.norm_eps);
-                    // RoPE on the keys, and the call's rows into each
-                    // sequence's cache (complete up to this call's end
-                    // before anything attends to it).
-                    for (it, span) in items.iter_mut().zip(&spans) {
-                        let pos0 = it.state.pos;
-                        let LayerState::Attention { k: kc, v: vc } = &mut it.state.layers[il]
-                        else {
-                            unreachable!("state layout follows the model");
-                        };
-                        for (i, t) in span.clone().enumerate() {
-                            for head in ks[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                                rope_neox(head, pos0 + i, d.rope_freq_base);
-                            }
-                            for (h, (kh, vh)) in kc.iter_mut().zip(vc.iter_mut()).enumerate() {
-                                let at = t * kvd + h * hd..t * kvd + (h + 1) * hd;
-                                kh.extend(ks[at.clone()].iter().map(|&x| f16::from_f32(x)));
-                                vh.extend(vs[at].iter().map(|&x| f16::from_f32(x)));
-                            }
-                        }
-                    }
-                    let mut att = self.scratch.zeroed(n * e);
-                    self.attend(items, &token_at, il, nkv, &qs, &mut att);
-                    self.matmul(o, &att, n, &mut mix);
-                }
+                Mixer::Conv(block) => block.forward(self, il, &mut batch, &h, &mut mix),
+                Mixer::Attention(block) => block.forward(self, il, &mut batch, &h, &mut mix),
             }
             x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &layer.ffn_norm, d.norm_eps, &mut h);
             match &layer.ffn {
-                Ffn::Dense { gate, up, down } => {
-                    let f = gate.rows;
-                    let mut g = self.scratch.zeroed(n * f);
-                    let mut u = self.scratch.zeroed(n * f);
-                    self.matmuls(vec![(gate, &h, n, &mut g[..]), (up, &h, n, &mut u[..])]);
-                    self.swiglu(&mut g, &u);
-                    self.matmul(down, &g, n, &mut mix);
-                }
-                Ffn::Moe {
-                    router,
-                    bias,
-                    gate,
-                    up,
-                    down,
-                } => {
+                Ffn::Dense(block) => block.forward(self, &h, n, &mut mix),
+                Ffn::Moe(block) => {
                     let margins = stats.as_deref_mut().map(|s| &mut s.route_margin[..]);
-                    let used = self.moe(
-                        il, &x, router, bias, gate, up, down, &h, n, &mut mix, margins,
-                    );
+                    let used = block.forward(self, il, &x, &h, n, &mut mix, margins);
                     if let Some(st) = stats.as_deref_mut() {
                         st.experts[il] = used;
                     }
@@ -292,6 +216,7 @@ impl Model {
             }
             x.iter_mut().zip(mix.iter()).for_each(|(a, b)| *a += b);
         }
+        let (items, spans) = (batch.items, batch.spans);
 
         // Logits for the rows asked for, every item's in one product: the
         // output matrix (65,536 rows in LFM2) streams once a step, not once
@@ -344,127 +269,9 @@ impl Model {
         Ok(out)
     }
 
-    /// The short convolution of every item's tokens (`bcx`: `[n][3 * n_embd]`,
-    /// the in-projection's B, C and x parts), into `y` (`[n][n_embd]`),
-    /// sliding each item's window. One pool region for all items: a work
-    /// unit is one item's tokens over a block of channels (channels are
-    /// independent, so the arithmetic is the same however they are dealt).
-    fn short_conv(
-        &self,
-        items: &mut [BatchItem<'_>],
-        spans: &[std::ops::Range<usize>],
-        il: usize,
-        taps: &[f32],
-        bcx: &[f32],
-        y: &mut [f32],
-    ) {
-        const BLOCK: usize = 256;
-        let (e, l) = (self.desc.n_embd, self.desc.conv_l_cache);
-        let l1 = l - 1;
-        // Unit outputs, `[token][channel in block]` per (item, block), laid
-        // out item after item: an item's blocks fill its rows' share.
-        let mut outs = self.scratch.zeroed(y.len());
-        let mut units = Vec::with_capacity(items.len() * e.div_ceil(BLOCK));
-        let mut out_rest = &mut outs[..];
-        for (it, span) in items.iter_mut().zip(spans) {
-            let LayerState::Conv { window } = &mut it.state.layers[il] else {
-                unreachable!("state layout follows the model");
-            };
-            for (b, w) in window.chunks_mut(BLOCK * l1).enumerate() {
-                let (o, rest) =
-                    std::mem::take(&mut out_rest).split_at_mut(span.len() * w.len() / l1);
-                out_rest = rest;
-                units.push((span.clone(), b * BLOCK, w, o));
-            }
-        }
-        self.pool.for_each_mut(&mut units, 1, &|_, unit| {
-            let (span, c0, window, out) = &mut unit[0];
-            let width = window.len() / l1;
-            for (ti, t) in span.clone().enumerate() {
-                let row = &bcx[t * 3 * e..(t + 1) * 3 * e];
-                let (b, rest) = row.split_at(e);
-                let (c, xin) = rest.split_at(e);
-                for j in 0..width {
-                    let ch = *c0 + j;
-                    let bx = b[ch] * xin[ch];
-                    let tap = &taps[ch * l..(ch + 1) * l];
-                    // This channel's past inputs, oldest first.
-                    let past = &mut window[j * l1..(j + 1) * l1];
-                    let mut acc = 0.0f32;
-                    for k in 0..l1 {
-                        acc += past[k] * tap[k];
-                    }
-                    acc += bx * tap[l1];
-                    out[ti * width + j] = c[ch] * acc;
-                    past.copy_within(1.., 0);
-                    past[l1 - 1] = bx;
-                }
-            }
-        });
-        for (span, c0, window, out) in &units {
-            let width = window.len() / l1;
-            for (ti, t) in span.clone().enumerate() {
-                y[t * e + c0..t * e + c0 + width]
-                    .copy_from_slice(&out[ti * width..(ti + 1) * width]);
-            }
-        }
-    }
-
-    /// Attention of every row of the batch (queries `qs`, `[n][n_embd]`,
-    /// before RoPE) over its own sequence's cache, into `att`. One pool
-    /// region for all items: a work unit is one (row, KV head), covering the
-    /// query heads that share it; it reads only the caches (complete up to
-    /// this call's end) and writes its own part of `att`, so units run in
-    /// any order on any thread with the same arithmetic.
-    fn attend(
-        &self,
-        items: &[BatchItem<'_>],
-        token_at: &[(usize, usize)],
-        il: usize,
-        nkv: usize,
-        qs: &[f32],
-        att: &mut [f32],
-    ) {
-        let d = &self.desc;
-        let (e, hd) = (d.n_embd, d.head_dim);
-        let group = d.n_head / nkv;
-        let width = group * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
-        // Each item's (K, V) caches of this layer, per KV head.
-        let caches: Vec<KvCaches<'_>> = items
-            .iter()
-            .map(|it| match &it.state.layers[il] {
-                LayerState::Attention { k, v } => (&k[..], &v[..]),
-                LayerState::Conv { .. } => unreachable!("state layout follows the model"),
-            })
-            .collect();
-        let fns = attention_fns(self.isa, hd);
-        let softmax = act_fns(self.isa).softmax;
-        self.pool.for_each_mut(att, width, &|i, out| {
-            let (t, kvh) = (i / nkv, i % nkv);
-            let (item, pos) = token_at[t];
-            let n_pos = pos + 1;
-            let (kc, vc) = caches[item];
-            let (k, v) = (&kc[kvh][..n_pos * hd], &vc[kvh][..n_pos * hd]);
-            ATTEND_SCRATCH.with_borrow_mut(|s| {
-                // This thread's buffer: the group's queries, then scores.
-                s.clear();
-                s.extend_from_slice(&qs[t * e + kvh * width..t * e + (kvh + 1) * width]);
-                s.resize(width + group * n_pos, 0.0);
-                let (q, p) = s.split_at_mut(width);
-                for head in q.chunks_exact_mut(hd) {
-                    rope_neox(head, pos, d.rope_freq_base);
-                }
-                (fns.scores)(q, KvHead::new(k, hd), scale, p);
-                p.chunks_exact_mut(n_pos).for_each(softmax);
-                (fns.mix)(p, KvHead::new(v, hd), out);
-            });
-        });
-    }
-
     /// `g = silu(g) * u`, elementwise, spread over the pool when large
     /// (one token's dense FFN, 7168 wide in LFM2-8B-A1B, already is).
-    fn swiglu(&self, g: &mut [f32], u: &[f32]) {
+    pub(super) fn swiglu(&self, g: &mut [f32], u: &[f32]) {
         const CHUNK: usize = 2048;
         let swiglu = act_fns(self.isa).swiglu;
         if g.len() < 2 * CHUNK {
@@ -476,153 +283,17 @@ impl Model {
         });
     }
 
-    /// Mixture of experts: sigmoid router, bias for selection only, top-k,
-    /// normalized weights, weighted sum of SwiGLU experts (summed in
-    /// selection order, as llama.cpp does). Returns how many distinct
-    /// experts the tokens chose.
-    #[allow(clippy::too_many_arguments)]
-    fn moe(
-        &self,
-        il: usize,
-        x: &[f32],
-        router: &Tensor,
-        bias: &[f32],
-        gate: &Tensor,
-        up: &Tensor,
-        down: &Tensor,
-        h: &[f32],
-        n: usize,
-        out: &mut [f32],
-        mut margins: Option<&mut [f32]>,
-    ) -> usize {
-        let d = &self.desc;
-        let (e, ne, k, f) = (d.n_embd, d.n_expert, d.n_expert_used, d.n_ff_exp);
-        let mut logits = self.scratch.zeroed(n * ne);
-        self.matmul(router, h, n, &mut logits);
-        // Per token: the chosen experts (in selection order) and their weights.
-        let mut chosen = vec![(0usize, 0.0f32); n * k];
-        let (mut probs, mut order) = (vec![0.0f32; ne], vec![0usize; ne]);
-        for t in 0..n {
-            probs
-                .iter_mut()
-                .zip(&logits[t * ne..(t + 1) * ne])
-                .for_each(|(p, &v)| *p = sigmoid(v));
-            order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
-            order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
-            if let (Some(m), Some(&next)) = (margins.as_deref_mut(), order.get(k)) {
-                let gap = (probs[order[k - 1]] + bias[order[k - 1]]) - (probs[next] + bias[next]);
-                m[t] = m[t].min(gap);
-            }
-            let sum: f32 = order[..k]
-                .iter()
-                .map(|&i| probs[i])
-                .sum::<f32>()
-                .max(6.103_515_6e-5);
-            for (slot, &i) in order[..k].iter().enumerate() {
-                chosen[t * k + slot] = (i, probs[i] / sum);
-            }
-        }
-        // Each chosen expert's tokens, as rows of flat buffers in expert
-        // order. All chosen experts' gate and up products run in one
-        // parallel region, then all their down products in another.
-        let mut experts: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
-        for ex in 0..ne {
-            let users: Vec<(usize, usize)> = (0..n * k)
-                .filter(|&i| chosen[i].0 == ex)
-                .map(|i| (i / k, i % k))
-                .collect();
-            if !users.is_empty() {
-                experts.push((ex, users));
-            }
-        }
-        if let Some(p) = &self.pager {
-            let uses: Vec<(usize, usize)> = experts.iter().map(|(ex, u)| (*ex, u.len())).collect();
-            p.route(il, &uses);
-            for next in p.next_moe_layers(il) {
-                if p.wants_prediction(next) {
-                    p.predict(next, &self.predict_experts(next, x, n));
-                }
-            }
-        }
-        let counts: Vec<usize> = experts.iter().map(|(_, u)| u.len()).collect();
-        // The row of (token, slot) in the flat buffers.
-        let mut row_of = vec![0usize; n * k];
-        let mut hx_all = self.scratch.zeroed(n * k * e);
-        for (r, (t, slot)) in experts
-            .iter()
-            .flat_map(|(_, u)| u.iter().copied())
-            .enumerate()
-        {
-            row_of[t * k + slot] = r;
-            hx_all[r * e..(r + 1) * e].copy_from_slice(&h[t * e..(t + 1) * e]);
-        }
-        let hxs = split_rows(&mut hx_all, &counts, e);
-        let slices: Vec<(Tensor, Tensor, Tensor)> = experts
-            .iter()
-            .map(|&(ex, _)| {
-                (
-                    gate.rows(ex * f, f),
-                    up.rows(ex * f, f),
-                    down.rows(ex * e, e),
-                )
-            })
-            .collect();
-        let (mut g_all, mut u_all) = (
-            self.scratch.zeroed(n * k * f),
-            self.scratch.zeroed(n * k * f),
-        );
-        let mut gs = split_rows(&mut g_all, &counts, f);
-        let mut us = split_rows(&mut u_all, &counts, f);
-        let mut jobs = Vec::with_capacity(2 * experts.len());
-        for (((hx, (g_t, u_t, _)), g), u) in hxs.iter().zip(&slices).zip(&mut gs).zip(&mut us) {
-            let rows = hx.len() / e;
-            jobs.push((g_t, &hx[..], rows, &mut g[..]));
-            jobs.push((u_t, &hx[..], rows, &mut u[..]));
-        }
-        self.matmuls(jobs);
-        // All experts' SwiGLU in one region, an expert per hand-out (per
-        // element, so the same values as `swiglu`'s split).
-        let swiglu = act_fns(self.isa).swiglu;
-        self.pool
-            .for_each_mut(&mut gs, 1, &|i, g| swiglu(g[0], us[i]));
-        let mut dn_all = self.scratch.zeroed(n * k * e);
-        let mut dns = split_rows(&mut dn_all, &counts, e);
-        let jobs = slices
-            .iter()
-            .zip(&gs)
-            .zip(&mut dns)
-            .map(|(((_, _, d_t), g), dn)| (d_t, &g[..], g.len() / f, &mut dn[..]))
-            .collect();
-        self.matmuls(jobs);
-        // Weighted and summed in slot order: the first slot's product, then
-        // each later one's added (f32 products rounded before the sums,
-        // the same arithmetic as summing per-slot copies).
-        for t in 0..n {
-            let o = &mut out[t * e..(t + 1) * e];
-            for slot in 0..k {
-                let w = chosen[t * k + slot].1;
-                let r = row_of[t * k + slot];
-                let dn = &dn_all[r * e..(r + 1) * e];
-                if slot == 0 {
-                    o.iter_mut().zip(dn).for_each(|(a, v)| *a = v * w);
-                } else {
-                    o.iter_mut().zip(dn).for_each(|(a, v)| *a += v * w);
-                }
-            }
-        }
-        experts.len()
-    }
-
     /// The experts MoE layer `il` would choose for the residual stream `x`
     /// as it is now (some layers earlier): its norm and router applied to
     /// `x`, top-k per token, the union. Only steers prefetching.
-    fn predict_experts(&self, il: usize, x: &[f32], n: usize) -> Vec<usize> {
+    pub(super) fn predict_experts(&self, il: usize, x: &[f32], n: usize) -> Vec<usize> {
         let d = &self.desc;
         let (e, ne, k) = (d.n_embd, d.n_expert, d.n_expert_used);
         let layer = &self.layers[il];
-        let Ffn::Moe { router, bias, .. } = &layer.ffn else {
+        let Ffn::Moe(moe) = &layer.ffn else {
             return Vec::new();
         };
+        let (router, bias) = (&moe.router, &moe.bias);
         let mut h = self.scratch.zeroed(n * e);
         rms_norm(x, &layer.ffn_norm, d.norm_eps, &mut h);
         let mut logits = self.scratch.zeroed(n * ne);
@@ -642,18 +313,12 @@ impl Model {
     }
 }
 
-/// One sequence's K and V caches of a layer, per KV head.
-type KvCaches<'a> = (&'a [Vec<f16>], &'a [Vec<f16>]);
-
-thread_local! {
-    /// Per-thread room for one attention unit's queries and scores: grows
-    /// to the longest context seen, then is reused (no allocation per token
-    /// or head).
-    static ATTEND_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// `buf` cut into consecutive runs of `counts[i] * width` elements.
-fn split_rows<'a>(buf: &'a mut [f32], counts: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+pub(super) fn split_rows<'a>(
+    buf: &'a mut [f32],
+    counts: &[usize],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
     let mut rest = buf;
     counts
         .iter()

@@ -6,6 +6,7 @@
 //! I/O thread, and never awaits: callers (the CLI, the scheduler thread)
 //! drive it.
 
+mod blocks;
 mod forward;
 mod ops;
 pub mod paging;

@@ -32,12 +32,12 @@ impl SeqState {
             .layers
             .iter()
             .map(|l| match l.mixer {
-                Mixer::Conv { .. } => LayerState::Conv {
+                Mixer::Conv(_) => LayerState::Conv {
                     window: vec![0.0; (d.conv_l_cache - 1) * d.n_embd],
                 },
-                Mixer::Attention { n_head_kv, .. } => LayerState::Attention {
-                    k: vec![Vec::new(); n_head_kv],
-                    v: vec![Vec::new(); n_head_kv],
+                Mixer::Attention(ref a) => LayerState::Attention {
+                    k: vec![Vec::new(); a.n_head_kv],
+                    v: vec![Vec::new(); a.n_head_kv],
                 },
             })
             .collect();

@@ -2,6 +2,7 @@
 //! (a [`Tensor`] is a byte range plus shape); only tiny F32 vectors (norm
 //! gains, conv kernels, expert biases) are copied out at load.
 
+use super::blocks::{Attention, DenseFfn, MoeFfn, ShortConv};
 use super::paging::{Pager, PagingOptions};
 use super::scratch::Scratch;
 use crate::gguf::{GgmlType, Gguf, GgufError};
@@ -75,39 +76,16 @@ impl Tensor {
     }
 }
 
+/// A layer's token mixer.
 pub(crate) enum Mixer {
-    Conv {
-        /// `[n_embd][l_cache]`: tap k of channel c at `conv[c * l + k]`.
-        conv: Vec<f32>,
-        in_proj: Tensor,
-        out_proj: Tensor,
-    },
-    Attention {
-        n_head_kv: usize,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        o: Tensor,
-        q_norm: Vec<f32>,
-        k_norm: Vec<f32>,
-    },
+    Conv(ShortConv),
+    Attention(Attention),
 }
 
+/// A layer's feed-forward.
 pub(crate) enum Ffn {
-    Dense {
-        gate: Tensor,
-        up: Tensor,
-        down: Tensor,
-    },
-    Moe {
-        router: Tensor,
-        bias: Vec<f32>,
-        /// Stacked experts: expert e's rows are `e * n_ff_exp ..` (gate, up)
-        /// and `e * n_embd ..` (down).
-        gate: Tensor,
-        up: Tensor,
-        down: Tensor,
-    },
+    Dense(DenseFfn),
+    Moe(MoeFfn),
 }
 
 pub(crate) struct Layer {
@@ -196,12 +174,12 @@ impl Model {
         for (i, l) in desc.layers.iter().enumerate() {
             let b = |s: &str| format!("blk.{i}.{s}");
             let mixer = match l.kind {
-                LayerKind::ShortConv => Mixer::Conv {
+                LayerKind::ShortConv => Mixer::Conv(ShortConv {
                     conv: vector(&b("shortconv.conv.weight")),
                     in_proj: mat(&b("shortconv.in_proj.weight")),
                     out_proj: mat(&b("shortconv.out_proj.weight")),
-                },
-                LayerKind::Attention { n_head_kv } => Mixer::Attention {
+                }),
+                LayerKind::Attention { n_head_kv } => Mixer::Attention(Attention {
                     n_head_kv: n_head_kv as usize,
                     q: mat(&b("attn_q.weight")),
                     k: mat(&b("attn_k.weight")),
@@ -209,22 +187,22 @@ impl Model {
                     o: mat(&b("attn_output.weight")),
                     q_norm: vector(&b("attn_q_norm.weight")),
                     k_norm: vector(&b("attn_k_norm.weight")),
-                },
+                }),
             };
             let ffn = if l.moe {
-                Ffn::Moe {
+                Ffn::Moe(MoeFfn {
                     router: mat(&b("ffn_gate_inp.weight")),
                     bias: vector(&b("exp_probs_b.bias")),
                     gate: mat(&b("ffn_gate_exps.weight")),
                     up: mat(&b("ffn_up_exps.weight")),
                     down: mat(&b("ffn_down_exps.weight")),
-                }
+                })
             } else {
-                Ffn::Dense {
+                Ffn::Dense(DenseFfn {
                     gate: mat(&b("ffn_gate.weight")),
                     up: mat(&b("ffn_up.weight")),
                     down: mat(&b("ffn_down.weight")),
-                }
+                })
             };
             layers.push(Layer {
                 attn_norm: vector(&b("attn_norm.weight")),
@@ -304,14 +282,12 @@ impl Model {
         let mut m = vec![self.output];
         for l in &self.layers {
             match &l.mixer {
-                Mixer::Conv {
-                    in_proj, out_proj, ..
-                } => m.extend([*in_proj, *out_proj]),
-                Mixer::Attention { q, k, v, o, .. } => m.extend([*q, *k, *v, *o]),
+                Mixer::Conv(c) => m.extend([c.in_proj, c.out_proj]),
+                Mixer::Attention(a) => m.extend([a.q, a.k, a.v, a.o]),
             }
             match &l.ffn {
-                Ffn::Dense { gate, up, down } => m.extend([*gate, *up, *down]),
-                Ffn::Moe { router, .. } => m.push(*router),
+                Ffn::Dense(f) => m.extend([f.gate, f.up, f.down]),
+                Ffn::Moe(f) => m.push(f.router),
             }
         }
         m
@@ -324,8 +300,8 @@ impl Model {
     pub fn kernel_families(&self, tokens: usize) -> Vec<(String, String)> {
         let mut all = self.fixed_matrices();
         for l in &self.layers {
-            if let Ffn::Moe { gate, up, down, .. } = &l.ffn {
-                all.extend([*gate, *up, *down]);
+            if let Ffn::Moe(f) = &l.ffn {
+                all.extend([f.gate, f.up, f.down]);
             }
         }
         let mut out: Vec<(String, String)> = all
@@ -365,9 +341,10 @@ impl Model {
             .iter()
             .zip(experts)
             .map(|(l, &used)| match &l.ffn {
-                Ffn::Moe { gate, up, down, .. } => {
+                Ffn::Moe(f) => {
                     // Stacked experts: each holds 1 / n_expert of the rows.
-                    used * (gate.byte_len() + up.byte_len() + down.byte_len()) / self.desc.n_expert
+                    used * (f.gate.byte_len() + f.up.byte_len() + f.down.byte_len())
+                        / self.desc.n_expert
                 }
                 Ffn::Dense { .. } => 0,
             })

@@ -238,10 +238,11 @@ want() { # WHAT VERDICT USER ARGS...
 }
 denied=org.freedesktop.DBus.Error.AccessDenied
 # Calls lfmd answers (Status), and a property write that reaches lfmd, which
-# refuses it itself (its properties are read-only): the bus let both through.
+# refuses it itself (its properties have no setter: zbus answers
+# UnknownProperty): the bus let both through.
 want "root calls a method" reached root "${obj[@]}" org.lfm.Daemon1.Status
 want "a member of lfm calls a method" reached lfmtest "${obj[@]}" org.lfm.Daemon1.Status
-want "a member of lfm sets a property (lfmd refuses)" org.freedesktop.DBus.Error.PropertyReadOnly lfmtest "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:Version variant:string:x
+want "a member of lfm sets a property (lfmd refuses)" org.freedesktop.DBus.Error.UnknownProperty lfmtest "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:Version variant:string:x
 want "nobody calls a method" $denied nobody "${obj[@]}" org.lfm.Daemon1.Status
 want "nobody sets a property" $denied nobody "${obj[@]}" $props.Set string:org.lfm.Daemon1 string:Version variant:string:x
 want "nobody reads a property" reached nobody "${obj[@]}" $props.Get string:org.lfm.Daemon1 string:Version

@@ -15,7 +15,9 @@ Before the servers, `lfmd bench` measures the same file and threads with
 one sequence (prefill of the prompt's token count, GEN decoded tokens): the
 rate one client would see with no serving overhead at all, printed as the
 "bench" row of the 1-client table (the lfmd row's ratio to it is the
-serving path's cost).
+serving path's cost); and for N clients, `lfmd bench -s N`: what one decode
+step of N sequences reads (weight GB, distinct experts per MoE layer) and
+its tokens per GB against one sequence's.
 
 Usage: scripts/bench_serve.py MODEL [--threads T] [--clients 1,4,8,16]
        [--reqs 3] [--gen 128] [--prompt 56] [--llama-server PATH]
@@ -100,6 +102,19 @@ def lfmd_bench(args, prompt_tokens):
     r = json.loads(out.stdout)
     pp, tg = r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
     return pp, tg, args.gen / (prompt_tokens / pp + args.gen / tg)
+
+
+def lfmd_batched(args, n):
+    """`lfmd bench -s n`: what a decode step of n sequences reads (weight
+    GB, distinct experts per MoE layer) and its tokens per GB."""
+    lfmd = os.path.join(ROOT, "target/release/lfmd")
+    out = subprocess.run(
+        [lfmd, "bench", "--model", args.model, "-t", str(args.threads),
+         "-p", "0", "-n", "16", "-s", str(n), "--json"],
+        capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    return (r["decode_step_weight_bytes"] / 1e9, r["decode_experts_per_layer"],
+            r["decode_tokens_per_gb"], r["decode_tokens_per_s"])
 
 
 def prompt_tokens(args):
@@ -213,6 +228,7 @@ def main():
     print(f"model {args.model}, {args.threads} threads, {args.reqs} requests per client, "
           f"{args.gen} tokens each, prompts of ~{args.prompt} words ({ptoks} tokens)")
     pp, tg, one = lfmd_bench(args, ptoks)
+    single = lfmd_batched(args, 1)
     print(f"lfmd bench, one sequence: prefill {pp:.2f} tok/s, decode {tg:.2f} tok/s: "
           f"one client at most {one:.2f} tok/s")
     print(f"{'clients':>7} {'server':<12} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
@@ -229,6 +245,12 @@ def main():
         if n == 1:
             print(f"{n:>7} {'bench':<12} {one:>8.2f} {'':>9} {'':>9} {'':>7} "
                   f"{rows[0][1] / one:>6.2f}  (lfmd serving / lfmd bench)")
+        else:
+            gb, experts, per_gb, tps = lfmd_batched(args, n)
+            print(f"{'':>7} lfmd bench -s {n}: a decode step reads {gb:.3f} GB ({experts:.1f} "
+                  f"distinct experts per MoE layer): {per_gb:.2f} tokens/GB, "
+                  f"{per_gb / single[2]:.2f}x one sequence's {single[2]:.2f}; "
+                  f"decode alone {tps:.2f} tok/s")
         sys.stdout.flush()
 
 

@@ -306,7 +306,13 @@ impl MoeFfn {
     /// chosen scores normalized into weights. Fills `margins` (per token,
     /// the smallest gap between the last chosen and the best unchosen
     /// selection score) when given.
-    fn route(&self, m: &Model, h: &[f32], n: usize, mut margins: Option<&mut [f32]>) -> Routing {
+    pub fn route(
+        &self,
+        m: &Model,
+        h: &[f32],
+        n: usize,
+        mut margins: Option<&mut [f32]>,
+    ) -> Routing {
         let d = &m.desc;
         let (ne, k) = (d.n_expert, d.n_expert_used);
         let bias = &self.bias[..];

@@ -5,7 +5,7 @@
 //! cache) run for every sequence in one parallel region.
 
 use super::blocks::Batch;
-use super::ops::{rms_norm, sigmoid};
+use super::ops::rms_norm;
 use super::scratch::Buf;
 use super::state::SeqState;
 use super::weights::{EngineError, Ffn, Mixer, Model, Tensor};
@@ -285,31 +285,21 @@ impl Model {
 
     /// The experts MoE layer `il` would choose for the residual stream `x`
     /// as it is now (some layers earlier): its norm and router applied to
-    /// `x`, top-k per token, the union. Only steers prefetching.
+    /// `x` (`MoeFfn::route`, the choice itself), the union over tokens.
+    /// Only steers prefetching.
     pub(super) fn predict_experts(&self, il: usize, x: &[f32], n: usize) -> Vec<usize> {
         let d = &self.desc;
-        let (e, ne, k) = (d.n_embd, d.n_expert, d.n_expert_used);
         let layer = &self.layers[il];
         let Ffn::Moe(moe) = &layer.ffn else {
             return Vec::new();
         };
-        let (router, bias) = (&moe.router, &moe.bias);
-        let mut h = self.scratch.zeroed(n * e);
+        let mut h = self.scratch.zeroed(n * d.n_embd);
         rms_norm(x, &layer.ffn_norm, d.norm_eps, &mut h);
-        let mut logits = self.scratch.zeroed(n * ne);
-        self.matmul(router, &h, n, &mut logits);
-        let mut chosen = vec![false; ne];
-        for t in 0..n {
-            let score: Vec<f32> = logits[t * ne..(t + 1) * ne]
-                .iter()
-                .zip(bias)
-                .map(|(&v, &b)| sigmoid(v) + b)
-                .collect();
-            let mut order: Vec<usize> = (0..ne).collect();
-            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
-            order[..k].iter().for_each(|&i| chosen[i] = true);
+        let mut chosen = vec![false; d.n_expert];
+        for (expert, _) in moe.route(self, &h, n, None).chosen {
+            chosen[expert] = true;
         }
-        (0..ne).filter(|&i| chosen[i]).collect()
+        (0..d.n_expert).filter(|&i| chosen[i]).collect()
     }
 }
 

@@ -13,14 +13,42 @@ use std::time::Duration;
 /// The system service's config file.
 pub const SYSTEM_CONFIG: &str = "/etc/lfmd/lfmd.toml";
 
-/// Which D-Bus bus to serve on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Bus {
-    #[default]
-    None,
-    Session,
-    System,
+/// `dbus`: the bus to serve on (`"session"`, `"system"`, an address such as
+/// `"unix:path=/run/x/bus"`), or `"none"`. The bus itself is the API's
+/// [`lfm_proto::dbus::Bus`], the type `--dbus` and `lfmctl --dbus=` parse too.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DbusSetting(pub Option<lfm_proto::dbus::Bus>);
+
+impl std::str::FromStr for DbusSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DbusSetting, String> {
+        if s == "none" {
+            return Ok(DbusSetting(None));
+        }
+        s.parse()
+            .map(|b| DbusSetting(Some(b)))
+            .map_err(|e| format!("{e}, or none"))
+    }
+}
+
+impl std::fmt::Display for DbusSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_ref().map_or("none", |b| b.flag()))
+    }
+}
+
+impl<'de> Deserialize<'de> for DbusSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for DbusSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// A byte count written as `"3GiB"`, `"512MiB"`, `"2G"`, `"4096"`; `"none"`
@@ -210,8 +238,8 @@ pub struct Settings {
     pub grpc: Vec<Listen>,
     /// Allow `tcp:` listeners on non-loopback addresses.
     pub allow_remote: bool,
-    /// The D-Bus bus to serve on.
-    pub dbus: Bus,
+    /// The D-Bus bus to serve on, if any.
+    pub dbus: DbusSetting,
     /// Group that owns the Unix sockets (mode 0660), if it exists; "" keeps
     /// the daemon's own group.
     pub socket_group: String,
@@ -253,7 +281,7 @@ impl Default for Settings {
             threads: 0,
             grpc: Vec::new(),
             allow_remote: false,
-            dbus: Bus::None,
+            dbus: DbusSetting(None),
             socket_group: "lfm".into(),
             log_level: Level::Info,
             shutdown_grace: 5.0,
@@ -494,8 +522,22 @@ mod tests {
         assert!("lots".parse::<MemoryBudget>().unwrap_err().contains("auto"));
         assert_eq!(
             (s.shutdown_grace, s.dbus, s.log_level),
-            (2.0, Bus::System, Level::Debug)
+            (2.0, DbusSetting(Some(lfm_proto::dbus::Bus::System)), Level::Debug)
         );
+        for (text, want) in [
+            ("none", None),
+            ("session", Some(lfm_proto::dbus::Bus::Session)),
+            (
+                "unix:path=/run/x/bus",
+                Some(lfm_proto::dbus::Bus::Address("unix:path=/run/x/bus".into())),
+            ),
+        ] {
+            let b: DbusSetting = text.parse().unwrap();
+            assert_eq!(b.0, want, "{text}");
+            assert_eq!(b.to_string(), text);
+            let file = parse(&format!("dbus = \"{text}\"\n")).unwrap();
+            assert_eq!(file.dbus, b, "{text}");
+        }
         for (text, bytes) in [
             ("512MiB", Some(512 << 20)),
             ("2G", Some(2_000_000_000)),

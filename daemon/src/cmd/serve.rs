@@ -101,18 +101,13 @@ impl ServeArgs {
 
     /// The D-Bus bus to serve on: the flag, else the config file's `dbus`.
     fn dbus_bus(&self, s: &lfmd::config::Settings) -> Result<Option<lfm_proto::dbus::Bus>> {
-        use lfm_proto::dbus::Bus;
         Ok(match self.dbus.as_deref() {
-            Some("none") => None,
-            Some(b) => Some(
-                b.parse::<Bus>()
-                    .map_err(|e| anyhow::anyhow!("--dbus {e}, or none"))?,
-            ),
-            None => match s.dbus {
-                lfmd::config::Bus::None => None,
-                lfmd::config::Bus::Session => Some(Bus::Session),
-                lfmd::config::Bus::System => Some(Bus::System),
-            },
+            Some(b) => {
+                b.parse::<lfmd::config::DbusSetting>()
+                    .map_err(|e| anyhow::anyhow!("--dbus {e}"))?
+                    .0
+            }
+            None => s.dbus.0.clone(),
         })
     }
 

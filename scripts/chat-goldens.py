@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Renders daemon/tests/data/chat-cases.json through every template in
-daemon/tests/data/chat-templates/ with Python's jinja2, configured as Hugging
-Face's apply_chat_template does, and writes daemon/tests/goldens/chat/.
+"""Renders daemon/engine/tests/data/chat-cases.json through every template in
+daemon/engine/tests/data/chat-templates/ with Python's jinja2, configured as Hugging
+Face's apply_chat_template does, and writes daemon/engine/tests/goldens/chat/.
 Run with a Python that has jinja2 (e.g. the reference venv:
 /tmp/lfm-ref/venv/bin/python scripts/chat-goldens.py)."""
 import json, os, sys
@@ -10,7 +10,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 
-root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "daemon", "tests")
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "daemon", "engine", "tests")
 out_dir = os.path.join(root, "goldens", "chat")
 os.makedirs(out_dir, exist_ok=True)
 

@@ -37,20 +37,6 @@ impl std::fmt::Display for DbusSetting {
     }
 }
 
-impl<'de> Deserialize<'de> for DbusSetting {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for DbusSetting {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 /// A byte count written as `"3GiB"`, `"512MiB"`, `"2G"`, `"4096"`; `"none"`
 /// (or `"0"`) is no budget.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,12 +101,6 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 /// `memory_budget`: `"auto"` (follow what the host and cgroup have),
 /// `"unlimited"` (or `"none"`), or a size such as `"3GiB"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,12 +149,6 @@ impl<'de> Deserialize<'de> for MemoryBudget {
     }
 }
 
-impl Serialize for MemoryBudget {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum ByteSizeRaw {
@@ -182,19 +156,27 @@ enum ByteSizeRaw {
     Text(String),
 }
 
-impl<'de> Deserialize<'de> for Listen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
+/// Settings written in the file as their text: serialized with `Display`
+/// (and, for `from_str`, deserialized with `FromStr`, whose message names
+/// what is wrong).
+macro_rules! as_text {
+    ($($t:ty),*; from_str: $($f:ty),*) => {
+        $(impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        })*
+        $(impl<'de> Deserialize<'de> for $f {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        })*
+    };
 }
 
-impl Serialize for Listen {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+as_text!(DbusSetting, ByteSize, MemoryBudget, Listen; from_str: DbusSetting, Listen);
 
 fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let n = usize::deserialize(d)?;
@@ -522,7 +504,11 @@ mod tests {
         assert!("lots".parse::<MemoryBudget>().unwrap_err().contains("auto"));
         assert_eq!(
             (s.shutdown_grace, s.dbus, s.log_level),
-            (2.0, DbusSetting(Some(lfm_proto::dbus::Bus::System)), Level::Debug)
+            (
+                2.0,
+                DbusSetting(Some(lfm_proto::dbus::Bus::System)),
+                Level::Debug
+            )
         );
         for (text, want) in [
             ("none", None),

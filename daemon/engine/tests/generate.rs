@@ -1,13 +1,13 @@
 //! Generation: every stop rule (end-of-generation tokens, stop strings,
 //! max tokens, context end), seeded sampling, and the CLI commands.
 
-use lfmd::engine::{BatchItem, LogitsWanted, Model};
-use lfmd::gguf::{GgmlType, Gguf};
-use lfmd::sampler::SamplingParams;
-use lfmd::sequence::{FinishReason, Sequence};
-use lfmd::stop::StopText;
-use lfmd::synth;
-use lfmd::tokenizer::Tokenizer;
+use lfm_engine::engine::{BatchItem, LogitsWanted, Model};
+use lfm_engine::gguf::{GgmlType, Gguf};
+use lfm_engine::sampler::SamplingParams;
+use lfm_engine::sequence::{FinishReason, Sequence};
+use lfm_engine::stop::StopText;
+use lfm_engine::synth;
+use lfm_engine::tokenizer::Tokenizer;
 use std::sync::Arc;
 
 fn setup() -> (Model, Arc<Tokenizer>) {

@@ -2,7 +2,7 @@
 //! settings (goldens from scripts/chat-goldens.py), and hostile templates are
 //! stopped by fuel, recursion and size limits.
 
-use lfmd::chat::{ChatError, ChatMessage, ChatTemplate};
+use lfm_engine::chat::{ChatError, ChatMessage, ChatTemplate};
 use std::path::Path;
 
 fn data() -> &'static Path {

@@ -365,14 +365,15 @@ pub struct Control<R> {
 /// Serves gRPC on `bound` until SIGTERM/SIGINT (then drains: running
 /// requests get the shutdown grace to finish) or the engine dies (an
 /// error). SIGHUP reloads the settings (`control.reload`).
-pub async fn serve<R>(
+pub async fn serve<R, E>(
     handle: Handle,
     exit: EngineExit,
     bound: Vec<Bound>,
     control: Control<R>,
 ) -> Result<(), ServeError>
 where
-    R: FnMut() -> Result<Settings, String>,
+    R: FnMut() -> Result<Settings, E>,
+    E: std::fmt::Display,
 {
     let Control {
         mut signals,
@@ -460,7 +461,7 @@ where
                         apply_reload(&handle, &started, &new);
                         grace = new.shutdown_grace();
                     }
-                    Err(e) => crate::error!("reload failed; the running settings stay: {e}"),
+                    Err(e) => crate::error!("reload failed; the running settings stay: {e:#}"),
                 }
                 let status = systemd::status_line(&handle);
                 systemd::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);

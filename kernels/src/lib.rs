@@ -1,5 +1,6 @@
 //! Compute kernels for lfmd: the ggml block formats, a plainly written scalar
-//! reference for every operation, and (later) runtime-dispatched SIMD variants.
+//! reference for every operation, and SIMD variants (AVX2, AVX-512 with VNNI,
+//! NEON) chosen at run time from what the CPU has ([`isa`], [`dispatch`]).
 //!
 //! Invariant: this crate knows nothing about GGUF files or models. It sees
 //! blocks, rows and slices; the daemon maps files and hands slices in.

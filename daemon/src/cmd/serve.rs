@@ -267,7 +267,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
                         model_path.display()
                     );
                 }
-                a.settings().map_err(|e| format!("{e:#}"))
+                a.settings()
             }
         };
         let dbus = match &dbus_bus {

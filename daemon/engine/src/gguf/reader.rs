@@ -123,11 +123,12 @@ impl Gguf {
         let backing = if meta.len() == 0 {
             Backing::Owned(Vec::new())
         } else {
-            // SAFETY: the mapping is read-only and private to this process.
-            // Its contents can change only if another process writes the file
-            // in place, which we document as unsupported (replace by rename).
-            // Every access goes through bounds validated against the mapped
-            // length, fixed at map time.
+            // SAFETY: the mapping is read-only (PROT_READ, MAP_SHARED: the
+            // page cache's pages, shared with every reader of the file). Its
+            // contents change only if someone writes the file in place, which
+            // is documented as unsupported (replace it by rename: the mapping
+            // keeps the old inode). Every access goes through bounds
+            // validated against the mapped length, fixed at map time.
             let map =
                 unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io("map", path, e))?;
             Backing::Map(map)

@@ -306,6 +306,7 @@ impl Settings {
             budget: self.memory_budget.0,
             lock_bytes: self.lock_experts.0.unwrap_or(0),
             lookahead: self.expert_lookahead,
+            ..Default::default()
         }
     }
 

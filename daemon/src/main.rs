@@ -84,6 +84,10 @@ enum Command {
         /// MoE layers ahead whose experts are read ahead.
         #[arg(long, value_name = "N", default_value_t = 0)]
         expert_lookahead: usize,
+        /// Expert-paging I/O threads (loads in flight at once).
+        #[arg(long, value_name = "N", default_value_t = lfmd::engine::paging::DEFAULT_IO_THREADS as u16,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        io_threads: u16,
         #[arg(long)]
         json: bool,
     },
@@ -183,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             memory_budget,
             lock_experts,
             expert_lookahead,
+            io_threads,
             json,
         } => {
             let opts = lfmd::engine::EngineOptions {
@@ -191,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
                     budget: memory_budget.0,
                     lock_bytes: lock_experts.0.unwrap_or(0),
                     lookahead: expert_lookahead,
+                    io_threads: io_threads.into(),
                 },
                 ..Default::default()
             };

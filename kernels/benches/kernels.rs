@@ -34,7 +34,7 @@ const PREFILL: usize = 64;
 /// Token counts of the few-token products (continuous batching of a few
 /// decoding sequences, an expert's share of a small batch): where the AVX2
 /// and AVX-512 families cross (`dispatch::avx2_up_to_tokens`).
-const FEW: [usize; 5] = [2, 4, 8, 12, 16];
+const FEW: [usize; 7] = [2, 4, 6, 8, 10, 12, 16];
 /// Matrices of the DRAM-streaming decode benchmark (Q4_0: 144 MiB).
 const DRAM_MATRICES: usize = 64;
 /// Distinct quantized rows; the matrix repeats them (quantizing k-quants is slow).

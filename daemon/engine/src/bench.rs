@@ -59,6 +59,63 @@ pub struct BenchReport {
     pub read_gb_per_s: f64,
     /// Expert paging's figures at the end (per-expert tables left out).
     pub paging: Option<crate::engine::PagingStats>,
+    /// What the timed decode runs cost in I/O, when experts are paged.
+    pub decode_io: Option<DecodeIo>,
+}
+
+/// The I/O of the timed decode runs (all repetitions): what the disk really
+/// read against what the pager believes it brought in, and how long compute
+/// stalled on it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DecodeIo {
+    /// Bytes the block layer read for the process (`/proc/self/io`
+    /// `read_bytes`; readahead beyond the experts' slabs counts), per
+    /// decoded token (all sequences' tokens).
+    pub storage_bytes_per_token: f64,
+    /// The pager's own count of bytes brought in, per token.
+    pub pager_bytes_per_token: f64,
+    /// Storage bytes over the decode time: the read rate achieved.
+    pub storage_gb_per_s: f64,
+    /// Share of decode time the engine waited for chosen experts' loads.
+    pub wait_share: f64,
+    /// Major page faults (any thread) per token: reads the pager did not
+    /// make ahead of compute.
+    pub major_faults_per_token: f64,
+}
+
+/// Counters read before and after the timed decode runs.
+#[derive(Clone, Copy, Default)]
+struct IoCounters {
+    storage: u64,
+    pager: u64,
+    wait: f64,
+    faults: u64,
+}
+
+impl IoCounters {
+    fn now(model: &Model) -> Option<IoCounters> {
+        let p = model.pager()?.monitor().believed();
+        Some(IoCounters {
+            storage: crate::procstat::storage_read_bytes().unwrap_or(0),
+            pager: p.bytes_in,
+            wait: p.wait_seconds,
+            faults: p.major_faults.unwrap_or(0),
+        })
+    }
+
+    /// What happened between `self` and `later` over `tokens` tokens in
+    /// `seconds` of decode.
+    fn delta(self, later: IoCounters, tokens: usize, seconds: f64) -> DecodeIo {
+        let per = |x: f64| x / tokens.max(1) as f64;
+        let storage = later.storage.saturating_sub(self.storage) as f64;
+        DecodeIo {
+            storage_bytes_per_token: per(storage),
+            pager_bytes_per_token: per(later.pager.saturating_sub(self.pager) as f64),
+            storage_gb_per_s: storage / seconds.max(1e-9) / 1e9,
+            wait_share: (later.wait - self.wait) / seconds.max(1e-9),
+            major_faults_per_token: per(later.faults.saturating_sub(self.faults) as f64),
+        }
+    }
 }
 
 /// The kernel family a weight type's products ran on.
@@ -113,6 +170,8 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     };
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
     let mut tg_reps = Vec::new();
+    // The decode runs' I/O, summed over repetitions (untimed parts outside).
+    let mut io_sum: Option<(IoCounters, IoCounters)> = None;
     // Decode steps run, and the sums of their weight bytes and mean
     // distinct experts per MoE layer.
     let (mut steps, mut step_bytes, mut experts) = (0usize, 0.0f64, 0.0f64);
@@ -153,6 +212,7 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
                 .map(|_| rng.below(nv) as u32)
                 .collect();
             let mut stats = ForwardStats::default();
+            let io0 = IoCounters::now(model);
             let t0 = Instant::now();
             for step in toks.chunks(sequences) {
                 let mut items: Vec<BatchItem<'_>> = states
@@ -172,6 +232,17 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
                 steps += 1;
             }
             let t = t0.elapsed().as_secs_f64();
+            if let (Some(a), Some(b)) = (io0, IoCounters::now(model)) {
+                let (s0, s1) = io_sum.get_or_insert_default();
+                s0.storage += a.storage;
+                s0.pager += a.pager;
+                s0.wait += a.wait;
+                s0.faults += a.faults;
+                s1.storage += b.storage;
+                s1.pager += b.pager;
+                s1.wait += b.wait;
+                s1.faults += b.faults;
+            }
             t_tg += t;
             tg_reps.push((n_gen * sequences) as f64 / t.max(1e-9));
         }
@@ -182,6 +253,9 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     let weight_bytes = model.decode_weight_bytes();
     let per_step = |sum: f64| if steps > 0 { sum / steps as f64 } else { 0.0 };
     let (step_bytes, experts) = (per_step(step_bytes), per_step(experts));
+    let decode_io = io_sum
+        .filter(|_| n_gen > 0)
+        .map(|(a, b)| a.delta(b, n_gen * sequences * reps, t_tg * reps as f64));
     let read = if n_gen > 0 { model.read_rate(3) } else { 0.0 };
     Ok(BenchReport {
         model: name.to_owned(),
@@ -222,6 +296,7 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
         },
         decode_weight_gb_per_s: step_bytes * decode_rate / sequences as f64 / 1e9,
         read_gb_per_s: read / 1e9,
+        decode_io,
     })
 }
 
@@ -295,6 +370,16 @@ impl BenchReport {
                 p.bytes_in as f64 / 1e9 / p.load_seconds.max(1e-9),
                 p.evictions,
                 p.major_faults.map_or("?".into(), |f| f.to_string()),
+            );
+        }
+        if let Some(io) = &self.decode_io {
+            out += &format!(
+                "decode io {:.1} MB read from storage per token ({:.1} MB by the pager's count), {:.2} GB/s while decoding, {:.0}% of decode waiting for loads, {:.1} major faults per token\n",
+                io.storage_bytes_per_token / 1e6,
+                io.pager_bytes_per_token / 1e6,
+                io.storage_gb_per_s,
+                100.0 * io.wait_share,
+                io.major_faults_per_token,
             );
         }
         out

@@ -157,6 +157,24 @@ pub fn major_faults() -> Option<u64> {
     rest.split_whitespace().nth(9)?.parse().ok()
 }
 
+/// Bytes this process (every thread) has had read from storage so far:
+/// `read_bytes` of `/proc/self/io`, what the block layer fetched for it,
+/// readahead included (a page-cache hit reads nothing).
+pub fn storage_read_bytes() -> Option<u64> {
+    io_field(
+        &std::fs::read_to_string("/proc/self/io").ok()?,
+        "read_bytes:",
+    )
+}
+
+fn io_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// One mapping (VMA) of this process, from `/proc/self/smaps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vma {
@@ -241,6 +259,15 @@ fn smaps_vmas(smaps: &str, range: Range<usize>) -> Vec<Vma> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_reads_come_from_read_bytes() {
+        let io = "rchar: 5\nwchar: 6\nsyscr: 1\nsyscw: 1\nread_bytes: 8192\nwrite_bytes: 0\ncancelled_write_bytes: 0\n";
+        assert_eq!(io_field(io, "read_bytes:"), Some(8192));
+        assert_eq!(io_field(io, "rchar:"), Some(5));
+        assert_eq!(io_field("read_bytes: x\n", "read_bytes:"), None);
+        assert!(storage_read_bytes().is_some(), "/proc/self/io is readable");
+    }
 
     #[test]
     fn parses_kernel_status_lines() {

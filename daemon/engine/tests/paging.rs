@@ -28,6 +28,7 @@ fn open(path: &Path, budget: Budget, lookahead: usize) -> Model {
                 budget,
                 lock_bytes: 0,
                 lookahead,
+                ..Default::default()
             },
             ..Default::default()
         },
@@ -218,6 +219,7 @@ fn the_hottest_experts_are_locked_and_never_given_back() {
                 budget: Budget::Bytes(s.fixed_bytes + 9 * expert),
                 lock_bytes: 2 * expert,
                 lookahead: 0,
+                ..Default::default()
             },
             ..Default::default()
         },

@@ -364,22 +364,26 @@ impl MoeFfn {
         let (e, ne, f) = (d.n_embd, d.n_expert, d.n_ff_exp);
         let Routing { k, chosen } = self.route(m, h, n, margins);
         let (gate, up, down) = (&self.gate, &self.up, &self.down);
-        // Each chosen expert's tokens, as rows of flat buffers in expert
-        // order. All chosen experts' gate and up products run in one
-        // parallel region, then all their down products in another.
+        // Each chosen expert's tokens, as rows of flat buffers, experts in
+        // router order (as the tokens' slots first name them: the pager
+        // loads them in that order). The chosen experts' gate and up
+        // products run in one parallel region, then their down products in
+        // another; under paging, those being loaded run later, as their
+        // loads end. The order changes no value: each expert's product is
+        // its own, and the sums below go in slot order.
         let mut experts: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
-        for ex in 0..ne {
-            let users: Vec<(usize, usize)> = (0..n * k)
-                .filter(|&i| chosen[i].0 == ex)
-                .map(|i| (i / k, i % k))
-                .collect();
-            if !users.is_empty() {
-                experts.push((ex, users));
+        let mut at_of = vec![usize::MAX; ne];
+        for (i, &(ex, _)) in chosen.iter().enumerate() {
+            if at_of[ex] == usize::MAX {
+                at_of[ex] = experts.len();
+                experts.push((ex, Vec::new()));
             }
+            experts[at_of[ex]].1.push((i / k, i % k));
         }
+        let mut batch = vec![true; experts.len()];
         if let Some(p) = &m.pager {
             let uses: Vec<(usize, usize)> = experts.iter().map(|(ex, u)| (*ex, u.len())).collect();
-            p.route(il, &uses);
+            batch = p.route(il, &uses);
             for next in p.next_moe_layers(il) {
                 if p.wants_prediction(next) {
                     p.predict(next, &m.predict_experts(next, x, n));
@@ -412,26 +416,56 @@ impl MoeFfn {
         let (mut g_all, mut u_all) = (m.scratch.zeroed(n * k * f), m.scratch.zeroed(n * k * f));
         let mut gs = split_rows(&mut g_all, &counts, f);
         let mut us = split_rows(&mut u_all, &counts, f);
-        let mut jobs = Vec::with_capacity(2 * experts.len());
-        for (((hx, (g_t, u_t, _)), g), u) in hxs.iter().zip(&slices).zip(&mut gs).zip(&mut us) {
-            let rows = hx.len() / e;
-            jobs.push((g_t, &hx[..], rows, &mut g[..]));
-            jobs.push((u_t, &hx[..], rows, &mut u[..]));
-        }
-        m.matmuls(jobs);
-        // All experts' SwiGLU in one region, an expert per hand-out (per
-        // element, so the same values as `swiglu`'s split).
-        let swiglu = act_fns(m.isa).swiglu;
-        m.pool.for_each_mut(&mut gs, 1, &|i, g| swiglu(g[0], us[i]));
         let mut dn_all = m.scratch.zeroed(n * k * e);
         let mut dns = split_rows(&mut dn_all, &counts, e);
-        let jobs = slices
-            .iter()
-            .zip(&gs)
-            .zip(&mut dns)
-            .map(|(((_, _, d_t), g), dn)| (d_t, &g[..], g.len() / f, &mut dn[..]))
-            .collect();
-        m.matmuls(jobs);
+        let swiglu = act_fns(m.isa).swiglu;
+        let mut waiting: Vec<usize> = (0..experts.len()).filter(|&i| !batch[i]).collect();
+        loop {
+            let mut jobs = Vec::with_capacity(2 * experts.len());
+            for (i, (((hx, (g_t, u_t, _)), g), u)) in hxs
+                .iter()
+                .zip(&slices)
+                .zip(&mut gs)
+                .zip(&mut us)
+                .enumerate()
+            {
+                if batch[i] {
+                    let rows = hx.len() / e;
+                    jobs.push((g_t, &hx[..], rows, &mut g[..]));
+                    jobs.push((u_t, &hx[..], rows, &mut u[..]));
+                }
+            }
+            if !jobs.is_empty() {
+                m.matmuls(jobs);
+                // The batch's SwiGLU in one region, an expert per hand-out
+                // (per element, so the same values as `swiglu`'s split).
+                m.pool.for_each_mut(&mut gs, 1, &|i, g| {
+                    if batch[i] {
+                        swiglu(g[0], us[i])
+                    }
+                });
+                let jobs = slices
+                    .iter()
+                    .zip(&gs)
+                    .zip(&mut dns)
+                    .zip(&batch)
+                    .filter(|(_, b)| **b)
+                    .map(|((((_, _, d_t), g), dn), _)| (d_t, &g[..], g.len() / f, &mut dn[..]))
+                    .collect();
+                m.matmuls(jobs);
+            }
+            let Some(p) = m.pager.as_ref().filter(|_| !waiting.is_empty()) else {
+                break;
+            };
+            // The next batch: the experts whose loads have ended.
+            let ids: Vec<usize> = waiting.iter().map(|&i| experts[i].0).collect();
+            let ready = p.wait_ready(il, &ids);
+            batch.iter_mut().for_each(|b| *b = false);
+            for (&i, &r) in waiting.iter().zip(&ready) {
+                batch[i] = r;
+            }
+            waiting.retain(|&i| !batch[i]);
+        }
         // Weighted and summed in slot order: the first slot's product, then
         // each later one's added (f32 products rounded before the sums,
         // the same arithmetic as summing per-slot copies).

@@ -1,8 +1,10 @@
-//! The pager's hands: one I/O thread that carries out the policy's jobs on
+//! The pager's hands: a few I/O threads that carry out the policy's jobs on
 //! the mapping (`MADV_POPULATE_READ` loads, `MADV_DONTNEED` +
-//! `POSIX_FADV_DONTNEED` evictions, `mlock`), follows the host's memory
-//! once a second for an `auto` budget, gives the slabs huge-page advice while
-//! every expert fits, and sweeps stray mapped pages of experts believed out.
+//! `POSIX_FADV_DONTNEED` evictions, `mlock`), several loads in flight at
+//! once (a disk reads faster with a queue than with one read at a time);
+//! one of them at a time follows the host's memory once a second for an
+//! `auto` budget, gives the slabs huge-page advice while every expert fits,
+//! and sweeps stray mapped pages of experts believed out.
 
 use super::policy::{Job, Policy};
 use super::{Budget, PagingOptions, PagingStats};
@@ -15,6 +17,9 @@ use std::time::{Duration, Instant};
 
 /// Least time between two sweeps for stray mapped pages.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// The longest the engine waits for one expert's load before it reads the
+/// pages itself (a stalled disk or a lost I/O thread must not stop it).
+const WAIT_AT_MOST: Duration = Duration::from_secs(2);
 
 /// The policy and the I/O thread's own flags, under one lock.
 pub(super) struct State {
@@ -30,6 +35,14 @@ pub(super) struct State {
     /// The huge-page advice last given to the expert slabs (`None`: none
     /// given yet).
     slabs_huge: Option<bool>,
+    /// I/O threads running (the engine never waits for a load when none is):
+    /// set by their spawner, each takes itself off when it stops.
+    pub threads: usize,
+    last_tick: Instant,
+    last_sweep: Instant,
+    sweeping: bool,
+    /// An `mlock` failed: no more lock planning.
+    lock_failed: bool,
 }
 
 /// What the engine's [`super::Pager`], the monitors and the I/O thread share.
@@ -44,6 +57,8 @@ pub(super) struct PagerShared {
     state: Mutex<State>,
     pub wake: Condvar,
     idle: Condvar,
+    /// Signalled when a load ends.
+    loaded: Condvar,
 }
 
 impl PagerShared {
@@ -67,9 +82,15 @@ impl PagerShared {
                 unswept: false,
                 settle: false,
                 slabs_huge: None,
+                threads: 0,
+                last_tick: Instant::now(),
+                last_sweep: Instant::now(),
+                sweeping: false,
+                lock_failed: false,
             }),
             wake: Condvar::new(),
             idle: Condvar::new(),
+            loaded: Condvar::new(),
         };
         {
             let mut st = shared.lock();
@@ -88,10 +109,41 @@ impl PagerShared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tells the I/O thread to stop.
+    /// Tells the I/O threads to stop.
     pub fn shut_down(&self) {
         self.lock().shutdown = true;
         self.wake.notify_all();
+    }
+
+    /// Of `experts` (MoE layer `layer`), which the engine may compute now,
+    /// waiting until at least one may: a chosen expert's load is waited for
+    /// rather than faulted in page by page beside it. Gives up (all ready:
+    /// the engine then reads what is missing itself) after [`WAIT_AT_MOST`]
+    /// or when no I/O thread runs.
+    pub fn wait_ready(&self, layer: usize, experts: &[usize]) -> Vec<bool> {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        loop {
+            let ready: Vec<bool> = experts
+                .iter()
+                .map(|&e| !st.policy.loading(layer, e))
+                .collect();
+            let waited = t0.elapsed();
+            if ready.iter().any(|&r| r) || st.threads == 0 || st.shutdown || waited >= WAIT_AT_MOST
+            {
+                st.policy.wait_seconds += waited.as_secs_f64();
+                return if ready.iter().any(|&r| r) {
+                    ready
+                } else {
+                    vec![true; experts.len()]
+                };
+            }
+            st = self
+                .loaded
+                .wait_timeout(st, WAIT_AT_MOST - waited)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits until nothing is queued, running or left to sweep.
@@ -101,7 +153,7 @@ impl PagerShared {
             st.policy.has_jobs() || st.in_flight > 0 || st.unswept && st.policy.cap.is_some()
         };
         st.settle = true;
-        while busy(&st) && !st.shutdown {
+        while busy(&st) && !st.shutdown && st.threads > 0 {
             self.wake.notify_one();
             st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
@@ -134,6 +186,7 @@ impl PagerShared {
             evictions: p.evictions,
             predictions: p.predictions,
             predictions_used: p.predictions_used,
+            wait_seconds: p.wait_seconds,
             major_faults: crate::procstat::major_faults(),
             memory_pressure: p.pressure,
             layer_ids: self
@@ -250,24 +303,25 @@ impl PagerShared {
             .collect()
     }
 
+    /// One I/O thread: takes the policy's jobs until shutdown; whichever
+    /// thread is free does the once-a-second budget tick and the sweeps.
     pub fn io_loop(&self) {
-        let mut last_tick = Instant::now();
-        let mut last_sweep = Instant::now();
-        let mut lock_failed = false;
         let mut st = self.lock();
         loop {
             if st.shutdown {
+                st.threads -= 1;
                 self.idle.notify_all();
+                self.loaded.notify_all();
                 return;
             }
-            if last_tick.elapsed() >= Duration::from_secs(1) {
-                last_tick = Instant::now();
+            if st.last_tick.elapsed() >= Duration::from_secs(1) {
+                st.last_tick = Instant::now();
                 st.policy.pressure = crate::procstat::memory_pressure();
                 if self.follow_budget(&mut st) {
                     st.policy.shrink_to_cap();
                 }
                 self.advise_huge(&mut st);
-                if !lock_failed {
+                if !st.lock_failed {
                     st.policy.plan_locks();
                 }
             }
@@ -276,19 +330,27 @@ impl PagerShared {
             // milliseconds of a core the compute threads want. At most one
             // per SWEEP_EVERY, unless someone waits for a settled state.
             let capped = st.policy.cap.is_some();
-            let sweep_due = last_sweep.elapsed() >= SWEEP_EVERY || st.settle;
-            if job.is_none() && capped && st.unswept && sweep_due {
+            let sweep_due = st.last_sweep.elapsed() >= SWEEP_EVERY || st.settle;
+            // Only with no job running anywhere: a load's fault-around maps
+            // pages of its neighbours, stray pages a sweep beside it would
+            // miss (every load ends by asking for another sweep).
+            let quiet = st.in_flight == 0 && !st.sweeping;
+            if job.is_none() && capped && st.unswept && sweep_due && quiet {
                 st.unswept = false;
+                st.sweeping = true;
                 st.in_flight += 1;
                 st = self.sweep(st);
                 st.in_flight -= 1;
-                last_sweep = Instant::now();
+                st.sweeping = false;
+                st.last_sweep = Instant::now();
                 continue;
             }
             let Some(job) = job else {
-                self.idle.notify_all();
+                if st.in_flight == 0 {
+                    self.idle.notify_all();
+                }
                 let nap = if st.unswept && capped {
-                    SWEEP_EVERY.saturating_sub(last_sweep.elapsed())
+                    SWEEP_EVERY.saturating_sub(st.last_sweep.elapsed())
                 } else {
                     Duration::from_millis(1000)
                 };
@@ -310,9 +372,15 @@ impl PagerShared {
                 outcome.as_ref().ok().copied(),
                 t0.elapsed().as_secs_f64(),
             );
+            if let Job::Load { .. } = job {
+                st.unswept = true;
+                self.loaded.notify_all();
+            }
             match (job, outcome) {
+                // Several threads may fail a lock before planning stops.
+                (Job::Lock { .. }, Err(_)) if st.lock_failed => {}
                 (Job::Lock { .. }, Err(e)) => {
-                    lock_failed = true;
+                    st.lock_failed = true;
                     crate::warn!(
                         "expert paging: mlock failed ({e}); not locking experts. Raise \
                          LimitMEMLOCK= (systemd) or `ulimit -l`, or set lock_experts = 0"

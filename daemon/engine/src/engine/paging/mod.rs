@@ -4,9 +4,11 @@
 //! The engine tells the [`Pager`] which experts each MoE layer's router chose
 //! ([`Pager::route`]) and which it expects the next layers to choose
 //! ([`Pager::predict`]). The pager keeps a belief of which experts are in
-//! memory, and hands work to one I/O thread: bring chosen experts in
-//! (`MADV_POPULATE_READ`, which reads and maps them while the engine computes
-//! the experts before them), bring predicted ones in when nothing urgent is
+//! memory, and hands work to a few I/O threads: bring chosen experts in, in
+//! router order, several at once (`MADV_POPULATE_READ`, which reads and maps
+//! them while the engine computes the resident ones; the engine then waits
+//! for each load, [`Pager::wait_ready`], instead of faulting its pages in
+//! one by one beside it), bring predicted ones in when nothing urgent is
 //! waiting, and give cold experts back (`MADV_DONTNEED` + `POSIX_FADV_DONTNEED`)
 //! so the experts' resident bytes stay under the cap. Victims are the experts
 //! with the lowest decayed use count (LFU with a half-life), oldest use first
@@ -54,6 +56,8 @@ pub struct PagingOptions {
     pub lock_bytes: u64,
     /// How many MoE layers ahead to predict and prefetch (0: none).
     pub lookahead: usize,
+    /// I/O threads, each with one expert's reads in flight (at least 1).
+    pub io_threads: usize,
 }
 
 impl Default for PagingOptions {
@@ -62,9 +66,15 @@ impl Default for PagingOptions {
             budget: Budget::Auto,
             lock_bytes: 0,
             lookahead: 0,
+            io_threads: DEFAULT_IO_THREADS,
         }
     }
 }
+
+/// I/O threads by default: with one read at a time a disk gives a fraction
+/// of what it gives with a queue (NVMe most of all), and each thread keeps
+/// one expert's three slabs in flight.
+pub const DEFAULT_IO_THREADS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PagingError {
@@ -114,6 +124,9 @@ pub struct PagingStats {
     pub bytes_in: u64,
     /// Time the I/O thread spent in loads (reading ahead and populating).
     pub load_seconds: f64,
+    /// Time the engine waited for chosen experts' loads (compute stalled
+    /// on I/O).
+    pub wait_seconds: f64,
     pub evictions: u64,
     pub predictions: u64,
     /// Predicted experts the router then chose (per layer and token).
@@ -126,12 +139,12 @@ pub struct PagingStats {
     pub experts: Vec<Vec<ExpertStat>>,
 }
 
-/// The expert cache of one model. Dropping it stops its I/O thread.
+/// The expert cache of one model. Dropping it stops its I/O threads.
 pub struct Pager {
     shared: Arc<PagerShared>,
     /// Model layer index → MoE ordinal.
     moe_of: Vec<Option<usize>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// Reads a [`Pager`]'s figures from any thread; cheap to clone. Holds the
@@ -203,18 +216,23 @@ impl Pager {
             .collect();
         let policy = policy::Policy::new(slot_bytes, fixed_bytes, working, opts.lock_bytes);
         let shared = Arc::new(PagerShared::new(gguf, index, opts, policy));
-        let s = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("lfmd-pager".into())
-            .spawn(move || s.io_loop())
-            .ok();
-        if thread.is_none() {
-            crate::warn!("expert paging: could not start its I/O thread; experts page on demand");
+        let threads: Vec<JoinHandle<()>> = (0..opts.io_threads.max(1))
+            .map_while(|i| {
+                let s = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("lfmd-pager-{i}"))
+                    .spawn(move || s.io_loop())
+                    .ok()
+            })
+            .collect();
+        shared.lock().threads = threads.len();
+        if threads.is_empty() {
+            crate::warn!("expert paging: could not start its I/O threads; experts page on demand");
         }
         Ok(Some(Pager {
             shared,
             moe_of,
-            thread,
+            threads,
         }))
     }
 
@@ -236,18 +254,36 @@ impl Pager {
     }
 
     /// Layer `layer`'s router chose `experts` (expert id, tokens choosing
-    /// it): count the use and bring in what is not resident, first.
-    pub fn route(&self, layer: usize, experts: &[(usize, usize)]) {
+    /// it), in router order: count the use and bring in what is not
+    /// resident, first, loads in that order. Returns which of them the
+    /// engine may compute now; for the others, [`Pager::wait_ready`].
+    pub fn route(&self, layer: usize, experts: &[(usize, usize)]) -> Vec<bool> {
         let Some(ord) = self.moe_ordinal(layer) else {
-            return;
+            return vec![true; experts.len()];
         };
         let mut st = self.shared.lock();
         // The engine may fault pages of experts believed out: sweep later.
         st.unswept = true;
         let queued = st.policy.route(ord, experts);
+        let no_threads = st.threads == 0;
+        let ready = experts
+            .iter()
+            .map(|&(e, _)| no_threads || st.policy.ready(ord, e))
+            .collect();
         drop(st);
         if queued {
-            self.shared.wake.notify_one();
+            self.shared.wake.notify_all();
+        }
+        ready
+    }
+
+    /// Of `experts` of model layer `layer` (ones [`Pager::route`] said were
+    /// not ready), which are ready now, waiting until at least one is. The
+    /// time waited counts as `wait_seconds`.
+    pub fn wait_ready(&self, layer: usize, experts: &[usize]) -> Vec<bool> {
+        match self.moe_ordinal(layer) {
+            Some(ord) => self.shared.wait_ready(ord, experts),
+            None => vec![true; experts.len()],
         }
     }
 
@@ -267,7 +303,7 @@ impl Pager {
         };
         let queued = self.shared.lock().policy.predict(ord, experts);
         if queued {
-            self.shared.wake.notify_one();
+            self.shared.wake.notify_all();
         }
     }
 
@@ -283,19 +319,17 @@ impl Pager {
         PagingMonitor(Arc::clone(&self.shared))
     }
 
-    /// Waits until the I/O thread has nothing queued or running (tests and
-    /// benchmarks that want a settled state).
+    /// Waits until the I/O threads have nothing queued or running (tests
+    /// and benchmarks that want a settled state).
     pub fn quiesce(&self) {
-        if self.thread.is_some() {
-            self.shared.quiesce();
-        }
+        self.shared.quiesce();
     }
 }
 
 impl Drop for Pager {
     fn drop(&mut self) {
         self.shared.shut_down();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

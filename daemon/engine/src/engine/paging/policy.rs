@@ -27,6 +27,12 @@ pub(super) struct Slot {
     pub bytes: u64,
     /// Predicted for the current step (cleared when routed).
     predicted_at: Option<u64>,
+    /// A load of it is queued or running: the engine waits for it rather
+    /// than fault its pages in.
+    pub loading: bool,
+    /// A job of it is running: its next job waits (jobs of one expert run
+    /// in the order they were queued, whatever the number of I/O threads).
+    busy: bool,
 }
 
 impl Slot {
@@ -36,13 +42,25 @@ impl Slot {
     }
 }
 
-/// Work for the I/O thread; `layer` is the MoE ordinal.
+/// Work for the I/O threads; `layer` is the MoE ordinal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Job {
     Load { layer: usize, expert: usize },
     Evict { layer: usize, expert: usize },
     Lock { layer: usize, expert: usize },
     Unlock { layer: usize, expert: usize },
+}
+
+impl Job {
+    /// The expert it is about.
+    fn expert(self) -> (usize, usize) {
+        match self {
+            Job::Load { layer, expert }
+            | Job::Evict { layer, expert }
+            | Job::Lock { layer, expert }
+            | Job::Unlock { layer, expert } => (layer, expert),
+        }
+    }
 }
 
 /// The cache's belief and rules. Every method is bookkeeping: nothing here
@@ -77,6 +95,8 @@ pub(super) struct Policy {
     pub predictions: u64,
     pub predictions_used: u64,
     pub pressure: Option<f32>,
+    /// Time the engine spent waiting for chosen experts' loads.
+    pub wait_seconds: f64,
 }
 
 impl Policy {
@@ -115,6 +135,7 @@ impl Policy {
             predictions: 0,
             predictions_used: 0,
             pressure: None,
+            wait_seconds: 0.0,
         }
     }
 
@@ -143,8 +164,9 @@ impl Policy {
     }
 
     /// MoE layer `layer`'s router chose `experts` (expert id, tokens
-    /// choosing it): count the use and admit, as urgent loads, those not
-    /// resident. Returns whether a load was queued.
+    /// choosing it), in the order their loads should run: count the use and
+    /// admit, as urgent loads, those not resident. Returns whether a load
+    /// was queued.
     pub fn route(&mut self, layer: usize, experts: &[(usize, usize)]) -> bool {
         let step = self.step;
         self.clock += 1;
@@ -202,12 +224,43 @@ impl Policy {
         any
     }
 
-    /// The next job: urgent ones in order, then predictions for this step
-    /// that are still out and can be admitted without displacing an expert
-    /// used as much as the guess is worth.
+    /// Whether expert `expert` of MoE layer `layer` is believed in memory
+    /// with no load of it pending: the engine may compute it now.
+    pub fn ready(&self, layer: usize, expert: usize) -> bool {
+        self.slots[layer]
+            .get(expert)
+            .is_none_or(|s| s.stat.resident && !s.loading)
+    }
+
+    /// Whether a load of the expert is queued or running.
+    pub fn loading(&self, layer: usize, expert: usize) -> bool {
+        self.slots[layer].get(expert).is_some_and(|s| s.loading)
+    }
+
+    /// The next job an I/O thread may run: the first urgent one whose
+    /// expert has no job running, then predictions for this step that are
+    /// still out and can be admitted without displacing an expert used as
+    /// much as the guess is worth. The job's expert is busy until
+    /// [`Policy::finished`].
     pub fn next_job(&mut self) -> Option<Job> {
-        if let Some(j) = self.urgent.pop_front() {
-            return Some(j);
+        let job = self.next_job_inner()?;
+        let (l, e) = job.expert();
+        self.slots[l][e].busy = true;
+        Some(job)
+    }
+
+    fn next_job_inner(&mut self) -> Option<Job> {
+        let free = |slots: &[Vec<Slot>], j: &Job| {
+            let (l, e) = j.expert();
+            !slots[l][e].busy
+        };
+        if let Some(i) = self.urgent.iter().position(|j| free(&self.slots, j)) {
+            return self.urgent.remove(i);
+        }
+        if !self.urgent.is_empty() {
+            // Every urgent job waits for its expert: predictions would only
+            // take a thread the urgent ones want next.
+            return None;
         }
         let step = self.step;
         while let Some((s, job)) = self.speculative.pop_front() {
@@ -216,9 +269,11 @@ impl Policy {
             };
             if s >= step
                 && !self.slots[layer][expert].stat.resident
+                && !self.slots[layer][expert].busy
                 && self.admit(layer, expert, false)
             {
-                // Its evictions, if any, first: they make its room.
+                // Its evictions, if any, first: they make its room (none
+                // of them busy: a busy expert is never a victim).
                 return self.urgent.pop_front();
             }
         }
@@ -226,10 +281,17 @@ impl Policy {
     }
 
     /// Records a job's outcome: for a load, the bytes it read in and the
-    /// time it took. A failed job changes nothing but what it reports.
+    /// time it took. A failed job changes nothing but what it reports (a
+    /// failed load leaves its expert to be faulted in by the engine).
     pub fn finished(&mut self, job: Job, read_in: Option<u64>, seconds: f64) {
+        let (l, e) = job.expert();
+        self.slots[l][e].busy = false;
         if let Job::Load { .. } = job {
             self.load_seconds += seconds;
+            // The last queued load of it is done (its jobs run in order).
+            if !self.urgent.contains(&job) {
+                self.slots[l][e].loading = false;
+            }
         }
         let Some(fresh) = read_in else { return };
         match job {
@@ -257,6 +319,11 @@ impl Policy {
             }
             Job::Evict { .. } => {}
         }
+        // An admission that found no victim (all busy or in use) went over
+        // the cap: with this expert free again, come back under it.
+        if self.cap.is_some_and(|c| self.resident_bytes > c) {
+            self.shrink_to_cap();
+        }
     }
 
     /// Marks an expert resident and queues its load, first making room
@@ -283,7 +350,9 @@ impl Policy {
                 self.evict(l, e);
             }
         }
-        self.slots[layer][expert].stat.resident = true;
+        let slot = &mut self.slots[layer][expert];
+        slot.stat.resident = true;
+        slot.loading = true;
         self.resident_bytes += bytes;
         self.urgent.push_back(Job::Load { layer, expert });
         true
@@ -303,13 +372,16 @@ impl Policy {
     }
 
     /// The resident, unlocked expert with the lowest decayed use, oldest
-    /// first, that the routing in progress did not choose and that is not
-    /// predicted for this step.
+    /// first, that the routing in progress did not choose, that is not
+    /// predicted for this step and has no job running (its load, say).
     fn victim(&self) -> Option<(usize, usize)> {
         let step = self.step;
         let mut best: Option<(f32, u64, usize, usize)> = None;
         for (l, e, s) in self.each_slot() {
             if !s.stat.resident || s.stat.locked || s.last_use == self.clock && self.clock > 0 {
+                continue;
+            }
+            if s.busy {
                 continue;
             }
             if s.predicted_at == Some(step) {
@@ -760,6 +832,91 @@ mod tests {
         );
         assert_eq!(p.locked_bytes, 0);
         assert!(!p.slots[0][1].stat.locked);
+    }
+
+    #[test]
+    fn loads_of_different_experts_run_at_once_and_the_engine_knows_when() {
+        let mut p = policy(None, 0);
+        p.begin_step();
+        p.route(0, &[(3, 1), (1, 1)]);
+        assert!(!p.ready(0, 3) && p.loading(0, 3));
+        assert!(
+            !p.ready(0, 2) && !p.loading(0, 2),
+            "not chosen, not resident"
+        );
+        // Two I/O threads take the two loads, in router order.
+        let (a, b) = (p.next_job().unwrap(), p.next_job().unwrap());
+        assert_eq!((a, b), (load(0, 3), load(0, 1)));
+        p.finished(b, Some(MB), 0.0);
+        assert!(p.ready(0, 1) && !p.ready(0, 3));
+        p.finished(a, Some(MB), 0.0);
+        assert!(p.ready(0, 3));
+        // A failed load stops the wait too (the engine faults it in).
+        p.route(0, &[(2, 1)]);
+        let j = p.next_job().unwrap();
+        p.finished(j, None, 0.0);
+        assert!(!p.loading(0, 2));
+    }
+
+    #[test]
+    fn jobs_of_one_expert_run_one_at_a_time_in_order() {
+        let mut p = policy(None, 0);
+        p.begin_step();
+        p.route(0, &[(0, 1)]);
+        p.route(0, &[(1, 1)]);
+        drain(&mut p);
+        // The cap shrinks: expert 0 (the older) is evicted, and chosen
+        // again before its eviction ran.
+        p.begin_step();
+        p.set_budget(Some(MB));
+        p.shrink_to_cap();
+        let ev = p.next_job().unwrap();
+        assert_eq!(ev, evict(0, 0));
+        p.route(0, &[(0, 1)]);
+        // Its load waits for the running eviction; other experts' jobs
+        // do not (here: 1 gives way to make room).
+        assert_eq!(p.next_job(), Some(evict(0, 1)));
+        assert_eq!(p.next_job(), None, "load of 0 waits for its eviction");
+        p.finished(ev, Some(0), 0.0);
+        assert_eq!(p.next_job(), Some(load(0, 0)));
+    }
+
+    #[test]
+    fn an_expert_whose_load_runs_is_not_a_victim() {
+        let mut p = policy(Some(2), 0);
+        p.begin_step();
+        p.route(0, &[(0, 1)]);
+        let j = p.next_job().unwrap();
+        p.route(0, &[(1, 1)]);
+        let j1 = p.next_job().unwrap();
+        p.finished(j1, Some(MB), 0.0);
+        p.route(0, &[(2, 1)]);
+        // 0's load is still running: 1 gives way (2 is the routing in
+        // progress), though 0 is the oldest.
+        let mut jobs = Vec::new();
+        while let Some(j) = p.next_job() {
+            jobs.push(j);
+        }
+        assert!(jobs.contains(&evict(0, 1)), "{jobs:?}");
+        assert!(!jobs.contains(&evict(0, 0)), "{jobs:?}");
+        p.finished(j, Some(MB), 0.0);
+    }
+
+    #[test]
+    fn over_the_cap_for_want_of_victims_comes_back_when_a_job_ends() {
+        let mut p = policy(Some(2), 0);
+        p.begin_step();
+        p.route(0, &[(0, 1)]);
+        p.route(0, &[(1, 1)]);
+        let (a, b) = (p.next_job().unwrap(), p.next_job().unwrap());
+        // Both loads run: neither may give way, so 2 goes over the cap.
+        p.route(1, &[(2, 1)]);
+        assert_eq!(p.resident_bytes, 3 * MB);
+        p.finished(a, Some(MB), 0.0);
+        assert_eq!(p.resident_bytes, 2 * MB, "back under the cap");
+        assert_eq!(p.slots[0][0].stat.evictions, 1);
+        p.finished(b, Some(MB), 0.0);
+        assert_eq!(drain(&mut p), [load(1, 2), evict(0, 0)]);
     }
 
     #[test]

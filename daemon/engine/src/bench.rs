@@ -78,8 +78,9 @@ pub struct DecodeIo {
     pub storage_gb_per_s: f64,
     /// Share of decode time the engine waited for chosen experts' loads.
     pub wait_share: f64,
-    /// Major page faults (any thread) per token: reads the pager did not
-    /// make ahead of compute.
+    /// Major page faults of the compute threads (all but the pager's I/O
+    /// threads, whose loads are faults by design) per token: pages compute
+    /// had to read itself.
     pub major_faults_per_token: f64,
 }
 
@@ -99,7 +100,8 @@ impl IoCounters {
             storage: crate::procstat::storage_read_bytes().unwrap_or(0),
             pager: p.bytes_in,
             wait: p.wait_seconds,
-            faults: p.major_faults.unwrap_or(0),
+            faults: crate::procstat::major_faults_except(crate::engine::paging::IO_THREAD_NAME)
+                .unwrap_or(0),
         })
     }
 
@@ -374,7 +376,7 @@ impl BenchReport {
         }
         if let Some(io) = &self.decode_io {
             out += &format!(
-                "decode io {:.1} MB read from storage per token ({:.1} MB by the pager's count), {:.2} GB/s while decoding, {:.0}% of decode waiting for loads, {:.1} major faults per token\n",
+                "decode io {:.1} MB read from storage per token ({:.1} MB by the pager's count), {:.2} GB/s while decoding, {:.0}% of decode waiting for loads, {:.2} compute-thread major faults per token\n",
                 io.storage_bytes_per_token / 1e6,
                 io.pager_bytes_per_token / 1e6,
                 io.storage_gb_per_s,

@@ -151,10 +151,7 @@ fn psi_some_avg10(text: &str) -> Option<f32> {
 
 /// Major page faults of this process so far (`/proc/self/stat` field 12).
 pub fn major_faults() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces: fields resume after ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(9)?.parse().ok()
+    stat_major_faults(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
 /// Bytes this process (every thread) has had read from storage so far:
@@ -173,6 +170,35 @@ fn io_field(text: &str, key: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Major page faults of this process's threads whose name does not start
+/// with `skip` (`/proc/self/task/*/stat` field 12): the faults of compute
+/// threads, leaving out those of helper threads whose job is to fault pages
+/// in (the expert pager's).
+pub fn major_faults_except(skip: &str) -> Option<u64> {
+    let mut sum = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.starts_with(skip) {
+            continue;
+        }
+        // A thread that ended meanwhile counts nothing.
+        if let Some(n) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| stat_major_faults(&stat))
+        {
+            sum += n;
+        }
+    }
+    Some(sum)
+}
+
+fn stat_major_faults(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces: fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(9)?.parse().ok()
 }
 
 /// One mapping (VMA) of this process, from `/proc/self/smaps`.
@@ -259,6 +285,15 @@ fn smaps_vmas(smaps: &str, range: Range<usize>) -> Vec<Vma> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn major_faults_are_field_12_after_the_name() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194304 100 0 7 0 5 6";
+        assert_eq!(stat_major_faults(stat), Some(7));
+        assert_eq!(stat_major_faults("42 (x"), None);
+        let all = major_faults_except("\u{0}none").unwrap();
+        assert!(all >= major_faults_except("").unwrap_or(0));
+    }
 
     #[test]
     fn storage_reads_come_from_read_bytes() {

@@ -71,6 +71,9 @@ impl Default for PagingOptions {
     }
 }
 
+/// The I/O threads' names start with this (`lfmd-pager-N`).
+pub const IO_THREAD_NAME: &str = "lfmd-pager";
+
 /// I/O threads by default: with one read at a time a disk gives a fraction
 /// of what it gives with a queue (NVMe most of all), and each thread keeps
 /// one expert's three slabs in flight.
@@ -220,7 +223,7 @@ impl Pager {
             .map_while(|i| {
                 let s = Arc::clone(&shared);
                 std::thread::Builder::new()
-                    .name(format!("lfmd-pager-{i}"))
+                    .name(format!("{IO_THREAD_NAME}-{i}"))
                     .spawn(move || s.io_loop())
                     .ok()
             })

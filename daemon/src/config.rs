@@ -235,6 +235,9 @@ pub struct Settings {
     pub lock_experts: ByteSize,
     /// MoE layers ahead whose experts are predicted and prefetched.
     pub expert_lookahead: usize,
+    /// Expert-paging I/O threads: expert loads in flight at once.
+    #[serde(deserialize_with = "at_least_one")]
+    pub expert_io_threads: usize,
     /// Sequences generated at once.
     #[serde(deserialize_with = "at_least_one")]
     pub max_concurrent: usize,
@@ -270,6 +273,7 @@ impl Default for Settings {
             memory_budget: MemoryBudget::default(),
             lock_experts: ByteSize(None),
             expert_lookahead: crate::engine::PagingOptions::default().lookahead,
+            expert_io_threads: crate::engine::PagingOptions::default().io_threads,
             max_concurrent: s.max_concurrent,
             queue: s.queue_capacity,
             max_per_user: s.max_per_user,
@@ -306,7 +310,7 @@ impl Settings {
             budget: self.memory_budget.0,
             lock_bytes: self.lock_experts.0.unwrap_or(0),
             lookahead: self.expert_lookahead,
-            ..Default::default()
+            io_threads: self.expert_io_threads,
         }
     }
 
@@ -377,6 +381,10 @@ impl Settings {
             "expert_lookahead",
             self.expert_lookahead != other.expert_lookahead,
         );
+        check(
+            "expert_io_threads",
+            self.expert_io_threads != other.expert_io_threads,
+        );
         check("ctx", self.ctx != other.ctx);
         check("max_sessions", self.max_sessions != other.max_sessions);
         check("session_idle", self.session_idle != other.session_idle);
@@ -440,7 +448,7 @@ mod tests {
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .chain(["model"])
             .collect();
-        assert_eq!(keys.len(), 19, "{defaults}");
+        assert_eq!(keys.len(), 20, "{defaults}");
         for key in keys {
             let set = text.lines().any(|l| l.starts_with(&format!("{key} = ")));
             let commented = text.lines().any(|l| l.starts_with(&format!("# {key} = ")));
@@ -473,6 +481,18 @@ mod tests {
         assert!(e.starts_with("lfmd.toml:1: grpc: "), "{e}");
         let e = err("shutdown_grace = -1\n");
         assert!(e.contains("shutdown_grace"), "{e}");
+        let e = err("expert_io_threads = 0\n");
+        assert!(
+            e.starts_with("lfmd.toml:1: expert_io_threads: must be at least 1"),
+            "{e}"
+        );
+        assert_eq!(
+            parse("expert_io_threads = 2\n")
+                .unwrap()
+                .paging()
+                .io_threads,
+            2
+        );
         let e = err("dbus = \"both\"\n");
         assert!(e.starts_with("lfmd.toml:1: dbus: "), "{e}");
         let e = err("threads = \n");

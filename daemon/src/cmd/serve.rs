@@ -75,9 +75,13 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "SIZE")]
     pub(crate) lock_experts: Option<lfmd::config::ByteSize>,
     /// MoE layers ahead whose experts are predicted and read ahead
-    /// [default: 2].
+    /// [default: 0].
     #[arg(long, value_name = "N")]
     pub(crate) expert_lookahead: Option<usize>,
+    /// Expert-paging I/O threads: expert loads in flight at once
+    /// [default: 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) expert_io_threads: Option<u16>,
     /// Also serve the D-Bus API (org.lfm.Daemon1) on this bus: session,
     /// system, a bus address (unix:path=/run/x/bus), or none [default: none].
     #[arg(long, value_name = "session|system|ADDRESS|none")]
@@ -137,6 +141,9 @@ impl ServeArgs {
             lock_experts,
             expert_lookahead
         );
+        if let Some(n) = self.expert_io_threads {
+            s.expert_io_threads = n.into();
+        }
         if self.model.is_some() {
             s.model = self.model.clone();
         }

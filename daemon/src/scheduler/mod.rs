@@ -14,6 +14,7 @@
 
 mod api;
 pub mod plan;
+mod prepare;
 pub mod queue;
 pub mod sessions;
 mod worker;
@@ -22,12 +23,13 @@ pub use api::*;
 pub use queue::{FairQueue, Priority};
 pub use sessions::{SessionError, SessionStore};
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::ChatTemplate;
 use crate::engine::{Model, SeqState};
 use crate::sampler::SamplingParams;
 use crate::stop::StopText;
 use crate::tokenizer::Tokenizer;
-use sessions::{Conversation, Lease, SessionKey};
+use prepare::Prepared;
+pub(crate) use prepare::SessionTurn;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -52,15 +54,6 @@ pub(crate) struct Job {
     pub events: mpsc::UnboundedSender<Event>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
-}
-
-/// A chat turn on a session: what to check back in when it finishes.
-pub(crate) struct SessionTurn {
-    pub lease: Lease,
-    /// The conversation including this turn's new messages.
-    pub messages: Vec<ChatMessage>,
-    /// Their render, whose tokens the state will have consumed.
-    pub rendered: String,
 }
 
 /// One request's place in its user's count; dropping it gives it back.
@@ -446,14 +439,12 @@ impl Handle {
         let max_tokens = options.max_tokens.unwrap_or(limits.default_max_tokens);
         let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
         self.check_input_bytes(&input)?;
-        let (tokens, context, mut state, mut session) = match input {
-            Input::Prompt { text, add_bos } => {
-                (self.tokenize(&text, add_bos, true), Vec::new(), None, None)
-            }
-            Input::Chat { messages, session } => {
-                self.prepare_chat(messages, session, &client, arrived)?
-            }
-        };
+        let Prepared {
+            tokens,
+            context,
+            mut state,
+            mut session,
+        } = self.prepare(input, &client, arrived)?;
         let prompt_tokens = context.len() + tokens.len();
         if prompt_tokens >= self.config.n_ctx {
             // The session keeps its state: this turn never ran.
@@ -577,114 +568,6 @@ impl Handle {
             shared: self.shared.clone(),
             owner: owner.to_owned(),
         })
-    }
-
-    /// Tokens to feed for a chat request, the context and state they
-    /// continue, and the session turn if any.
-    #[allow(clippy::type_complexity)]
-    fn prepare_chat(
-        &self,
-        messages: Vec<ChatMessage>,
-        session: Option<String>,
-        client: &Client,
-        now: Instant,
-    ) -> Result<(Vec<u32>, Vec<u32>, Option<SeqState>, Option<SessionTurn>), SubmitError> {
-        let render = |msgs: &[ChatMessage]| {
-            self.template
-                .render(msgs, None, true, &self.bos_text)
-                .map_err(|e| {
-                    SubmitError::Invalid(format!(
-                        "the model's chat template cannot render these messages: {e}"
-                    ))
-                })
-        };
-        let Some(id) = session else {
-            let text = render(&messages)?;
-            return Ok((
-                self.tokenizer.encode(&text, false, true),
-                Vec::new(),
-                None,
-                None,
-            ));
-        };
-        let mut lease = self.sessions.checkout(
-            SessionKey {
-                owner: client.owner.clone(),
-                id,
-            },
-            now,
-        )?;
-        let mut all = lease.conversation.messages.clone();
-        all.extend(messages);
-        let rendered = render(&all)?;
-        let c = &lease.conversation;
-        let reuse = lease.state.is_some()
-            && !c.text.is_empty()
-            && rendered.starts_with(&c.text)
-            && rendered.len() > c.text.len();
-        let (tokens, context, state) = if reuse {
-            let mut tokens = c.tail.clone();
-            tokens.extend(
-                self.tokenizer
-                    .encode(&rendered[c.text.len()..], false, true),
-            );
-            (tokens, c.tokens.clone(), lease.state.take())
-        } else {
-            // The state (if any) does not match this conversation: start over.
-            lease.state = None;
-            (
-                self.tokenizer.encode(&rendered, false, true),
-                Vec::new(),
-                None,
-            )
-        };
-        Ok((
-            tokens,
-            context,
-            state,
-            Some(SessionTurn {
-                lease,
-                messages: all,
-                rendered,
-            }),
-        ))
-    }
-}
-
-impl SessionTurn {
-    /// Checks the session back in after a finished turn: the reply joins the
-    /// conversation. `tail` says what of the reply the state has not
-    /// consumed (`None`: the state does not match the reply's text, as
-    /// after a stop string, and is dropped); `tokens` are what it has.
-    pub(crate) fn finish(
-        self,
-        reply: String,
-        tail: Option<Vec<u32>>,
-        tokens: Vec<u32>,
-        state: SeqState,
-    ) {
-        let text = format!("{}{reply}", self.rendered);
-        let mut messages = self.messages;
-        messages.push(ChatMessage::new("assistant", reply));
-        match tail {
-            Some(tail) => self.lease.finish(
-                Conversation {
-                    messages,
-                    text,
-                    tail,
-                    tokens,
-                },
-                state,
-            ),
-            None => {
-                let mut lease = self.lease;
-                lease.conversation = Conversation {
-                    messages,
-                    ..Default::default()
-                };
-                lease.state = None;
-            }
-        }
     }
 }
 

@@ -1,0 +1,162 @@
+//! What a request becomes before it waits: its tokens, and for a chat turn
+//! on a session the context and state it continues and what to check back
+//! in when it ends.
+
+use super::sessions::{Conversation, Lease, SessionKey};
+use super::{Client, Handle, Input, SubmitError};
+use crate::chat::ChatMessage;
+use crate::engine::SeqState;
+use std::time::Instant;
+
+/// A request's input, ready to queue.
+pub(super) struct Prepared {
+    /// Tokens to feed.
+    pub tokens: Vec<u32>,
+    /// Tokens the state already holds (a session's earlier turns).
+    pub context: Vec<u32>,
+    /// The state to continue (`None`: a fresh sequence).
+    pub state: Option<SeqState>,
+    /// The session turn, if the request is on one.
+    pub session: Option<SessionTurn>,
+}
+
+impl Prepared {
+    /// A request that starts from an empty context.
+    fn fresh(tokens: Vec<u32>) -> Prepared {
+        Prepared {
+            tokens,
+            context: Vec::new(),
+            state: None,
+            session: None,
+        }
+    }
+}
+
+/// A chat turn on a session: what to check back in when it finishes.
+pub(crate) struct SessionTurn {
+    pub lease: Lease,
+    /// The conversation including this turn's new messages.
+    pub messages: Vec<ChatMessage>,
+    /// Their render, whose tokens the state will have consumed.
+    pub rendered: String,
+}
+
+impl Handle {
+    /// Renders and tokenizes `input` (the caller's thread, not the
+    /// engine's).
+    pub(super) fn prepare(
+        &self,
+        input: Input,
+        client: &Client,
+        now: Instant,
+    ) -> Result<Prepared, SubmitError> {
+        match input {
+            Input::Prompt { text, add_bos } => {
+                Ok(Prepared::fresh(self.tokenize(&text, add_bos, true)))
+            }
+            Input::Chat { messages, session } => self.prepare_chat(messages, session, client, now),
+        }
+    }
+
+    /// A chat request's render and tokens, continuing its session's state
+    /// where the session's text is a prefix of the new render.
+    fn prepare_chat(
+        &self,
+        messages: Vec<ChatMessage>,
+        session: Option<String>,
+        client: &Client,
+        now: Instant,
+    ) -> Result<Prepared, SubmitError> {
+        let render = |msgs: &[ChatMessage]| {
+            self.template
+                .render(msgs, None, true, &self.bos_text)
+                .map_err(|e| {
+                    SubmitError::Invalid(format!(
+                        "the model's chat template cannot render these messages: {e}"
+                    ))
+                })
+        };
+        let Some(id) = session else {
+            let text = render(&messages)?;
+            return Ok(Prepared::fresh(self.tokenizer.encode(&text, false, true)));
+        };
+        let mut lease = self.sessions.checkout(
+            SessionKey {
+                owner: client.owner.clone(),
+                id,
+            },
+            now,
+        )?;
+        let mut all = lease.conversation.messages.clone();
+        all.extend(messages);
+        let rendered = render(&all)?;
+        let c = &lease.conversation;
+        let reuse = lease.state.is_some()
+            && !c.text.is_empty()
+            && rendered.starts_with(&c.text)
+            && rendered.len() > c.text.len();
+        let (tokens, context, state) = if reuse {
+            let mut tokens = c.tail.clone();
+            tokens.extend(
+                self.tokenizer
+                    .encode(&rendered[c.text.len()..], false, true),
+            );
+            (tokens, c.tokens.clone(), lease.state.take())
+        } else {
+            // The state (if any) does not match this conversation: start over.
+            lease.state = None;
+            (
+                self.tokenizer.encode(&rendered, false, true),
+                Vec::new(),
+                None,
+            )
+        };
+        Ok(Prepared {
+            tokens,
+            context,
+            state,
+            session: Some(SessionTurn {
+                lease,
+                messages: all,
+                rendered,
+            }),
+        })
+    }
+}
+
+impl SessionTurn {
+    /// Checks the session back in after a finished turn: the reply joins the
+    /// conversation. `tail` says what of the reply the state has not
+    /// consumed (`None`: the state does not match the reply's text, as
+    /// after a stop string, and is dropped); `tokens` are what it has.
+    pub(crate) fn finish(
+        self,
+        reply: String,
+        tail: Option<Vec<u32>>,
+        tokens: Vec<u32>,
+        state: SeqState,
+    ) {
+        let text = format!("{}{reply}", self.rendered);
+        let mut messages = self.messages;
+        messages.push(ChatMessage::new("assistant", reply));
+        match tail {
+            Some(tail) => self.lease.finish(
+                Conversation {
+                    messages,
+                    text,
+                    tail,
+                    tokens,
+                },
+                state,
+            ),
+            None => {
+                let mut lease = self.lease;
+                lease.conversation = Conversation {
+                    messages,
+                    ..Default::default()
+                };
+                lease.state = None;
+            }
+        }
+    }
+}

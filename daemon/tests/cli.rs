@@ -278,6 +278,50 @@ fn bench_reports_every_figure_it_promises() {
         "{v}"
     );
     assert!(read > 0.0, "{v}");
+    // Under a budget that holds a third of the experts, decode pages: the
+    // pager's bytes per token are the loads' (`paging.bytes_in` over the
+    // tokens, warm-up excluded, so at most that), and the rest is in range.
+    let (fixed, experts) = (
+        v["paging"]["fixed_bytes"].as_u64().unwrap(),
+        v["paging"]["expert_total_bytes"].as_u64().unwrap(),
+    );
+    let budget = (fixed + experts / 3).to_string();
+    let p: serde_json::Value = serde_json::from_str(&ok(&lfmd(&[
+        "bench",
+        "--model",
+        &path,
+        "--threads",
+        "1",
+        "-p",
+        "0",
+        "-n",
+        "16",
+        "--memory-budget",
+        &budget,
+        "--io-threads",
+        "2",
+        "--json",
+    ])))
+    .unwrap();
+    let io = &p["decode_io"];
+    let pager = io["pager_bytes_per_token"].as_f64().unwrap();
+    assert!(pager > 0.0, "{p}");
+    assert!(
+        pager * 16.0 <= p["paging"]["bytes_in"].as_f64().unwrap() + 1.0,
+        "{p}"
+    );
+    assert!(
+        io["storage_bytes_per_token"].as_f64().unwrap() >= 0.0,
+        "{p}"
+    );
+    let wait = io["wait_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&wait), "{p}");
+    assert!(p["paging"]["wait_seconds"].as_f64().unwrap() >= 0.0, "{p}");
+    assert!(io["major_faults_per_token"].as_f64().unwrap() >= 0.0, "{p}");
+    assert!(
+        v["decode_io"]["pager_bytes_per_token"].as_f64().unwrap() == 0.0,
+        "{v}"
+    );
     let text = ok(&lfmd(&[
         "bench",
         "--model",

@@ -374,7 +374,13 @@ impl BenchReport {
                 p.major_faults.map_or("?".into(), |f| f.to_string()),
             );
         }
-        if let Some(io) = &self.decode_io {
+        // Only when decode read anything: with every expert in memory the
+        // line would be all zeros.
+        if let Some(io) = self
+            .decode_io
+            .as_ref()
+            .filter(|io| io.storage_bytes_per_token > 0.0 || io.pager_bytes_per_token > 0.0)
+        {
             out += &format!(
                 "decode io {:.1} MB read from storage per token ({:.1} MB by the pager's count), {:.2} GB/s while decoding, {:.0}% of decode waiting for loads, {:.2} compute-thread major faults per token\n",
                 io.storage_bytes_per_token / 1e6,

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cmd;
+use cmd::bench::{BenchArgs, bench};
 use cmd::generate::{GenerateArgs, generate};
 use cmd::serve::{ServeArgs, serve};
 
@@ -52,45 +53,7 @@ enum Command {
         tokens: Vec<u32>,
     },
     /// Prefill and decode speed, measured like llama-bench's pp and tg tests.
-    Bench {
-        #[arg(long)]
-        model: PathBuf,
-        /// Prompt tokens for the prefill test (0 skips it).
-        #[arg(short = 'p', long = "prompt", default_value_t = 512)]
-        prompt: usize,
-        /// Tokens for the decode test (0 skips it).
-        #[arg(short = 'n', long = "gen", default_value_t = 128)]
-        n_gen: usize,
-        /// Repetitions of each test (the mean is reported).
-        #[arg(short = 'r', long, default_value_t = 1)]
-        reps: usize,
-        /// Tokens already in the context when each test starts (filled
-        /// untimed), as llama-bench's -d.
-        #[arg(short = 'd', long, default_value_t = 0)]
-        depth: usize,
-        /// Sequences decoded together, a token each per step, as the daemon
-        /// serves that many clients (the decode rate is all of theirs).
-        #[arg(short = 's', long, default_value_t = 1)]
-        sequences: usize,
-        /// Compute threads (default: one per core).
-        #[arg(short = 't', long)]
-        threads: Option<usize>,
-        /// Memory the model's pages may take (expert paging).
-        #[arg(long, value_name = "auto|unlimited|SIZE", default_value = "auto")]
-        memory_budget: lfmd::config::MemoryBudget,
-        /// mlock the most used experts up to this size.
-        #[arg(long, value_name = "SIZE", default_value = "none")]
-        lock_experts: lfmd::config::ByteSize,
-        /// MoE layers ahead whose experts are read ahead.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        expert_lookahead: usize,
-        /// Expert-paging I/O threads (loads in flight at once).
-        #[arg(long, value_name = "N", default_value_t = lfmd::engine::paging::DEFAULT_IO_THREADS as u16,
-              value_parser = clap::value_parser!(u16).range(1..=64))]
-        io_threads: u16,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Serve the model to local clients over gRPC (a Unix socket by default).
     Serve(ServeArgs),
     /// Write a synthetic model with random weights in the real LFM2 layout.
@@ -176,47 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             let rows: Vec<&[f32]> = logits.chunks(m.n_vocab()).collect();
             write_stdout(&(serde_json::to_string(&rows)? + "\n"))?;
         }
-        Command::Bench {
-            model,
-            prompt,
-            n_gen,
-            reps,
-            depth,
-            sequences,
-            threads,
-            memory_budget,
-            lock_experts,
-            expert_lookahead,
-            io_threads,
-            json,
-        } => {
-            let opts = lfmd::engine::EngineOptions {
-                threads,
-                paging: lfmd::engine::PagingOptions {
-                    budget: memory_budget.0,
-                    lock_bytes: lock_experts.0.unwrap_or(0),
-                    lookahead: expert_lookahead,
-                    io_threads: io_threads.into(),
-                },
-                ..Default::default()
-            };
-            let m = lfmd::engine::Model::open_with(&model, opts)
-                .with_context(|| format!("loading {}", model.display()))?;
-            let params = lfmd::bench::BenchParams {
-                prompt,
-                n_gen,
-                reps,
-                depth,
-                sequences,
-            };
-            let r = lfmd::bench::run(&m, &model.display().to_string(), params)?;
-            let text = if json {
-                serde_json::to_string_pretty(&r)? + "\n"
-            } else {
-                r.to_text()
-            };
-            write_stdout(&text)?;
-        }
+        Command::Bench(a) => bench(a)?,
         Command::Man { out } => {
             std::fs::create_dir_all(&out)
                 .and_then(|()| clap_mangen::generate_to(Cli::command(), &out))

@@ -84,7 +84,7 @@ pub struct DecodeIo {
     pub major_faults_per_token: f64,
 }
 
-/// Counters read before and after the timed decode runs.
+/// The I/O counters at a moment, or their growth over the timed runs.
 #[derive(Clone, Copy, Default)]
 struct IoCounters {
     storage: u64,
@@ -105,17 +105,24 @@ impl IoCounters {
         })
     }
 
-    /// What happened between `self` and `later` over `tokens` tokens in
-    /// `seconds` of decode.
-    fn delta(self, later: IoCounters, tokens: usize, seconds: f64) -> DecodeIo {
-        let per = |x: f64| x / tokens.max(1) as f64;
-        let storage = later.storage.saturating_sub(self.storage) as f64;
+    /// Adds what grew from `from` to `to`.
+    fn add_growth(&mut self, from: IoCounters, to: IoCounters) {
+        self.storage += to.storage.saturating_sub(from.storage);
+        self.pager += to.pager.saturating_sub(from.pager);
+        self.wait += to.wait - from.wait;
+        self.faults += to.faults.saturating_sub(from.faults);
+    }
+
+    /// These counts' growth as rates over `tokens` tokens in `seconds` of
+    /// decode.
+    fn report(self, tokens: usize, seconds: f64) -> DecodeIo {
+        let per = |x: u64| x as f64 / tokens.max(1) as f64;
         DecodeIo {
-            storage_bytes_per_token: per(storage),
-            pager_bytes_per_token: per(later.pager.saturating_sub(self.pager) as f64),
-            storage_gb_per_s: storage / seconds.max(1e-9) / 1e9,
-            wait_share: (later.wait - self.wait) / seconds.max(1e-9),
-            major_faults_per_token: per(later.faults.saturating_sub(self.faults) as f64),
+            storage_bytes_per_token: per(self.storage),
+            pager_bytes_per_token: per(self.pager),
+            storage_gb_per_s: self.storage as f64 / seconds.max(1e-9) / 1e9,
+            wait_share: self.wait / seconds.max(1e-9),
+            major_faults_per_token: per(self.faults),
         }
     }
 }
@@ -172,8 +179,9 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     };
     let (mut t_pp, mut t_tg) = (0.0, 0.0);
     let mut tg_reps = Vec::new();
-    // The decode runs' I/O, summed over repetitions (untimed parts outside).
-    let mut io_sum: Option<(IoCounters, IoCounters)> = None;
+    // The decode runs' I/O growth, summed over repetitions (untimed parts
+    // left out).
+    let mut io_sum: Option<IoCounters> = None;
     // Decode steps run, and the sums of their weight bytes and mean
     // distinct experts per MoE layer.
     let (mut steps, mut step_bytes, mut experts) = (0usize, 0.0f64, 0.0f64);
@@ -234,16 +242,8 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
                 steps += 1;
             }
             let t = t0.elapsed().as_secs_f64();
-            if let (Some(a), Some(b)) = (io0, IoCounters::now(model)) {
-                let (s0, s1) = io_sum.get_or_insert_default();
-                s0.storage += a.storage;
-                s0.pager += a.pager;
-                s0.wait += a.wait;
-                s0.faults += a.faults;
-                s1.storage += b.storage;
-                s1.pager += b.pager;
-                s1.wait += b.wait;
-                s1.faults += b.faults;
+            if let (Some(from), Some(to)) = (io0, IoCounters::now(model)) {
+                io_sum.get_or_insert_default().add_growth(from, to);
             }
             t_tg += t;
             tg_reps.push((n_gen * sequences) as f64 / t.max(1e-9));
@@ -257,7 +257,7 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     let (step_bytes, experts) = (per_step(step_bytes), per_step(experts));
     let decode_io = io_sum
         .filter(|_| n_gen > 0)
-        .map(|(a, b)| a.delta(b, n_gen * sequences * reps, t_tg * reps as f64));
+        .map(|io| io.report(n_gen * sequences * reps, t_tg * reps as f64));
     let read = if n_gen > 0 { model.read_rate(3) } else { 0.0 };
     Ok(BenchReport {
         model: name.to_owned(),

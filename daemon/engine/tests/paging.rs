@@ -5,19 +5,11 @@
 use lfm_engine::engine::{
     BatchItem, Budget, EngineOptions, LogitsWanted, Model, PagingOptions, SeqState,
 };
-use lfm_engine::model::ExpertIndex;
-use std::path::{Path, PathBuf};
+mod common;
 
-fn synth(dir: &Path, preset: &str) -> PathBuf {
-    let path = dir.join(format!("{preset}.gguf"));
-    let p = lfm_engine::synth::find_preset(preset).unwrap();
-    let q = lfm_engine::synth::SynthQuant::parse("q4_0").unwrap();
-    lfm_engine::synth::write_model(p, q, 3, &path).unwrap();
-    // Written back, so its pages are clean and can leave the page cache (as
-    // a model file's are in use).
-    std::fs::File::open(&path).unwrap().sync_all().unwrap();
-    path
-}
+use common::{expert_bytes, synth_tiny_moe};
+use lfm_engine::model::ExpertIndex;
+use std::path::Path;
 
 fn open(path: &Path, budget: Budget, lookahead: usize) -> Model {
     Model::open_with(
@@ -67,13 +59,13 @@ fn tokens(n: usize, vocab: u32) -> Vec<u32> {
 #[test]
 fn a_budget_changes_no_logit_and_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "tiny-moe");
+    let path = synth_tiny_moe(dir.path());
     let free = open(&path, Budget::Unlimited, 2);
     let toks = tokens(40, free.n_vocab() as u32);
     let want = logits(&free, &toks);
 
     let s = free.paging_stats().unwrap();
-    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let expert = expert_bytes(&s);
     let k = free.desc.n_expert_used as u64;
     // Our mapping alone: pages another mapping holds stay in memory.
     drop(free);
@@ -156,10 +148,10 @@ fn a_budget_changes_no_logit_and_holds() {
 #[test]
 fn the_cache_keeps_what_is_used_most() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "tiny-moe");
+    let path = synth_tiny_moe(dir.path());
     let m = open(&path, Budget::Unlimited, 0);
     let s = m.paging_stats().unwrap();
-    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let expert = expert_bytes(&s);
     drop(m);
     let m = open(&path, Budget::Bytes(s.fixed_bytes + 9 * expert), 0);
     let p = m.pager().unwrap();
@@ -207,9 +199,9 @@ fn vm_locked() -> u64 {
 #[test]
 fn the_hottest_experts_are_locked_and_never_given_back() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "tiny-moe");
+    let path = synth_tiny_moe(dir.path());
     let s = open(&path, Budget::Unlimited, 0).paging_stats().unwrap();
-    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let expert = expert_bytes(&s);
     let locked_before = vm_locked();
     let m = Model::open_with(
         &path,
@@ -302,7 +294,7 @@ fn huge_pages_are_advised_for_all_that_stays_mapped() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), "tiny-moe");
+    let path = synth_tiny_moe(dir.path());
     // No cap: the whole file, expert slabs included.
     let free = open(&path, Budget::Unlimited, 0);
     let s = free.paging_stats().unwrap();
@@ -313,7 +305,7 @@ fn huge_pages_are_advised_for_all_that_stays_mapped() {
     // A cap below the model: the fixed tensors only; the slabs stay on
     // small pages, so loads and evictions move exactly their pages. Pages
     // shared by a slab and its neighbour go with the fixed tensors.
-    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let expert = expert_bytes(&s);
     let tight = open(&path, Budget::Bytes(s.fixed_bytes + 4 * k * expert), 0);
     let (huge, small) = huge_advice(&tight);
     assert_eq!(huge + small, len);

@@ -4,32 +4,18 @@
 //! fault counts are per thread of this process, and no other test may run
 //! beside it.)
 
-use lfm_engine::engine::SeqState;
-use lfm_engine::engine::{BatchItem, Budget, EngineOptions, LogitsWanted, Model, PagingOptions};
-use std::path::Path;
+mod common;
 
-/// Major faults of every thread of this process but the pager's I/O
-/// threads (`/proc/self/task/*/stat`, field 12).
+use common::{expert_bytes, synth_tiny_moe};
+use lfm_engine::engine::paging::IO_THREAD_NAME;
+use lfm_engine::engine::{
+    BatchItem, Budget, EngineOptions, LogitsWanted, Model, PagingOptions, SeqState,
+};
+use lfm_engine::procstat::major_faults_except;
+
+/// Major faults of every thread of this process but the pager's I/O threads.
 fn compute_major_faults() -> u64 {
-    let mut sum = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.starts_with("lfmd-pager") {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue; // the thread ended
-        };
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        sum += rest
-            .split_whitespace()
-            .nth(9)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap();
-    }
-    sum
+    major_faults_except(IO_THREAD_NAME).unwrap()
 }
 
 fn decode(m: &Model, st: &mut SeqState, tokens: &[u32]) {
@@ -43,24 +29,13 @@ fn decode(m: &Model, st: &mut SeqState, tokens: &[u32]) {
     }
 }
 
-fn synth(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("tiny-moe.gguf");
-    let p = lfm_engine::synth::find_preset("tiny-moe").unwrap();
-    let q = lfm_engine::synth::SynthQuant::parse("q4_0").unwrap();
-    lfm_engine::synth::write_model(p, q, 3, &path).unwrap();
-    // Written back, so the pages the pager gives back leave the page cache
-    // and a touch of them has to read the disk (a major fault).
-    std::fs::File::open(&path).unwrap().sync_all().unwrap();
-    path
-}
-
 #[test]
 fn compute_threads_take_no_major_fault_on_experts_under_a_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path());
+    let path = synth_tiny_moe(dir.path());
     let probe = Model::open(&path).unwrap();
     let s = probe.paging_stats().unwrap();
-    let expert = s.expert_total_bytes / (s.experts.len() * s.experts[0].len()) as u64;
+    let expert = expert_bytes(&s);
     let k = probe.desc.n_expert_used as u64;
     let vocab = probe.n_vocab() as u32;
     drop(probe);

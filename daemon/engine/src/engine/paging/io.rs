@@ -21,11 +21,11 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// pages itself (a stalled disk or a lost I/O thread must not stop it).
 const WAIT_AT_MOST: Duration = Duration::from_secs(2);
 
-/// The policy and the I/O thread's own flags, under one lock.
+/// The policy and the I/O threads' own flags, under one lock.
 pub(super) struct State {
     pub policy: Policy,
     shutdown: bool,
-    /// Jobs taken by the I/O thread and not finished (for `quiesce`).
+    /// Jobs taken by the I/O threads and not finished (for `quiesce`).
     in_flight: usize,
     /// A routing happened since the last sweep (the engine may have faulted
     /// pages of experts believed out).
@@ -45,7 +45,7 @@ pub(super) struct State {
     lock_failed: bool,
 }
 
-/// What the engine's [`super::Pager`], the monitors and the I/O thread share.
+/// What the engine's [`super::Pager`], the monitors and the I/O threads share.
 pub(super) struct PagerShared {
     gguf: std::sync::Arc<Gguf>,
     index: ExpertIndex,
@@ -395,7 +395,7 @@ impl PagerShared {
     /// Gives back pages of experts believed out that are mapped anyway: by
     /// the kernel's fault-around next to a neighbour, or by the engine
     /// touching an expert before its load ran. Keeps the budget
-    /// honest; runs when the I/O thread is idle after routings.
+    /// honest; runs when no job runs after routings.
     fn sweep<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let out = st.policy.believed_out();
         drop(st);

@@ -19,11 +19,10 @@
 //! shrunk while the kernel reports memory pressure (PSI). Paging never
 //! changes a result: it moves bytes between disk and memory, and the
 //! engine's reads of the mapping see the same bytes wherever they are.
-
 //!
 //! Two parts: [`policy`] decides (the belief, victims, admission, the cap,
 //! lock planning: bookkeeping only, unit-tested without a mapping) and
-//! [`io`] acts (the I/O thread's madvise/fadvise/mlock calls, reading the
+//! [`io`] acts (the I/O threads' madvise/fadvise/mlock calls, reading the
 //! host's memory and the page tables). [`Pager`] is the engine's side.
 
 mod io;
@@ -125,7 +124,8 @@ pub struct PagingStats {
     pub locked_bytes: u64,
     pub loads: u64,
     pub bytes_in: u64,
-    /// Time the I/O thread spent in loads (reading ahead and populating).
+    /// Time the I/O threads spent in loads (reading ahead and populating),
+    /// summed over threads.
     pub load_seconds: f64,
     /// Time the engine waited for chosen experts' loads (compute stalled
     /// on I/O).
@@ -151,7 +151,7 @@ pub struct Pager {
 }
 
 /// Reads a [`Pager`]'s figures from any thread; cheap to clone. Holds the
-/// pager's bookkeeping, not its I/O thread.
+/// pager's bookkeeping, not its I/O threads.
 #[derive(Clone)]
 pub struct PagingMonitor(Arc<PagerShared>);
 
@@ -299,7 +299,7 @@ impl Pager {
     }
 
     /// The engine expects layer `layer` to choose `experts`: bring in those
-    /// not resident when the I/O thread has nothing urgent.
+    /// not resident when the I/O threads have nothing urgent.
     pub fn predict(&self, layer: usize, experts: &[usize]) {
         let Some(ord) = self.moe_ordinal(layer) else {
             return;

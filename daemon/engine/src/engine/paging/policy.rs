@@ -2,8 +2,8 @@
 //! memory, what to load and in which order, which expert gives way
 //! (victims), whether a prediction may displace anything (admission), what
 //! the cap is for a budget, and which experts to lock. Pure bookkeeping on
-//! byte counts: the I/O thread ([`super::io`]) carries the jobs out and
-//! reports back, and these rules are unit-tested here on their own.
+//! byte counts: the I/O threads ([`super::io`]) carry the jobs out and
+//! report back, and these rules are unit-tested here on their own.
 
 use super::{Budget, ExpertStat};
 use std::collections::VecDeque;

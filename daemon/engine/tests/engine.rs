@@ -138,3 +138,90 @@ fn bad_tokens_and_full_context_are_refused_without_side_effects() {
     );
     assert!(s2.is_empty());
 }
+
+/// The prefix cache's exactness: a state rebuilt from segments (cut at any
+/// point, in one or several pieces) continues exactly as the state it was
+/// cut from, alone and next to another sequence, on every synthetic type.
+#[test]
+fn a_state_rebuilt_from_segments_continues_bit_identically() {
+    let types = lfm_engine::engine::SUPPORTED_TYPES;
+    for (preset, &ty) in types
+        .iter()
+        .map(|t| ("tiny-moe", t))
+        .chain(types.iter().map(|t| ("tiny-dense", t)))
+    {
+        let m = model(preset, ty);
+        let nv = m.n_vocab();
+        let cold = run_all(&m, &mut SeqState::new(&m), A);
+        let alone_b = run_all(&m, &mut SeqState::new(&m), B);
+        for cuts in [&[4][..], &[1, 7], &[3, 5, 10], &[0, 2]] {
+            // Cut a state fed in pieces ending at the cuts.
+            let mut st = SeqState::new(&m);
+            let mut segs = Vec::new();
+            let mut from = 0;
+            for &c in cuts {
+                run_all(&m, &mut st, &A[from..c]);
+                segs.push(st.segment(from));
+                from = c;
+            }
+            let at = *cuts.last().unwrap();
+            let chain: Vec<_> = segs.iter().collect();
+            let mut rebuilt = SeqState::from_segments(&m, &chain).unwrap();
+            assert_eq!(rebuilt.len(), at);
+            let got = run_all(&m, &mut rebuilt, &A[at..]);
+            assert_eq!(
+                got,
+                cold[at * nv..],
+                "{preset} {ty} cuts {cuts:?}: rebuilt state differs"
+            );
+            // In a batch beside B.
+            let mut rebuilt = SeqState::from_segments(&m, &chain).unwrap();
+            let mut sb = SeqState::new(&m);
+            let both = m
+                .forward(&mut [
+                    BatchItem {
+                        state: &mut sb,
+                        tokens: B,
+                        logits: LogitsWanted::All,
+                    },
+                    BatchItem {
+                        state: &mut rebuilt,
+                        tokens: &A[at..],
+                        logits: LogitsWanted::All,
+                    },
+                ])
+                .unwrap();
+            assert_eq!(
+                both[0], alone_b,
+                "{preset} {ty}: B changed beside a rebuilt state"
+            );
+            assert_eq!(
+                both[1],
+                cold[at * nv..],
+                "{preset} {ty}: rebuilt state differs in a batch"
+            );
+        }
+    }
+}
+
+#[test]
+fn segments_that_do_not_chain_are_refused() {
+    let m = model("tiny-moe", GgmlType::Q8_0);
+    let mut st = SeqState::new(&m);
+    run_all(&m, &mut st, &A[..3]);
+    let first = st.segment(0);
+    run_all(&m, &mut st, &A[3..6]);
+    let late = st.segment(4);
+    assert_eq!(
+        SeqState::from_segments(&m, &[&first, &late]).err(),
+        Some(lfm_engine::engine::StateError::Gap {
+            expected: 3,
+            start: 4
+        })
+    );
+    let other = model("tiny-dense", GgmlType::F16);
+    assert!(matches!(
+        SeqState::from_segments(&other, &[&first]),
+        Err(lfm_engine::engine::StateError::Layout { .. })
+    ));
+}

@@ -16,5 +16,5 @@ mod weights;
 
 pub use forward::{BatchItem, ForwardStats, LogitsWanted, weight_type};
 pub use paging::{Budget, PagingMonitor, PagingOptions, PagingStats};
-pub use state::SeqState;
+pub use state::{SeqState, StateError, StateSegment};
 pub use weights::{EngineError, EngineOptions, Model, SUPPORTED_TYPES};

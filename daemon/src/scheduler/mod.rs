@@ -14,6 +14,7 @@
 
 mod api;
 pub mod plan;
+pub mod prefix;
 mod prepare;
 pub mod queue;
 pub mod sessions;

@@ -253,6 +253,10 @@ pub struct Settings {
     pub max_sessions: usize,
     /// Seconds before an idle chat session is dropped.
     pub session_idle: u64,
+    /// Memory for prompt-prefix states (`none`: no prefix cache).
+    pub prefix_cache: ByteSize,
+    /// Share prefix-cache entries across users (default: each user's own).
+    pub prefix_cache_shared: bool,
     /// `max_tokens` of requests that set none.
     #[serde(deserialize_with = "at_least_one")]
     pub max_tokens: usize,
@@ -281,6 +285,8 @@ impl Default for Settings {
             prefill_chunk: s.prefill_chunk,
             max_sessions: s.max_sessions,
             session_idle: s.session_idle.as_secs(),
+            prefix_cache: ByteSize(Some(s.prefix_cache_bytes).filter(|&b| b > 0)),
+            prefix_cache_shared: s.prefix_cache_shared,
             max_tokens: s.default_max_tokens,
         }
     }
@@ -388,6 +394,11 @@ impl Settings {
         check("ctx", self.ctx != other.ctx);
         check("max_sessions", self.max_sessions != other.max_sessions);
         check("session_idle", self.session_idle != other.session_idle);
+        check("prefix_cache", self.prefix_cache != other.prefix_cache);
+        check(
+            "prefix_cache_shared",
+            self.prefix_cache_shared != other.prefix_cache_shared,
+        );
         v
     }
 }
@@ -448,7 +459,7 @@ mod tests {
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .chain(["model"])
             .collect();
-        assert_eq!(keys.len(), 20, "{defaults}");
+        assert_eq!(keys.len(), 22, "{defaults}");
         for key in keys {
             let set = text.lines().any(|l| l.starts_with(&format!("{key} = ")));
             let commented = text.lines().any(|l| l.starts_with(&format!("# {key} = ")));

@@ -55,6 +55,14 @@ pub(crate) struct ServeArgs {
     /// Seconds before an idle chat session is dropped [default: 600].
     #[arg(long)]
     pub(crate) session_idle: Option<u64>,
+    /// Memory for prompt-prefix states, so a repeated system prompt or tool
+    /// list is not prefilled again; none: off [default: 256MiB].
+    #[arg(long, value_name = "SIZE|none")]
+    pub(crate) prefix_cache: Option<lfmd::config::ByteSize>,
+    /// Let users share prefix-cache entries (by default each user's are its
+    /// own: a shared entry lets one user time another's prompts).
+    #[arg(long)]
+    pub(crate) prefix_cache_shared: bool,
     /// max_tokens of requests that set none [default: 256].
     #[arg(long)]
     pub(crate) max_tokens: Option<usize>,
@@ -139,8 +147,10 @@ impl ServeArgs {
             socket_group,
             memory_budget,
             lock_experts,
-            expert_lookahead
+            expert_lookahead,
+            prefix_cache
         );
+        s.prefix_cache_shared |= self.prefix_cache_shared;
         if let Some(n) = self.expert_io_threads {
             s.expert_io_threads = n.into();
         }
@@ -245,6 +255,8 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             session_idle: std::time::Duration::from_secs(settings.session_idle),
             default_max_tokens: settings.max_tokens,
             idle_wakeup: lfmd::systemd::engine_wakeup(watchdog),
+            prefix_cache_bytes: settings.prefix_cache.0.unwrap_or(0),
+            prefix_cache_shared: settings.prefix_cache_shared,
         };
         let (handle, exit) =
             lfmd::scheduler::start(model, &model_path.display().to_string(), config)

@@ -40,7 +40,18 @@ pub struct Config {
     /// ([`Handle::engine_heartbeat_age`]) is at most this old while it
     /// is healthy and idle.
     pub idle_wakeup: Duration,
+    /// Bytes of prompt-prefix states kept ([`prefix`](super::prefix)); 0 is
+    /// off.
+    pub prefix_cache_bytes: u64,
+    /// Whether all users share prefix-cache entries (by default each user
+    /// sees only its own, so no one learns another's prompts by timing).
+    pub prefix_cache_shared: bool,
 }
+
+/// Default size of the prefix cache: 256 MiB holds ~20,000 tokens of
+/// LFM2-8B-A1B state (12 KiB of KV a token, 288 KiB of conv windows a
+/// snapshot), a dozen long system prompts.
+pub const DEFAULT_PREFIX_CACHE: u64 = 256 << 20;
 
 impl Default for Config {
     fn default() -> Self {
@@ -54,6 +65,8 @@ impl Default for Config {
             session_idle: Duration::from_secs(600),
             default_max_tokens: 256,
             idle_wakeup: Duration::from_secs(1),
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE,
+            prefix_cache_shared: false,
         }
     }
 }
@@ -321,6 +334,7 @@ pub struct Status {
     pub prefill_tokens_per_second: f64,
     pub uptime: Duration,
     pub memory: Option<crate::procstat::Memory>,
+    pub prefix_cache: super::prefix::PrefixStats,
 }
 
 /// Requests running and waiting; [`Handle::watch_load`] sees every change.

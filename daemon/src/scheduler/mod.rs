@@ -52,6 +52,9 @@ pub(crate) struct Job {
     pub stop: StopText,
     pub ignore_eos: bool,
     pub session: Option<SessionTurn>,
+    /// Positions in `tokens` where a fresh sequence's state goes into the
+    /// prefix cache.
+    pub snapshots: Vec<usize>,
     pub events: mpsc::UnboundedSender<Event>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
@@ -126,6 +129,8 @@ pub(crate) struct Shared {
     /// When the engine loop last went round, in ms since `epoch`.
     pub heartbeat: AtomicU64,
     pub epoch: Instant,
+    /// Prompt-prefix states (its own lock, never held with another).
+    pub prefix: prefix::PrefixCache,
 }
 
 impl Shared {
@@ -238,6 +243,7 @@ pub fn start(
         users: Mutex::new(Default::default()),
         heartbeat: AtomicU64::new(0),
         epoch: Instant::now(),
+        prefix: prefix::PrefixCache::new(config.prefix_cache_bytes),
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let worker = worker::Worker::new(model, tokenizer.clone(), shared.clone(), config.clone());
@@ -400,6 +406,7 @@ impl Handle {
             prefill_tokens_per_second: prefilled as f64 / window,
             uptime: now.duration_since(self.started),
             memory: None,
+            prefix_cache: Default::default(),
         };
         drop(g);
         // Read outside the lock the engine takes every step: /proc is a
@@ -407,6 +414,7 @@ impl Handle {
         Status {
             sessions: self.sessions.len(now),
             memory: crate::procstat::memory(),
+            prefix_cache: self.shared.prefix.stats(),
             ..s
         }
     }
@@ -445,6 +453,7 @@ impl Handle {
             context,
             mut state,
             mut session,
+            snapshots,
         } = self.prepare(input, &client, arrived)?;
         let prompt_tokens = context.len() + tokens.len();
         if prompt_tokens >= self.config.n_ctx {
@@ -495,6 +504,7 @@ impl Handle {
             stop,
             ignore_eos: options.ignore_eos,
             session,
+            snapshots,
             events,
             deadline,
             arrived,
@@ -776,5 +786,141 @@ mod tests {
         let mut good = ask(&h, fine);
         assert!(matches!(last(&mut good).await, Event::Done(_)));
         assert_eq!(h.status().active, 0);
+    }
+
+    /// A system prompt of a few hundred tokens (past a snapshot interval).
+    fn system_prompt() -> String {
+        let mut s = String::from("You are the assistant of a home hub. ");
+        for i in 0..60 {
+            s.push_str(&format!(
+                "Rule {i}: answer about room {} briefly. ",
+                i * 7 % 13
+            ));
+        }
+        s
+    }
+
+    fn chat(h: &Handle, owner: &str, question: &str, session: Option<&str>) -> Generation {
+        h.submit(Request {
+            input: Input::Chat {
+                messages: vec![
+                    crate::chat::ChatMessage::new("system", system_prompt()),
+                    crate::chat::ChatMessage::new("user", question),
+                ],
+                session: session.map(str::to_owned),
+            },
+            options: Options {
+                max_tokens: Some(6),
+                ignore_eos: true,
+                sampling: crate::sampler::SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            client: Client {
+                id: format!("{owner}/{question}"),
+                owner: owner.into(),
+                ..Default::default()
+            },
+            priority: Priority::Interactive,
+            deadline: None,
+        })
+        .unwrap()
+    }
+
+    /// Tokens and (prompt, prefilled) token counts of a finished request.
+    async fn answer(g: Generation) -> (Vec<u32>, (usize, usize)) {
+        let mut g = g;
+        let (t, end) = tokens(&mut g).await;
+        let Event::Done(d) = end else {
+            panic!("{end:?}")
+        };
+        (t, (d.stats.prompt_tokens, d.stats.prefilled_tokens))
+    }
+
+    fn no_cache() -> Config {
+        Config {
+            prefix_cache_bytes: 0,
+            ..Config::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_system_prompt_is_not_prefilled_again_and_changes_nothing() {
+        let h = tiny_handle(Config::default());
+        let cold = tiny_handle(no_cache());
+        let system_tokens = h.tokenize(&system_prompt(), Some(false), true).len();
+        assert!(system_tokens > crate::scheduler::prefix::SNAPSHOT_EVERY);
+        let q = ["Is the kitchen light on?", "How warm is the bedroom?"];
+        let (a0, (p0, f0)) = answer(chat(&h, "alice", q[0], None)).await;
+        assert_eq!(f0, p0, "nothing cached yet");
+        // Another question after the same system prompt.
+        let (a1, (p1, f1)) = answer(chat(&h, "alice", q[1], None)).await;
+        assert!(
+            p1 - f1 >= system_tokens,
+            "resumed after the system prompt: {p1} {f1}"
+        );
+        // The same conversation again: only the generation prompt is fed.
+        let (a1b, (_, f1b)) = answer(chat(&h, "alice", q[1], None)).await;
+        assert!(f1b <= 8, "{f1b} tokens prefilled for a repeat");
+        // A new session's first turn uses the cache too.
+        let (a1s, (_, f1s)) = answer(chat(&h, "alice", q[1], Some("s1"))).await;
+        assert!(f1s <= 8, "{f1s}");
+        // Another user does not see alice's entries.
+        let (b0, (pb, fb)) = answer(chat(&h, "bob", q[0], None)).await;
+        assert_eq!(fb, pb, "bob must not resume from alice's prompt");
+        // Same tokens as without a cache.
+        let (c0, _) = answer(chat(&cold, "alice", q[0], None)).await;
+        let (c1, _) = answer(chat(&cold, "alice", q[1], None)).await;
+        assert_eq!(a0, c0);
+        assert_eq!(b0, c0);
+        for a in [&a1, &a1b, &a1s] {
+            assert_eq!(a, &c1, "a cache hit changed the answer");
+        }
+        let st = h.status().prefix_cache;
+        assert_eq!(st.hits, 3, "{st:?}");
+        assert!(st.misses >= 2 && st.entries > 0 && st.bytes > 0, "{st:?}");
+        assert_eq!(
+            st.tokens_saved as usize,
+            (p1 - f1) + (p1 - f1b) + (p1 - f1s)
+        );
+        let off = cold.status().prefix_cache;
+        assert_eq!((off.entries, off.hits), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn hits_in_a_batch_answer_as_cold_prefills_do() {
+        let h = tiny_handle(Config::default());
+        let cold = tiny_handle(no_cache());
+        let qs = [
+            "Lights off downstairs?",
+            "What is on the calendar?",
+            "Lock the front door.",
+            "Play some music.",
+        ];
+        // Warm the cache, then four at once (each resumes while others run).
+        answer(chat(&h, "u", "Hello", None)).await;
+        let gens: Vec<_> = qs.iter().map(|q| chat(&h, "u", q, None)).collect();
+        let mut got = Vec::new();
+        for g in gens {
+            got.push(answer(g).await);
+        }
+        for (q, (toks, (p, f))) in qs.iter().zip(got) {
+            assert!(f < p, "{q}: no hit");
+            let (want, _) = answer(chat(&cold, "u", q, None)).await;
+            assert_eq!(toks, want, "{q}: differs from a cold prefill");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_cache_serves_every_user() {
+        let h = tiny_handle(Config {
+            prefix_cache_shared: true,
+            ..Config::default()
+        });
+        answer(chat(&h, "alice", "Hi", None)).await;
+        let (_, (p, f)) = answer(chat(&h, "bob", "Hello", None)).await;
+        assert!(f < p, "bob resumes from alice's system prompt when shared");
     }
 }

@@ -2,6 +2,7 @@
 //! on a session the context and state it continues and what to check back
 //! in when it ends.
 
+use super::prefix::SNAPSHOT_EVERY;
 use super::sessions::{Conversation, Lease, SessionKey};
 use super::{Client, Handle, Input, SubmitError};
 use crate::chat::ChatMessage;
@@ -18,16 +19,25 @@ pub(super) struct Prepared {
     pub state: Option<SeqState>,
     /// The session turn, if the request is on one.
     pub session: Option<SessionTurn>,
+    /// Positions in `tokens` worth a prefix-cache snapshot (ascending; only
+    /// for a fresh sequence).
+    pub snapshots: Vec<usize>,
 }
 
 impl Prepared {
     /// A request that starts from an empty context.
-    fn fresh(tokens: Vec<u32>) -> Prepared {
+    fn fresh(tokens: Vec<u32>, mut ends: Vec<usize>) -> Prepared {
+        ends.extend((1..=tokens.len() / SNAPSHOT_EVERY).map(|i| i * SNAPSHOT_EVERY));
+        ends.push(tokens.len());
+        ends.sort_unstable();
+        ends.dedup();
+        ends.retain(|&e| e > 0 && e <= tokens.len());
         Prepared {
             tokens,
             context: Vec::new(),
             state: None,
             session: None,
+            snapshots: ends,
         }
     }
 }
@@ -51,9 +61,10 @@ impl Handle {
         now: Instant,
     ) -> Result<Prepared, SubmitError> {
         match input {
-            Input::Prompt { text, add_bos } => {
-                Ok(Prepared::fresh(self.tokenize(&text, add_bos, true)))
-            }
+            Input::Prompt { text, add_bos } => Ok(Prepared::fresh(
+                self.tokenize(&text, add_bos, true),
+                Vec::new(),
+            )),
             Input::Chat { messages, session } => self.prepare_chat(messages, session, client, now),
         }
     }
@@ -78,7 +89,9 @@ impl Handle {
         };
         let Some(id) = session else {
             let text = render(&messages)?;
-            return Ok(Prepared::fresh(self.tokenizer.encode(&text, false, true)));
+            let tokens = self.tokenizer.encode(&text, false, true);
+            let ends = self.message_ends(&messages, &text, &tokens);
+            return Ok(Prepared::fresh(tokens, ends));
         };
         let mut lease = self.sessions.checkout(
             SessionKey {
@@ -95,6 +108,7 @@ impl Handle {
             && !c.text.is_empty()
             && rendered.starts_with(&c.text)
             && rendered.len() > c.text.len();
+        let fresh = !reuse;
         let (tokens, context, state) = if reuse {
             let mut tokens = c.tail.clone();
             tokens.extend(
@@ -111,6 +125,14 @@ impl Handle {
                 None,
             )
         };
+        // A session's first turn (or one starting over) is a fresh
+        // sequence: it may resume from, and adds to, the prefix cache.
+        let snapshots = if fresh {
+            let ends = self.message_ends(&all, &rendered, &tokens);
+            Prepared::fresh(tokens.clone(), ends).snapshots
+        } else {
+            Vec::new()
+        };
         Ok(Prepared {
             tokens,
             context,
@@ -120,7 +142,33 @@ impl Handle {
                 messages: all,
                 rendered,
             }),
+            snapshots,
         })
+    }
+
+    /// Token positions where messages end in `tokens` (the render of
+    /// `messages`, `text`): the first message's (a system prompt, a tool
+    /// list) and the last one's (the same conversation asked again). Each
+    /// point off a chunk's natural end costs the prompt one more engine
+    /// step, so no more. A position counts only where the render of the
+    /// messages so far tokenizes to a prefix of `tokens`.
+    fn message_ends(&self, messages: &[ChatMessage], text: &str, tokens: &[u32]) -> Vec<usize> {
+        let n = messages.len();
+        let wanted = if n > 1 { vec![1, n] } else { vec![n] };
+        wanted
+            .into_iter()
+            .filter_map(|i| {
+                let part = self
+                    .template
+                    .render(&messages[..i], None, false, &self.bos_text)
+                    .ok()?;
+                if !text.starts_with(&part) {
+                    return None;
+                }
+                let ids = self.tokenizer.encode(&part, false, true);
+                tokens.starts_with(&ids).then_some(ids.len())
+            })
+            .collect()
     }
 }
 

@@ -7,6 +7,7 @@
 //! and is reported through `EngineExit`.
 
 use super::plan::{StepNeed, plan_step};
+use super::prefix::Snapshot;
 use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats, UserSlot};
 use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
 use crate::sequence::{FinishReason, Sequence};
@@ -52,6 +53,33 @@ struct Admitted {
     /// Given back before the final event, so a client that sees it may
     /// send its next request at once.
     user_slot: Option<UserSlot>,
+    /// Where its prompt's state still goes into the prefix cache.
+    snap: Option<SnapPlan>,
+}
+
+/// A fresh sequence's prefix-cache snapshots still to take.
+struct SnapPlan {
+    scope: Arc<str>,
+    /// The whole prompt.
+    prompt: Vec<u32>,
+    /// The snapshot the next one chains to (`None`: the state starts at 0).
+    parent: Option<Arc<Snapshot>>,
+    /// Prompt positions still to snapshot, ascending.
+    points: std::collections::VecDeque<usize>,
+}
+
+impl SnapPlan {
+    /// Tokens the sequence may feed in this step so its chunk ends at the
+    /// next snapshot point, given `consumed` so far.
+    fn cap(&self, consumed: usize) -> Option<usize> {
+        self.points
+            .front()
+            .map(|&p| p.saturating_sub(consumed).max(1))
+    }
+
+    fn parent_end(&self) -> usize {
+        self.parent.as_ref().map_or(0, |p| p.end())
+    }
 }
 
 impl Job {
@@ -105,6 +133,9 @@ pub(crate) static STALL_ON_CHUNK: std::sync::atomic::AtomicUsize =
 #[cfg(test)]
 pub(crate) const STALL_MS: u64 = 1500;
 
+/// How often the engine fits the prefix cache to what paging leaves.
+const PREFIX_FIT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -152,7 +183,12 @@ impl Worker {
     }
 
     fn serve(&self, running: &mut Vec<Admitted>) {
+        let mut fitted: Option<Instant> = None;
         while let Some(prefill_chunk) = self.admit(running) {
+            if fitted.is_none_or(|t| t.elapsed() >= PREFIX_FIT_EVERY) {
+                self.fit_prefix_cache();
+                fitted = Some(Instant::now());
+            }
             self.drop_gone(running);
             if !running.is_empty() {
                 self.step(running, prefill_chunk);
@@ -212,11 +248,16 @@ impl Worker {
     }
 
     fn start(&self, mut job: Job, now: Instant) -> Admitted {
+        let prompt_tokens = job.context.len() + job.tokens.len();
+        let snap = if job.state.is_none() {
+            self.resume_from_cache(&mut job)
+        } else {
+            None
+        };
         let state = job
             .state
             .take()
             .unwrap_or_else(|| SeqState::new(&self.model));
-        let prompt_tokens = state.len() + job.tokens.len();
         let prefilled_tokens = job.tokens.len();
         let mut seq = Sequence::resume(
             &self.model,
@@ -233,6 +274,7 @@ impl Worker {
             seq.ignore_eos();
         }
         Admitted {
+            snap,
             seq,
             priority: job.priority,
             events: job.events.clone(),
@@ -245,6 +287,89 @@ impl Worker {
             reply: String::new(),
             session: job.session.take(),
             user_slot: job.user_slot.take(),
+        }
+    }
+
+    /// Shrinks the prefix cache by what expert pages lack: while the pager
+    /// cannot keep every expert in memory, cached prompt states give way to
+    /// expert pages (never the other way round).
+    fn fit_prefix_cache(&self) {
+        let cache = &self.shared.prefix;
+        let Some(pager) = self.model.pager() else {
+            return;
+        };
+        let s = pager.monitor().believed();
+        let short = s
+            .expert_cap_bytes
+            .map_or(0, |cap| s.expert_total_bytes.saturating_sub(cap));
+        cache.set_limit(cache.configured().saturating_sub(short));
+    }
+
+    /// For a fresh sequence: resumes `job` from the longest cached prefix
+    /// of its prompt (its state and context set, its tokens cut to the
+    /// rest), and plans the snapshots it adds.
+    fn resume_from_cache(&self, job: &mut Job) -> Option<SnapPlan> {
+        let cache = &self.shared.prefix;
+        if !cache.enabled() || job.tokens.is_empty() {
+            return None;
+        }
+        let scope: Arc<str> = if self.config.prefix_cache_shared {
+            "".into()
+        } else {
+            job.client.owner.as_str().into()
+        };
+        let prompt = job.tokens.clone();
+        let mut parent = cache.lookup(&scope, &prompt, prompt.len() - 1);
+        if let Some(hit) = &parent {
+            match hit.state(&self.model) {
+                Ok(state) => {
+                    job.state = Some(state);
+                    job.context = prompt[..hit.end()].to_vec();
+                    job.tokens.drain(..hit.end());
+                }
+                Err(e) => {
+                    crate::warn!(
+                        "a cached prompt state does not fit the model ({e}); prefilling it again"
+                    );
+                    parent = None;
+                }
+            }
+        }
+        let from = parent.as_ref().map_or(0, |p| p.end());
+        Some(SnapPlan {
+            scope,
+            parent,
+            points: std::mem::take(&mut job.snapshots)
+                .into_iter()
+                .filter(|&p| p > from && p <= prompt.len())
+                .collect(),
+            prompt,
+        })
+    }
+
+    /// Puts the states of sequences that reached a snapshot point into the
+    /// prefix cache.
+    fn take_snapshots(&self, running: &mut [Admitted]) {
+        for r in running.iter_mut() {
+            let Some(plan) = &mut r.snap else { continue };
+            let at = r.seq.state.len();
+            if plan.points.front() != Some(&at) {
+                continue;
+            }
+            plan.points.pop_front();
+            let from = plan.parent_end();
+            let segment = r.seq.state.segment(from);
+            let node = self.shared.prefix.insert(
+                &plan.scope,
+                plan.parent.as_ref(),
+                &plan.prompt[from..at],
+                segment,
+            );
+            match node {
+                Some(n) if !plan.points.is_empty() => plan.parent = Some(n),
+                // Done, or the chain could not be kept: nothing more to add.
+                _ => r.snap = None,
+            }
         }
     }
 
@@ -277,9 +402,14 @@ impl Worker {
     fn step(&self, running: &mut Vec<Admitted>, prefill_chunk: usize) {
         let views: Vec<StepNeed> = running
             .iter()
-            .map(|r| StepNeed {
-                pending: r.seq.pending_len(),
-                priority: r.priority,
+            .map(|r| {
+                let pending = r.seq.pending_len();
+                // A chunk ends at the next snapshot point.
+                let cap = r.snap.as_ref().and_then(|s| s.cap(r.seq.state.len()));
+                StepNeed {
+                    pending: cap.map_or(pending, |c| pending.min(c)),
+                    priority: r.priority,
+                }
             })
             .collect();
         let take = plan_step(&views, prefill_chunk);
@@ -384,6 +514,7 @@ impl Worker {
             }
         };
 
+        self.take_snapshots(running);
         let now = Instant::now();
         // Sampling (and detokenizing, stop strings) of every sequence that
         // got logits, in parallel on the pool when there are several: each

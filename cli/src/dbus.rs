@@ -416,6 +416,18 @@ pub async fn status(bus: &Bus) -> Result<pb::DaemonStatus> {
         peak_rss_bytes: get(&s, "peak_rss_bytes"),
         version: get(&s, "version"),
         paging,
+        prefix_cache: s
+            .get("prefix_cache")
+            .and_then(|v| v.try_clone().ok())
+            .and_then(|v| HashMap::<String, OwnedValue>::try_from(v).ok())
+            .map(|t| pb::PrefixCache {
+                entries: get(&t, "entries"),
+                bytes: get(&t, "bytes"),
+                limit_bytes: get(&t, "limit_bytes"),
+                hits: get(&t, "hits"),
+                misses: get(&t, "misses"),
+                tokens_saved: get(&t, "tokens_saved"),
+            }),
     })
 }
 

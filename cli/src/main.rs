@@ -620,6 +620,14 @@ async fn run(cli: Cli) -> Result<()> {
                         "rss_file_bytes": s.rss_file_bytes,
                         "peak_rss_bytes": s.peak_rss_bytes,
                         "paging": s.paging.as_ref().map(|p| stats::to_json(p, false)),
+                        "prefix_cache": s.prefix_cache.as_ref().map(|c| serde_json::json!({
+                            "entries": c.entries,
+                            "bytes": c.bytes,
+                            "limit_bytes": c.limit_bytes,
+                            "hits": c.hits,
+                            "misses": c.misses,
+                            "tokens_saved": c.tokens_saved,
+                        })),
                     })
                 ))
             } else {
@@ -633,8 +641,21 @@ async fn run(cli: Cli) -> Result<()> {
                         p.evictions
                     )
                 });
+                let prefix = match &s.prefix_cache {
+                    Some(c) if c.limit_bytes > 0 || c.entries > 0 => format!(
+                        "prefix cache: {} entries, {} of {}, {} hits, {} misses, {} prompt tokens not prefilled\n",
+                        c.entries,
+                        gib(c.bytes),
+                        gib(c.limit_bytes),
+                        c.hits,
+                        c.misses,
+                        c.tokens_saved
+                    ),
+                    Some(_) => "prefix cache: off\n".into(),
+                    None => String::new(),
+                };
                 out(&format!(
-                    "lfmd {} on {target}, up {:.0} s\nrequests: {} running (max {}), {} queued (max {}), {} sessions, {} served\nthroughput (10 s): {:.1} generated tok/s, {:.1} prefill tok/s\ntokens: {} prompt, {} generated\ncompute: {}, {} threads\nmemory: {} resident ({} anonymous, {} model file pages), peak {}\n{paging}",
+                    "lfmd {} on {target}, up {:.0} s\nrequests: {} running (max {}), {} queued (max {}), {} sessions, {} served\nthroughput (10 s): {:.1} generated tok/s, {:.1} prefill tok/s\ntokens: {} prompt, {} generated\ncompute: {}, {} threads\nmemory: {} resident ({} anonymous, {} model file pages), peak {}\n{prefix}{paging}",
                     s.version,
                     s.uptime_seconds,
                     s.active_requests,

@@ -211,6 +211,11 @@ fn ask_chat_and_queries_against_a_daemon() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["sessions"], 1);
     assert_eq!(st["requests_total"], 4);
+    assert!(
+        st["prefix_cache"]["limit_bytes"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    assert!(st["prefix_cache"]["entries"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(st["active_requests"], 0);
 
     let out = lfmctl(s, &["info", "--json"], "");
@@ -221,6 +226,11 @@ fn ask_chat_and_queries_against_a_daemon() {
     let out = lfmctl(s, &["status"], "");
     assert!(
         text(&out.stdout).contains("1 sessions"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("prefix cache: ") && text(&out.stdout).contains(" entries, "),
         "{}",
         text(&out.stdout)
     );
@@ -473,6 +483,12 @@ fn ask_over_dbus_streams_the_answer_grpc_gives_and_exit_3_without_a_daemon() {
         "version",
     ] {
         assert_eq!(a[k], b[k], "{k}");
+    }
+    // D-Bus and gRPC give the same prefix-cache figures.
+    for k in ["limit_bytes", "entries", "hits"] {
+        let (a, b) = (&a["prefix_cache"][k], &b["prefix_cache"][k]);
+        assert!(a.is_u64(), "{k}: {a}");
+        assert_eq!(a, b, "{k}");
     }
     assert!(a["socket"].as_str().unwrap().contains(&address), "{a}");
     assert!(

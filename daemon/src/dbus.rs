@@ -648,8 +648,9 @@ impl Daemon1 {
     /// (`max_concurrent`, `queue_capacity`), `sessions`, throughput over the
     /// last 10 s, `isa`, `threads`, memory (`rss_bytes`, `rss_anon_bytes`,
     /// `rss_file_bytes`, `peak_rss_bytes`), `uptime_seconds`, `version`,
-    /// `model`, and `paging` (an `a{sv}` of `ExpertStats`' totals) when the
-    /// model's experts are paged.
+    /// `model`, `prefix_cache` (an `a{sv}`: `entries`, `bytes`,
+    /// `limit_bytes`, `hits`, `misses`, `tokens_saved`), and `paging` (an
+    /// `a{sv}` of `ExpertStats`' totals) when the model's experts are paged.
     #[zbus(out_args("status"))]
     async fn status(&self) -> Result<Info, ApiError> {
         let h = &self.shared.handle;
@@ -686,6 +687,16 @@ impl Daemon1 {
             ("version", Value::from(env!("CARGO_PKG_VERSION"))),
             ("model", Value::from(m.name.clone())),
         ]);
+        let pc = &s.prefix_cache;
+        let prefix: HashMap<&str, Value<'_>> = HashMap::from([
+            ("entries", Value::U64(pc.entries as u64)),
+            ("bytes", Value::U64(pc.bytes)),
+            ("limit_bytes", Value::U64(pc.limit_bytes)),
+            ("hits", Value::U64(pc.hits)),
+            ("misses", Value::U64(pc.misses)),
+            ("tokens_saved", Value::U64(pc.tokens_saved)),
+        ]);
+        out.insert("prefix_cache", Value::from(prefix));
         let handle = h.clone();
         let paging = tokio::task::spawn_blocking(move || handle.paging_stats(false))
             .await

@@ -406,6 +406,14 @@ impl pb::lfm_server::Lfm for LfmService {
             peak_rss_bytes: mem.peak_rss_bytes,
             version: env!("CARGO_PKG_VERSION").into(),
             paging,
+            prefix_cache: Some(pb::PrefixCache {
+                entries: s.prefix_cache.entries as u64,
+                bytes: s.prefix_cache.bytes,
+                limit_bytes: s.prefix_cache.limit_bytes,
+                hits: s.prefix_cache.hits,
+                misses: s.prefix_cache.misses,
+                tokens_saved: s.prefix_cache.tokens_saved,
+            }),
         }))
     }
 }

@@ -1006,9 +1006,16 @@ async fn desktop_clients_work_with_plain_integers_and_named_arguments() {
         "uptime_seconds",
         "version",
         "paging",
+        "prefix_cache",
     ] {
         assert!(st.get(k).is_some(), "Status lacks {k}: {v}");
     }
+    assert!(
+        st["prefix_cache"]["data"]["limit_bytes"]["data"]
+            .as_u64()
+            .is_some_and(|b| b > 0),
+        "{v}"
+    );
     assert_eq!(st["max_concurrent"]["data"], 8, "{v}");
     assert!(
         st["paging"]["data"].get("expert_total_bytes").is_some(),

@@ -82,6 +82,33 @@ def chat_session():
     assert 0 < s.prefilled_tokens < s.prompt_tokens, s
 
 
+def prefix_cache():
+    system = pb.ChatMessage(
+        role="system",
+        content=" ".join(f"Rule {i}: keep answers about room {i % 9} short." for i in range(40)),
+    )
+
+    def ask(question):
+        request = pb.ChatRequest(
+            messages=[system, pb.ChatMessage(role="user", content=question)],
+            options=pb.SamplingOptions(temperature=0.0, max_tokens=4),
+        )
+        done = [e.done for e in lfm.Chat(request, timeout=TIMEOUT) if e.HasField("done")]
+        assert len(done) == 1, done
+        return done[0].stats
+
+    before = lfm.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).prefix_cache
+    assert before.limit_bytes > 0, before
+    ask("Is the hall light on?")
+    s = ask("Open the garage.")
+    # The second question resumes after the cached system prompt.
+    assert s.prefilled_tokens < s.prompt_tokens // 4, s
+    after = lfm.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT).prefix_cache
+    assert after.hits >= before.hits + 1, (before, after)
+    assert after.tokens_saved - before.tokens_saved >= s.prompt_tokens - s.prefilled_tokens, after
+    assert after.entries > 0 and 0 < after.bytes <= after.limit_bytes, after
+
+
 def tokenize():
     ids = lfm.Tokenize(pb.TokenizeRequest(text="Hello world", add_bos=False), timeout=TIMEOUT).token_ids
     assert len(ids) > 0
@@ -137,6 +164,7 @@ check("chat_session", chat_session)
 if mode == "full":
     check("reflection", reflection)
     check("tokenize", tokenize)
+    check("prefix_cache", prefix_cache)
     check("cancelled_stream", cancelled_stream)
     check("example_client", example_client)
 print("all checks passed", flush=True)

@@ -25,7 +25,7 @@ pub use queue::{FairQueue, Priority};
 pub use sessions::{SessionError, SessionStore};
 
 use crate::chat::ChatTemplate;
-use crate::engine::{Model, SeqState};
+use crate::engine::Model;
 use crate::sampler::SamplingParams;
 use crate::stop::StopText;
 use crate::tokenizer::Tokenizer;
@@ -46,7 +46,8 @@ pub(crate) struct Job {
     pub tokens: Vec<u32>,
     /// Tokens already in `state` (a session's earlier turns).
     pub context: Vec<u32>,
-    pub state: Option<SeqState>,
+    /// A session's state to continue (pinned in the prefix cache).
+    pub state: Option<prefix::Pin>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: StopText,
@@ -129,8 +130,9 @@ pub(crate) struct Shared {
     /// When the engine loop last went round, in ms since `epoch`.
     pub heartbeat: AtomicU64,
     pub epoch: Instant,
-    /// Prompt-prefix states (its own lock, never held with another).
-    pub prefix: prefix::PrefixCache,
+    /// Prompt-prefix and session states (its own lock, never held with
+    /// another).
+    pub prefix: Arc<prefix::PrefixCache>,
 }
 
 impl Shared {
@@ -243,7 +245,7 @@ pub fn start(
         users: Mutex::new(Default::default()),
         heartbeat: AtomicU64::new(0),
         epoch: Instant::now(),
-        prefix: prefix::PrefixCache::new(config.prefix_cache_bytes),
+        prefix: Arc::new(prefix::PrefixCache::new(config.prefix_cache_bytes)),
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let worker = worker::Worker::new(model, tokenizer.clone(), shared.clone(), config.clone());
@@ -922,5 +924,163 @@ mod tests {
         answer(chat(&h, "alice", "Hi", None)).await;
         let (_, (p, f)) = answer(chat(&h, "bob", "Hello", None)).await;
         assert!(f < p, "bob resumes from alice's system prompt when shared");
+    }
+
+    #[tokio::test]
+    async fn raw_prompts_resume_at_every_kind_of_snapshot_point() {
+        let h = tiny_handle(Config::default());
+        let cold = tiny_handle(no_cache());
+        let words = |r: std::ops::Range<usize>, tag: &str| {
+            r.map(|i| format!("{tag}{i}")).collect::<Vec<_>>().join(" ")
+        };
+        let long = words(0..150, "w");
+        let n = h.tokenize(&long, Some(false), true).len();
+        assert!(n > 300, "{n}");
+        let check = |text: String| {
+            let (h, cold) = (h.clone(), cold.clone());
+            async move {
+                let (got, (p, f)) = answer(ask_n(&h, &text, 4)).await;
+                let (want, _) = answer(ask_n(&cold, &text, 4)).await;
+                assert_eq!(got, want, "{text}: differs from a cold prefill");
+                p - f
+            }
+        };
+        assert_eq!(check(long.clone()).await, 0, "nothing cached yet");
+        // A prompt that continues the first resumes at its end.
+        let cont = format!("{long} and then more");
+        let shared =
+            h.tokenize(&cont, Some(false), true)[..n] == h.tokenize(&long, Some(false), true)[..];
+        assert!(shared, "the continuation's tokens start with the prompt's");
+        assert_eq!(check(cont).await, n, "the prompt-end snapshot");
+        // One that parts from it after ~300 tokens resumes at the 256th.
+        let parted = format!("{} {}", words(0..120, "w"), words(0..40, "x"));
+        let toks = h.tokenize(&parted, Some(false), true);
+        let common = toks
+            .iter()
+            .zip(h.tokenize(&long, Some(false), true))
+            .take_while(|(a, b)| **a == *b)
+            .count();
+        assert!((256..n).contains(&common), "{common}");
+        assert_eq!(check(parted).await, 256, "the every-256-tokens snapshot");
+    }
+
+    #[tokio::test]
+    async fn the_prefix_cache_gives_way_to_expert_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moe.gguf");
+        let preset = crate::synth::find_preset("tiny-moe").unwrap();
+        crate::synth::write_model(preset, GgmlType::Q4_0, 3, &path).unwrap();
+        let open = |budget| {
+            let opts = crate::engine::EngineOptions {
+                threads: Some(1),
+                paging: crate::engine::PagingOptions {
+                    budget,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Model::open_with(&path, opts).unwrap()
+        };
+        let probe = open(crate::engine::Budget::Bytes(u64::MAX / 2));
+        let s = probe.pager().unwrap().monitor().believed();
+        let (fixed, total) = (s.fixed_bytes, s.expert_total_bytes);
+        drop(probe);
+        let configured = 64 << 20;
+        let model = open(crate::engine::Budget::Bytes(fixed + total / 2));
+        let h = start(
+            model,
+            "moe",
+            Config {
+                prefix_cache_bytes: configured,
+                ..Config::default()
+            },
+        )
+        .unwrap()
+        .0;
+        let cap = h.paging_stats(false).unwrap().expert_cap_bytes.unwrap();
+        assert!(cap < total);
+        // The engine fits the cache as its loop goes round (a request).
+        answer(ask_n(&h, "Wake the engine up", 2)).await;
+        let t0 = Instant::now();
+        while h.status().prefix_cache.limit_bytes == configured {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the cache never gave way"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            h.status().prefix_cache.limit_bytes,
+            configured - (total - cap),
+            "the cache gives exactly what the experts lack"
+        );
+    }
+
+    fn chat_turn(
+        h: &Handle,
+        messages: Vec<crate::chat::ChatMessage>,
+        session: Option<&str>,
+    ) -> Generation {
+        h.submit(Request {
+            input: Input::Chat {
+                messages,
+                session: session.map(str::to_owned),
+            },
+            options: Options {
+                max_tokens: Some(5),
+                ignore_eos: true,
+                sampling: crate::sampler::SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            client: Client {
+                id: "c".into(),
+                owner: "alice".into(),
+                ..Default::default()
+            },
+            priority: Priority::Interactive,
+            deadline: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sessions_keep_their_state_in_the_prefix_cache_even_with_it_off() {
+        use crate::chat::ChatMessage;
+        for config in [Config::default(), no_cache()] {
+            let on = config.prefix_cache_bytes > 0;
+            let h = tiny_handle(config);
+            let system = ChatMessage::new("system", system_prompt());
+            let hi = ChatMessage::new("user", "Hi there");
+            let more = ChatMessage::new("user", "Tell me more");
+            let mut g = chat_turn(&h, vec![system.clone(), hi.clone()], Some("s"));
+            let (t1, end) = tokens(&mut g).await;
+            let Event::Done(d1) = end else {
+                panic!("{end:?}")
+            };
+            let p1 = d1.stats.prompt_tokens;
+            let st = h.status().prefix_cache;
+            assert!(
+                st.entries >= 1 && st.bytes > 0,
+                "on={on}: the session's state is an entry: {st:?}"
+            );
+            // The follow-up continues the pinned state.
+            let (_, (p2, f2)) = answer(chat_turn(&h, vec![more.clone()], Some("s"))).await;
+            assert!(f2 < 32 && p2 > 200, "on={on}: {p2} {f2}");
+            // The same conversation without the session resumes (with the
+            // cache on) at least from turn one's prompt: the session's chain
+            // starts there. (The reply, tokenized again from its text, need
+            // not be the tokens the session's state consumed.)
+            let reply = h.detokenize(&t1).unwrap();
+            let all = vec![system, hi, ChatMessage::new("assistant", reply), more];
+            let (_, (p3, f3)) = answer(chat_turn(&h, all, None)).await;
+            if on {
+                assert!(f3 <= p3 - p1, "on: {f3} of {p3} prefilled");
+            } else {
+                assert_eq!(f3, p3);
+            }
+        }
     }
 }

@@ -16,6 +16,13 @@
 //! before anyone else does, so one client flooding distinct prompts evicts
 //! only its own entries. The limit shrinks while expert pages need the
 //! memory ([`PrefixCache::set_limit`]).
+//!
+//! Chat sessions keep their state here too, as [`Pin`]ned snapshots: a
+//! session's turns form a chain in its user's tree (sharing the rows of the
+//! system prompt they started from), a pinned snapshot is never evicted
+//! while its session holds it, and is counted with the rest. Pinned entries
+//! are kept even with the cache off (`prefix_cache = none` turns off only
+//! the reuse across requests).
 
 use crate::engine::{Model, SeqState, StateError, StateSegment};
 use std::collections::HashMap;
@@ -78,6 +85,30 @@ struct Entry {
     children: Vec<u64>,
     last_used: u64,
     bytes: u64,
+    /// Sessions holding it ([`Pin`]s): not evictable while above 0.
+    pins: u32,
+}
+
+/// A session's hold on a snapshot: its state between turns. Dropping it
+/// lets the snapshot go the way of any other entry.
+pub struct Pin {
+    cache: Arc<PrefixCache>,
+    node: Arc<Snapshot>,
+}
+
+impl Pin {
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.node
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut ix = self.cache.lock();
+        if let Some(e) = ix.entries.get_mut(&self.node.id) {
+            e.pins -= 1;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -170,7 +201,53 @@ impl PrefixCache {
         segment: StateSegment,
     ) -> Option<Arc<Snapshot>> {
         let mut ix = self.lock();
-        if ix.configured == 0 || tokens.is_empty() {
+        if ix.configured == 0 {
+            return None;
+        }
+        ix.insert(scope, parent, tokens, segment, false)
+    }
+
+    /// Keeps `state` (after `tokens`, all it consumed) for a session: chained
+    /// to `parent` when that is still cached and a prefix of it, else whole;
+    /// kept even over the limit or with the cache off.
+    pub fn pin(
+        self: &Arc<Self>,
+        scope: &Arc<str>,
+        parent: Option<&Arc<Snapshot>>,
+        tokens: &[u32],
+        state: &SeqState,
+    ) -> Option<Pin> {
+        debug_assert_eq!(tokens.len(), state.len());
+        let mut ix = self.lock();
+        let parent = parent
+            .filter(|p| ix.entries.contains_key(&p.id) && p.end() <= tokens.len() && p.end() > 0);
+        let from = parent.map_or(0, |p| p.end());
+        let node = if from == tokens.len() {
+            parent.cloned()
+        } else {
+            ix.insert(scope, parent, &tokens[from..], state.segment(from), true)
+        }?;
+        ix.entries.get_mut(&node.id)?.pins += 1;
+        Some(Pin {
+            cache: self.clone(),
+            node,
+        })
+    }
+}
+
+impl Index {
+    /// Adds a snapshot under `parent` (which must be cached); `pinned` ones
+    /// go in whatever the limit says.
+    fn insert(
+        &mut self,
+        scope: &Arc<str>,
+        parent: Option<&Arc<Snapshot>>,
+        tokens: &[u32],
+        segment: StateSegment,
+        pinned: bool,
+    ) -> Option<Arc<Snapshot>> {
+        let ix = self;
+        if tokens.is_empty() {
             return None;
         }
         debug_assert_eq!(tokens.len(), segment.end() - segment.start());
@@ -204,7 +281,7 @@ impl PrefixCache {
             // continuation.
             ix.touch(p, now);
         }
-        if !ix.make_room(scope, bytes) {
+        if !ix.make_room(scope, bytes) && !pinned {
             return None;
         }
         match parent {
@@ -218,13 +295,16 @@ impl PrefixCache {
                 children: Vec::new(),
                 last_used: now,
                 bytes,
+                pins: 0,
             },
         );
         ix.bytes += bytes;
         *ix.scope_bytes.entry(scope.clone()).or_default() += bytes;
         Some(node)
     }
+}
 
+impl PrefixCache {
     /// Sets the limit in force (at most the configured one), evicting down
     /// to it.
     pub fn set_limit(&self, bytes: u64) {
@@ -297,7 +377,7 @@ impl Index {
         let pick = |scope_ok: &dyn Fn(&Arc<str>) -> bool| {
             self.entries
                 .iter()
-                .filter(|(_, e)| e.children.is_empty() && scope_ok(&e.node.scope))
+                .filter(|(_, e)| e.children.is_empty() && e.pins == 0 && scope_ok(&e.node.scope))
                 .min_by_key(|(_, e)| (e.last_used, std::cmp::Reverse(e.node.end())))
                 .map(|(&id, _)| id)
         };
@@ -530,5 +610,37 @@ mod tests {
         assert!(cache_prompt(&off, &m, "u", &a, &[10])[0].is_none());
         assert!(off.lookup("u", &a, 40).is_none());
         assert_eq!(off.stats(), PrefixStats::default());
+    }
+
+    #[test]
+    fn a_pinned_state_outlives_pressure_until_its_session_lets_go() {
+        let m = model();
+        for configured in [64 << 20, 0] {
+            let c = Arc::new(PrefixCache::new(configured));
+            let a = prompt(1, 30);
+            let mut st = SeqState::new(&m);
+            feed(&m, &mut st, &a);
+            let scope: Arc<str> = "u".into();
+            let pin = c
+                .pin(&scope, None, &a, &st)
+                .expect("kept even with the cache off");
+            assert_eq!(pin.snapshot().end(), 30);
+            c.set_limit(0);
+            assert_eq!(c.stats().entries, 1, "a pinned entry is not evicted");
+            // Chained to it, a later turn holds only its own rows.
+            let rebuilt = pin.snapshot().state(&m).unwrap();
+            let mut more = rebuilt;
+            let b = prompt(2, 10);
+            feed(&m, &mut more, &b);
+            let all: Vec<u32> = a.iter().chain(&b).copied().collect();
+            let next = c.pin(&scope, Some(pin.snapshot()), &all, &more).unwrap();
+            assert_eq!(next.snapshot().tokens.len(), 10);
+            drop(pin);
+            c.set_limit(0);
+            assert_eq!(c.stats().entries, 2, "the parent of a pinned entry stays");
+            drop(next);
+            c.set_limit(0);
+            assert_eq!(c.stats().entries, 0, "unpinned, both go");
+        }
     }
 }

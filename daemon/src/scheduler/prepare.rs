@@ -2,11 +2,11 @@
 //! on a session the context and state it continues and what to check back
 //! in when it ends.
 
+use super::prefix::Pin;
 use super::prefix::SNAPSHOT_EVERY;
 use super::sessions::{Conversation, Lease, SessionKey};
 use super::{Client, Handle, Input, SubmitError};
 use crate::chat::ChatMessage;
-use crate::engine::SeqState;
 use std::time::Instant;
 
 /// A request's input, ready to queue.
@@ -15,8 +15,8 @@ pub(super) struct Prepared {
     pub tokens: Vec<u32>,
     /// Tokens the state already holds (a session's earlier turns).
     pub context: Vec<u32>,
-    /// The state to continue (`None`: a fresh sequence).
-    pub state: Option<SeqState>,
+    /// The session's state to continue (`None`: a fresh sequence).
+    pub state: Option<Pin>,
     /// The session turn, if the request is on one.
     pub session: Option<SessionTurn>,
     /// Positions in `tokens` worth a prefix-cache snapshot (ascending; only
@@ -182,13 +182,13 @@ impl SessionTurn {
         reply: String,
         tail: Option<Vec<u32>>,
         tokens: Vec<u32>,
-        state: SeqState,
+        state: Option<Pin>,
     ) {
         let text = format!("{}{reply}", self.rendered);
         let mut messages = self.messages;
         messages.push(ChatMessage::new("assistant", reply));
-        match tail {
-            Some(tail) => self.lease.finish(
+        match (tail, state) {
+            (Some(tail), Some(state)) => self.lease.finish(
                 Conversation {
                     messages,
                     text,
@@ -197,7 +197,7 @@ impl SessionTurn {
                 },
                 state,
             ),
-            None => {
+            _ => {
                 let mut lease = self.lease;
                 lease.conversation = Conversation {
                     messages,

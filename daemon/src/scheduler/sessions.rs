@@ -4,10 +4,11 @@
 //! the new state; a turn that fails or is cancelled leaves the conversation
 //! as it was, without a state (the next turn prefills it all again).
 //! Idle sessions expire, and the least recently used idle one makes room
-//! when the cap is reached.
+//! when the cap is reached. The state itself lives in the prefix cache, as
+//! a snapshot the session [`Pin`]s (one state store, not two).
 
+use super::prefix::Pin;
 use crate::chat::ChatMessage;
-use crate::engine::SeqState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ pub struct Conversation {
 
 struct Entry {
     conversation: Conversation,
-    state: Option<SeqState>,
+    state: Option<Pin>,
     busy: bool,
     last_used: Instant,
 }
@@ -130,7 +131,7 @@ impl SessionStore {
         })
     }
 
-    fn check_in(&self, key: &SessionKey, conversation: Conversation, state: Option<SeqState>) {
+    fn check_in(&self, key: &SessionKey, conversation: Conversation, state: Option<Pin>) {
         let mut m = self.lock();
         if let Some(e) = m.get_mut(key) {
             let reusable = state.is_some();
@@ -155,7 +156,7 @@ pub struct Lease {
     /// The conversation before this turn.
     pub conversation: Conversation,
     /// The state after `conversation.tokens`, if kept; a turn takes it.
-    pub state: Option<SeqState>,
+    pub state: Option<Pin>,
     returned: bool,
 }
 
@@ -165,7 +166,7 @@ impl Lease {
     }
 
     /// Ends the turn: the session now holds `conversation` and `state`.
-    pub fn finish(mut self, conversation: Conversation, state: SeqState) {
+    pub fn finish(mut self, conversation: Conversation, state: Pin) {
         self.returned = true;
         self.store.check_in(&self.key, conversation, Some(state));
     }

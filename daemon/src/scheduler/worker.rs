@@ -7,7 +7,7 @@
 //! and is reported through `EngineExit`.
 
 use super::plan::{StepNeed, plan_step};
-use super::prefix::Snapshot;
+use super::prefix::{Pin, Snapshot};
 use super::{Config, Done, Event, Failure, Job, Priority, SessionTurn, Shared, Stats, UserSlot};
 use crate::engine::{BatchItem, LogitsWanted, Model, SeqState};
 use crate::sequence::{FinishReason, Sequence};
@@ -53,17 +53,21 @@ struct Admitted {
     /// Given back before the final event, so a client that sees it may
     /// send its next request at once.
     user_slot: Option<UserSlot>,
-    /// Where its prompt's state still goes into the prefix cache.
+    /// Its prefix-cache scope (its user's, or the shared one).
+    scope: Arc<str>,
+    /// The latest cached snapshot its state continues (a hit, its session's
+    /// state, or one it took): where its next snapshot chains to.
+    chain: Option<Arc<Snapshot>>,
+    /// Its session's state, held until the turn's own is kept.
+    base: Option<Pin>,
+    /// Prompt positions still to snapshot.
     snap: Option<SnapPlan>,
 }
 
 /// A fresh sequence's prefix-cache snapshots still to take.
 struct SnapPlan {
-    scope: Arc<str>,
     /// The whole prompt.
     prompt: Vec<u32>,
-    /// The snapshot the next one chains to (`None`: the state starts at 0).
-    parent: Option<Arc<Snapshot>>,
     /// Prompt positions still to snapshot, ascending.
     points: std::collections::VecDeque<usize>,
 }
@@ -75,10 +79,6 @@ impl SnapPlan {
         self.points
             .front()
             .map(|&p| p.saturating_sub(consumed).max(1))
-    }
-
-    fn parent_end(&self) -> usize {
-        self.parent.as_ref().map_or(0, |p| p.end())
     }
 }
 
@@ -249,15 +249,28 @@ impl Worker {
 
     fn start(&self, mut job: Job, now: Instant) -> Admitted {
         let prompt_tokens = job.context.len() + job.tokens.len();
-        let snap = if job.state.is_none() {
-            self.resume_from_cache(&mut job)
+        let scope: Arc<str> = if self.config.prefix_cache_shared {
+            "".into()
         } else {
-            None
+            job.client.owner.as_str().into()
         };
-        let state = job
-            .state
-            .take()
-            .unwrap_or_else(|| SeqState::new(&self.model));
+        let base = job.state.take();
+        let (state, chain, snap) = match &base {
+            Some(pin) => match pin.snapshot().state(&self.model) {
+                Ok(st) => (st, Some(pin.snapshot().clone()), None),
+                Err(e) => {
+                    // Cannot happen with one model; prefill it all again.
+                    crate::warn!(
+                        "a session's kept state does not fit the model ({e}); prefilling the conversation again"
+                    );
+                    let mut all = std::mem::take(&mut job.context);
+                    all.append(&mut job.tokens);
+                    job.tokens = all;
+                    (SeqState::new(&self.model), None, None)
+                }
+            },
+            None => self.resume_from_cache(&scope, &mut job),
+        };
         let prefilled_tokens = job.tokens.len();
         let mut seq = Sequence::resume(
             &self.model,
@@ -274,6 +287,9 @@ impl Worker {
             seq.ignore_eos();
         }
         Admitted {
+            scope,
+            chain,
+            base,
             snap,
             seq,
             priority: job.priority,
@@ -305,46 +321,48 @@ impl Worker {
         cache.set_limit(cache.configured().saturating_sub(short));
     }
 
-    /// For a fresh sequence: resumes `job` from the longest cached prefix
-    /// of its prompt (its state and context set, its tokens cut to the
-    /// rest), and plans the snapshots it adds.
-    fn resume_from_cache(&self, job: &mut Job) -> Option<SnapPlan> {
+    /// For a fresh sequence: the state of the longest cached prefix of
+    /// `job`'s prompt (its context set, its tokens cut to the rest) and
+    /// that snapshot, or a new state; and the snapshots it adds.
+    fn resume_from_cache(
+        &self,
+        scope: &str,
+        job: &mut Job,
+    ) -> (SeqState, Option<Arc<Snapshot>>, Option<SnapPlan>) {
         let cache = &self.shared.prefix;
+        let fresh = SeqState::new(&self.model);
         if !cache.enabled() || job.tokens.is_empty() {
-            return None;
+            return (fresh, None, None);
         }
-        let scope: Arc<str> = if self.config.prefix_cache_shared {
-            "".into()
-        } else {
-            job.client.owner.as_str().into()
-        };
         let prompt = job.tokens.clone();
-        let mut parent = cache.lookup(&scope, &prompt, prompt.len() - 1);
-        if let Some(hit) = &parent {
-            match hit.state(&self.model) {
-                Ok(state) => {
-                    job.state = Some(state);
-                    job.context = prompt[..hit.end()].to_vec();
-                    job.tokens.drain(..hit.end());
-                }
+        let hit = cache
+            .lookup(scope, &prompt, prompt.len() - 1)
+            .and_then(|hit| match hit.state(&self.model) {
+                Ok(state) => Some((hit, state)),
                 Err(e) => {
                     crate::warn!(
                         "a cached prompt state does not fit the model ({e}); prefilling it again"
                     );
-                    parent = None;
+                    None
                 }
+            });
+        let (state, chain) = match hit {
+            Some((hit, state)) => {
+                job.context = prompt[..hit.end()].to_vec();
+                job.tokens.drain(..hit.end());
+                (state, Some(hit))
             }
-        }
-        let from = parent.as_ref().map_or(0, |p| p.end());
-        Some(SnapPlan {
-            scope,
-            parent,
+            None => (fresh, None),
+        };
+        let from = state.len();
+        let plan = SnapPlan {
             points: std::mem::take(&mut job.snapshots)
                 .into_iter()
                 .filter(|&p| p > from && p <= prompt.len())
                 .collect(),
             prompt,
-        })
+        };
+        (state, chain, Some(plan))
     }
 
     /// Puts the states of sequences that reached a snapshot point into the
@@ -357,18 +375,22 @@ impl Worker {
                 continue;
             }
             plan.points.pop_front();
-            let from = plan.parent_end();
+            let from = r.chain.as_ref().map_or(0, |c| c.end());
             let segment = r.seq.state.segment(from);
             let node = self.shared.prefix.insert(
-                &plan.scope,
-                plan.parent.as_ref(),
+                &r.scope,
+                r.chain.as_ref(),
                 &plan.prompt[from..at],
                 segment,
             );
+            let done = plan.points.is_empty();
             match node {
-                Some(n) if !plan.points.is_empty() => plan.parent = Some(n),
-                // Done, or the chain could not be kept: nothing more to add.
-                _ => r.snap = None,
+                Some(n) => r.chain = Some(n),
+                // The chain could not be kept: nothing more to add.
+                None => r.snap = None,
+            }
+            if done {
+                r.snap = None;
             }
         }
     }
@@ -676,7 +698,15 @@ impl Worker {
                 _ => None,
             }
             .filter(|_| tokens.len() == state.len());
-            turn.finish(r.reply, tail, tokens, state);
+            // The state goes into the prefix cache, chained to what it
+            // continues, pinned for the session.
+            let kept = tail.as_ref().and_then(|_| {
+                self.shared
+                    .prefix
+                    .pin(&r.scope, r.chain.as_ref(), &tokens, &state)
+            });
+            drop(r.base);
+            turn.finish(r.reply, tail, tokens, kept);
         }
         let _ = events.send(Event::Done(Done {
             reason,

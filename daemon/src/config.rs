@@ -506,6 +506,19 @@ mod tests {
         );
         let e = err("dbus = \"both\"\n");
         assert!(e.starts_with("lfmd.toml:1: dbus: "), "{e}");
+        let e = err("prefix_cache = \"lots\"\n");
+        assert!(e.starts_with("lfmd.toml:1: prefix_cache: "), "{e}");
+        assert!(e.contains("512MiB"), "says how to write a size: {e}");
+        let e = err("prefix_cache_shared = \"yes\"\n");
+        assert!(e.starts_with("lfmd.toml:1: prefix_cache_shared: "), "{e}");
+        for (text, want) in [
+            ("\"none\"", None),
+            ("0", None),
+            ("\"64MiB\"", Some(64 << 20)),
+        ] {
+            let s = parse(&format!("prefix_cache = {text}\n")).unwrap();
+            assert_eq!(s.prefix_cache.0, want, "{text}");
+        }
         let e = err("threads = \n");
         assert!(e.starts_with("lfmd.toml:1: "), "{e}");
     }

@@ -643,4 +643,128 @@ mod tests {
             assert_eq!(c.stats().entries, 0, "unpinned, both go");
         }
     }
+
+    /// One step of the property test: cache a prompt (a chain cut at
+    /// `cuts`), look one up, pin one, unpin one, or change the limit.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Cache {
+            scope: u8,
+            seed: u8,
+            len: u8,
+            cuts: Vec<u8>,
+        },
+        Lookup {
+            scope: u8,
+            seed: u8,
+            len: u8,
+        },
+        Pin {
+            scope: u8,
+            seed: u8,
+            len: u8,
+        },
+        Unpin(u8),
+        Limit(u32),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let s = 0u8..3;
+        let seed = 0u8..4;
+        prop_oneof![
+            4 => (s.clone(), seed.clone(), 1u8..40, proptest::collection::vec(1u8..40, 0..3))
+                .prop_map(|(scope, seed, len, cuts)| Op::Cache { scope, seed, len, cuts }),
+            3 => (s.clone(), seed.clone(), 1u8..48)
+                .prop_map(|(scope, seed, len)| Op::Lookup { scope, seed, len }),
+            1 => (s, seed, 1u8..40).prop_map(|(scope, seed, len)| Op::Pin { scope, seed, len }),
+            1 => any::<u8>().prop_map(Op::Unpin),
+            1 => any::<u32>().prop_map(Op::Limit),
+        ]
+    }
+
+    /// Prompts of one seed share prefixes (so chains and hits happen).
+    fn family(seed: u8, len: u8) -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| (i * 13 + u32::from(seed) * (i / 10) * 7) % 500 + 1)
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+        /// Whatever the order of operations: a hit is a prefix of the query
+        /// in the query's scope that rebuilds to the right length, the bytes
+        /// add up, every cached entry's parent is cached, and unpinned bytes
+        /// stay within the limit.
+        #[test]
+        fn the_cache_keeps_its_invariants(ops in proptest::collection::vec(op(), 1..24)) {
+            let m = model();
+            let c = Arc::new(PrefixCache::new(2 << 20));
+            let mut pins: Vec<Pin> = Vec::new();
+            for o in ops {
+                let limited = matches!(o, Op::Limit(_));
+                match o {
+                    Op::Cache { scope, seed, len, mut cuts } => {
+                        let p = family(seed, len);
+                        cuts.push(len);
+                        cuts.retain(|&x| x <= len);
+                        cuts.sort_unstable();
+                        cuts.dedup();
+                        let cuts: Vec<usize> = cuts.into_iter().map(usize::from).collect();
+                        cache_prompt(&c, &m, &scope.to_string(), &p, &cuts);
+                    }
+                    Op::Lookup { scope, seed, len } => {
+                        let p = family(seed, len);
+                        if let Some(hit) = c.lookup(&scope.to_string(), &p, p.len()) {
+                            let want = scope.to_string();
+                            proptest::prop_assert_eq!(&*hit.scope, want.as_str());
+                            let mut toks = hit.tokens.clone();
+                            let mut at = hit.parent.clone();
+                            while let Some(n) = at {
+                                toks.splice(0..0, n.tokens.iter().copied());
+                                at = n.parent.clone();
+                            }
+                            proptest::prop_assert_eq!(&toks[..], &p[..hit.end()]);
+                            proptest::prop_assert_eq!(hit.state(&m).unwrap().len(), hit.end());
+                        }
+                    }
+                    Op::Pin { scope, seed, len } => {
+                        let p = family(seed, len);
+                        let mut st = SeqState::new(&m);
+                        feed(&m, &mut st, &p);
+                        let pin = c.pin(&scope.to_string().into(), None, &p, &st);
+                        proptest::prop_assert!(pin.is_some());
+                        pins.extend(pin);
+                    }
+                    Op::Unpin(i) => {
+                        if !pins.is_empty() {
+                            pins.remove(usize::from(i) % pins.len());
+                        }
+                    }
+                    Op::Limit(b) => c.set_limit(u64::from(b % 64) << 15),
+                }
+                let ix = c.lock();
+                let sum: u64 = ix.entries.values().map(|e| e.bytes).sum();
+                proptest::prop_assert_eq!(sum, ix.bytes);
+                proptest::prop_assert_eq!(ix.scope_bytes.values().sum::<u64>(), ix.bytes);
+                let pinned: u64 = ix.entries.values().filter(|e| e.pins > 0).map(|e| e.bytes).sum();
+                for e in ix.entries.values() {
+                    if let Some(p) = &e.node.parent {
+                        proptest::prop_assert!(ix.entries.contains_key(&p.id));
+                    }
+                }
+                for p in &pins {
+                    proptest::prop_assert!(ix.entries.contains_key(&p.node.id), "a pinned entry was evicted");
+                }
+                // After a limit change the cache fits it, unless only pinned
+                // entries (and their chains) remain.
+                if limited {
+                    let evictable = ix.entries.values().any(|e| e.children.is_empty() && e.pins == 0);
+                    proptest::prop_assert!(ix.bytes <= ix.limit || !evictable,
+                        "{} bytes ({} pinned), limit {}", ix.bytes, pinned, ix.limit);
+                }
+            }
+        }
+    }
 }

@@ -1083,4 +1083,41 @@ mod tests {
             }
         }
     }
+
+    #[tokio::test]
+    async fn a_resent_conversation_resumes_at_its_last_shared_message() {
+        use crate::chat::ChatMessage;
+        let h = tiny_handle(Config::default());
+        let cold = tiny_handle(no_cache());
+        let system = ChatMessage::new("system", system_prompt());
+        let long_answer = "The kitchen light is on and the oven is warm. ".repeat(6);
+        let earlier = vec![
+            system,
+            ChatMessage::new("user", "Is the kitchen light on?"),
+            ChatMessage::new("assistant", long_answer),
+        ];
+        let with = |q: &str| {
+            let mut m = earlier.clone();
+            m.push(ChatMessage::new("user", q));
+            m
+        };
+        let (_, (p1, f1)) = answer(chat_turn(&h, with("Turn it off."), None)).await;
+        assert_eq!(p1, f1);
+        // Same first three messages, another question: resumes after the
+        // assistant's message (a middle message end), not the system prompt.
+        let (got, (p2, f2)) = answer(chat_turn(&h, with("And the hall?"), None)).await;
+        let frame = h
+            .tokenize(
+                "And the hall?<|im_end|>\n<|im_start|>assistant\n",
+                Some(false),
+                true,
+            )
+            .len();
+        assert!(
+            f2 <= frame + 8,
+            "{f2} prefilled of {p2}, the last message is {frame}"
+        );
+        let (want, _) = answer(chat_turn(&cold, with("And the hall?"), None)).await;
+        assert_eq!(got, want);
+    }
 }

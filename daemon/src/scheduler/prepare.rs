@@ -148,15 +148,15 @@ impl Handle {
 
     /// Token positions where messages end in `tokens` (the render of
     /// `messages`, `text`): the first message's (a system prompt, a tool
-    /// list) and the last one's (the same conversation asked again). Each
-    /// point off a chunk's natural end costs the prompt one more engine
-    /// step, so no more. A position counts only where the render of the
-    /// messages so far tokenizes to a prefix of `tokens`.
+    /// list) and the last [`MESSAGE_ENDS`] ones' (an earlier turn of the
+    /// conversation, the same conversation asked again). A position counts
+    /// only where the render of the messages so far tokenizes to a prefix
+    /// of `tokens`. Each point off a chunk's natural end costs the prompt
+    /// one more (short) engine step.
     fn message_ends(&self, messages: &[ChatMessage], text: &str, tokens: &[u32]) -> Vec<usize> {
         let n = messages.len();
-        let wanted = if n > 1 { vec![1, n] } else { vec![n] };
-        wanted
-            .into_iter()
+        (1..=n)
+            .filter(|&i| i == 1 || i + MESSAGE_ENDS > n)
             .filter_map(|i| {
                 let part = self
                     .template
@@ -171,6 +171,10 @@ impl Handle {
             .collect()
     }
 }
+
+/// Most message ends of a chat request marked for the prefix cache besides
+/// the first (each is rendered and tokenized again on the caller's thread).
+const MESSAGE_ENDS: usize = 16;
 
 impl SessionTurn {
     /// Checks the session back in after a finished turn: the reply joins the

@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench_serve import http_health_up, pct, unix_socket_up, wait_for  # noqa: E402
 LFMD = os.path.join(ROOT, "target/release/lfmd")
 LFMCTL = os.path.join(ROOT, "target/release/lfmctl")
 ROOMS = ["kitchen", "hall", "bedroom", "garage", "office", "garden", "attic", "cellar"]
@@ -75,20 +76,6 @@ def prefix(round_, tokens_wanted, count):
             return text
 
 
-def wait_for(check, what, timeout=180):
-    end = time.time() + timeout
-    while time.time() < end:
-        if check():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"{what} did not come up within {timeout} s")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def at_once(n, one):
     out, lock = [], threading.Lock()
 
@@ -115,17 +102,7 @@ class Lfmd:
              "--grpc", f"unix:{self.sock}", "--max-concurrent", str(args.clients),
              "--ctx", "4096"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up():
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(self.sock)
-                return True
-            except OSError:
-                return False
-            finally:
-                s.close()
-        wait_for(up, "lfmd serve")
+        wait_for(lambda: unix_socket_up(self.sock), "lfmd serve")
 
     def ask(self, system, question):
         out = subprocess.run(
@@ -155,15 +132,7 @@ class Llama:
              "-np", str(args.clients), "-c", str(4096 * args.clients), "--jinja",
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up():
-            try:
-                h = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                h.request("GET", "/health")
-                return h.getresponse().status == 200
-            except OSError:
-                return False
-        wait_for(up, "llama-server")
+        wait_for(lambda: http_health_up(port), "llama-server")
 
     def ask(self, system, question):
         h = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)

@@ -61,6 +61,30 @@ def wait_for(check, what, timeout=120):
     raise SystemExit(f"{what} did not come up within {timeout} s")
 
 
+def unix_socket_up(path):
+    """Whether a server accepts connections on the Unix socket `path`."""
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def http_health_up(port):
+    """Whether llama-server on 127.0.0.1:`port` answers /health with 200."""
+    try:
+        h = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        h.request("GET", "/health")
+        return h.getresponse().status == 200
+    except OSError:
+        return False
+
+
 def run_clients(n, reqs, one):
     """Runs n client threads of reqs requests each; returns (wall, results,
     per-client rates)."""
@@ -136,18 +160,7 @@ def bench_lfmd(args, n):
          "--ctx", "2048"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def up():
-            if not os.path.exists(sock):
-                return False
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(sock)
-                return True
-            except OSError:
-                return False
-            finally:
-                s.close()
-        wait_for(up, "lfmd serve")
+        wait_for(lambda: unix_socket_up(sock), "lfmd serve")
         # Warm-up, untimed: the first request faults the model's pages in
         # (llama-server does the same with its warm-up run at load).
         subprocess.run(
@@ -175,14 +188,7 @@ def bench_llama(args, n, port=18181):
          "-c", str(2048 * n), "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def up():
-            try:
-                h = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                h.request("GET", "/health")
-                return h.getresponse().status == 200
-            except OSError:
-                return False
-        wait_for(up, "llama-server")
+        wait_for(lambda: http_health_up(port), "llama-server")
 
         def one(c, r):
             h = http.client.HTTPConnection("127.0.0.1", port, timeout=600)

@@ -802,17 +802,29 @@ mod tests {
         s
     }
 
+    /// The system prompt and `question`, greedy, from `owner`.
     fn chat(h: &Handle, owner: &str, question: &str, session: Option<&str>) -> Generation {
+        let messages = vec![
+            crate::chat::ChatMessage::new("system", system_prompt()),
+            crate::chat::ChatMessage::new("user", question),
+        ];
+        chat_as(h, owner, messages, session)
+    }
+
+    /// `messages`, greedy, 5 tokens past end-of-generation, from `owner`.
+    fn chat_as(
+        h: &Handle,
+        owner: &str,
+        messages: Vec<crate::chat::ChatMessage>,
+        session: Option<&str>,
+    ) -> Generation {
         h.submit(Request {
             input: Input::Chat {
-                messages: vec![
-                    crate::chat::ChatMessage::new("system", system_prompt()),
-                    crate::chat::ChatMessage::new("user", question),
-                ],
+                messages,
                 session: session.map(str::to_owned),
             },
             options: Options {
-                max_tokens: Some(6),
+                max_tokens: Some(5),
                 ignore_eos: true,
                 sampling: crate::sampler::SamplingParams {
                     temperature: 0.0,
@@ -821,7 +833,7 @@ mod tests {
                 ..Default::default()
             },
             client: Client {
-                id: format!("{owner}/{question}"),
+                id: owner.into(),
                 owner: owner.into(),
                 ..Default::default()
             },
@@ -1021,29 +1033,7 @@ mod tests {
         messages: Vec<crate::chat::ChatMessage>,
         session: Option<&str>,
     ) -> Generation {
-        h.submit(Request {
-            input: Input::Chat {
-                messages,
-                session: session.map(str::to_owned),
-            },
-            options: Options {
-                max_tokens: Some(5),
-                ignore_eos: true,
-                sampling: crate::sampler::SamplingParams {
-                    temperature: 0.0,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            client: Client {
-                id: "c".into(),
-                owner: "alice".into(),
-                ..Default::default()
-            },
-            priority: Priority::Interactive,
-            deadline: None,
-        })
-        .unwrap()
+        chat_as(h, "alice", messages, session)
     }
 
     #[tokio::test]

@@ -186,6 +186,8 @@ impl PagerShared {
             evictions: p.evictions,
             predictions: p.predictions,
             predictions_used: p.predictions_used,
+            predicted_loads: p.predicted_loads,
+            predicted_loads_used: p.predicted_loads_used,
             wait_seconds: p.wait_seconds,
             major_faults: crate::procstat::major_faults(),
             memory_pressure: p.pressure,

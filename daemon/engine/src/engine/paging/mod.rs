@@ -134,6 +134,10 @@ pub struct PagingStats {
     pub predictions: u64,
     /// Predicted experts the router then chose (per layer and token).
     pub predictions_used: u64,
+    /// Predictions that queued a load (the expert was not in memory), and
+    /// of those the ones the router chose.
+    pub predicted_loads: u64,
+    pub predicted_loads_used: u64,
     /// Major page faults of the process (all of them, not just ours).
     pub major_faults: Option<u64>,
     pub memory_pressure: Option<f32>,

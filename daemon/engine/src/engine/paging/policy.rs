@@ -27,6 +27,8 @@ pub(super) struct Slot {
     pub bytes: u64,
     /// Predicted for the current step (cleared when routed).
     predicted_at: Option<u64>,
+    /// That prediction found it out of memory (it queued a load).
+    predicted_out: bool,
     /// A load of it is queued or running: the engine waits for it rather
     /// than fault its pages in.
     pub loading: bool,
@@ -94,6 +96,10 @@ pub(super) struct Policy {
     pub evictions: u64,
     pub predictions: u64,
     pub predictions_used: u64,
+    /// Predictions that queued a load (of an expert not in memory), and of
+    /// those the ones the router then chose: the precision that costs reads.
+    pub predicted_loads: u64,
+    pub predicted_loads_used: u64,
     pub pressure: Option<f32>,
     /// Time the engine spent waiting for chosen experts' loads.
     pub wait_seconds: f64,
@@ -134,6 +140,8 @@ impl Policy {
             evictions: 0,
             predictions: 0,
             predictions_used: 0,
+            predicted_loads: 0,
+            predicted_loads_used: 0,
             pressure: None,
             wait_seconds: 0.0,
         }
@@ -178,6 +186,9 @@ impl Policy {
             };
             if slot.predicted_at == Some(step) {
                 self.predictions_used += 1;
+                if slot.predicted_out {
+                    self.predicted_loads_used += 1;
+                }
             }
             slot.predicted_at = None;
             slot.score = slot.score_at(step) + tokens as f32;
@@ -214,8 +225,10 @@ impl Policy {
                 continue;
             }
             slot.predicted_at = Some(step);
+            slot.predicted_out = !slot.stat.resident;
             self.predictions += 1;
             if !slot.stat.resident {
+                self.predicted_loads += 1;
                 self.speculative
                     .push_back((step, Job::Load { layer, expert: e }));
                 any = true;
@@ -679,9 +692,17 @@ mod tests {
         p.begin_step();
         p.predict(1, &[2]);
         assert_eq!(drain(&mut p), [evict(0, 0), load(1, 2)]);
-        // Routed later in the step, the prediction counts as used.
+        // Routed later in the step, the prediction counts as used, and as a
+        // used one of those that queued a load.
         p.route(1, &[(2, 1)]);
         assert_eq!(p.predictions_used, 1);
+        assert_eq!((p.predicted_loads, p.predicted_loads_used), (1, 1));
+        // A prediction of a resident expert costs no load.
+        p.begin_step();
+        p.predict(1, &[2]);
+        p.route(1, &[(2, 1)]);
+        assert_eq!(p.predictions_used, 2);
+        assert_eq!((p.predicted_loads, p.predicted_loads_used), (1, 1));
     }
 
     #[test]

@@ -247,10 +247,15 @@ impl Index {
         pinned: bool,
     ) -> Option<Arc<Snapshot>> {
         let ix = self;
-        if tokens.is_empty() {
+        // A segment must start where its parent ends (at 0 without one) and
+        // hold one row per token: anything else would rebuild a wrong state.
+        let starts = parent.map_or(0, |p| p.end());
+        if tokens.is_empty()
+            || segment.start() != starts
+            || tokens.len() != segment.end() - segment.start()
+        {
             return None;
         }
-        debug_assert_eq!(tokens.len(), segment.end() - segment.start());
         let siblings = match parent {
             Some(p) => &ix.entries.get(&p.id)?.children,
             None => ix.roots.get(scope).map_or(&[][..], |v| &v[..]),
@@ -461,7 +466,9 @@ mod tests {
                 st.segment(from),
             );
             out.push(n.clone());
-            parent = n;
+            // As the worker does: a chain that could not be kept ends there.
+            let Some(n) = n else { break };
+            parent = Some(n);
             from = cut;
         }
         out
@@ -498,6 +505,30 @@ mod tests {
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.tokens_saved), (3, 2, 90));
         assert_eq!(s.entries, 3);
+    }
+
+    #[test]
+    fn a_segment_that_does_not_continue_its_parent_is_refused() {
+        let m = model();
+        let c = PrefixCache::new(64 << 20);
+        let a = prompt(1, 20);
+        let mut st = SeqState::new(&m);
+        feed(&m, &mut st, &a);
+        let scope: Arc<str> = "u".into();
+        // No parent, but the rows start at 5; tokens and rows of other lengths.
+        assert!(c.insert(&scope, None, &a[5..], st.segment(5)).is_none());
+        assert!(c.insert(&scope, None, &a[..19], st.segment(0)).is_none());
+        let root = c.insert(&scope, None, &a, st.segment(0)).unwrap();
+        feed(&m, &mut st, &a[..4]);
+        assert!(
+            c.insert(&scope, Some(&root), &a[..4], st.segment(21))
+                .is_none()
+        );
+        assert!(
+            c.insert(&scope, Some(&root), &a[..4], st.segment(20))
+                .is_some()
+        );
+        assert_eq!(c.stats().entries, 2);
     }
 
     #[test]

@@ -64,10 +64,9 @@ struct Admitted {
     snap: Option<SnapPlan>,
 }
 
-/// A fresh sequence's prefix-cache snapshots still to take.
+/// A fresh sequence's prefix-cache snapshots still to take (the tokens
+/// are the sequence's own history).
 struct SnapPlan {
-    /// The whole prompt.
-    prompt: Vec<u32>,
     /// Prompt positions still to snapshot, ascending.
     points: std::collections::VecDeque<usize>,
 }
@@ -334,10 +333,9 @@ impl Worker {
         if !cache.enabled() || job.tokens.is_empty() {
             return (fresh, None, None);
         }
-        let prompt = job.tokens.clone();
-        let hit = cache
-            .lookup(scope, &prompt, prompt.len() - 1)
-            .and_then(|hit| match hit.state(&self.model) {
+        let n = job.tokens.len();
+        let hit = cache.lookup(scope, &job.tokens, n - 1).and_then(|hit| {
+            match hit.state(&self.model) {
                 Ok(state) => Some((hit, state)),
                 Err(e) => {
                     crate::warn!(
@@ -345,11 +343,11 @@ impl Worker {
                     );
                     None
                 }
-            });
+            }
+        });
         let (state, chain) = match hit {
             Some((hit, state)) => {
-                job.context = prompt[..hit.end()].to_vec();
-                job.tokens.drain(..hit.end());
+                job.context = job.tokens.drain(..hit.end()).collect();
                 (state, Some(hit))
             }
             None => (fresh, None),
@@ -358,9 +356,8 @@ impl Worker {
         let plan = SnapPlan {
             points: std::mem::take(&mut job.snapshots)
                 .into_iter()
-                .filter(|&p| p > from && p <= prompt.len())
+                .filter(|&p| p > from && p <= n)
                 .collect(),
-            prompt,
         };
         (state, chain, Some(plan))
     }
@@ -380,18 +377,14 @@ impl Worker {
             let node = self.shared.prefix.insert(
                 &r.scope,
                 r.chain.as_ref(),
-                &plan.prompt[from..at],
+                &r.seq.history()[from..at],
                 segment,
             );
-            let done = plan.points.is_empty();
-            match node {
-                Some(n) => r.chain = Some(n),
-                // The chain could not be kept: nothing more to add.
-                None => r.snap = None,
-            }
-            if done {
+            // Done, or the chain could not be kept: nothing more to add.
+            if node.is_none() || plan.points.is_empty() {
                 r.snap = None;
             }
+            r.chain = node.or(r.chain.take());
         }
     }
 

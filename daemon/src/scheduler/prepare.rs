@@ -2,8 +2,7 @@
 //! on a session the context and state it continues and what to check back
 //! in when it ends.
 
-use super::prefix::Pin;
-use super::prefix::SNAPSHOT_EVERY;
+use super::prefix::{Pin, SNAPSHOT_EVERY};
 use super::sessions::{Conversation, Lease, SessionKey};
 use super::{Client, Handle, Input, SubmitError};
 use crate::chat::ChatMessage;
@@ -25,21 +24,28 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// A request that starts from an empty context.
-    fn fresh(tokens: Vec<u32>, mut ends: Vec<usize>) -> Prepared {
-        ends.extend((1..=tokens.len() / SNAPSHOT_EVERY).map(|i| i * SNAPSHOT_EVERY));
-        ends.push(tokens.len());
-        ends.sort_unstable();
-        ends.dedup();
-        ends.retain(|&e| e > 0 && e <= tokens.len());
+    /// A request that starts from an empty context; `ends`: where its
+    /// messages end.
+    fn fresh(tokens: Vec<u32>, ends: Vec<usize>) -> Prepared {
         Prepared {
+            snapshots: snapshot_points(tokens.len(), ends),
             tokens,
             context: Vec::new(),
             state: None,
             session: None,
-            snapshots: ends,
         }
     }
+}
+
+/// A fresh prompt of `n` tokens' snapshot points: `ends` (its messages'),
+/// every [`SNAPSHOT_EVERY`] tokens and its end, ascending.
+fn snapshot_points(n: usize, mut ends: Vec<usize>) -> Vec<usize> {
+    ends.extend((1..=n / SNAPSHOT_EVERY).map(|i| i * SNAPSHOT_EVERY));
+    ends.push(n);
+    ends.sort_unstable();
+    ends.dedup();
+    ends.retain(|&e| e > 0 && e <= n);
+    ends
 }
 
 /// A chat turn on a session: what to check back in when it finishes.
@@ -108,7 +114,6 @@ impl Handle {
             && !c.text.is_empty()
             && rendered.starts_with(&c.text)
             && rendered.len() > c.text.len();
-        let fresh = !reuse;
         let (tokens, context, state) = if reuse {
             let mut tokens = c.tail.clone();
             tokens.extend(
@@ -127,9 +132,8 @@ impl Handle {
         };
         // A session's first turn (or one starting over) is a fresh
         // sequence: it may resume from, and adds to, the prefix cache.
-        let snapshots = if fresh {
-            let ends = self.message_ends(&all, &rendered, &tokens);
-            Prepared::fresh(tokens.clone(), ends).snapshots
+        let snapshots = if !reuse {
+            snapshot_points(tokens.len(), self.message_ends(&all, &rendered, &tokens))
         } else {
             Vec::new()
         };

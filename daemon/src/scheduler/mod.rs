@@ -633,11 +633,18 @@ mod tests {
     }
 
     fn ask_n(h: &Handle, text: &str, max_tokens: usize) -> Generation {
+        let input = Input::Prompt {
+            text: text.into(),
+            add_bos: Some(false),
+        };
+        greedy(h, input, max_tokens, text, "t")
+    }
+
+    /// Submits `input` from client `id` of `owner`: greedy, `max_tokens`
+    /// past end-of-generation.
+    fn greedy(h: &Handle, input: Input, max_tokens: usize, id: &str, owner: &str) -> Generation {
         h.submit(Request {
-            input: Input::Prompt {
-                text: text.into(),
-                add_bos: Some(false),
-            },
+            input,
             options: Options {
                 max_tokens: Some(max_tokens),
                 ignore_eos: true,
@@ -648,8 +655,8 @@ mod tests {
                 ..Default::default()
             },
             client: Client {
-                id: text.into(),
-                owner: "t".into(),
+                id: id.into(),
+                owner: owner.into(),
                 ..Default::default()
             },
             priority: Priority::Interactive,
@@ -818,29 +825,11 @@ mod tests {
         messages: Vec<crate::chat::ChatMessage>,
         session: Option<&str>,
     ) -> Generation {
-        h.submit(Request {
-            input: Input::Chat {
-                messages,
-                session: session.map(str::to_owned),
-            },
-            options: Options {
-                max_tokens: Some(5),
-                ignore_eos: true,
-                sampling: crate::sampler::SamplingParams {
-                    temperature: 0.0,
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-            client: Client {
-                id: owner.into(),
-                owner: owner.into(),
-                ..Default::default()
-            },
-            priority: Priority::Interactive,
-            deadline: None,
-        })
-        .unwrap()
+        let input = Input::Chat {
+            messages,
+            session: session.map(str::to_owned),
+        };
+        greedy(h, input, 5, owner, owner)
     }
 
     /// Tokens and (prompt, prefilled) token counts of a finished request.

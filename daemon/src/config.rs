@@ -316,6 +316,7 @@ impl Settings {
             budget: self.memory_budget.0,
             lock_bytes: self.lock_experts.0.unwrap_or(0),
             lookahead: self.expert_lookahead,
+            predict_margin: crate::engine::PagingOptions::default().predict_margin,
             io_threads: self.expert_io_threads,
         }
     }

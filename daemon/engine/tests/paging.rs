@@ -12,6 +12,10 @@ use lfm_engine::model::ExpertIndex;
 use std::path::Path;
 
 fn open(path: &Path, budget: Budget, lookahead: usize) -> Model {
+    open_predicting(path, budget, lookahead, 0.0)
+}
+
+fn open_predicting(path: &Path, budget: Budget, lookahead: usize, predict_margin: f32) -> Model {
     Model::open_with(
         path,
         EngineOptions {
@@ -20,6 +24,7 @@ fn open(path: &Path, budget: Budget, lookahead: usize) -> Model {
                 budget,
                 lock_bytes: 0,
                 lookahead,
+                predict_margin,
                 ..Default::default()
             },
             ..Default::default()
@@ -143,6 +148,41 @@ fn a_budget_changes_no_logit_and_holds() {
             "mapping RSS {rss} over the {allowed} bytes of pages the budget {budget} allows"
         );
     }
+}
+
+/// A prediction reads an expert ahead only when the router would choose it
+/// with the margin to spare: a larger margin predicts a subset, none when
+/// no selection score can clear it, and the logits never change.
+#[test]
+fn predictions_need_their_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth_tiny_moe(dir.path());
+    let free = open(&path, Budget::Unlimited, 0);
+    let toks = tokens(30, free.n_vocab() as u32);
+    let want = logits(&free, &toks);
+    let s = free.paging_stats().unwrap();
+    let budget = s.fixed_bytes + 2 * free.desc.n_expert_used as u64 * expert_bytes(&s);
+    drop(free);
+    let mut seen = Vec::new();
+    // Selection scores are a sigmoid (0..1) plus the bias: no gap reaches 1e3.
+    for margin in [0.0, 0.02, 1e3] {
+        let m = open_predicting(&path, Budget::Bytes(budget), 1, margin);
+        let got = logits(&m, &toks);
+        assert!(
+            want.iter()
+                .flatten()
+                .zip(got.iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        m.pager().unwrap().quiesce();
+        seen.push(m.paging_stats().unwrap().predictions);
+    }
+    assert!(seen[0] > 0, "no prediction at margin 0: {seen:?}");
+    assert!(
+        seen[1] < seen[0],
+        "a margin predicted as much as none: {seen:?}"
+    );
+    assert_eq!(seen[2], 0, "{seen:?}");
 }
 
 #[test]

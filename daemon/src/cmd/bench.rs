@@ -36,6 +36,10 @@ pub(crate) struct BenchArgs {
     /// MoE layers ahead whose experts are read ahead.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) expert_lookahead: usize,
+    /// How sure a prediction must be to read an expert ahead (router
+    /// selection-score gap; 0: every predicted expert).
+    #[arg(long, value_name = "GAP", default_value_t = lfmd::engine::paging::DEFAULT_PREDICT_MARGIN)]
+    pub(crate) predict_margin: f32,
     /// Expert-paging I/O threads (loads in flight at once).
     #[arg(long, value_name = "N", default_value_t = lfmd::engine::paging::DEFAULT_IO_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -52,6 +56,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             budget: a.memory_budget.0,
             lock_bytes: a.lock_experts.0.unwrap_or(0),
             lookahead: a.expert_lookahead,
+            predict_margin: a.predict_margin,
             io_threads: a.io_threads.into(),
         },
         ..Default::default()

@@ -322,12 +322,7 @@ impl MoeFfn {
         let mut chosen = vec![(0usize, 0.0f32); n * k];
         let (mut probs, mut order) = (vec![0.0f32; ne], vec![0usize; ne]);
         for t in 0..n {
-            probs
-                .iter_mut()
-                .zip(&logits[t * ne..(t + 1) * ne])
-                .for_each(|(p, &v)| *p = sigmoid(v));
-            order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
-            order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
+            self.rank(&logits[t * ne..(t + 1) * ne], &mut probs, &mut order);
             if let (Some(m), Some(&next)) = (margins.as_deref_mut(), order.get(k)) {
                 let gap = (probs[order[k - 1]] + bias[order[k - 1]]) - (probs[next] + bias[next]);
                 m[t] = m[t].min(gap);
@@ -342,6 +337,46 @@ impl MoeFfn {
             }
         }
         Routing { k, chosen }
+    }
+
+    /// One token's router logits as sigmoid scores into `probs`, and the
+    /// experts into `order`, best selection score (score + bias) first.
+    fn rank(&self, logits: &[f32], probs: &mut [f32], order: &mut [usize]) {
+        let bias = &self.bias[..];
+        probs
+            .iter_mut()
+            .zip(logits)
+            .for_each(|(p, &v)| *p = sigmoid(v));
+        order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
+        order.sort_by(|&a, &b| (probs[b] + bias[b]).total_cmp(&(probs[a] + bias[a])));
+    }
+
+    /// The experts this layer would choose for `n` tokens (`h`: their
+    /// normalized rows) with at least `min_gap` between an expert's
+    /// selection score and the best unchosen one's for the same token: the
+    /// union over tokens, surest first. Only steers prefetching.
+    pub fn predict(&self, m: &Model, h: &[f32], n: usize, min_gap: f32) -> Vec<usize> {
+        let d = &m.desc;
+        let (ne, k) = (d.n_expert, d.n_expert_used);
+        let bias = &self.bias[..];
+        let mut logits = m.scratch.zeroed(n * ne);
+        m.matmul(&self.router, h, n, &mut logits);
+        let (mut probs, mut order) = (vec![0.0f32; ne], vec![0usize; ne]);
+        // Per expert, its largest gap over the tokens (-1: not chosen).
+        let mut gap = vec![-1.0f32; ne];
+        for t in 0..n {
+            self.rank(&logits[t * ne..(t + 1) * ne], &mut probs, &mut order);
+            let score = |i: usize| probs[i] + bias[i];
+            let floor = order.get(k).map_or(f32::NEG_INFINITY, |&i| score(i));
+            for &i in &order[..k] {
+                gap[i] = gap[i].max(score(i) - floor);
+            }
+        }
+        let mut sure: Vec<usize> = (0..ne)
+            .filter(|&i| gap[i] >= 0.0 && gap[i] >= min_gap)
+            .collect();
+        sure.sort_by(|&a, &b| gap[b].total_cmp(&gap[a]));
+        sure
     }
 
     /// Mixture of experts over `n` tokens (`x`: the residual stream, for
@@ -386,7 +421,7 @@ impl MoeFfn {
             batch = p.route(il, &uses);
             for next in p.next_moe_layers(il) {
                 if p.wants_prediction(next) {
-                    p.predict(next, &m.predict_experts(next, x, n));
+                    p.predict(next, &m.predict_experts(next, x, n, p.predict_margin()));
                 }
             }
         }

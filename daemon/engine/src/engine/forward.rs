@@ -284,10 +284,16 @@ impl Model {
     }
 
     /// The experts MoE layer `il` would choose for the residual stream `x`
-    /// as it is now (some layers earlier): its norm and router applied to
-    /// `x` (`MoeFfn::route`, the choice itself), the union over tokens.
-    /// Only steers prefetching.
-    pub(super) fn predict_experts(&self, il: usize, x: &[f32], n: usize) -> Vec<usize> {
+    /// as it is now (some layers earlier), with at least `min_gap` of
+    /// selection score to spare (`MoeFfn::predict`), surest first. Only
+    /// steers prefetching.
+    pub(super) fn predict_experts(
+        &self,
+        il: usize,
+        x: &[f32],
+        n: usize,
+        min_gap: f32,
+    ) -> Vec<usize> {
         let d = &self.desc;
         let layer = &self.layers[il];
         let Ffn::Moe(moe) = &layer.ffn else {
@@ -295,11 +301,7 @@ impl Model {
         };
         let mut h = self.scratch.zeroed(n * d.n_embd);
         rms_norm(x, &layer.ffn_norm, d.norm_eps, &mut h);
-        let mut chosen = vec![false; d.n_expert];
-        for (expert, _) in moe.route(self, &h, n, None).chosen {
-            chosen[expert] = true;
-        }
-        (0..d.n_expert).filter(|&i| chosen[i]).collect()
+        moe.predict(self, &h, n, min_gap)
     }
 }
 

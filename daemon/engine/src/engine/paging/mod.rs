@@ -48,13 +48,18 @@ pub enum Budget {
 }
 
 /// How the engine pages experts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PagingOptions {
     pub budget: Budget,
     /// `mlock` the hottest experts up to this many bytes (0: none).
     pub lock_bytes: u64,
     /// How many MoE layers ahead to predict and prefetch (0: none).
     pub lookahead: usize,
+    /// How sure a prediction must be to read an expert ahead: the least
+    /// gap, in the router's selection score (a sigmoid plus the selection
+    /// bias), between a predicted expert and the best one not predicted
+    /// for the same token. 0 reads every predicted expert.
+    pub predict_margin: f32,
     /// I/O threads, each with one expert's reads in flight (at least 1).
     pub io_threads: usize,
 }
@@ -65,10 +70,14 @@ impl Default for PagingOptions {
             budget: Budget::Auto,
             lock_bytes: 0,
             lookahead: 0,
+            predict_margin: DEFAULT_PREDICT_MARGIN,
             io_threads: DEFAULT_IO_THREADS,
         }
     }
 }
+
+/// The default [`PagingOptions::predict_margin`].
+pub const DEFAULT_PREDICT_MARGIN: f32 = 0.1;
 
 /// The I/O threads' names start with this (`lfmd-pager-N`).
 pub const IO_THREAD_NAME: &str = "lfmd-pager";
@@ -246,6 +255,11 @@ impl Pager {
     /// The MoE ordinal of model layer `layer`, if it is a MoE layer.
     pub fn moe_ordinal(&self, layer: usize) -> Option<usize> {
         self.moe_of.get(layer).copied().flatten()
+    }
+
+    /// [`PagingOptions::predict_margin`].
+    pub fn predict_margin(&self) -> f32 {
+        self.shared.opts.predict_margin
     }
 
     /// The next MoE layers after model layer `layer`, up to the lookahead.

@@ -86,6 +86,16 @@ fn sampling_options(s: &Sampling) -> Result<Options> {
         (!s.stop.is_empty()).then(|| Value::from(s.stop.clone())),
     );
     put("ignore_eos", s.ignore_eos.then_some(Value::Bool(true)));
+    {
+        use lfm_proto::v1::response_format::Format as F;
+        match s.format()? {
+            Some(F::JsonSchema(t)) => put("json_schema", Some(Value::from(t))),
+            Some(F::JsonObject(b)) => put("json_object", Some(Value::Bool(b))),
+            Some(F::Regex(r)) => put("regex", Some(Value::from(r))),
+            Some(F::Lark(g)) => put("grammar", Some(Value::from(g))),
+            None => {}
+        }
+    }
     match s.priority.as_str() {
         "interactive" | "background" => put("priority", Some(Value::from(s.priority.clone()))),
         other => {
@@ -288,7 +298,10 @@ pub async fn ask(bus: &Bus, a: &AskArgs, prompt: String) -> Result<()> {
     if a.json {
         let mut stats = serde_json::Map::new();
         for (k, v) in &info {
-            if k != "finish_reason" && k != "session_id" {
+            if !matches!(
+                k.as_str(),
+                "finish_reason" | "session_id" | "output_incomplete"
+            ) {
                 stats.insert(k.clone(), json_value(v));
             }
         }
@@ -297,6 +310,7 @@ pub async fn ask(bus: &Bus, a: &AskArgs, prompt: String) -> Result<()> {
             serde_json::json!({
                 "text": text,
                 "finish_reason": reason,
+                "output_incomplete": info.get("output_incomplete").map(|v| json_value(v)).unwrap_or(false.into()),
                 "session_id": info.get("session_id").map(|v| json_value(v)),
                 "stats": stats,
             })

@@ -155,6 +155,41 @@ struct Sampling {
     /// Give up (and cancel on the daemon) after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// The answer is JSON valid against the JSON Schema in FILE ("-": stdin
+    /// is not allowed here; give a path).
+    #[arg(long, value_name = "FILE", group = "format")]
+    json_schema: Option<std::path::PathBuf>,
+    /// The answer is a JSON object.
+    #[arg(long, group = "format")]
+    json_object: bool,
+    /// The answer matches this regular expression.
+    #[arg(long, value_name = "REGEX", group = "format")]
+    regex: Option<String>,
+    /// The answer follows the Lark grammar in FILE (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "format")]
+    grammar: Option<std::path::PathBuf>,
+}
+
+impl Sampling {
+    /// The response format the flags ask for, files read.
+    fn format(&self) -> Result<Option<pb::response_format::Format>> {
+        use pb::response_format::Format as F;
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| Failure::Usage(format!("{flag} {}: {e}", p.display())))
+        };
+        Ok(if let Some(p) = &self.json_schema {
+            Some(F::JsonSchema(read("--json-schema", p)?))
+        } else if let Some(p) = &self.grammar {
+            Some(F::Lark(read("--grammar", p)?))
+        } else if let Some(r) = &self.regex {
+            Some(F::Regex(r.clone()))
+        } else if self.json_object {
+            Some(F::JsonObject(true))
+        } else {
+            None
+        })
+    }
 }
 
 #[derive(Args)]
@@ -313,6 +348,7 @@ fn options(s: &Sampling) -> Result<(pb::SamplingOptions, pb::Priority)> {
             max_tokens: s.max_tokens,
             stop: s.stop.clone(),
             ignore_eos: s.ignore_eos.then_some(true),
+            response_format: s.format()?.map(|f| pb::ResponseFormat { format: Some(f) }),
         },
         priority,
     ))
@@ -391,6 +427,7 @@ fn answer_json(a: &Answer) -> serde_json::Value {
         "text": a.text,
         "token_ids": a.token_ids,
         "finish_reason": reason,
+        "output_incomplete": done.output_incomplete,
         "session_id": done.session_id,
         "stats": {
             "prompt_tokens": s.prompt_tokens,
@@ -492,7 +529,7 @@ async fn ask(cli: &Cli, a: &AskArgs) -> Result<()> {
 
 /// Where `chat` sends its turns.
 enum ChatLink {
-    Grpc(LfmClient<Channel>, pb::SamplingOptions, pb::Priority),
+    Grpc(LfmClient<Channel>, Box<pb::SamplingOptions>, pb::Priority),
     Dbus(dbus::ChatOverDbus),
 }
 
@@ -510,7 +547,7 @@ async fn chat(cli: &Cli, a: &ChatArgs) -> Result<()> {
         None => {
             let (opts, priority) = options(&a.sampling)?;
             let (c, _) = client(cli).await?;
-            ChatLink::Grpc(c, opts, priority)
+            ChatLink::Grpc(c, Box::new(opts), priority)
         }
     };
     let interactive = std::io::stdin().is_terminal();
@@ -545,7 +582,7 @@ async fn chat(cli: &Cli, a: &ChatArgs) -> Result<()> {
                         .into_iter()
                         .map(|(role, content)| pb::ChatMessage { role, content })
                         .collect(),
-                    options: Some(opts.clone()),
+                    options: Some((**opts).clone()),
                     priority: (*priority).into(),
                     session_id: Some(session.clone()),
                 };

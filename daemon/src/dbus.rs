@@ -128,6 +128,10 @@ const OPTIONS: &[(&str, Kind)] = &[
     ("add_bos", Kind::Bool),
     ("session", Kind::Str),
     ("timeout", Kind::Float),
+    ("json_schema", Kind::Str),
+    ("json_object", Kind::Bool),
+    ("regex", Kind::Str),
+    ("grammar", Kind::Str),
 ];
 
 /// An option's value, checked against its kind.
@@ -298,6 +302,27 @@ fn parse_request(asking: Asking, opts: &HashMap<String, OwnedValue>) -> Result<P
             }
             ("system", OptValue::Str(s)) => system = Some(s),
             ("raw", OptValue::Bool(b)) => raw = b,
+            ("json_schema" | "json_object" | "regex" | "grammar", v) => {
+                use crate::constraint::ResponseFormat as F;
+                let f = match v {
+                    OptValue::Str(t) if key == "json_schema" => Some(F::JsonSchema(t)),
+                    OptValue::Str(r) if key == "regex" => Some(F::Regex(r)),
+                    OptValue::Str(g) => Some(F::Lark(g)),
+                    OptValue::Bool(b) => b.then_some(F::JsonObject),
+                    v => {
+                        return Err(ApiError::Internal(format!(
+                            "option {key:?} checked as {kind:?} gave {v:?}"
+                        )));
+                    }
+                };
+                if f.is_some() && o.format.is_some() {
+                    return bad(
+                        "give one response format: json_schema, json_object, regex or grammar"
+                            .into(),
+                    );
+                }
+                o.format = o.format.take().or(f);
+            }
             ("add_bos", OptValue::Bool(b)) => add_bos = Some(b),
             ("session", OptValue::Str(s)) => session = Some(s),
             ("timeout", OptValue::Float(t)) => {
@@ -365,6 +390,7 @@ fn info_of(d: &Done) -> HashMap<&'static str, Value<'static>> {
     let s = &d.stats;
     let mut m: HashMap<&'static str, Value<'static>> = HashMap::from([
         ("finish_reason", Value::from(d.reason.as_str())),
+        ("output_incomplete", Value::from(d.output_incomplete)),
         ("prompt_tokens", Value::from(s.prompt_tokens as u32)),
         ("prefilled_tokens", Value::from(s.prefilled_tokens as u32)),
         ("generated_tokens", Value::from(s.generated_tokens as u32)),

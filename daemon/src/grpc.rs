@@ -3,6 +3,7 @@
 //! codes; no model logic lives here. The only module (with `serve`) that
 //! knows prost/tonic types.
 
+use crate::constraint::ResponseFormat;
 use crate::engine::PagingStats;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{
@@ -127,6 +128,20 @@ fn options_from(o: Option<pb::SamplingOptions>) -> Options {
         max_tokens: o.max_tokens.map(|m| m as usize),
         stop: o.stop,
         ignore_eos: o.ignore_eos.unwrap_or(false),
+        format: o.response_format.and_then(|f| format_from(f.format)),
+    }
+}
+
+/// A `ResponseFormat`'s choice in engine terms (`json_object: false` and an
+/// unset oneof are no constraint).
+fn format_from(f: Option<pb::response_format::Format>) -> Option<ResponseFormat> {
+    use pb::response_format::Format as F;
+    match f? {
+        F::JsonSchema(s) => Some(ResponseFormat::JsonSchema(s)),
+        F::JsonObject(true) => Some(ResponseFormat::JsonObject),
+        F::JsonObject(false) => None,
+        F::Regex(r) => Some(ResponseFormat::Regex(r)),
+        F::Lark(g) => Some(ResponseFormat::Lark(g)),
     }
 }
 
@@ -189,7 +204,7 @@ fn failure_status(f: Failure) -> Status {
 
 fn finish_reason(r: &FinishReason) -> pb::FinishReason {
     match r {
-        FinishReason::Eos => pb::FinishReason::Stop,
+        FinishReason::Eos | FinishReason::Complete => pb::FinishReason::Stop,
         FinishReason::StopString => pb::FinishReason::StopString,
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::ContextFull => pb::FinishReason::ContextFull,
@@ -219,6 +234,7 @@ fn response(ev: Event) -> Result<pb::GenerateResponse, Status> {
                     prefill_tokens_per_second: s.prefill_tokens_per_second(),
                 }),
                 session_id: d.session,
+                output_incomplete: d.output_incomplete,
             })
         }
         Event::Failed(f) => return Err(failure_status(f)),
@@ -587,6 +603,7 @@ mod tests {
                 max_tokens,
                 stop,
                 ignore_eos: f[6].map(|x| x > 0.0),
+                response_format: None,
             })
     }
 

@@ -16,6 +16,6 @@ pub mod serve;
 pub mod systemd;
 
 pub use lfm_engine::{
-    bench, chat, debug, engine, error, gguf, info, inspect, log, model, procstat, rng, sampler,
-    sequence, stop, synth, tokenizer, warn,
+    bench, chat, constraint, debug, engine, error, gguf, info, inspect, log, model, procstat, rng,
+    sampler, sequence, stop, synth, tokenizer, warn,
 };

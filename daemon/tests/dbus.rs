@@ -574,6 +574,21 @@ async fn bad_requests_get_the_documented_error_names() {
                 "max_tokens",
             ),
             ("", HashMap::new(), "InvalidArgument", "empty"),
+            (
+                "hi",
+                HashMap::from([("json_schema", Value::from("{\"type\": \"strin\"}"))]),
+                "InvalidArgument",
+                "strin",
+            ),
+            (
+                "hi",
+                HashMap::from([
+                    ("json_object", Value::Bool(true)),
+                    ("regex", Value::from("[a-z]+")),
+                ]),
+                "InvalidArgument",
+                "give one response format",
+            ),
         ];
         let long = "word ".repeat(200);
         let mut cases = cases;
@@ -609,6 +624,54 @@ async fn bad_requests_get_the_documented_error_names() {
         );
     })
     .await;
+}
+
+/// Structured output from busctl, as a shell script on a hub would ask for
+/// it: the answer parses and keeps to the schema, and `info` says it is
+/// complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busctl_gets_answers_that_keep_to_a_json_schema() {
+    let Some(d) = Daemon::start(&[]).await else {
+        return;
+    };
+    let schema = r#"{"type": "object", "properties": {"device": {"enum": ["hall_light", "fan"]}, "level": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["device", "level"], "additionalProperties": false}"#;
+    for seed in ["1", "2", "3"] {
+        let v = json(&d.busctl(&[
+            "--json=short",
+            "call",
+            BUS_NAME,
+            OBJECT_PATH,
+            INTERFACE,
+            "Generate",
+            "sa{sv}",
+            "Dim the hall light",
+            "4",
+            "json_schema",
+            "s",
+            schema,
+            "temperature",
+            "d",
+            "1.0",
+            "seed",
+            "t",
+            seed,
+            "max_tokens",
+            "u",
+            "100",
+        ]));
+        let info = &v["data"][1];
+        assert_eq!(info["finish_reason"]["data"], "stop", "{v}");
+        assert_eq!(info["output_incomplete"]["data"], false, "{v}");
+        let answer: serde_json::Value =
+            serde_json::from_str(v["data"][0].as_str().unwrap()).expect("the answer is JSON");
+        let obj = answer.as_object().unwrap();
+        assert!(
+            ["hall_light", "fan"].contains(&obj["device"].as_str().unwrap()),
+            "{answer}"
+        );
+        assert!(obj["level"].as_u64().unwrap() <= 100, "{answer}");
+        assert_eq!(obj.len(), 2, "{answer}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,14 +33,14 @@ fn python_missing() -> Option<String> {
     let probe = Command::new(python())
         .args([
             "-c",
-            "import grpc, grpc_tools, grpc_health.v1.health_pb2, grpc_reflection.v1alpha",
+            "import grpc, grpc_tools, grpc_health.v1.health_pb2, grpc_reflection.v1alpha, jsonschema",
         ])
         .output();
     match probe {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(format!(
             "Python's grpcio packages are missing (pip install grpcio grpcio-tools \
-             grpcio-health-checking grpcio-reflection): {}",
+             grpcio-health-checking grpcio-reflection jsonschema): {}",
             String::from_utf8_lossy(&o.stderr)
                 .lines()
                 .last()

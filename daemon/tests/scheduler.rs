@@ -39,6 +39,7 @@ fn request(client: &str, priority: Priority, max_tokens: usize) -> Request {
             max_tokens: Some(max_tokens),
             stop: Vec::new(),
             ignore_eos: true,
+            format: None,
         },
         client: Client {
             id: client.into(),
@@ -136,5 +137,79 @@ async fn a_cancelled_waiting_request_leaves_the_line_and_shutdown_drains() {
             }
         };
         assert_eq!(end, Some(Event::Failed(Failure::ShuttingDown)));
+    }
+}
+
+/// A request's whole answer: text, tokens, the final event.
+async fn answer(mut g: Generation) -> (String, Vec<u32>, scheduler::Done) {
+    let (mut text, mut tokens) = (String::new(), Vec::new());
+    loop {
+        match g.next().await.expect("a final event") {
+            Event::Delta(d) => {
+                text.push_str(&d.text);
+                tokens.extend(d.tokens);
+            }
+            Event::Done(d) => return (text, tokens, d),
+            Event::Failed(f) => panic!("{f}"),
+        }
+    }
+}
+
+/// Sixteen requests at once, half under a JSON Schema (sampled, each its
+/// own seed), half free (greedy and sampled): each answer is the one it
+/// gets alone, and every constrained one parses and validates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_and_free_requests_batch_and_answer_as_alone() {
+    use lfmd::constraint::ResponseFormat;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"device": {"enum": ["hall_light", "fan"]},
+                       "level": {"type": "integer", "minimum": 0, "maximum": 100},
+                       "note": {"type": "string", "maxLength": 8}},
+        "required": ["device", "level"], "additionalProperties": false});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let req = |i: u64| {
+        let mut r = request(&format!("c{i}"), Priority::Interactive, 60);
+        r.options.sampling = SamplingParams {
+            temperature: if i % 4 == 0 { 0.0 } else { 0.9 },
+            min_p: 0.0,
+            seed: i,
+            ..Default::default()
+        };
+        r.options.ignore_eos = false;
+        if i % 2 == 1 {
+            r.options.format = Some(ResponseFormat::JsonSchema(schema.to_string()));
+        }
+        r
+    };
+    let h = handle(Config {
+        max_concurrent: 16,
+        ..Default::default()
+    });
+    let mut solo = Vec::new();
+    for i in 0..16 {
+        solo.push(answer(h.submit(req(i)).unwrap()).await);
+    }
+    let together: Vec<Generation> = (0..16).map(|i| h.submit(req(i)).unwrap()).collect();
+    let mut all = Vec::new();
+    for g in together {
+        all.push(answer(g).await);
+    }
+    for (i, ((text, tokens, done), (solo_text, solo_tokens, _))) in
+        all.iter().zip(&solo).enumerate()
+    {
+        assert_eq!(
+            (text, tokens),
+            (solo_text, solo_tokens),
+            "request {i} changed in the batch"
+        );
+        if i % 2 == 1 {
+            assert!(!done.output_incomplete, "{i}: {text:?}");
+            let v: serde_json::Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("{i}: {text:?}: {e}"));
+            assert!(validator.is_valid(&v), "{i}: {text}");
+        } else {
+            assert!(!done.output_incomplete);
+        }
     }
 }

@@ -61,6 +61,9 @@ pub struct BenchReport {
     pub paging: Option<crate::engine::PagingStats>,
     /// What the timed decode runs cost in I/O, when experts are paged.
     pub decode_io: Option<DecodeIo>,
+    /// What constraining the decode test cost, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<FormatCost>,
 }
 
 /// The I/O of the timed decode runs (all repetitions): what the disk really
@@ -137,7 +140,6 @@ pub struct KernelChoice {
 
 /// What to measure: a `prompt`-token prefill and a `n_gen`-token decode,
 /// `reps` times each, each from a context already holding `depth` tokens.
-#[derive(Clone, Copy, Debug)]
 pub struct BenchParams {
     pub prompt: usize,
     pub n_gen: usize,
@@ -145,6 +147,32 @@ pub struct BenchParams {
     pub depth: usize,
     /// Sequences decoded together (at least 1).
     pub sequences: usize,
+    /// Each decode step also samples every sequence's next token under this
+    /// response format (mask, draw, accept: what the daemon does for a
+    /// constrained request), to measure what constraining costs.
+    pub format: Option<BenchFormat>,
+}
+
+/// A response format to constrain the decode test with.
+pub struct BenchFormat {
+    pub grammars: std::sync::Arc<crate::constraint::Grammars>,
+    pub format: crate::constraint::ResponseFormat,
+}
+
+/// What constraining the decode test cost.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FormatCost {
+    /// The format's kind (`json_schema`, ...).
+    pub kind: String,
+    /// Mask and accept per token, one thread (the daemon spreads the
+    /// sequences of a step over the pool).
+    pub mask_us_per_token: f64,
+    /// That time's share of the decode test's time (which includes it).
+    pub share_of_decode: f64,
+    /// Mean compile time of the format (a new one each time an output
+    /// completed).
+    pub compile_ms: f64,
+    pub compiles: usize,
 }
 
 /// Tokens per forward call when filling the context to `depth`: bounds the
@@ -159,6 +187,7 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
         reps,
         depth,
         sequences,
+        format,
     } = params;
     let sequences = sequences.max(1);
     let nv = model.n_vocab() as u64;
@@ -185,6 +214,15 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
     // Decode steps run, and the sums of their weight bytes and mean
     // distinct experts per MoE layer.
     let (mut steps, mut step_bytes, mut experts) = (0usize, 0.0f64, 0.0f64);
+    // What constraining cost (seconds, counts).
+    #[derive(Default)]
+    struct Cost {
+        mask: f64,
+        tokens: usize,
+        compile: f64,
+        compiles: usize,
+    }
+    let mut cost = Cost::default();
     // Untimed warm-up runs first, as llama-bench's: a whole prompt when there
     // is a prefill test (it touches nearly every expert, as the timed one
     // would for the first time), then one token. The timed tests then
@@ -222,6 +260,26 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
                 .map(|_| rng.below(nv) as u32)
                 .collect();
             let mut stats = ForwardStats::default();
+            let mut constrained = match &format {
+                Some(f) => {
+                    let t = Instant::now();
+                    let cs = (0..sequences)
+                        .map(|_| f.grammars.compile(&f.format))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    cost.compile += t.elapsed().as_secs_f64();
+                    cost.compiles += sequences;
+                    let samplers = (0..sequences as u64)
+                        .map(|seed| {
+                            crate::sampler::Sampler::new(crate::sampler::SamplingParams {
+                                seed,
+                                ..Default::default()
+                            })
+                        })
+                        .collect();
+                    Some((cs, samplers))
+                }
+                None => None,
+            };
             let io0 = IoCounters::now(model);
             let t0 = Instant::now();
             for step in toks.chunks(sequences) {
@@ -235,6 +293,25 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
                     })
                     .collect();
                 let out = model.forward_with_stats(&mut items, Some(&mut stats))?;
+                if let (Some((cs, samplers)), Some(f)) = (&mut constrained, &format) {
+                    let samplers: &mut Vec<crate::sampler::Sampler> = samplers;
+                    for ((c, s), row) in cs.iter_mut().zip(samplers.iter_mut()).zip(&out) {
+                        if c.is_complete() {
+                            let t = Instant::now();
+                            *c = f.grammars.compile(&f.format)?;
+                            cost.compile += t.elapsed().as_secs_f64();
+                            cost.compiles += 1;
+                        }
+                        let t = Instant::now();
+                        let allowed = c.allowed()?;
+                        let mask = t.elapsed().as_secs_f64();
+                        let tok = s.sample_allowed(row, &[], Some(&allowed));
+                        let t = Instant::now();
+                        c.accept(tok)?;
+                        cost.mask += mask + t.elapsed().as_secs_f64();
+                        cost.tokens += 1;
+                    }
+                }
                 std::hint::black_box(out);
                 step_bytes += model.step_weight_bytes(&stats.experts) as f64;
                 let moe: Vec<usize> = stats.experts.iter().copied().filter(|&x| x > 0).collect();
@@ -299,6 +376,13 @@ pub fn run(model: &Model, name: &str, params: BenchParams) -> Result<BenchReport
         decode_weight_gb_per_s: step_bytes * decode_rate / sequences as f64 / 1e9,
         read_gb_per_s: read / 1e9,
         decode_io,
+        format: format.map(|f| FormatCost {
+            kind: f.format.kind().into(),
+            mask_us_per_token: cost.mask * 1e6 / cost.tokens.max(1) as f64,
+            share_of_decode: cost.mask / (t_tg * reps as f64).max(1e-9),
+            compile_ms: cost.compile * 1e3 / cost.compiles.max(1) as f64,
+            compiles: cost.compiles,
+        }),
     })
 }
 
@@ -388,6 +472,16 @@ impl BenchReport {
                 io.storage_gb_per_s,
                 100.0 * io.wait_share,
                 io.major_faults_per_token,
+            );
+        }
+        if let Some(f) = &self.format {
+            out += &format!(
+                "{} constraint {:.1} µs per token (mask and accept, one thread), {:.2}% of decode time; compile {:.2} ms ({} compiles)\n",
+                f.kind,
+                f.mask_us_per_token,
+                100.0 * f.share_of_decode,
+                f.compile_ms,
+                f.compiles,
             );
         }
         out

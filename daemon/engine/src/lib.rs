@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod constraint;
 pub mod engine;
 pub mod gguf;
 pub mod inspect;

@@ -139,9 +139,30 @@ impl Sampler {
     /// normalizer top-p needs is summed over the top-k set (all tokens
     /// without top-k) only when top-p is on.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.sample_allowed(logits, history, None)
+    }
+
+    /// [`Sampler::sample`] among the tokens `allowed` lets through (bit
+    /// `t % 32` of word `t / 32`; a constraint's mask), applied after the
+    /// penalties and before the cuts: the others' logits become -inf, so
+    /// they are never candidates. The distribution over the allowed tokens
+    /// is the one the parameters define over them alone.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        allowed: Option<&[u32]>,
+    ) -> u32 {
         let p = &self.params;
         let mut l = logits.to_vec();
         apply_penalties(p, &mut l, history);
+        if let Some(bits) = allowed {
+            for (i, v) in l.iter_mut().enumerate() {
+                if bits.get(i / 32).is_none_or(|w| w >> (i % 32) & 1 == 0) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
         // NaN logits never win (and a NaN best leaves nothing to compare).
         let Some((best_id, max)) = l.iter().enumerate().filter(|(_, v)| !v.is_nan()).fold(
             None,
@@ -172,7 +193,7 @@ impl Sampler {
         } else {
             l.iter()
                 .enumerate()
-                .filter(|(_, v)| !v.is_nan())
+                .filter(|&(_, &v)| !v.is_nan() && v > f32::NEG_INFINITY)
                 .map(|(i, &v)| (i as u32, v))
                 .collect()
         };
@@ -278,11 +299,12 @@ mod tests {
         rng: &mut Rng,
         logits: &[f32],
         history: &[u32],
+        allowed: Option<&[bool]>,
     ) -> u32 {
         let mut l = logits.to_vec();
         apply_penalties(p, &mut l, history);
         let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-        cand.retain(|c| !c.1.is_nan());
+        cand.retain(|c| !c.1.is_nan() && allowed.is_none_or(|a| a[c.0 as usize]));
         if cand.is_empty() {
             return 0;
         }
@@ -318,7 +340,9 @@ mod tests {
 
     /// Same seed, same token as the sort-based sampler, for every
     /// combination of parameters, on random logits of several shapes
-    /// (flat, peaked, ties, NaNs, a 65,536 vocabulary), with penalties.
+    /// (flat, peaked, ties, NaNs, a 65,536 vocabulary), with penalties;
+    /// and under masks (a few tokens, a third, one), the same draw as the
+    /// sort-based sampler over the allowed tokens alone.
     #[test]
     fn selection_draws_what_sorting_draws() {
         let mut rng = Rng::new(99);
@@ -343,6 +367,14 @@ mod tests {
                 let history: Vec<u32> = (0..40)
                     .map(|_| (rng.next_f32() * n as f32) as u32 % n as u32)
                     .collect();
+                // Masks letting through a few, a third, and one token.
+                let masks: Vec<Vec<bool>> = [0.02f32, 0.33, 0.0]
+                    .iter()
+                    .map(|&share| {
+                        let one = (rng.next_f32() * n as f32) as usize % n;
+                        (0..n).map(|i| i == one || rng.next_f32() < share).collect()
+                    })
+                    .collect();
                 let pick = |all: &'static [f32], few: &'static [f32]| if big { few } else { all };
                 for &temperature in pick(&[0.0, 0.3, 1.0, 2.5], &[0.3, 1.0]) {
                     for top_k in if big { vec![0, 40] } else { vec![0, 1, 5, 40] } {
@@ -363,11 +395,33 @@ mod tests {
                                     let mut r = Rng::new(p.seed);
                                     for step in 0..3 {
                                         let h = &history[..10 * step + 10];
-                                        let want = sample_by_sorting(&p, &mut r, &logits, h);
+                                        let want = sample_by_sorting(&p, &mut r, &logits, h, None);
                                         let got = s.sample(&logits, h);
                                         assert_eq!(
                                             got, want,
                                             "shape {shape} case {case} {p:?} step {step}"
+                                        );
+                                        draws += 1;
+                                    }
+                                    // Under a mask (a constraint's): the same
+                                    // draw over the allowed tokens alone.
+                                    let mut s = Sampler::new(p.clone());
+                                    let mut r = Rng::new(p.seed);
+                                    for (step, a) in masks.iter().enumerate() {
+                                        let h = &history[..10 * step + 10];
+                                        let bits = bits_of(a);
+                                        let want =
+                                            sample_by_sorting(&p, &mut r, &logits, h, Some(a));
+                                        let got = s.sample_allowed(&logits, h, Some(&bits));
+                                        assert_eq!(
+                                            got, want,
+                                            "masked: shape {shape} case {case} {p:?} step {step}"
+                                        );
+                                        assert!(
+                                            a[got as usize]
+                                                || a.iter()
+                                                    .zip(&logits)
+                                                    .all(|(&ok, v)| !ok || v.is_nan())
                                         );
                                         draws += 1;
                                     }
@@ -379,6 +433,15 @@ mod tests {
             }
         }
         assert!(draws > 8_000, "{draws}");
+    }
+
+    /// A mask as `sample_allowed` takes it: bit `t % 32` of word `t / 32`.
+    fn bits_of(allowed: &[bool]) -> Vec<u32> {
+        let mut w = vec![0u32; allowed.len().div_ceil(32)];
+        for (i, _) in allowed.iter().enumerate().filter(|(_, a)| **a) {
+            w[i / 32] |= 1 << (i % 32);
+        }
+        w
     }
 
     fn logits() -> Vec<f32> {

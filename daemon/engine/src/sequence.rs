@@ -4,6 +4,7 @@
 //! [`Sequence::next_input`] through `Model::forward` together with other
 //! sequences and hands back the logits, so many sequences share one batch.
 
+use crate::constraint::{Constraint, FormatError};
 use crate::engine::{Model, SeqState};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopText;
@@ -23,12 +24,14 @@ pub enum FinishReason {
     ContextFull,
     /// The client cancelled or went away.
     Cancelled,
+    /// The response format's output is complete: nothing may follow it.
+    Complete,
 }
 
 impl FinishReason {
     pub fn as_str(&self) -> &'static str {
         match self {
-            FinishReason::Eos => "stop",
+            FinishReason::Eos | FinishReason::Complete => "stop",
             FinishReason::StopString => "stop_string",
             FinishReason::Length => "length",
             FinishReason::ContextFull => "context_full",
@@ -63,6 +66,19 @@ pub struct Sequence {
     n_ctx: usize,
     generated: Vec<u32>,
     finished: Option<FinishReason>,
+    /// The response format the output keeps to, if any.
+    constraint: Option<Constraint>,
+}
+
+/// A vocabulary's end-of-generation ids, sorted: EOS, `<|im_end|>`,
+/// `<|endoftext|>` (those it has).
+pub fn end_of_generation_ids(tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut eog: Vec<u32> = tokenizer.eos().into_iter().collect();
+    eog.extend(tokenizer.token_id("<|im_end|>"));
+    eog.extend(tokenizer.token_id("<|endoftext|>"));
+    eog.sort_unstable();
+    eog.dedup();
+    eog
 }
 
 impl Sequence {
@@ -101,11 +117,7 @@ impl Sequence {
         max_tokens: usize,
         stop: StopText,
     ) -> Self {
-        let mut eog: Vec<u32> = tokenizer.eos().into_iter().collect();
-        eog.extend(tokenizer.token_id("<|im_end|>"));
-        eog.extend(tokenizer.token_id("<|endoftext|>"));
-        eog.sort_unstable();
-        eog.dedup();
+        let eog = end_of_generation_ids(&tokenizer);
         let decoder = StreamDecoder::new(tokenizer.clone());
         context.extend_from_slice(&prompt);
         Sequence {
@@ -121,6 +133,7 @@ impl Sequence {
             n_ctx: model.desc.n_ctx_train,
             generated: Vec::new(),
             finished: None,
+            constraint: None,
             tokenizer,
         }
     }
@@ -135,6 +148,19 @@ impl Sequence {
     /// sampled and shown as text like any other), for benchmarks.
     pub fn ignore_eos(&mut self) {
         self.eog.clear();
+    }
+
+    /// Every token sampled from now on keeps the output inside a response
+    /// format; generation ends when the output is complete.
+    pub fn constrain(&mut self, constraint: Constraint) {
+        self.constraint = Some(constraint);
+    }
+
+    /// Whether a response format was given and the output so far is not a
+    /// whole match of it (it ended early: max tokens, context, a stop
+    /// string, a cancel), so it will not parse.
+    pub fn output_incomplete(&mut self) -> bool {
+        self.constraint.as_mut().is_some_and(|c| !c.is_accepting())
     }
 
     /// Tokens to feed next: at most `max` of them (chunked prefill).
@@ -186,15 +212,39 @@ impl Sequence {
 
     /// Records that `n` pending tokens went through the model. With the
     /// last token's `logits`, samples the next token and returns the step.
-    pub fn advance(&mut self, n: usize, logits: Option<&[f32]>) -> Option<Step> {
+    ///
+    /// Under a response format, only tokens that keep the output inside it
+    /// are sampled; an error of the format's engine (its per-token work
+    /// limit) fails this sequence alone.
+    pub fn advance(
+        &mut self,
+        n: usize,
+        logits: Option<&[f32]>,
+    ) -> Result<Option<Step>, FormatError> {
         self.pending.drain(..n);
-        let logits = logits?;
+        let Some(logits) = logits else {
+            return Ok(None);
+        };
         debug_assert!(self.pending.is_empty());
-        let token = self.sampler.sample(logits, &self.history);
+        let token = match &mut self.constraint {
+            Some(c) => {
+                let allowed = c.allowed()?;
+                let token = self
+                    .sampler
+                    .sample_allowed(logits, &self.history, Some(&allowed));
+                c.accept(token)?;
+                token
+            }
+            None => self.sampler.sample(logits, &self.history),
+        };
         self.history.push(token);
         self.generated.push(token);
         let mut finished = None;
         let mut text = String::new();
+        let complete = self
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_complete);
         if self.eog.binary_search(&token).is_ok() {
             finished = Some(FinishReason::Eos);
         } else {
@@ -202,6 +252,8 @@ impl Sequence {
             text = self.stop.push(&piece);
             if self.stop.stopped() {
                 finished = Some(FinishReason::StopString);
+            } else if complete {
+                finished = Some(FinishReason::Complete);
             } else if self.generated.len() >= self.max_tokens {
                 finished = Some(FinishReason::Length);
             } else if self.state.len() + 1 >= self.n_ctx {
@@ -217,10 +269,10 @@ impl Sequence {
         } else {
             self.pending.push(token);
         }
-        Some(Step {
+        Ok(Some(Step {
             token,
             text,
             finished,
-        })
+        }))
     }
 }

@@ -57,9 +57,9 @@ fn end_of_generation_tokens_stop_without_text() {
         let mut s = seq(&m, &tok, 10, &[]);
         let n = s.next_input(usize::MAX).len();
         let a = tok.encode("a", false, false)[0];
-        let step = s.advance(n, Some(&pick(nv, a))).unwrap();
+        let step = s.advance(n, Some(&pick(nv, a))).unwrap().unwrap();
         assert_eq!((step.text.as_str(), step.finished), ("a", None));
-        let step = s.advance(1, Some(&pick(nv, id))).unwrap();
+        let step = s.advance(1, Some(&pick(nv, id))).unwrap().unwrap();
         assert_eq!(step.finished, Some(FinishReason::Eos), "{eog}");
         assert_eq!(step.text, "");
         assert!(s.is_finished());
@@ -79,7 +79,7 @@ fn stop_strings_cut_the_text_and_max_tokens_ends_it() {
     let mut text = String::new();
     let mut end = None;
     for &id in &ids {
-        let step = s.advance(n, Some(&pick(nv, id))).unwrap();
+        let step = s.advance(n, Some(&pick(nv, id))).unwrap().unwrap();
         text += &step.text;
         n = 1;
         if step.finished.is_some() {
@@ -94,7 +94,11 @@ fn stop_strings_cut_the_text_and_max_tokens_ends_it() {
     let mut n = s.next_input(usize::MAX).len();
     let mut steps = Vec::new();
     while !s.is_finished() {
-        steps.push(s.advance(n, Some(&pick(nv, ids[steps.len()]))).unwrap());
+        steps.push(
+            s.advance(n, Some(&pick(nv, ids[steps.len()])))
+                .unwrap()
+                .unwrap(),
+        );
         n = 1;
     }
     assert_eq!(steps.len(), 3);
@@ -131,7 +135,7 @@ fn run(
                 },
             }])
             .unwrap();
-        s.advance(chunk.len(), want.then(|| &out[0][..]));
+        s.advance(chunk.len(), want.then(|| &out[0][..])).unwrap();
     }
     (s.generated().to_vec(), s.finish_reason().unwrap().clone())
 }
@@ -169,7 +173,7 @@ fn context_end_is_a_finish_reason() {
                 logits: LogitsWanted::Last,
             }])
             .unwrap();
-        s.advance(chunk.len(), Some(&out[0]));
+        s.advance(chunk.len(), Some(&out[0])).unwrap();
         steps += 1;
     }
     assert_eq!(s.finish_reason(), Some(&FinishReason::ContextFull));

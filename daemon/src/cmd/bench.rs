@@ -44,6 +44,11 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = lfmd::engine::paging::DEFAULT_IO_THREADS as u16,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) io_threads: u16,
+    /// Also sample each decoded token under the JSON Schema in FILE, to
+    /// measure what constrained decoding costs (mask per token, share of
+    /// decode time).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json_schema: Option<std::path::PathBuf>,
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -69,6 +74,20 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         reps: a.reps,
         depth: a.depth,
         sequences: a.sequences,
+        format: match &a.json_schema {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading --json-schema {}", p.display()))?;
+                let tok = lfmd::tokenizer::Tokenizer::from_gguf(m.gguf())
+                    .context("reading the model's vocabulary")?;
+                let grammars = lfmd::constraint::Grammars::new(std::sync::Arc::new(tok))?;
+                Some(lfmd::bench::BenchFormat {
+                    grammars: std::sync::Arc::new(grammars),
+                    format: lfmd::constraint::ResponseFormat::JsonSchema(text),
+                })
+            }
+            None => None,
+        },
     };
     let r = lfmd::bench::run(&m, &a.model.display().to_string(), params)?;
     crate::write_stdout(&if a.json {

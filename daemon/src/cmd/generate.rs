@@ -130,7 +130,7 @@ pub(crate) fn generate(a: GenerateArgs) -> Result<()> {
                 LogitsWanted::None
             },
         }])?;
-        if let Some(step) = seq.advance(chunk.len(), want.then(|| &logits[0][..])) {
+        if let Some(step) = seq.advance(chunk.len(), want.then(|| &logits[0][..]))? {
             t_first.get_or_insert_with(|| t0.elapsed());
             if !a.json {
                 let _ = out

@@ -6,6 +6,7 @@
 //! needs no model for. The edges convert their wire types to and from these.
 
 use crate::chat::ChatMessage;
+use crate::constraint::ResponseFormat;
 use crate::sampler::SamplingParams;
 use crate::sequence::FinishReason;
 use crate::stop::StopText;
@@ -112,6 +113,8 @@ pub struct Options {
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// The form the output keeps to (constrained decoding).
+    pub format: Option<ResponseFormat>,
 }
 
 /// What to continue.
@@ -169,6 +172,10 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("the lfmd engine stopped ({0}); restart the daemon")]
     EngineDown(String),
+    /// The daemon failed to set up what the request needs (it keeps
+    /// serving others).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl SubmitError {
@@ -183,6 +190,7 @@ impl SubmitError {
             | SubmitError::UserLimit { .. } => ErrorKind::ResourceExhausted,
             SubmitError::Session(SessionError::Busy(_)) => ErrorKind::FailedPrecondition,
             SubmitError::ShuttingDown | SubmitError::EngineDown(_) => ErrorKind::Unavailable,
+            SubmitError::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -268,6 +276,9 @@ pub struct Done {
     pub reason: FinishReason,
     pub stats: Stats,
     pub session: Option<String>,
+    /// A response format was given and the output ended before it was
+    /// complete (it will not parse).
+    pub output_incomplete: bool,
 }
 
 /// What a request's receiver gets: deltas, then exactly one `Done` or

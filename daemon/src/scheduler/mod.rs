@@ -25,6 +25,7 @@ pub use queue::{FairQueue, Priority};
 pub use sessions::{SessionError, SessionStore};
 
 use crate::chat::ChatTemplate;
+use crate::constraint::{Constraint, Grammars};
 use crate::engine::Model;
 use crate::sampler::SamplingParams;
 use crate::stop::StopText;
@@ -52,6 +53,8 @@ pub(crate) struct Job {
     pub max_tokens: usize,
     pub stop: StopText,
     pub ignore_eos: bool,
+    /// The response format the output keeps to.
+    pub constraint: Option<Constraint>,
     pub session: Option<SessionTurn>,
     /// Positions in `tokens` where a fresh sequence's state goes into the
     /// prefix cache.
@@ -190,6 +193,9 @@ pub struct Handle {
     started: Instant,
     /// The expert pager's figures, when experts are paged.
     paging: Option<crate::engine::PagingMonitor>,
+    /// The response-format compiler for this vocabulary, built on the
+    /// first request that asks for a format.
+    grammars: Arc<std::sync::OnceLock<Result<Arc<Grammars>, String>>>,
 }
 
 /// Starts the engine thread with `model`; `info.path` is taken from the
@@ -266,6 +272,7 @@ pub fn start(
         next_id: Arc::new(AtomicU64::new(1)),
         started: Instant::now(),
         paging,
+        grammars: Arc::default(),
     };
     Ok((handle, EngineExit(rx)))
 }
@@ -435,6 +442,19 @@ impl Handle {
         self.shared.wake.notify_all();
     }
 
+    /// The response-format compiler, built on first use (indexing the
+    /// vocabulary takes a fraction of a second).
+    fn grammars(&self) -> Result<Arc<Grammars>, SubmitError> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(self.tokenizer.clone())
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(SubmitError::Internal)
+    }
+
     /// Validates, renders and tokenizes `req`, then queues it.
     pub fn submit(&self, req: Request) -> Result<Generation, SubmitError> {
         let arrived = Instant::now();
@@ -450,6 +470,15 @@ impl Handle {
         let max_tokens = options.max_tokens.unwrap_or(limits.default_max_tokens);
         let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
         self.check_input_bytes(&input)?;
+        // Compiled here, on the caller's thread, never the engine's.
+        let constraint = match &options.format {
+            Some(f) => Some(
+                self.grammars()?
+                    .compile(f)
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
         let Prepared {
             tokens,
             context,
@@ -505,6 +534,7 @@ impl Handle {
             max_tokens,
             stop,
             ignore_eos: options.ignore_eos,
+            constraint,
             session,
             snapshots,
             events,

@@ -285,6 +285,9 @@ impl Worker {
         if job.ignore_eos {
             seq.ignore_eos();
         }
+        if let Some(c) = job.constraint.take() {
+            seq.constrain(c);
+        }
         Admitted {
             scope,
             chain,
@@ -585,7 +588,8 @@ impl Worker {
             }
             a.out = Some(
                 catch_unwind(AssertUnwindSafe(|| a.seq.advance(a.n, a.row)))
-                    .map_err(|p| panic_message(&*p)),
+                    .map_err(|p| panic_message(&*p))
+                    .and_then(|r| r.map_err(|e| e.to_string())),
             );
         };
         if work.iter().filter(|a| a.row.is_some()).count() > 1 {
@@ -662,8 +666,9 @@ impl Worker {
 
     /// Checks a session back in, then sends the final event (in that
     /// order, so a client may send its next turn as soon as it sees Done).
-    fn finish(&self, r: Admitted, now: Instant) {
+    fn finish(&self, mut r: Admitted, now: Instant) {
         let reason = r.seq.finish_reason().cloned().expect("finished");
+        let output_incomplete = r.seq.output_incomplete();
         let first = r.first_token.unwrap_or(now);
         let stats = Stats {
             prompt_tokens: r.prompt_tokens,
@@ -687,7 +692,7 @@ impl Worker {
             let last = tokens.pop();
             let tail = match (&reason, last) {
                 (FinishReason::Eos, Some(_)) => Some(Vec::new()),
-                (FinishReason::Length, Some(t)) => Some(vec![t]),
+                (FinishReason::Length | FinishReason::Complete, Some(t)) => Some(vec![t]),
                 _ => None,
             }
             .filter(|_| tokens.len() == state.len());
@@ -705,6 +710,7 @@ impl Worker {
             reason,
             stats,
             session,
+            output_incomplete,
         }));
     }
 }

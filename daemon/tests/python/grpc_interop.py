@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """lfmd's gRPC API through grpcio, the Python client from PyPI, written as
 its documentation says and with default channel options: health, reflection,
-a streamed chat with a session follow-up, tokenize/detokenize, a cancelled
+a streamed chat with a session follow-up, the prefix cache, structured output
+(a JSON Schema, validated with `jsonschema`), tokenize/detokenize, a cancelled
 stream, and the shipped example client. Run by daemon/tests/python_grpc.rs
 against a real `lfmd serve`; prints `ok NAME` per check and exits non-zero on
 the first failure.
@@ -109,6 +110,78 @@ def prefix_cache():
     assert after.entries > 0 and 0 < after.bytes <= after.limit_bytes, after
 
 
+LIGHT = {
+    "type": "object",
+    "properties": {
+        "device": {"enum": ["hall_light", "kitchen_light"]},
+        "level": {"type": "integer", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+    },
+    "required": ["device", "level"],
+    "additionalProperties": False,
+}
+
+
+def response_format():
+    """Structured output as a Python program asks for it: a JSON Schema on
+    Chat, sampled, 8 requests at once; every answer parses and validates
+    (jsonschema, from PyPI); a bad schema is INVALID_ARGUMENT saying why."""
+    import concurrent.futures
+    import json
+
+    import jsonschema
+
+    def ask(seed):
+        request = pb.ChatRequest(
+            messages=[pb.ChatMessage(role="user", content="Dim the hall light to 30%")],
+            options=pb.SamplingOptions(
+                temperature=1.0, min_p=0.0, seed=seed, max_tokens=120,
+                response_format=pb.ResponseFormat(json_schema=json.dumps(LIGHT)),
+            ),
+        )
+        text, done = "", None
+        for event in lfm.Chat(request, timeout=TIMEOUT):
+            if event.HasField("delta"):
+                text += event.delta.text
+            else:
+                done = event.done
+        return text, done
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    for text, done in answers:
+        assert done.finish_reason == pb.FINISH_REASON_STOP, (text, done)
+        assert not done.output_incomplete, (text, done)
+        jsonschema.validate(json.loads(text), LIGHT)
+    # Cut short by max_tokens: said so.
+    request = pb.GenerateRequest(
+        prompt="Hi",
+        options=pb.SamplingOptions(max_tokens=2, response_format=pb.ResponseFormat(json_schema=json.dumps(LIGHT))),
+    )
+    done = [e.done for e in lfm.Generate(request, timeout=TIMEOUT) if e.HasField("done")][0]
+    assert done.finish_reason == pb.FINISH_REASON_LENGTH and done.output_incomplete, done
+    # A regular expression.
+    request = pb.GenerateRequest(
+        prompt="Answer:",
+        options=pb.SamplingOptions(temperature=1.0, response_format=pb.ResponseFormat(regex="(yes|no)-[0-9]{2}")),
+    )
+    text = "".join(e.delta.text for e in lfm.Generate(request, timeout=TIMEOUT) if e.HasField("delta"))
+    import re
+
+    assert re.fullmatch("(yes|no)-[0-9]{2}", text), text
+    # A schema that is not one.
+    bad = pb.GenerateRequest(
+        prompt="Hi",
+        options=pb.SamplingOptions(response_format=pb.ResponseFormat(json_schema='{"type": "strin"}')),
+    )
+    try:
+        list(lfm.Generate(bad, timeout=TIMEOUT))
+        raise AssertionError("a bad schema was accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+        assert "strin" in e.details(), e.details()
+
+
 def tokenize():
     ids = lfm.Tokenize(pb.TokenizeRequest(text="Hello world", add_bos=False), timeout=TIMEOUT).token_ids
     assert len(ids) > 0
@@ -165,6 +238,7 @@ if mode == "full":
     check("reflection", reflection)
     check("tokenize", tokenize)
     check("prefix_cache", prefix_cache)
+    check("response_format", response_format)
     check("cancelled_stream", cancelled_stream)
     check("example_client", example_client)
 print("all checks passed", flush=True)

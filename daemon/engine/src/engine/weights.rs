@@ -26,6 +26,8 @@ pub enum EngineError {
     BadToken { id: u32, n_vocab: usize },
     #[error("sequence would reach position {pos}, beyond the model's {limit}-token limit")]
     ContextFull { pos: usize, limit: usize },
+    #[error(transparent)]
+    Format(#[from] crate::constraint::FormatError),
 }
 
 /// Weight types the engine computes with.

@@ -171,7 +171,7 @@ async fn constrained_and_free_requests_batch_and_answer_as_alone() {
     let req = |i: u64| {
         let mut r = request(&format!("c{i}"), Priority::Interactive, 60);
         r.options.sampling = SamplingParams {
-            temperature: if i % 4 == 0 { 0.0 } else { 0.9 },
+            temperature: if i.is_multiple_of(4) { 0.0 } else { 0.9 },
             min_p: 0.0,
             seed: i,
             ..Default::default()

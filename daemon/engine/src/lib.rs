@@ -25,3 +25,4 @@ pub mod sequence;
 pub mod stop;
 pub mod synth;
 pub mod tokenizer;
+pub mod tools;

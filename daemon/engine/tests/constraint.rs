@@ -419,3 +419,95 @@ fn a_hostile_format_is_bounded() {
         );
     }
 }
+
+/// Tool calls as LFM2 writes them after `<|tool_call_start|>`: under the
+/// call grammar every output, sampled from gibberish, is a call list that
+/// parses, names an offered tool (the named one when one is forced), and
+/// whose arguments validate against that tool's schema.
+#[test]
+fn every_constrained_tool_call_parses_and_validates() {
+    use lfm_engine::tools::{Tool, call_grammar, parse_calls};
+    let (m, tok, grammars) = setup();
+    let tools = vec![
+        Tool {
+            name: "set_light".into(),
+            description: "Set a light's level".into(),
+            parameters: json!({"type": "object",
+                "properties": {"device": {"enum": ["hall_light", "kitchen_light"]},
+                               "level": {"type": "integer", "minimum": 0, "maximum": 100},
+                               "fade": {"type": "boolean"}},
+                "required": ["device", "level"]}),
+        },
+        Tool {
+            name: "get_time".into(),
+            description: String::new(),
+            parameters: Value::Null,
+        },
+        Tool {
+            name: "note".into(),
+            description: String::new(),
+            parameters: json!({"type": "object",
+                "properties": {"text": {"type": "string", "maxLength": 12},
+                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+                "required": ["text"]}),
+        },
+    ];
+    let validators: Vec<_> = tools
+        .iter()
+        .map(|t| {
+            let schema = if t.parameters.is_null() {
+                json!({"type": "object", "maxProperties": 0})
+            } else {
+                t.parameters.clone()
+            };
+            jsonschema::validator_for(&schema).unwrap()
+        })
+        .collect();
+    let end = tok
+        .token_id("<|tool_call_end|>")
+        .expect("the vocab has the tool-call tokens");
+    let mut checked = 0;
+    for only in [None, Some("set_light"), Some("note")] {
+        let format = ResponseFormat::Lark(call_grammar(&tools, only).unwrap());
+        let mut seqs: Vec<Sequence> = (0..16u64)
+            .map(|seed| {
+                let mut s = Sequence::new(
+                    &m,
+                    tok.clone(),
+                    prompt(&tok, seed as usize),
+                    params(if seed == 0 { 0.0 } else { 1.0 }, seed),
+                    400,
+                    StopText::default(),
+                );
+                s.constrain(grammars.compile(&format).unwrap());
+                s
+            })
+            .collect();
+        run_batch(&m, &mut seqs);
+        for s in &mut seqs {
+            let mut ids = s.generated().to_vec();
+            assert_eq!(ids.pop(), Some(end), "{:?}", tok.decode(s.generated()));
+            assert!(!s.output_incomplete());
+            let text = tok.decode(&ids);
+            let calls = parse_calls(&text).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                (1..=lfm_engine::tools::MAX_CALLS).contains(&calls.len()),
+                "{text}"
+            );
+            for c in calls {
+                let i = tools
+                    .iter()
+                    .position(|t| t.name == c.name)
+                    .unwrap_or_else(|| panic!("{text}"));
+                assert!(only.is_none_or(|n| n == c.name), "{only:?}: {text}");
+                let errors: Vec<String> = validators[i]
+                    .iter_errors(&c.arguments)
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(errors.is_empty(), "{text}: {errors:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 48, "{checked}");
+}

@@ -52,6 +52,12 @@ fn options(a: &AskArgs) -> Result<Options> {
     if a.raw {
         o.insert("raw", Value::Bool(true));
     }
+    if let Some(t) = a.tools_text()? {
+        o.insert("tools", Value::from(t));
+    }
+    if let Some(c) = &a.tool_choice {
+        o.insert("tool_choice", Value::from(c.clone()));
+    }
     Ok(o)
 }
 
@@ -295,12 +301,17 @@ pub async fn ask(bus: &Bus, a: &AskArgs, prompt: String) -> Result<()> {
         return Err(f);
     }
     let Answer { text, reason, info } = answer;
+    // info's tool_calls: a JSON array as text.
+    let calls: serde_json::Value = info
+        .get("tool_calls")
+        .and_then(|v| serde_json::from_str(json_value(v).as_str()?).ok())
+        .unwrap_or_else(|| serde_json::json!([]));
     if a.json {
         let mut stats = serde_json::Map::new();
         for (k, v) in &info {
             if !matches!(
                 k.as_str(),
-                "finish_reason" | "session_id" | "output_incomplete"
+                "finish_reason" | "session_id" | "output_incomplete" | "tool_calls"
             ) {
                 stats.insert(k.clone(), json_value(v));
             }
@@ -311,12 +322,18 @@ pub async fn ask(bus: &Bus, a: &AskArgs, prompt: String) -> Result<()> {
                 "text": text,
                 "finish_reason": reason,
                 "output_incomplete": info.get("output_incomplete").map(|v| json_value(v)).unwrap_or(false.into()),
+                "tool_calls": calls,
                 "session_id": info.get("session_id").map(|v| json_value(v)),
                 "stats": stats,
             })
         ))
     } else {
-        out("\n")
+        out("\n")?;
+        // Each tool call on its own line, as JSON.
+        for c in calls.as_array().into_iter().flatten() {
+            out(&format!("{c}\n"))?;
+        }
+        Ok(())
     }
 }
 

@@ -207,8 +207,64 @@ struct AskArgs {
     /// Print one JSON object at the end (text, token ids, finish reason, stats).
     #[arg(long)]
     json: bool,
+    /// Tools the model may call: a JSON array of {"name", "description",
+    /// "parameters"} (or OpenAI's {"type": "function", "function": {...}})
+    /// in FILE. Calls are printed as JSON, one per line (in --json:
+    /// "tool_calls").
+    #[arg(long, value_name = "FILE", conflicts_with = "raw")]
+    tools: Option<std::path::PathBuf>,
+    /// auto, none, required, or a tool's name.
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    tool_choice: Option<String>,
     /// The question (default: read from stdin; "-" also reads stdin).
     prompt: Vec<String>,
+}
+
+impl AskArgs {
+    /// The `--tools` file's tools, as gRPC's `Tool`s.
+    fn tools(&self) -> Result<Vec<pb::Tool>> {
+        let Some(p) = &self.tools else {
+            return Ok(Vec::new());
+        };
+        let bad = |why: String| Failure::Usage(format!("--tools {}: {why}", p.display()));
+        let text = std::fs::read_to_string(p).map_err(|e| bad(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| bad("not a JSON array of tools".into()))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let t = t.get("function").unwrap_or(t);
+                let name = t.get("name").and_then(|n| n.as_str());
+                Ok(pb::Tool {
+                    name: name
+                        .ok_or_else(|| bad(format!("tool {i} has no \"name\"")))?
+                        .into(),
+                    description: t
+                        .get("description")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or_default()
+                        .into(),
+                    parameters: t
+                        .get("parameters")
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The `--tools` file as the D-Bus `tools` option (its JSON text).
+    fn tools_text(&self) -> Result<Option<String>> {
+        self.tools
+            .as_ref()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| Failure::Usage(format!("--tools {}: {e}", p.display())))
+            })
+            .transpose()
+    }
 }
 
 #[derive(Args)]
@@ -428,6 +484,7 @@ fn answer_json(a: &Answer) -> serde_json::Value {
         "token_ids": a.token_ids,
         "finish_reason": reason,
         "output_incomplete": done.output_incomplete,
+        "tool_calls": done.tool_calls.iter().map(call_json).collect::<Vec<_>>(),
         "session_id": done.session_id,
         "stats": {
             "prompt_tokens": s.prompt_tokens,
@@ -502,17 +559,21 @@ async fn ask(cli: &Cli, a: &AskArgs) -> Result<()> {
             messages.push(pb::ChatMessage {
                 role: "system".into(),
                 content: s.clone(),
+                ..Default::default()
             });
         }
         messages.push(pb::ChatMessage {
             role: "user".into(),
             content: prompt,
+            ..Default::default()
         });
         let req = pb::ChatRequest {
             messages,
             options: Some(opts),
             priority: priority.into(),
             session_id: None,
+            tools: a.tools()?,
+            tool_choice: a.tool_choice.clone(),
         };
         c.chat(with_timeout(req, &a.sampling)?).await
     }
@@ -523,8 +584,19 @@ async fn ask(cli: &Cli, a: &AskArgs) -> Result<()> {
         out(&format!("{:#}\n", answer_json(&answer)))?;
     } else {
         out("\n")?;
+        // Each tool call on its own line, as JSON.
+        for c in answer.done.iter().flat_map(|d| &d.tool_calls) {
+            out(&format!("{}\n", call_json(c)))?;
+        }
     }
     Ok(())
+}
+
+/// A tool call as lfmctl prints it: `{"id", "name", "arguments"}`.
+fn call_json(c: &pb::ToolCall) -> serde_json::Value {
+    let arguments: serde_json::Value = serde_json::from_str(&c.arguments)
+        .unwrap_or(serde_json::Value::String(c.arguments.clone()));
+    serde_json::json!({"id": c.id, "name": c.name, "arguments": arguments})
 }
 
 /// Where `chat` sends its turns.
@@ -580,11 +652,16 @@ async fn chat(cli: &Cli, a: &ChatArgs) -> Result<()> {
                 let req = pb::ChatRequest {
                     messages: messages
                         .into_iter()
-                        .map(|(role, content)| pb::ChatMessage { role, content })
+                        .map(|(role, content)| pb::ChatMessage {
+                            role,
+                            content,
+                            ..Default::default()
+                        })
                         .collect(),
                     options: Some((**opts).clone()),
                     priority: (*priority).into(),
                     session_id: Some(session.clone()),
+                    ..Default::default()
                 };
                 match c.chat(with_timeout(req, &a.sampling)?).await {
                     Ok(r) => read_answer(r.into_inner(), true).await.map(|_| ()),

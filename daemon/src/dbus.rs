@@ -132,6 +132,8 @@ const OPTIONS: &[(&str, Kind)] = &[
     ("json_object", Kind::Bool),
     ("regex", Kind::Str),
     ("grammar", Kind::Str),
+    ("tools", Kind::Str),
+    ("tool_choice", Kind::Str),
 ];
 
 /// An option's value, checked against its kind.
@@ -227,7 +229,73 @@ enum Asking {
     Messages(Vec<crate::chat::ChatMessage>),
 }
 
-/// `Chat`'s `aa{sv}` messages: each exactly `role` and `content`, strings.
+/// Tool calls as `info`'s `tool_calls` gives them (a JSON array of
+/// `{"id", "name", "arguments"}`, arguments an object), or `None`.
+fn calls_of(text: &str) -> Option<Vec<crate::tools::ToolCall>> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.as_array()?
+        .iter()
+        .map(|c| {
+            let arguments = c.get("arguments").cloned().unwrap_or(serde_json::json!({}));
+            let name = c.get("name")?.as_str()?;
+            arguments.is_object().then(|| crate::tools::ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(|i| i.as_str())
+                    .unwrap_or_default()
+                    .into(),
+                name: name.into(),
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// The `tools` option: a JSON array of `{"name", "description",
+/// "parameters"}` (or OpenAI's `{"type": "function", "function": {...}}`).
+fn tools_of(text: &str) -> Result<Vec<crate::tools::Tool>, ApiError> {
+    let bad = |why: String| {
+        ApiError::InvalidArgument(format!(
+            "option \"tools\" {why}; give a JSON array of {{\"name\": s, \"description\": s, \"parameters\": JSON Schema}}"
+        ))
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("is not JSON ({e})")))?;
+    let list = v.as_array().ok_or_else(|| bad("is not an array".into()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let t = t.get("function").unwrap_or(t);
+            let name = t
+                .get("name")
+                .and_then(|n| n.as_str())
+                .ok_or_else(|| bad(format!("item {i} has no \"name\" string")))?;
+            Ok(crate::tools::Tool {
+                name: name.into(),
+                description: t
+                    .get("description")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or_default()
+                    .into(),
+                parameters: t.get("parameters").cloned().unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The JSON of tool calls for `info`'s `tool_calls`.
+fn calls_json(calls: &[crate::tools::ToolCall]) -> String {
+    serde_json::Value::Array(
+        calls
+            .iter()
+            .map(|c| serde_json::json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+            .collect(),
+    )
+    .to_string()
+}
+
+/// `Chat`'s `aa{sv}` messages: each `role` and `content`, strings (and an
+/// assistant's `tool_calls`, a tool's `tool_call_id`).
 fn messages_of(
     messages: Vec<HashMap<String, OwnedValue>>,
 ) -> Result<Vec<crate::chat::ChatMessage>, ApiError> {
@@ -245,11 +313,26 @@ fn messages_of(
                     ))),
                 }
             };
-            let (role, content) = (field("role")?, field("content")?);
-            if let Some(k) = m.keys().find(|k| *k != "role" && *k != "content") {
+            let (role, mut content) = (field("role")?, field("content")?);
+            if let Some(k) = m
+                .keys()
+                .find(|k| !matches!(k.as_str(), "role" | "content" | "tool_calls" | "tool_call_id"))
+            {
                 return Err(bad(format!(
-                    "message {i} has an unknown key {k:?}; a message has \"role\" and \"content\""
+                    "message {i} has an unknown key {k:?}; a message has \"role\" and \"content\" (and \"tool_calls\", \"tool_call_id\": s)"
                 )));
+            }
+            if m.contains_key("tool_call_id") {
+                field("tool_call_id")?;
+            }
+            if m.contains_key("tool_calls") {
+                let text = field("tool_calls")?;
+                let calls = calls_of(&text).ok_or_else(|| {
+                    bad(format!(
+                        "message {i}: tool_calls is not a JSON array of {{\"name\": s, \"arguments\": object}} (as info's tool_calls gave them)"
+                    ))
+                })?;
+                content.push_str(&crate::tools::render_calls(&calls));
             }
             Ok(crate::chat::ChatMessage::new(role, content))
         })
@@ -323,6 +406,8 @@ fn parse_request(asking: Asking, opts: &HashMap<String, OwnedValue>) -> Result<P
                 }
                 o.format = o.format.take().or(f);
             }
+            ("tools", OptValue::Str(t)) => o.tools = tools_of(&t)?,
+            ("tool_choice", OptValue::Str(c)) => o.tool_choice = c.parse().unwrap_or_default(),
             ("add_bos", OptValue::Bool(b)) => add_bos = Some(b),
             ("session", OptValue::Str(s)) => session = Some(s),
             ("timeout", OptValue::Float(t)) => {
@@ -411,6 +496,15 @@ fn info_of(d: &Done) -> HashMap<&'static str, Value<'static>> {
     ]);
     if let Some(id) = &d.session {
         m.insert("session_id", Value::from(id.clone()));
+    }
+    if !d.tool_calls.is_empty() {
+        m.insert("tool_calls", Value::from(calls_json(&d.tool_calls)));
+        if matches!(
+            d.reason,
+            crate::sequence::FinishReason::Eos | crate::sequence::FinishReason::Complete
+        ) {
+            m.insert("finish_reason", Value::from("tool_calls"));
+        }
     }
     m
 }

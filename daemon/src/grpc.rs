@@ -10,6 +10,7 @@ use crate::scheduler::{
     self, Client, ErrorKind, Event, Failure, Handle, Input, Options, Priority, SubmitError,
 };
 use crate::sequence::FinishReason;
+use crate::tools::{Tool, ToolCall};
 use lfm_proto::v1 as pb;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -129,6 +130,7 @@ fn options_from(o: Option<pb::SamplingOptions>) -> Options {
         stop: o.stop,
         ignore_eos: o.ignore_eos.unwrap_or(false),
         format: o.response_format.and_then(|f| format_from(f.format)),
+        ..Default::default()
     }
 }
 
@@ -159,15 +161,86 @@ pub fn generate_parts(r: pb::GenerateRequest) -> Result<(Input, Options, Priorit
 /// What a `ChatRequest` asks for, in scheduler terms (see [`generate_parts`]).
 pub fn chat_parts(r: pb::ChatRequest) -> Result<(Input, Options, Priority), Status> {
     let priority = priority_from(r.priority)?;
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let mut content = m.content;
+        if !m.tool_calls.is_empty() {
+            let calls = m
+                .tool_calls
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    let arguments = json_object(&c.arguments).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "messages[{i}].tool_calls[{j}].arguments is not a JSON object: send the arguments Done.tool_calls gave, e.g. {{\"level\": 30}}"
+                        ))
+                    })?;
+                    Ok(ToolCall {
+                        id: c.id,
+                        name: c.name,
+                        arguments,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            content.push_str(&crate::tools::render_calls(&calls));
+        }
+        messages.push(crate::chat::ChatMessage::new(m.role, content));
+    }
     let input = Input::Chat {
-        messages: r
-            .messages
-            .into_iter()
-            .map(|m| crate::chat::ChatMessage::new(m.role, m.content))
-            .collect(),
+        messages,
         session: r.session_id,
     };
-    Ok((input, options_from(r.options), priority))
+    let mut options = options_from(r.options);
+    options.tools = r
+        .tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let parameters = if t.parameters.trim().is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&t.parameters).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "tools[{i}] ({:?}).parameters is not JSON: {e}; give a JSON Schema of type object, or leave it empty",
+                        t.name
+                    ))
+                })?
+            };
+            Ok(Tool {
+                name: t.name,
+                description: t.description,
+                parameters,
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    options.tool_choice = r
+        .tool_choice
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .unwrap_or_default();
+    Ok((input, options, priority))
+}
+
+/// `text` as a JSON object (an empty text is no arguments).
+fn json_object(text: &str) -> Option<serde_json::Value> {
+    if text.trim().is_empty() {
+        return Some(serde_json::json!({}));
+    }
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .filter(serde_json::Value::is_object)
+}
+
+fn calls_to_pb(calls: Vec<ToolCall>) -> Vec<pb::ToolCall> {
+    calls
+        .into_iter()
+        .map(|c| pb::ToolCall {
+            id: c.id,
+            name: c.name,
+            arguments: c.arguments.to_string(),
+        })
+        .collect()
 }
 
 /// The status code of each class of error.
@@ -218,11 +291,18 @@ fn response(ev: Event) -> Result<pb::GenerateResponse, Status> {
         Event::Delta(d) => E::Delta(pb::Delta {
             text: d.text,
             token_ids: d.tokens,
+            tool_calls: calls_to_pb(d.tool_calls),
         }),
         Event::Done(d) => {
             let s = &d.stats;
+            let reason = match d.reason {
+                FinishReason::Eos | FinishReason::Complete if !d.tool_calls.is_empty() => {
+                    pb::FinishReason::ToolCalls
+                }
+                ref r => finish_reason(r),
+            };
             E::Done(pb::Done {
-                finish_reason: finish_reason(&d.reason).into(),
+                finish_reason: reason.into(),
                 stats: Some(pb::GenerationStats {
                     prompt_tokens: s.prompt_tokens as u32,
                     prefilled_tokens: s.prefilled_tokens as u32,
@@ -235,6 +315,7 @@ fn response(ev: Event) -> Result<pb::GenerateResponse, Status> {
                 }),
                 session_id: d.session,
                 output_incomplete: d.output_incomplete,
+                tool_calls: calls_to_pb(d.tool_calls),
             })
         }
         Event::Failed(f) => return Err(failure_status(f)),
@@ -661,7 +742,7 @@ mod tests {
                     ..Default::default()
                 }.encode_to_vec(),
                 _ => pb::ChatRequest {
-                    messages: chat.1.iter().map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into() }).collect(),
+                    messages: chat.1.iter().map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into(), ..Default::default() }).collect(),
                     options: Some(chat.0.clone()),
                     session_id: chat.2.map(|n| "s".repeat(n)),
                     ..Default::default()
@@ -706,7 +787,7 @@ mod tests {
             let r = pb::ChatRequest {
                 messages: roles
                     .iter()
-                    .map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into() })
+                    .map(|role| pb::ChatMessage { role: role.clone(), content: "hi".into(), ..Default::default() })
                     .collect(),
                 session_id: session.map(|n| "s".repeat(n)),
                 ..Default::default()

@@ -17,5 +17,5 @@ pub mod systemd;
 
 pub use lfm_engine::{
     bench, chat, constraint, debug, engine, error, gguf, info, inspect, log, model, procstat, rng,
-    sampler, sequence, stop, synth, tokenizer, warn,
+    sampler, sequence, stop, synth, tokenizer, tools, warn,
 };

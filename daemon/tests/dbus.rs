@@ -262,6 +262,7 @@ async fn busctl_generates_and_reads_properties() {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: "hello".into(),
+                ..Default::default()
             }],
             options: Some(pb::SamplingOptions {
                 temperature: Some(0.0),
@@ -376,6 +377,7 @@ async fn grpc_chat(target: &Target, prompt: &str) -> String {
             messages: vec![pb::ChatMessage {
                 role: "user".into(),
                 content: prompt.into(),
+                ..Default::default()
             }],
             options: Some(pb::SamplingOptions {
                 temperature: Some(0.0),
@@ -589,6 +591,18 @@ async fn bad_requests_get_the_documented_error_names() {
                 "InvalidArgument",
                 "give one response format",
             ),
+            (
+                "hi",
+                HashMap::from([("tools", Value::from("[{\"name\": \"set light\"}]"))]),
+                "InvalidArgument",
+                "identifier",
+            ),
+            (
+                "hi",
+                HashMap::from([("tools", Value::from("{"))]),
+                "InvalidArgument",
+                "not JSON",
+            ),
         ];
         let long = "word ".repeat(200);
         let mut cases = cases;
@@ -672,6 +686,97 @@ async fn busctl_gets_answers_that_keep_to_a_json_schema() {
         assert!(obj["level"].as_u64().unwrap() <= 100, "{answer}");
         assert_eq!(obj.len(), 2, "{answer}");
     }
+}
+
+/// Tool calls from busctl, as a hub's script would ask: `tools` and
+/// `tool_choice` options, the calls parsed in `info`'s `tool_calls`; the
+/// results go back as a `tool` message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busctl_gets_tool_calls_that_keep_to_their_schemas() {
+    let Some(d) = Daemon::start(&[]).await else {
+        return;
+    };
+    let tools = r#"[{"name": "set_light", "description": "Set a light", "parameters": {"type": "object", "properties": {"device": {"enum": ["hall_light", "fan"]}, "level": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["device", "level"]}}]"#;
+    let v = json(&d.busctl(&[
+        "--json=short",
+        "call",
+        BUS_NAME,
+        OBJECT_PATH,
+        INTERFACE,
+        "Generate",
+        "sa{sv}",
+        "Dim the hall light",
+        "4",
+        "tools",
+        "s",
+        tools,
+        "tool_choice",
+        "s",
+        "required",
+        "temperature",
+        "d",
+        "1.0",
+        "max_tokens",
+        "u",
+        "200",
+    ]));
+    let info = &v["data"][1];
+    assert_eq!(info["finish_reason"]["data"], "tool_calls", "{v}");
+    let calls: serde_json::Value =
+        serde_json::from_str(info["tool_calls"]["data"].as_str().unwrap()).unwrap();
+    let calls = calls.as_array().unwrap();
+    assert!(!calls.is_empty(), "{v}");
+    for c in calls {
+        assert_eq!(c["name"], "set_light", "{c}");
+        assert!(c["id"].as_str().is_some_and(|s| !s.is_empty()), "{c}");
+        let a = c["arguments"].as_object().unwrap();
+        assert!(
+            ["hall_light", "fan"].contains(&a["device"].as_str().unwrap()),
+            "{c}"
+        );
+        assert!(a["level"].as_u64().unwrap() <= 100, "{c}");
+    }
+    assert!(!v["data"][0].as_str().unwrap().contains("tool_call"), "{v}");
+    // The conversation back, with the calls and a tool result.
+    let conn = d.conn().await;
+    let msg = |pairs: &[(&str, &str)]| -> HashMap<String, Value<'static>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v.to_string())))
+            .collect()
+    };
+    let calls_text = serde_json::Value::Array(calls.clone()).to_string();
+    let messages = vec![
+        msg(&[("role", "user"), ("content", "Dim the hall light")]),
+        msg(&[
+            ("role", "assistant"),
+            ("content", ""),
+            ("tool_calls", &calls_text),
+        ]),
+        msg(&[
+            ("role", "tool"),
+            ("content", "{\"ok\": true}"),
+            ("tool_call_id", "x"),
+        ]),
+    ];
+    let opts: HashMap<&str, Value<'_>> = HashMap::from([
+        ("tools", Value::from(tools)),
+        ("tool_choice", Value::from("none")),
+        ("max_tokens", Value::U32(4)),
+    ]);
+    let reply = conn
+        .call_method(
+            Some(BUS_NAME),
+            OBJECT_PATH,
+            Some(INTERFACE),
+            "Chat",
+            &(messages, opts),
+        )
+        .await
+        .unwrap();
+    let (_, info): (String, HashMap<String, zbus::zvariant::OwnedValue>) =
+        reply.body().deserialize().unwrap();
+    assert!(!info.contains_key("tool_calls"), "{info:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,7 +39,7 @@ fn request(client: &str, priority: Priority, max_tokens: usize) -> Request {
             max_tokens: Some(max_tokens),
             stop: Vec::new(),
             ignore_eos: true,
-            format: None,
+            ..Default::default()
         },
         client: Client {
             id: client.into(),

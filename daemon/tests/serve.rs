@@ -35,6 +35,7 @@ fn user(text: &str) -> pb::ChatMessage {
     pb::ChatMessage {
         role: "user".into(),
         content: text.into(),
+        ..Default::default()
     }
 }
 
@@ -340,6 +341,7 @@ async fn a_session_follow_up_prefills_only_its_new_tokens() {
             pb::ChatMessage {
                 role: "assistant".into(),
                 content: first.text.clone(),
+                ..Default::default()
             },
             user("Tell me more."),
         ],

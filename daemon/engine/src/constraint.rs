@@ -240,6 +240,15 @@ pub struct Constraint {
     matcher: Matcher,
 }
 
+impl Clone for Constraint {
+    /// An independent copy at the same position (its own lexer caches).
+    fn clone(&self) -> Self {
+        Constraint {
+            matcher: self.matcher.deep_clone(),
+        }
+    }
+}
+
 impl Constraint {
     /// The tokens allowed next, as bits (token `t` is bit `t % 32` of word
     /// `t / 32`).

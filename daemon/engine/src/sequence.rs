@@ -9,6 +9,7 @@ use crate::engine::{Model, SeqState};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopText;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::tools::{CALL_END, CALL_START, ToolCall};
 use std::sync::Arc;
 
 /// Why a generation ended.
@@ -47,6 +48,12 @@ pub struct Step {
     pub token: u32,
     /// Text that became printable with this token (may be empty).
     pub text: String,
+    /// Text of the reply that is not shown (a tool call's markup, given
+    /// whole when the call closes): the reply is `markup` and `text` of
+    /// every step, in order.
+    pub markup: String,
+    /// Tool calls this token completed.
+    pub tool_calls: Vec<ToolCall>,
     pub finished: Option<FinishReason>,
 }
 
@@ -68,6 +75,31 @@ pub struct Sequence {
     finished: Option<FinishReason>,
     /// The response format the output keeps to, if any.
     constraint: Option<Constraint>,
+    /// Tool calling, when the request offered tools.
+    tools: Option<ToolUse>,
+    /// The call grammar of a call the model opened (auto), while open.
+    call: Option<Constraint>,
+    /// The tokens of the call list being written (after its opening
+    /// token), while one is open.
+    in_call: Option<Vec<u32>>,
+    /// Every tool call made.
+    calls: Vec<ToolCall>,
+}
+
+/// How a sequence treats LFM2's tool-call tokens ([`Sequence::use_tools`]).
+pub struct ToolUse {
+    /// `<|tool_call_start|>` and `<|tool_call_end|>`.
+    pub start: u32,
+    pub end: u32,
+    /// The grammar of a call list, armed when the model opens one (tool
+    /// choice `auto`); `None` when the request's own constraint holds the
+    /// calls from the first token (`required`, a named tool).
+    pub lazy: Option<Constraint>,
+    /// The model may not open a call (tool choice `none`): the opening
+    /// token is masked out.
+    pub banned: bool,
+    /// Calls are named `{id_prefix}_{n}`.
+    pub id_prefix: String,
 }
 
 /// A vocabulary's end-of-generation ids, sorted: EOS, `<|im_end|>`,
@@ -134,6 +166,10 @@ impl Sequence {
             generated: Vec::new(),
             finished: None,
             constraint: None,
+            tools: None,
+            call: None,
+            in_call: None,
+            calls: Vec::new(),
             tokenizer,
         }
     }
@@ -156,11 +192,23 @@ impl Sequence {
         self.constraint = Some(constraint);
     }
 
+    /// Tool calls: `<|tool_call_start|>…<|tool_call_end|>` is parsed into
+    /// [`Step::tool_calls`] instead of shown, under the call grammar.
+    pub fn use_tools(&mut self, tools: ToolUse) {
+        self.tools = Some(tools);
+    }
+
+    /// Every tool call made so far.
+    pub fn tool_calls(&self) -> &[ToolCall] {
+        &self.calls
+    }
+
     /// Whether a response format was given and the output so far is not a
     /// whole match of it (it ended early: max tokens, context, a stop
-    /// string, a cancel), so it will not parse.
+    /// string, a cancel), so it will not parse; or it ended inside a tool
+    /// call.
     pub fn output_incomplete(&mut self) -> bool {
-        self.constraint.as_mut().is_some_and(|c| !c.is_accepting())
+        self.in_call.is_some() || self.constraint.as_mut().is_some_and(|c| !c.is_accepting())
     }
 
     /// Tokens to feed next: at most `max` of them (chunked prefill).
@@ -226,7 +274,9 @@ impl Sequence {
             return Ok(None);
         };
         debug_assert!(self.pending.is_empty());
-        let token = match &mut self.constraint {
+        // An open call's grammar masks first, then the request's format;
+        // with calls banned, the opening token alone is masked out.
+        let token = match self.call.as_mut().or(self.constraint.as_mut()) {
             Some(c) => {
                 let allowed = c.allowed()?;
                 let token = self
@@ -235,17 +285,76 @@ impl Sequence {
                 c.accept(token)?;
                 token
             }
-            None => self.sampler.sample(logits, &self.history),
+            None => match self.tools.as_ref().filter(|t| t.banned) {
+                Some(t) => {
+                    let mut bits = vec![u32::MAX; logits.len().div_ceil(32)];
+                    bits[t.start as usize / 32] &= !(1 << (t.start % 32));
+                    self.sampler
+                        .sample_allowed(logits, &self.history, Some(&bits))
+                }
+                None => self.sampler.sample(logits, &self.history),
+            },
         };
         self.history.push(token);
         self.generated.push(token);
         let mut finished = None;
         let mut text = String::new();
+        let mut markup = String::new();
+        let mut tool_calls = Vec::new();
         let complete = self
             .constraint
             .as_ref()
             .is_some_and(Constraint::is_complete);
-        if self.eog.binary_search(&token).is_ok() {
+        let tool_token = self.tools.as_ref().and_then(|t| {
+            if token == t.start && self.in_call.is_none() {
+                Some(true)
+            } else if self.in_call.is_some() {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        if let Some(opens) = tool_token {
+            // A call list is written: kept out of the text, parsed whole.
+            let t = self.tools.as_ref().expect("tools");
+            if opens {
+                self.in_call = Some(Vec::new());
+                if self.call.is_none() && self.constraint.is_none() {
+                    self.call = t.lazy.clone();
+                }
+            } else if token == t.end {
+                let body = self.in_call.take().unwrap_or_default();
+                let list = self.tokenizer.decode(&body);
+                markup = format!("{CALL_START}{list}{CALL_END}");
+                self.call = None;
+                match crate::tools::parse_calls(&list) {
+                    Ok(calls) => {
+                        for mut c in calls {
+                            c.id = format!("{}_{}", t.id_prefix, self.calls.len());
+                            self.calls.push(c.clone());
+                            tool_calls.push(c);
+                        }
+                    }
+                    // Only without a grammar (cannot happen): shown as is.
+                    Err(_) => text = std::mem::take(&mut markup),
+                }
+            } else if let Some(body) = &mut self.in_call {
+                body.push(token);
+            }
+            if complete {
+                finished = Some(FinishReason::Complete);
+            } else if self.generated.len() >= self.max_tokens {
+                finished = Some(FinishReason::Length);
+            } else if self.state.len() + 1 >= self.n_ctx {
+                finished = Some(FinishReason::ContextFull);
+            }
+            if finished.is_some()
+                && let Some(body) = &self.in_call
+            {
+                // Ended inside the call: the reply keeps what was written.
+                markup = format!("{CALL_START}{}", self.tokenizer.decode(body));
+            }
+        } else if self.eog.binary_search(&token).is_ok() {
             finished = Some(FinishReason::Eos);
         } else {
             let piece = self.decoder.push(token);
@@ -272,6 +381,8 @@ impl Sequence {
         Ok(Some(Step {
             token,
             text,
+            markup,
+            tool_calls,
             finished,
         }))
     }

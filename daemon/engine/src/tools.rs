@@ -18,9 +18,87 @@ pub struct Tool {
 /// A call the model made.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ToolCall {
+    /// Names the call for the `tool` message that answers it (unique in
+    /// the daemon's lifetime; empty from [`parse_calls`]).
+    pub id: String,
     pub name: String,
     /// The keyword arguments as a JSON object.
     pub arguments: Value,
+}
+
+/// Whether and how the model may call tools.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// As it decides; a call it opens keeps to the tools' schemas.
+    #[default]
+    Auto,
+    /// Never (the tools are still shown to it).
+    None,
+    /// At least one call, from the first token.
+    Required,
+    /// A call of this tool, from the first token.
+    Named(String),
+}
+
+impl std::str::FromStr for ToolChoice {
+    type Err = std::convert::Infallible;
+    /// `auto`, `none`, `required`, or a tool's name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "" | "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            name => ToolChoice::Named(name.to_owned()),
+        })
+    }
+}
+
+/// The tokens LFM2 writes around a call list.
+pub const CALL_START: &str = "<|tool_call_start|>";
+pub const CALL_END: &str = "<|tool_call_end|>";
+
+/// The tools as the chat template shows them to the model: the JSON of
+/// OpenAI-style function descriptions, as Hugging Face's
+/// `apply_chat_template(tools=...)` passes them.
+pub fn tools_json(tools: &[Tool]) -> Value {
+    Value::Array(
+        tools
+            .iter()
+            .map(|t| {
+                let mut f = Map::new();
+                f.insert("name".into(), Value::String(t.name.clone()));
+                if !t.description.is_empty() {
+                    f.insert("description".into(), Value::String(t.description.clone()));
+                }
+                let params = if t.parameters.is_null() {
+                    serde_json::json!({"type": "object", "properties": {}})
+                } else {
+                    t.parameters.clone()
+                };
+                f.insert("parameters".into(), params);
+                serde_json::json!({"type": "function", "function": Value::Object(f)})
+            })
+            .collect(),
+    )
+}
+
+/// Calls as the model writes them, markers included
+/// (`<|tool_call_start|>[f(a=1, b="x")]<|tool_call_end|>`): an assistant
+/// turn's calls in a conversation sent back. Arguments that are not an
+/// object are refused by the caller's checks before this.
+pub fn render_calls(calls: &[ToolCall]) -> String {
+    let list: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            let args: Vec<String> = c
+                .arguments
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            format!("{}({})", c.name, args.join(", "))
+        })
+        .collect();
+    format!("{CALL_START}[{}]{CALL_END}", list.join(", "))
 }
 
 /// Most tools one request may offer.
@@ -123,10 +201,15 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 /// The Lark grammar (llguidance's dialect) of what follows
-/// `<|tool_call_start|>`: a list of calls to `tools` (only `only`, when
-/// given) and `<|tool_call_end|>`. Arguments come in the schema's order,
-/// the required ones always, each value JSON valid against its schema.
-pub fn call_grammar(tools: &[Tool], only: Option<&str>) -> Result<String, ToolError> {
+/// `<|tool_call_start|>` (with `opening`, that token first): a list of
+/// calls to `tools` (only `only`, when given) and `<|tool_call_end|>`.
+/// Arguments come in the schema's order, the required ones always, each
+/// value JSON valid against its schema.
+pub fn call_grammar(
+    tools: &[Tool],
+    only: Option<&str>,
+    opening: bool,
+) -> Result<String, ToolError> {
     check_tools(tools)?;
     if let Some(name) = only
         && !tools.iter().any(|t| t.name == name)
@@ -134,7 +217,12 @@ pub fn call_grammar(tools: &[Tool], only: Option<&str>) -> Result<String, ToolEr
         return Err(ToolError::UnknownChoice(name.to_owned()));
     }
     let mut g = format!(
-        "start: \"[\" call (\", \" call){{0,{}}} \"]\" <|tool_call_end|>\n",
+        "start: {}\"[\" call (\", \" call){{0,{}}} \"]\" {CALL_END}\n",
+        if opening {
+            format!("{CALL_START} ")
+        } else {
+            String::new()
+        },
         MAX_CALLS - 1
     );
     let chosen: Vec<(usize, &Tool)> = tools
@@ -284,6 +372,7 @@ impl Parser<'_> {
                 }
             }
             calls.push(ToolCall {
+                id: String::new(),
                 name,
                 arguments: Value::Object(args),
             });
@@ -447,6 +536,32 @@ mod tests {
     }
 
     #[test]
+    fn rendered_calls_parse_back() {
+        let calls = vec![
+            ToolCall {
+                id: "a".into(),
+                name: "set_light".into(),
+                arguments: json!({"device": "hall \"x\"", "level": 30, "tags": ["a"], "on": true}),
+            },
+            ToolCall {
+                id: "b".into(),
+                name: "get_time".into(),
+                arguments: json!({}),
+            },
+        ];
+        let text = render_calls(&calls);
+        let body = text
+            .strip_prefix(CALL_START)
+            .unwrap()
+            .strip_suffix(CALL_END)
+            .unwrap();
+        let back = parse_calls(body).unwrap();
+        for (a, b) in calls.iter().zip(&back) {
+            assert_eq!((&a.name, &a.arguments), (&b.name, &b.arguments));
+        }
+    }
+
+    #[test]
     fn bad_call_text_is_refused_saying_where() {
         for (text, why) in [
             ("set_light(level=3)", "'['"),
@@ -488,7 +603,7 @@ mod tests {
             .collect();
         assert!(matches!(check_tools(&many), Err(ToolError::TooMany(_))));
         assert_eq!(
-            call_grammar(&[tool("f", ok)], Some("g")).unwrap_err(),
+            call_grammar(&[tool("f", ok)], Some("g"), false).unwrap_err(),
             ToolError::UnknownChoice("g".into())
         );
     }

@@ -468,7 +468,7 @@ fn every_constrained_tool_call_parses_and_validates() {
         .expect("the vocab has the tool-call tokens");
     let mut checked = 0;
     for only in [None, Some("set_light"), Some("note")] {
-        let format = ResponseFormat::Lark(call_grammar(&tools, only).unwrap());
+        let format = ResponseFormat::Lark(call_grammar(&tools, only, false).unwrap());
         let mut seqs: Vec<Sequence> = (0..16u64)
             .map(|seed| {
                 let mut s = Sequence::new(
@@ -510,4 +510,114 @@ fn every_constrained_tool_call_parses_and_validates() {
         }
     }
     assert!(checked >= 48, "{checked}");
+}
+
+/// `auto`: free text until the model opens a call; the call is then held to
+/// the grammar, kept out of the text and given parsed (with an id); after
+/// it, text is free again. `none`: the opening token is never sampled, even
+/// when it is the model's favourite.
+#[test]
+fn a_call_the_model_opens_is_held_to_the_grammar_and_parsed() {
+    use lfm_engine::sequence::ToolUse;
+    use lfm_engine::tools::{Tool, call_grammar};
+    let (m, tok, grammars) = setup();
+    let tools = vec![Tool {
+        name: "set_light".into(),
+        description: String::new(),
+        parameters: json!({"type": "object",
+            "properties": {"device": {"enum": ["hall", "den"]},
+                           "level": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["device", "level"]}),
+    }];
+    let (start, end) = (
+        tok.token_id("<|tool_call_start|>").unwrap(),
+        tok.token_id("<|tool_call_end|>").unwrap(),
+    );
+    let im_end = tok.token_id("<|im_end|>").unwrap();
+    let nv = m.n_vocab();
+    let lazy = grammars
+        .compile(&ResponseFormat::Lark(
+            call_grammar(&tools, None, false).unwrap(),
+        ))
+        .unwrap();
+    let favour = |id: u32, noise: u64| -> Vec<f32> {
+        // Noise over everything, the favourite far ahead.
+        let mut r = lfm_engine::rng::Rng::new(noise);
+        let mut l: Vec<f32> = (0..nv).map(|_| r.next_f32() * 4.0).collect();
+        l[id as usize] = 50.0;
+        l
+    };
+    let hi = tok.encode("hi", false, false)[0];
+    for banned in [false, true] {
+        let mut s = Sequence::new(
+            &m,
+            tok.clone(),
+            vec![1],
+            params(1.0, 7),
+            400,
+            StopText::default(),
+        );
+        s.use_tools(ToolUse {
+            start,
+            end,
+            lazy: Some(lazy.clone()),
+            banned,
+            id_prefix: "call_t".into(),
+        });
+        let (mut text, mut markup, mut calls) = (String::new(), String::new(), Vec::new());
+        // "hi", then the model's favourite is the opening token, then noise
+        // (the grammar decides), then <|im_end|> is favoured.
+        let mut step = 0;
+        while !s.is_finished() {
+            let n = s.next_input(usize::MAX).len();
+            let logits = match step {
+                0 => favour(hi, 0),
+                1 => favour(start, 1),
+                _ if s.tool_calls().is_empty() && step < 300 => vec![0.0; nv],
+                _ => favour(im_end, 2),
+            };
+            let st = s.advance(n, Some(&logits)).unwrap().unwrap();
+            text.push_str(&st.text);
+            markup.push_str(&st.markup);
+            calls.extend(st.tool_calls);
+            step += 1;
+        }
+        assert_eq!(
+            s.finish_reason(),
+            Some(&FinishReason::Eos),
+            "{text:?} {markup:?}"
+        );
+        if banned {
+            assert!(calls.is_empty() && markup.is_empty(), "{markup:?}");
+            assert_ne!(
+                s.generated()[1],
+                start,
+                "the banned opening token was sampled"
+            );
+            continue;
+        }
+        assert_eq!(
+            text,
+            tok.decode(&[hi]),
+            "the call's text leaked into the content"
+        );
+        assert_eq!(calls.len(), s.tool_calls().len());
+        assert!(!calls.is_empty() && calls.len() <= 8, "{markup}");
+        for (i, c) in calls.iter().enumerate() {
+            assert_eq!(c.id, format!("call_t_{i}"));
+            assert_eq!(c.name, "set_light");
+            let a = c.arguments.as_object().unwrap();
+            assert!(
+                ["hall", "den"].contains(&a["device"].as_str().unwrap()),
+                "{markup}"
+            );
+            assert!(a["level"].as_u64().unwrap() <= 9, "{markup}");
+        }
+        assert!(
+            markup.starts_with("<|tool_call_start|>[set_light(")
+                && markup.ends_with(")]<|tool_call_end|>"),
+            "{markup}"
+        );
+        assert!(!s.output_incomplete());
+    }
 }

@@ -10,6 +10,7 @@ use crate::constraint::ResponseFormat;
 use crate::sampler::SamplingParams;
 use crate::sequence::FinishReason;
 use crate::stop::StopText;
+use crate::tools::{Tool, ToolCall, ToolChoice};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -115,6 +116,9 @@ pub struct Options {
     pub ignore_eos: bool,
     /// The form the output keeps to (constrained decoding).
     pub format: Option<ResponseFormat>,
+    /// Tools the model may call (chat requests only), and how.
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
 }
 
 /// What to continue.
@@ -236,6 +240,8 @@ impl Failure {
 pub struct Delta {
     pub text: String,
     pub tokens: Vec<u32>,
+    /// Tool calls completed with these tokens.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -277,8 +283,10 @@ pub struct Done {
     pub stats: Stats,
     pub session: Option<String>,
     /// A response format was given and the output ended before it was
-    /// complete (it will not parse).
+    /// complete (it will not parse), or it ended inside a tool call.
     pub output_incomplete: bool,
+    /// Every tool call of the answer.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// What a request's receiver gets: deltas, then exactly one `Done` or
@@ -373,6 +381,34 @@ pub fn validate(input: &Input, options: &Options) -> Result<(), SubmitError> {
     }
     if let Err(e) = StopText::check(&options.stop) {
         return invalid(e.to_string());
+    }
+    let tools = &options.tools;
+    if !tools.is_empty() || options.tool_choice != ToolChoice::Auto {
+        if matches!(input, Input::Prompt { .. }) {
+            return invalid(
+                "tools apply to chat requests: send messages (Chat), not a raw prompt".into(),
+            );
+        }
+        if options.format.is_some() && !tools.is_empty() {
+            return invalid(
+                "give tools or a response_format, not both (a tool's parameters are its schema)"
+                    .into(),
+            );
+        }
+        if let Err(e) = crate::tools::check_tools(tools) {
+            return invalid(e.to_string());
+        }
+        match &options.tool_choice {
+            ToolChoice::Required if tools.is_empty() => {
+                return invalid("tool_choice \"required\" needs tools".into());
+            }
+            ToolChoice::Named(n) if !tools.iter().any(|t| &t.name == n) => {
+                return invalid(format!(
+                    "tool_choice names {n:?}, which is not among the tools; use auto, none, required or a tool's name"
+                ));
+            }
+            _ => {}
+        }
     }
     match input {
         Input::Prompt { text, .. } if text.is_empty() => {

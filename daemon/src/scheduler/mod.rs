@@ -55,6 +55,8 @@ pub(crate) struct Job {
     pub ignore_eos: bool,
     /// The response format the output keeps to.
     pub constraint: Option<Constraint>,
+    /// Tool calling, when the request offered tools.
+    pub tools: Option<crate::sequence::ToolUse>,
     pub session: Option<SessionTurn>,
     /// Positions in `tokens` where a fresh sequence's state goes into the
     /// prefix cache.
@@ -455,12 +457,58 @@ impl Handle {
             .map_err(SubmitError::Internal)
     }
 
+    /// How a request's sequence treats tool calls: the call grammar
+    /// compiled for `auto` (armed when the model opens a call), as the
+    /// request's own constraint for `required` or a named tool (from the
+    /// first token), the opening token banned for `none`.
+    fn tool_use(
+        &self,
+        options: &Options,
+        id: u64,
+        constraint: &mut Option<Constraint>,
+    ) -> Result<Option<crate::sequence::ToolUse>, SubmitError> {
+        use crate::constraint::ResponseFormat;
+        use crate::tools::{CALL_END, CALL_START, ToolChoice, call_grammar};
+        if options.tools.is_empty() {
+            return Ok(None);
+        }
+        let (Some(start), Some(end)) = (
+            self.tokenizer.token_id(CALL_START),
+            self.tokenizer.token_id(CALL_END),
+        ) else {
+            return Err(SubmitError::Invalid(format!(
+                "this model's vocabulary has no {CALL_START} / {CALL_END} tokens, so it cannot call tools; send the request without tools"
+            )));
+        };
+        let compile = |only: Option<&str>, opening: bool| {
+            let g = call_grammar(&options.tools, only, opening)
+                .map_err(|e| SubmitError::Invalid(e.to_string()))?;
+            self.grammars()?
+                .compile(&ResponseFormat::Lark(g))
+                .map_err(|e| SubmitError::Invalid(format!("the tools' call grammar: {e}")))
+        };
+        let mut lazy = None;
+        match &options.tool_choice {
+            ToolChoice::Auto => lazy = Some(compile(None, false)?),
+            ToolChoice::None => {}
+            ToolChoice::Required => *constraint = Some(compile(None, true)?),
+            ToolChoice::Named(n) => *constraint = Some(compile(Some(n), true)?),
+        }
+        Ok(Some(crate::sequence::ToolUse {
+            start,
+            end,
+            lazy,
+            banned: options.tool_choice == ToolChoice::None,
+            id_prefix: format!("call_{id}"),
+        }))
+    }
+
     /// Validates, renders and tokenizes `req`, then queues it.
     pub fn submit(&self, req: Request) -> Result<Generation, SubmitError> {
         let arrived = Instant::now();
         let Request {
             input,
-            options,
+            mut options,
             client,
             priority,
             deadline,
@@ -468,10 +516,11 @@ impl Handle {
         validate(&input, &options)?;
         let limits = self.shared.lock().limits.clone();
         let max_tokens = options.max_tokens.unwrap_or(limits.default_max_tokens);
-        let stop = StopText::new(options.stop).map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let stop = StopText::new(std::mem::take(&mut options.stop))
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
         self.check_input_bytes(&input)?;
         // Compiled here, on the caller's thread, never the engine's.
-        let constraint = match &options.format {
+        let mut constraint = match &options.format {
             Some(f) => Some(
                 self.grammars()?
                     .compile(f)
@@ -479,13 +528,17 @@ impl Handle {
             ),
             None => None,
         };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tools = self.tool_use(&options, id, &mut constraint)?;
+        let tools_json =
+            (!options.tools.is_empty()).then(|| crate::tools::tools_json(&options.tools));
         let Prepared {
             tokens,
             context,
             mut state,
             mut session,
             snapshots,
-        } = self.prepare(input, &client, arrived)?;
+        } = self.prepare(input, tools_json.as_ref(), &client, arrived)?;
         let prompt_tokens = context.len() + tokens.len();
         if prompt_tokens >= self.config.n_ctx {
             // The session keeps its state: this turn never ran.
@@ -522,7 +575,6 @@ impl Handle {
             }
         };
         let (events, rx) = mpsc::unbounded_channel();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             client,
             user_slot: Some(user_slot),
@@ -535,6 +587,7 @@ impl Handle {
             stop,
             ignore_eos: options.ignore_eos,
             constraint,
+            tools,
             session,
             snapshots,
             events,

@@ -63,6 +63,7 @@ impl Handle {
     pub(super) fn prepare(
         &self,
         input: Input,
+        tools: Option<&serde_json::Value>,
         client: &Client,
         now: Instant,
     ) -> Result<Prepared, SubmitError> {
@@ -71,7 +72,9 @@ impl Handle {
                 self.tokenize(&text, add_bos, true),
                 Vec::new(),
             )),
-            Input::Chat { messages, session } => self.prepare_chat(messages, session, client, now),
+            Input::Chat { messages, session } => {
+                self.prepare_chat(messages, tools, session, client, now)
+            }
         }
     }
 
@@ -80,13 +83,14 @@ impl Handle {
     fn prepare_chat(
         &self,
         messages: Vec<ChatMessage>,
+        tools: Option<&serde_json::Value>,
         session: Option<String>,
         client: &Client,
         now: Instant,
     ) -> Result<Prepared, SubmitError> {
         let render = |msgs: &[ChatMessage]| {
             self.template
-                .render(msgs, None, true, &self.bos_text)
+                .render(msgs, tools, true, &self.bos_text)
                 .map_err(|e| {
                     SubmitError::Invalid(format!(
                         "the model's chat template cannot render these messages: {e}"
@@ -96,7 +100,7 @@ impl Handle {
         let Some(id) = session else {
             let text = render(&messages)?;
             let tokens = self.tokenizer.encode(&text, false, true);
-            let ends = self.message_ends(&messages, &text, &tokens);
+            let ends = self.message_ends(&messages, tools, &text, &tokens);
             return Ok(Prepared::fresh(tokens, ends));
         };
         let mut lease = self.sessions.checkout(
@@ -133,7 +137,10 @@ impl Handle {
         // A session's first turn (or one starting over) is a fresh
         // sequence: it may resume from, and adds to, the prefix cache.
         let snapshots = if !reuse {
-            snapshot_points(tokens.len(), self.message_ends(&all, &rendered, &tokens))
+            snapshot_points(
+                tokens.len(),
+                self.message_ends(&all, tools, &rendered, &tokens),
+            )
         } else {
             Vec::new()
         };
@@ -157,14 +164,20 @@ impl Handle {
     /// only where the render of the messages so far tokenizes to a prefix
     /// of `tokens`. Each point off a chunk's natural end costs the prompt
     /// one more (short) engine step.
-    fn message_ends(&self, messages: &[ChatMessage], text: &str, tokens: &[u32]) -> Vec<usize> {
+    fn message_ends(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        text: &str,
+        tokens: &[u32],
+    ) -> Vec<usize> {
         let n = messages.len();
         (1..=n)
             .filter(|&i| i == 1 || i + MESSAGE_ENDS > n)
             .filter_map(|i| {
                 let part = self
                     .template
-                    .render(&messages[..i], None, false, &self.bos_text)
+                    .render(&messages[..i], tools, false, &self.bos_text)
                     .ok()?;
                 if !text.starts_with(&part) {
                     return None;

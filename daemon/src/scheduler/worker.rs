@@ -288,6 +288,9 @@ impl Worker {
         if let Some(c) = job.constraint.take() {
             seq.constrain(c);
         }
+        if let Some(t) = job.tools.take() {
+            seq.use_tools(t);
+        }
         Admitted {
             scope,
             chain,
@@ -618,11 +621,13 @@ impl Worker {
             generated += 1;
             r.first_token.get_or_insert(now);
             if r.session.is_some() {
+                r.reply.push_str(&step.markup);
                 r.reply.push_str(&step.text);
             }
             let _ = r.events.send(Event::Delta(super::Delta {
                 text: step.text,
                 tokens: vec![step.token],
+                tool_calls: step.tool_calls,
             }));
             if step.finished.is_some() {
                 finished.push((i, Ok(())));
@@ -669,6 +674,7 @@ impl Worker {
     fn finish(&self, mut r: Admitted, now: Instant) {
         let reason = r.seq.finish_reason().cloned().expect("finished");
         let output_incomplete = r.seq.output_incomplete();
+        let tool_calls = r.seq.tool_calls().to_vec();
         let first = r.first_token.unwrap_or(now);
         let stats = Stats {
             prompt_tokens: r.prompt_tokens,
@@ -711,6 +717,7 @@ impl Worker {
             stats,
             session,
             output_incomplete,
+            tool_calls,
         }));
     }
 }

@@ -2,7 +2,8 @@
 """lfmd's gRPC API through grpcio, the Python client from PyPI, written as
 its documentation says and with default channel options: health, reflection,
 a streamed chat with a session follow-up, the prefix cache, structured output
-(a JSON Schema, validated with `jsonschema`), tokenize/detokenize, a cancelled
+(a JSON Schema, validated with `jsonschema`), a tool-calling round trip,
+tokenize/detokenize, a cancelled
 stream, and the shipped example client. Run by daemon/tests/python_grpc.rs
 against a real `lfmd serve`; prints `ok NAME` per check and exits non-zero on
 the first failure.
@@ -182,6 +183,77 @@ def response_format():
         assert "strin" in e.details(), e.details()
 
 
+def tool_calls():
+    """A tool-calling round trip as a Python program writes it: tools on a
+    Chat, the parsed calls (each names a given tool, its arguments validate),
+    the results sent back as a tool message in the same session, whose turn
+    continues the kept state; bad tools are INVALID_ARGUMENT."""
+    import json
+
+    import jsonschema
+
+    tools = [
+        pb.Tool(name="set_light", description="Set a light's level", parameters=json.dumps(LIGHT)),
+        pb.Tool(name="get_time", description="The time of day"),
+    ]
+    schemas = {"set_light": LIGHT, "get_time": {"type": "object", "maxProperties": 0}}
+
+    def chat(messages, session, **kw):
+        request = pb.ChatRequest(
+            messages=messages, tools=tools, session_id=session,
+            options=pb.SamplingOptions(temperature=1.0, min_p=0.0, seed=11, max_tokens=400), **kw,
+        )
+        text, streamed, done = "", [], None
+        for event in lfm.Chat(request, timeout=TIMEOUT):
+            if event.HasField("delta"):
+                text += event.delta.text
+                streamed.extend(event.delta.tool_calls)
+            else:
+                done = event.done
+        return text, streamed, done
+
+    text, streamed, done = chat(
+        [pb.ChatMessage(role="user", content="Dim the hall light to 30%")], "py-tools",
+        tool_choice="required",
+    )
+    assert done.finish_reason == pb.FINISH_REASON_TOOL_CALLS, (text, done)
+    assert len(done.tool_calls) >= 1 and list(streamed) == list(done.tool_calls), (streamed, done)
+    assert "tool_call" not in text, text
+    for call in done.tool_calls:
+        assert call.id and call.name in schemas, call
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    first = done.stats
+    # The results go back as tool messages; the session continues its state.
+    results = [
+        pb.ChatMessage(role="tool", content=json.dumps({"ok": True}), tool_call_id=c.id)
+        for c in done.tool_calls
+    ]
+    text, streamed, done = chat(results, "py-tools", tool_choice="none")
+    assert not done.tool_calls and not streamed, done
+    s = done.stats
+    assert s.prompt_tokens > first.prompt_tokens and 0 < s.prefilled_tokens < s.prompt_tokens, (first, s)
+    # Statelessly, the whole conversation with the assistant's calls.
+    conversation = [
+        pb.ChatMessage(role="user", content="Dim the hall light to 30%"),
+        pb.ChatMessage(role="assistant", content="", tool_calls=[
+            pb.ToolCall(id="call_a", name="set_light", arguments='{"device": "hall_light", "level": 30}')]),
+        pb.ChatMessage(role="tool", content='{"ok": true}', tool_call_id="call_a"),
+    ]
+    _, _, done = chat(conversation, None, tool_choice="set_light")
+    assert [c.name for c in done.tool_calls] and all(c.name == "set_light" for c in done.tool_calls), done
+    # Tools a grammar cannot serve, a choice that names none of them.
+    for bad, says in [
+        (pb.ChatRequest(messages=conversation[:1], tools=[pb.Tool(name="set light")]), "identifier"),
+        (pb.ChatRequest(messages=conversation[:1], tools=tools, tool_choice="fly"), "fly"),
+        (pb.ChatRequest(messages=conversation[:1], tools=[pb.Tool(name="f", parameters="{")]), "not JSON"),
+    ]:
+        try:
+            list(lfm.Chat(bad, timeout=TIMEOUT))
+            raise AssertionError(f"accepted: {bad}")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.details(), e
+
+
 def tokenize():
     ids = lfm.Tokenize(pb.TokenizeRequest(text="Hello world", add_bos=False), timeout=TIMEOUT).token_ids
     assert len(ids) > 0
@@ -239,6 +311,7 @@ if mode == "full":
     check("tokenize", tokenize)
     check("prefix_cache", prefix_cache)
     check("response_format", response_format)
+    check("tool_calls", tool_calls)
     check("cancelled_stream", cancelled_stream)
     check("example_client", example_client)
 print("all checks passed", flush=True)

@@ -285,6 +285,131 @@ fn ask_chat_and_queries_against_a_daemon() {
     assert!(v.get("layers").is_none() && v["loads"].is_u64(), "{v}");
 }
 
+/// `ask --json-schema`, `--regex` and `--tools`: the answer keeps to the
+/// schema, the calls come out as JSON lines (and in `--json`), a bad schema
+/// file is the daemon's refusal (4) and a missing one a usage error (2).
+#[test]
+fn ask_with_a_schema_or_tools_prints_what_programs_can_parse() {
+    let d = Daemon::start();
+    let s = &d.socket;
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("light.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"device": {"enum": ["hall_light", "fan"]}, "level": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["device", "level"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let path = schema.to_str().unwrap();
+    let out = lfmctl(
+        s,
+        &[
+            "ask",
+            "--json-schema",
+            path,
+            "--temperature",
+            "1",
+            "--seed",
+            "4",
+            "Dim the light",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).trim()).expect("the answer is JSON");
+    assert!(
+        ["hall_light", "fan"].contains(&v["device"].as_str().unwrap()),
+        "{v}"
+    );
+    assert!(v["level"].as_u64().unwrap() <= 100, "{v}");
+    let out = lfmctl(
+        s,
+        &[
+            "ask",
+            "--regex",
+            "(yes|no)-[0-9]{2}",
+            "--temperature",
+            "1",
+            "hi",
+        ],
+        "",
+    );
+    let answer = text(&out.stdout);
+    let (word, num) = answer.trim().split_once('-').unwrap();
+    assert!(["yes", "no"].contains(&word) && num.len() == 2, "{answer}");
+
+    let tools = dir.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        format!(r#"[{{"name": "set_light", "parameters": {}}}, {{"type": "function", "function": {{"name": "get_time"}}}}]"#, std::fs::read_to_string(&schema).unwrap()),
+    )
+    .unwrap();
+    let tools = tools.to_str().unwrap();
+    let out = lfmctl(
+        s,
+        &[
+            "ask",
+            "--tools",
+            tools,
+            "--tool-choice",
+            "required",
+            "--temperature",
+            "1",
+            "--max-tokens",
+            "400",
+            "Dim the light",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let calls: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(!calls.is_empty(), "{}", text(&out.stdout));
+    for c in &calls {
+        assert!(c["name"] == "set_light" || c["name"] == "get_time", "{c}");
+        assert!(
+            c["id"].as_str().is_some_and(|i| !i.is_empty()) && c["arguments"].is_object(),
+            "{c}"
+        );
+    }
+    let out = lfmctl(
+        s,
+        &[
+            "ask",
+            "--tools",
+            tools,
+            "--tool-choice",
+            "get_time",
+            "--json",
+            "What time is it?",
+        ],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "tool_calls", "{v}");
+    assert!(
+        v["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] == "get_time"),
+        "{v}"
+    );
+
+    let out = lfmctl(s, &["ask", "--json-schema", tools, "hi"], "");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "an array of tools is not a schema: {}",
+        text(&out.stderr)
+    );
+    let out = lfmctl(s, &["ask", "--json-schema", "/nonexistent.json", "hi"], "");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
 #[test]
 fn load_accounts_for_every_request_and_leaves_nothing_behind() {
     let d = Daemon::start();

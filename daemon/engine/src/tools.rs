@@ -452,7 +452,9 @@ impl Parser<'_> {
     /// A JSON string (double quotes, JSON escapes) or a Python one in
     /// single quotes (`\'` and the JSON escapes).
     fn string(&mut self) -> Result<String, ToolError> {
-        let quote = self.s[self.at];
+        let Some(&quote) = self.s.get(self.at) else {
+            return Err(self.fail("expected a string"));
+        };
         if quote == b'"' {
             let mut de =
                 serde_json::Deserializer::from_str(&self.text[self.at..]).into_iter::<String>();
@@ -570,6 +572,9 @@ mod tests {
             ("[1x(level=3)]", "a name"),
             ("[f(a=\"x)]", "does not end"),
             ("[f()] trailing", "after the call list"),
+            // Found by the tool_calls fuzzer: a dict's key at the end.
+            ("[f(a={", "expected a string"),
+            ("[f(a={'k': 1,", "expected a string"),
         ] {
             let e = parse_calls(text).unwrap_err().to_string();
             assert!(e.contains(why), "{text}: {e}");

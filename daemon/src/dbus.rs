@@ -313,7 +313,8 @@ fn messages_of(
                     ))),
                 }
             };
-            let (role, mut content) = (field("role")?, field("content")?);
+            let (role, content) = (field("role")?, field("content")?);
+            let mut message = crate::chat::ChatMessage::new(role, content);
             if let Some(k) = m
                 .keys()
                 .find(|k| !matches!(k.as_str(), "role" | "content" | "tool_calls" | "tool_call_id"))
@@ -332,9 +333,9 @@ fn messages_of(
                         "message {i}: tool_calls is not a JSON array of {{\"name\": s, \"arguments\": object}} (as info's tool_calls gave them)"
                     ))
                 })?;
-                content.push_str(&crate::tools::render_calls(&calls));
+                message.tool_calls = calls;
             }
-            Ok(crate::chat::ChatMessage::new(role, content))
+            Ok(message)
         })
         .collect()
 }

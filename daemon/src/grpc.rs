@@ -163,7 +163,7 @@ pub fn chat_parts(r: pb::ChatRequest) -> Result<(Input, Options, Priority), Stat
     let priority = priority_from(r.priority)?;
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
-        let mut content = m.content;
+        let mut message = crate::chat::ChatMessage::new(m.role, m.content);
         if !m.tool_calls.is_empty() {
             let calls = m
                 .tool_calls
@@ -182,9 +182,9 @@ pub fn chat_parts(r: pb::ChatRequest) -> Result<(Input, Options, Priority), Stat
                     })
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
-            content.push_str(&crate::tools::render_calls(&calls));
+            message.tool_calls = calls;
         }
-        messages.push(crate::chat::ChatMessage::new(m.role, content));
+        messages.push(message);
     }
     let input = Input::Chat {
         messages,

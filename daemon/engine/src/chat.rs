@@ -39,6 +39,12 @@ pub enum ChatError {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, shown to the template as
+    /// `message.tool_calls` (OpenAI's shape: `{"id", "type": "function",
+    /// "function": {"name", "arguments"}}`) for templates that render them
+    /// ([`ChatTemplate::renders_tool_calls`]).
+    #[serde(skip)]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
 }
 
 impl ChatMessage {
@@ -46,13 +52,33 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
         }
+    }
+
+    /// The message as the template sees it.
+    fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            m["tool_calls"] = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    serde_json::json!({"id": c.id, "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments}})
+                })
+                .collect();
+        }
+        m
     }
 }
 
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Its source reads `tool_calls` (LFM2.5's do; LFM2-8B-A1B's does not,
+    /// and drops an assistant turn's calls).
+    tool_calls: bool,
 }
 
 /// Python's `json.dumps(x, ensure_ascii=False)` spacing: ", " and ": ".
@@ -498,7 +524,16 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", rewrite_generation_tags(source))
             .map_err(|e| ChatError::Compile(e.to_string()))?;
-        Ok(ChatTemplate { env })
+        Ok(ChatTemplate {
+            env,
+            tool_calls: source.contains("tool_calls"),
+        })
+    }
+
+    /// Whether the template renders an assistant turn's `tool_calls` (else
+    /// they must be in its content, as the model writes them).
+    pub fn renders_tool_calls(&self) -> bool {
+        self.tool_calls
     }
 
     /// The built-in LFM2 template.
@@ -516,7 +551,8 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         bos_token: &str,
     ) -> Result<String, ChatError> {
-        let messages = serde_json::to_value(messages).expect("messages serialize");
+        let messages =
+            serde_json::Value::Array(messages.iter().map(ChatMessage::to_json).collect());
         self.render_json(&messages, tools, add_generation_prompt, bos_token)
     }
 

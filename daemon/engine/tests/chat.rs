@@ -41,6 +41,69 @@ fn every_template_renders_like_jinja2() {
     assert_eq!(checked, 27);
 }
 
+/// Messages with tool calls given as `ChatMessage`s (as the daemon's edges
+/// build them) render exactly as their JSON does through jinja2: the
+/// goldens of the tool-call case, on every template.
+#[test]
+fn tool_call_turns_render_like_jinja2() {
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data().join("data/chat-cases.json")).unwrap(),
+    )
+    .unwrap();
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tool_call_and_response")
+        .unwrap();
+    let messages: Vec<ChatMessage> = case["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let mut msg =
+                ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap());
+            for c in m
+                .get("tool_calls")
+                .and_then(|c| c.as_array())
+                .into_iter()
+                .flatten()
+            {
+                msg.tool_calls.push(lfm_engine::tools::ToolCall {
+                    id: String::new(),
+                    name: c["function"]["name"].as_str().unwrap().into(),
+                    arguments: c["function"]["arguments"].clone(),
+                });
+            }
+            msg
+        })
+        .collect();
+    assert!(messages.iter().any(|m| !m.tool_calls.is_empty()));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(data().join("data/chat-templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let tname = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let tmpl = ChatTemplate::new(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let want = std::fs::read_to_string(
+            data().join(format!("goldens/chat/{tname}__tool_call_and_response.txt")),
+        )
+        .unwrap();
+        let got = tmpl
+            .render(&messages, case.get("tools"), true, "<|startoftext|>")
+            .unwrap();
+        assert_eq!(got, want, "{tname}");
+        // Which templates show the calls themselves decides whether the
+        // daemon writes them into the content.
+        assert_eq!(
+            tmpl.renders_tool_calls(),
+            want.contains("<|tool_call_start|>"),
+            "{tname}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
 #[test]
 fn builtin_template_is_lfm2() {
     let t = ChatTemplate::builtin();

@@ -82,12 +82,23 @@ impl Handle {
     /// where the session's text is a prefix of the new render.
     fn prepare_chat(
         &self,
-        messages: Vec<ChatMessage>,
+        mut messages: Vec<ChatMessage>,
         tools: Option<&serde_json::Value>,
         session: Option<String>,
         client: &Client,
         now: Instant,
     ) -> Result<Prepared, SubmitError> {
+        // An assistant turn's calls: for a template that does not render
+        // them (LFM2-8B-A1B's drops them), written into its content as the
+        // model writes them, so the model sees what it called.
+        if !self.template.renders_tool_calls() {
+            for m in messages.iter_mut().filter(|m| !m.tool_calls.is_empty()) {
+                m.content
+                    .push_str(&crate::tools::render_calls(&std::mem::take(
+                        &mut m.tool_calls,
+                    )));
+            }
+        }
         let render = |msgs: &[ChatMessage]| {
             self.template
                 .render(msgs, tools, true, &self.bos_text)

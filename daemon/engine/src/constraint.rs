@@ -203,7 +203,7 @@ impl Grammars {
 /// Compact JSON with the usual separators (`{"a": 1, "b": [2, 3]}`) unless
 /// the schema sets llguidance's own `x-guidance` options: flexible
 /// whitespace lets a model pad its output without end.
-fn json_layout(mut schema: serde_json::Value) -> serde_json::Value {
+pub(crate) fn json_layout(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(obj) = schema.as_object_mut()
         && !obj.contains_key("x-guidance")
     {

@@ -250,15 +250,7 @@ pub fn call_grammar(
         // l_k: arguments k.. with no comma before the first; c_k: the same
         // after at least one argument (each with its comma).
         for (k, (name, schema)) in props.iter().enumerate() {
-            let mut schema = (*schema).clone();
-            if let Some(o) = schema.as_object_mut()
-                && !o.contains_key("x-guidance")
-            {
-                o.insert(
-                    "x-guidance".into(),
-                    serde_json::json!({"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false}),
-                );
-            }
+            let schema = crate::constraint::json_layout((*schema).clone());
             g += &format!("t{i}_a{k}: \"{name}=\" %json {schema}\n");
             let next = k + 1;
             let (l, c) = (format!("t{i}_l{next}"), format!("t{i}_c{next}"));

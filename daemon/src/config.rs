@@ -218,6 +218,9 @@ pub struct Settings {
     /// Listeners (`unix:PATH`, `tcp:HOST:PORT`); empty: the default socket
     /// (or the sockets systemd passes).
     pub grpc: Vec<Listen>,
+    /// HTTP listeners (OpenAI-compatible routes, `/metrics`, `/health`);
+    /// empty: none (besides sockets systemd passes named `http`).
+    pub http: Vec<Listen>,
     /// Allow `tcp:` listeners on non-loopback addresses.
     pub allow_remote: bool,
     /// The D-Bus bus to serve on, if any.
@@ -269,6 +272,7 @@ impl Default for Settings {
             model: None,
             threads: 0,
             grpc: Vec::new(),
+            http: Vec::new(),
             allow_remote: false,
             dbus: DbusSetting(None),
             socket_group: "lfm".into(),
@@ -379,6 +383,7 @@ impl Settings {
         check("model", self.model != other.model);
         check("threads", self.threads != other.threads);
         check("grpc", self.grpc != other.grpc);
+        check("http", self.http != other.http);
         check("allow_remote", self.allow_remote != other.allow_remote);
         check("dbus", self.dbus != other.dbus);
         check("socket_group", self.socket_group != other.socket_group);

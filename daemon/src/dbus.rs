@@ -13,7 +13,7 @@
 
 use crate::sampler::SamplingParams;
 use crate::scheduler::{
-    self, Client, Done, ErrorKind, Event, Failure, Handle, Input, Load, Options, Priority,
+    self, Client, Done, Edge, ErrorKind, Event, Failure, Handle, Input, Load, Options, Priority,
     SubmitError,
 };
 use lfm_proto::dbus::{BUS_NAME, Bus, OBJECT_PATH, REQUESTS_PATH};
@@ -623,6 +623,7 @@ impl ServiceState {
                     owner,
                     uid: c.unix_user_id(),
                     pid: c.process_id(),
+                    edge: Edge::Dbus,
                 })
             }
             Err(zbus::fdo::Error::NameHasNoOwner(_)) => Err(ApiError::Cancelled(format!(
@@ -632,6 +633,7 @@ impl ServiceState {
             Err(_) => Ok(Client {
                 id: format!("dbus:{caller}"),
                 owner: format!("dbus:{caller}"),
+                edge: Edge::Dbus,
                 ..Client::default()
             }),
         }

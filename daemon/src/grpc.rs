@@ -7,7 +7,7 @@ use crate::constraint::ResponseFormat;
 use crate::engine::PagingStats;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{
-    self, Client, ErrorKind, Event, Failure, Handle, Input, Options, Priority, SubmitError,
+    self, Client, Edge, ErrorKind, Event, Failure, Handle, Input, Options, Priority, SubmitError,
 };
 use crate::sequence::FinishReason;
 use crate::tools::{Tool, ToolCall};
@@ -59,6 +59,7 @@ fn client_of<T>(req: &Request<T>) -> Client {
             owner,
             uid: Some(cred.uid()),
             pid,
+            edge: Edge::Grpc,
         };
     }
     // TCP peers have no credentials: they share one owner (and one
@@ -67,11 +68,13 @@ fn client_of<T>(req: &Request<T>) -> Client {
         Some(a) => Client {
             id: format!("tcp:{a}"),
             owner: "tcp".into(),
+            edge: Edge::Grpc,
             ..Default::default()
         },
         None => Client {
             id: "unknown".into(),
             owner: "unknown".into(),
+            edge: Edge::Grpc,
             ..Default::default()
         },
     }

@@ -2,14 +2,16 @@
 //!
 //! The service around the engine (`lfm-engine`, re-exported here under the
 //! same module names): the scheduler that batches many requests over one
-//! model, and its edges: the gRPC service (`serve`, `grpc`, `authority`) and
-//! the D-Bus one (`dbus`), with their configuration, paths and systemd
+//! model, and its edges: the gRPC service (`serve`, `grpc`, `authority`),
+//! the D-Bus one (`dbus`) and the HTTP one (`http`: OpenAI-compatible
+//! routes, `/metrics`, `/health`), with their configuration, paths and systemd
 //! integration (`config`, `paths`, `systemd`).
 
 pub mod authority;
 pub mod config;
 pub mod dbus;
 pub mod grpc;
+pub mod http;
 pub mod paths;
 pub mod scheduler;
 pub mod serve;

@@ -54,8 +54,9 @@ enum Command {
     },
     /// Prefill and decode speed, measured like llama-bench's pp and tg tests.
     Bench(BenchArgs),
-    /// Serve the model to local clients over gRPC (a Unix socket by default).
-    Serve(ServeArgs),
+    /// Serve the model to local clients over gRPC (a Unix socket by default),
+    /// and D-Bus and HTTP when asked.
+    Serve(Box<ServeArgs>),
     /// Write a synthetic model with random weights in the real LFM2 layout.
     Synth {
         /// 8b-a1b, 8b-a1b-skewed, 350m, tiny-moe or tiny-dense.
@@ -125,7 +126,7 @@ fn run(cli: Cli) -> Result<()> {
             write_stdout(&(serde_json::to_string(&ids)? + "\n"))?;
         }
         Command::Generate(a) => generate(a)?,
-        Command::Serve(a) => serve(a)?,
+        Command::Serve(a) => serve(*a)?,
         Command::Logits { model, tokens } => {
             let m = lfmd::engine::Model::open(&model)
                 .with_context(|| format!("loading {}", model.display()))?;

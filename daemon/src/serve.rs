@@ -360,6 +360,8 @@ pub struct Control<R> {
     pub reload: R,
     /// systemd's watchdog period, if it asked for one.
     pub watchdog: Option<Duration>,
+    /// The HTTP edge, if any (started before the model was loaded).
+    pub http: Option<crate::http::HttpEdge>,
 }
 
 /// Serves gRPC on `bound` until SIGTERM/SIGINT (then drains: running
@@ -380,6 +382,7 @@ where
         settings: started,
         mut reload,
         watchdog,
+        http,
     } = control;
     let mut grace = started.shutdown_grace();
     let (health, health_svc) = tonic_health::server::health_reporter();
@@ -493,6 +496,9 @@ where
         }));
     }
     health.set_not_serving::<LfmServer<LfmService>>().await;
+    if let Some(h) = &http {
+        h.stopping();
+    }
     let _ = stop_tx.send(true);
     let result = match died {
         Some(why) => {
@@ -517,6 +523,9 @@ where
             Ok(Err(e)) => crate::warn!("gRPC server on {name} failed: {e}"),
             Err(_) => crate::warn!("gRPC server on {name} did not close in time"),
         }
+    }
+    if let Some(h) = http {
+        h.shutdown(Duration::from_secs(5)).await;
     }
     for task in background {
         task.abort();

@@ -30,6 +30,11 @@ pub(crate) struct ServeArgs {
     /// the system service; with socket activation, the sockets systemd passes.
     #[arg(long = "grpc", value_name = "unix:PATH|tcp:HOST:PORT")]
     pub(crate) grpc: Vec<lfmd::serve::Listen>,
+    /// Also serve HTTP here: OpenAI-compatible routes (/v1/chat/completions,
+    /// /v1/completions, /v1/models), /metrics and /health; unix:PATH or
+    /// tcp:HOST:PORT (repeatable) [default: none].
+    #[arg(long = "http", value_name = "unix:PATH|tcp:HOST:PORT")]
+    pub(crate) http: Vec<lfmd::serve::Listen>,
     /// Allow tcp: listeners on non-loopback addresses (the API has no authentication).
     #[arg(long)]
     pub(crate) allow_remote: bool,
@@ -160,6 +165,9 @@ impl ServeArgs {
         if !self.grpc.is_empty() {
             s.grpc = self.grpc.clone();
         }
+        if !self.http.is_empty() {
+            s.http = self.http.clone();
+        }
         s.allow_remote |= self.allow_remote;
         for (key, v) in [
             ("--max-concurrent", s.max_concurrent),
@@ -184,6 +192,10 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     let inherited = lfmd::systemd::take_inherited()?;
     let settings = a.settings()?;
     lfmd::log::init(settings.log_level);
+    // Sockets named `http` (FileDescriptorName=http) serve HTTP, the
+    // others gRPC.
+    let (inherited_http, inherited): (Vec<_>, Vec<_>) =
+        inherited.into_iter().partition(|(_, name)| name == "http");
     let listen = if settings.grpc.is_empty() && inherited.is_empty() {
         vec![default_listen(|k| std::env::var(k).ok(), a.system())?]
     } else {
@@ -201,7 +213,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
     if let Some((path, _)) = a.config_path().filter(|(p, _)| p.exists()) {
         lfmd::info!("configuration: {}", path.display());
     }
-    for (s, name) in &inherited {
+    for (s, name) in inherited.iter().chain(&inherited_http) {
         lfmd::info!(
             "socket activation: {} socket {name:?}",
             match s {
@@ -227,6 +239,16 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             &settings.socket_group,
         )
         .await?;
+        let http_bound = lfmd::serve::bind_all(
+            inherited_http.into_iter().map(|(s, _)| s).collect(),
+            &settings.http,
+            settings.allow_remote,
+            &settings.socket_group,
+        )
+        .await?;
+        // HTTP answers from now on: /health says "loading" (503) until the
+        // model is ready.
+        let http = (!http_bound.is_empty()).then(|| lfmd::http::HttpEdge::start(http_bound));
         let mapped_file = file_identity(&model_path);
         let model = lfmd::engine::Model::open_with(
             &model_path,
@@ -261,6 +283,9 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
         let (handle, exit) =
             lfmd::scheduler::start(model, &model_path.display().to_string(), config)
                 .context("starting the engine thread")?;
+        if let Some(h) = &http {
+            h.ready(handle.clone());
+        }
         let info = handle.model_info();
         lfmd::info!(
             "{} ({} {}), isa {}, {} threads, context {}, {} concurrent, queue {}, {} per user",
@@ -302,6 +327,7 @@ pub(crate) fn serve(a: ServeArgs) -> Result<()> {
             settings,
             reload,
             watchdog,
+            http,
         };
         lfmd::serve::serve(handle, exit, bound, control).await?;
         drop(dbus);

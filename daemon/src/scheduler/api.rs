@@ -98,13 +98,37 @@ pub struct Limits {
 
 /// Who is asking: `id` is the unit of fairness (one process), `owner` the
 /// scope of its sessions and of the per-user limit (one user). `uid` and
-/// `pid` are the peer's credentials on a Unix socket.
+/// `pid` are the peer's credentials on a Unix socket; `edge` the API it
+/// came through (a label of the request counts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Client {
     pub id: String,
     pub owner: String,
     pub uid: Option<u32>,
     pub pid: Option<u32>,
+    pub edge: Edge,
+}
+
+/// The API a request came through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Edge {
+    Grpc,
+    Dbus,
+    Http,
+    /// In-process callers (tests, benchmarks).
+    #[default]
+    Internal,
+}
+
+impl Edge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edge::Grpc => "grpc",
+            Edge::Dbus => "dbus",
+            Edge::Http => "http",
+            Edge::Internal => "internal",
+        }
+    }
 }
 
 /// Sampling and stopping; `None` takes the daemon default.
@@ -347,6 +371,9 @@ pub struct Status {
     pub sessions: usize,
     pub requests_total: u64,
     pub prompt_tokens_total: u64,
+    /// Of the prompt tokens, those fed through the model (the rest came
+    /// from the prefix cache or a session's state).
+    pub prefilled_tokens_total: u64,
     pub generated_tokens_total: u64,
     /// Over the last [`RATE_WINDOW`].
     pub generated_tokens_per_second: f64,

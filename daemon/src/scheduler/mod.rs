@@ -13,6 +13,7 @@
 //! No wire types here: the edges convert to and from the types of `api.rs`.
 
 mod api;
+pub mod metrics;
 pub mod plan;
 pub mod prefix;
 mod prepare;
@@ -64,6 +65,8 @@ pub(crate) struct Job {
     pub events: mpsc::UnboundedSender<Event>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
+    /// Its entry in the outcome counts.
+    pub tally: metrics::Tally,
 }
 
 /// One request's place in its user's count; dropping it gives it back.
@@ -98,6 +101,7 @@ pub(crate) struct Inner {
     pub dead: Option<String>,
     pub requests_total: u64,
     pub prompt_tokens_total: u64,
+    pub prefilled_tokens_total: u64,
     pub generated_tokens_total: u64,
     /// (when, generated, prefilled) per engine step within the rate window.
     pub recent: VecDeque<(Instant, u32, u32)>,
@@ -138,6 +142,8 @@ pub(crate) struct Shared {
     /// Prompt-prefix and session states (its own lock, never held with
     /// another).
     pub prefix: Arc<prefix::PrefixCache>,
+    /// Outcomes and latencies, for `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -243,6 +249,7 @@ pub fn start(
             dead: None,
             requests_total: 0,
             prompt_tokens_total: 0,
+            prefilled_tokens_total: 0,
             generated_tokens_total: 0,
             recent: VecDeque::new(),
             mean_service: None,
@@ -254,6 +261,7 @@ pub fn start(
         heartbeat: AtomicU64::new(0),
         epoch: Instant::now(),
         prefix: Arc::new(prefix::PrefixCache::new(config.prefix_cache_bytes)),
+        metrics: Arc::default(),
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
     let worker = worker::Worker::new(model, tokenizer.clone(), shared.clone(), config.clone());
@@ -412,6 +420,7 @@ impl Handle {
             sessions: 0,
             requests_total: g.requests_total,
             prompt_tokens_total: g.prompt_tokens_total,
+            prefilled_tokens_total: g.prefilled_tokens_total,
             generated_tokens_total: g.generated_tokens_total,
             generated_tokens_per_second: generated as f64 / window,
             prefill_tokens_per_second: prefilled as f64 / window,
@@ -505,6 +514,17 @@ impl Handle {
 
     /// Validates, renders and tokenizes `req`, then queues it.
     pub fn submit(&self, req: Request) -> Result<Generation, SubmitError> {
+        let edge = req.client.edge;
+        self.submit_counted(req)
+            .inspect_err(|e| self.shared.metrics.reject(edge, e))
+    }
+
+    /// The outcome and latency figures (`/metrics`).
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.shared.metrics
+    }
+
+    fn submit_counted(&self, req: Request) -> Result<Generation, SubmitError> {
         let arrived = Instant::now();
         let Request {
             input,
@@ -575,7 +595,9 @@ impl Handle {
             }
         };
         let (events, rx) = mpsc::unbounded_channel();
-        let job = Job {
+        let tally = metrics::Tally::new(self.shared.metrics.clone(), client.edge);
+        let mut job = Job {
+            tally,
             client,
             user_slot: Some(user_slot),
             priority,
@@ -596,9 +618,11 @@ impl Handle {
         };
         let mut g = self.shared.lock();
         if let Some(why) = &g.dead {
+            job.tally.refused();
             return Err(SubmitError::EngineDown(why.clone()));
         }
         if g.shutdown.is_some() {
+            job.tally.refused();
             return Err(SubmitError::ShuttingDown);
         }
         let (client_id, prio) = (job.client.id.clone(), job.priority);
@@ -608,6 +632,7 @@ impl Handle {
             let queued = g.queue.len();
             let mean = g.mean_service.unwrap_or(Duration::from_secs(1));
             drop(g);
+            job.tally.refused();
             // The session keeps its state: this turn never ran.
             if let Some(turn) = &mut job.session {
                 turn.lease.state = job.state.take();

@@ -45,6 +45,8 @@ struct Admitted {
     arrived: Instant,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// When it last generated a token.
+    last_token: Option<Instant>,
     prompt_tokens: usize,
     prefilled_tokens: usize,
     /// The text sent so far (kept for sessions only).
@@ -58,6 +60,8 @@ struct Admitted {
     /// The latest cached snapshot its state continues (a hit, its session's
     /// state, or one it took): where its next snapshot chains to.
     chain: Option<Arc<Snapshot>>,
+    /// Its entry in the outcome counts.
+    tally: super::metrics::Tally,
     /// Its session's state, held until the turn's own is kept.
     base: Option<Pin>,
     /// Prompt positions still to snapshot.
@@ -91,6 +95,7 @@ impl Job {
 
     fn fail(mut self, why: Failure) {
         drop(self.user_slot.take());
+        self.tally.fail(&why);
         let _ = self.events.send(Event::Failed(why));
         self.abandon();
     }
@@ -101,6 +106,7 @@ impl Admitted {
         // The session (if any) keeps its conversation; its state was
         // partly advanced, so it is dropped with the sequence.
         drop(self.user_slot.take());
+        self.tally.fail(&why);
         let _ = self.events.send(Event::Failed(why));
     }
 }
@@ -291,6 +297,7 @@ impl Worker {
         if let Some(t) = job.tools.take() {
             seq.use_tools(t);
         }
+        job.tally.queued(now.duration_since(job.arrived));
         Admitted {
             scope,
             chain,
@@ -303,6 +310,8 @@ impl Worker {
             arrived: job.arrived,
             admitted: now,
             first_token: None,
+            last_token: None,
+            tally: job.tally,
             prompt_tokens,
             prefilled_tokens,
             reply: String::new(),
@@ -619,6 +628,10 @@ impl Worker {
             };
             let Some(step) = step else { continue };
             generated += 1;
+            match r.last_token.replace(now) {
+                Some(last) => r.tally.next_token(now.duration_since(last)),
+                None => r.tally.first_token(now.duration_since(r.arrived)),
+            }
             r.first_token.get_or_insert(now);
             if r.session.is_some() {
                 r.reply.push_str(&step.markup);
@@ -645,6 +658,7 @@ impl Worker {
         // the status no longer finds itself running.
         let mut g = self.shared.lock();
         g.generated_tokens_total += generated as u64;
+        g.prefilled_tokens_total += prefill as u64;
         g.recent.push_back((now, generated, prefill as u32));
         while g
             .recent
@@ -676,6 +690,14 @@ impl Worker {
         let output_incomplete = r.seq.output_incomplete();
         let tool_calls = r.seq.tool_calls().to_vec();
         let first = r.first_token.unwrap_or(now);
+        r.tally.end(match reason {
+            FinishReason::Eos | FinishReason::Complete if !tool_calls.is_empty() => "tool_calls",
+            FinishReason::Eos | FinishReason::Complete => "stop",
+            FinishReason::StopString => "stop_string",
+            FinishReason::Length => "length",
+            FinishReason::ContextFull => "context_full",
+            FinishReason::Cancelled => "cancelled",
+        });
         let stats = Stats {
             prompt_tokens: r.prompt_tokens,
             prefilled_tokens: r.prefilled_tokens,

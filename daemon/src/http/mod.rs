@@ -1,0 +1,625 @@
+//! The HTTP edge: OpenAI-compatible routes (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/models`), `/metrics` (OpenMetrics) and
+//! `/health`, on the same scheduler, limits and per-user accounting as
+//! gRPC and D-Bus. axum routes, hyper serves HTTP/1.1 connections we
+//! accept ourselves, so each request knows its peer (SO_PEERCRED on Unix
+//! sockets) and every connection has a header timeout and a slot.
+//!
+//! The edge starts before the model is loaded: until
+//! [`HttpEdge::ready`] every route but `/health` answers 503 (and
+//! `/health` says `loading`); after [`HttpEdge::stopping`] new work gets
+//! 503 while running answers finish.
+
+pub mod metrics;
+pub mod openai;
+
+use crate::scheduler::{self, Client, Edge, Event, Handle, Priority};
+use crate::serve::Bound;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{self, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use openai::{Answer, ApiError, Call};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Semaphore, mpsc::UnboundedReceiver, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::Stream;
+
+/// Longest a client may take to send a request's headers (also how long an
+/// idle keep-alive connection stays open).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once over all HTTP listeners; more are closed as
+/// they arrive (the others, and gRPC and D-Bus, are not disturbed).
+pub const MAX_CONNECTIONS: usize = 2048;
+
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// What every handler shares.
+struct AppState {
+    handle: OnceLock<Handle>,
+    phase: AtomicU8,
+    /// `created` of the model object: when the daemon started.
+    started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// The scheduler, or 503 while loading or stopping.
+    fn handle(&self) -> Result<&Handle, ApiError> {
+        match (self.phase.load(Ordering::Acquire), self.handle.get()) {
+            (READY, Some(h)) => Ok(h),
+            (STOPPING, _) => Err(unavailable(
+                "lfmd is shutting down; retry once it is running again",
+            )),
+            _ => Err(unavailable(
+                "lfmd is loading its model; retry in a few seconds",
+            )),
+        }
+    }
+}
+
+fn unavailable(msg: &str) -> ApiError {
+    ApiError {
+        retry_after: Some(Duration::from_secs(2)),
+        ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+/// The connection a request came on.
+#[derive(Clone, Debug)]
+struct Peer(Client);
+
+/// The HTTP listeners' tasks and shared state.
+pub struct HttpEdge {
+    state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<(String, JoinHandle<()>)>,
+}
+
+impl HttpEdge {
+    /// Serves `bound` from now on (503 until [`HttpEdge::ready`]).
+    pub fn start(bound: Vec<Bound>) -> HttpEdge {
+        let state = Arc::new(AppState {
+            handle: OnceLock::new(),
+            phase: AtomicU8::new(STARTING),
+            started: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            next_id: AtomicU64::new(1),
+        });
+        let app = router(state.clone());
+        let (stop, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let tasks = bound
+            .into_iter()
+            .map(|b| {
+                let name = b.describe();
+                crate::info!("HTTP: listening on {name}");
+                let task =
+                    tokio::spawn(accept_loop(b, app.clone(), slots.clone(), stop_rx.clone()));
+                (name, task)
+            })
+            .collect();
+        HttpEdge { state, stop, tasks }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// The model is loaded: serve requests.
+    pub fn ready(&self, handle: Handle) {
+        let _ = self.state.handle.set(handle);
+        self.state.phase.store(READY, Ordering::Release);
+    }
+
+    /// Shutting down: new requests and `/health` get 503; running ones
+    /// go on.
+    pub fn stopping(&self) {
+        self.state.phase.store(STOPPING, Ordering::Release);
+    }
+
+    /// Stops accepting and closes connections once their answers are done
+    /// (at most `wait`).
+    pub async fn shutdown(self, wait: Duration) {
+        self.stopping();
+        let _ = self.stop.send(true);
+        for (name, task) in self.tasks {
+            if tokio::time::timeout(wait, task).await.is_err() {
+                crate::warn!("HTTP server on {name} did not close in time");
+            }
+        }
+    }
+}
+
+/// The routes. Without the `/v1` prefix too, as llama-server serves them
+/// (clients differ on whether the base URL includes it).
+fn router(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/metrics", get(metrics_route))
+        .route("/health", get(health))
+        .route("/health/ready", get(health))
+        .fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no route {} {}; lfmd serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /metrics, GET /health",
+                    req.method(),
+                    req.uri().path()
+                ),
+            )
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
+        .with_state(state)
+}
+
+/// Accepts connections until `stop`, each served on its own task with a
+/// slot from `slots`; then lets open ones finish their answers.
+async fn accept_loop(
+    bound: Bound,
+    app: axum::Router,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (unix, tcp, guard) = match bound {
+        Bound::Unix(l, g) => (Some(l), None, g),
+        Bound::Tcp(l) => (None, Some(l), None),
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            a = async {
+                match (&unix, &tcp) {
+                    (Some(l), _) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+                    (_, Some(l)) => l.accept().await.map(|(s, a)| Conn::Tcp(s, a)),
+                    _ => std::future::pending().await,
+                }
+            } => a,
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off a little.
+                crate::warn!("HTTP: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::debug!("HTTP: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
+        let client = conn.client();
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(Peer(client.clone()));
+                tower::ServiceExt::oneshot(app.clone(), req.map(Body::new))
+            });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(true);
+        let served = match conn {
+            Conn::Unix(s) => {
+                let c = builder.serve_connection(hyper_util::rt::TokioIo::new(s), service);
+                tokio::spawn(wait_conn(graceful.watch(c), slot))
+            }
+            Conn::Tcp(s, _) => {
+                let c = builder.serve_connection(hyper_util::rt::TokioIo::new(s), service);
+                tokio::spawn(wait_conn(graceful.watch(c), slot))
+            }
+        };
+        drop(served);
+    }
+    drop((unix, tcp));
+    graceful.shutdown().await;
+    drop(guard);
+}
+
+async fn wait_conn<F: Future<Output = Result<(), hyper::Error>>>(
+    conn: F,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    if let Err(e) = conn.await {
+        crate::debug!("HTTP connection: {e}");
+    }
+}
+
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+impl Conn {
+    /// Who is on the other end: the peer process on a Unix socket, the
+    /// address on TCP (TCP peers share one owner, as on gRPC).
+    fn client(&self) -> Client {
+        match self {
+            Conn::Unix(s) => match s.peer_cred() {
+                Ok(cred) => {
+                    let owner = format!("uid:{}", cred.uid());
+                    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
+                    Client {
+                        id: pid.map_or_else(|| owner.clone(), |p| format!("{owner}/pid:{p}")),
+                        owner,
+                        uid: Some(cred.uid()),
+                        pid,
+                        edge: Edge::Http,
+                    }
+                }
+                Err(_) => Client {
+                    id: "unix".into(),
+                    owner: "unix".into(),
+                    edge: Edge::Http,
+                    ..Client::default()
+                },
+            },
+            Conn::Tcp(_, a) => Client {
+                id: format!("tcp:{a}"),
+                owner: "tcp".into(),
+                edge: Edge::Http,
+                ..Client::default()
+            },
+        }
+    }
+}
+
+/// The request's body, read whole: 413 if it says (or turns out) to be
+/// larger than [`openai::MAX_BODY_BYTES`], 408 if it is not all sent
+/// within [`BODY_TIMEOUT`].
+async fn body_of(req: Request) -> Result<(Client, Bytes), ApiError> {
+    let client = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.clone())
+        .unwrap_or_else(|| Client {
+            id: "unknown".into(),
+            owner: "unknown".into(),
+            edge: Edge::Http,
+            ..Client::default()
+        });
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than {} MiB; send a shorter prompt",
+                openai::MAX_BODY_BYTES >> 20
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > openai::MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let read = axum::body::to_bytes(req.into_body(), openai::MAX_BODY_BYTES);
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => {
+            let limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limit {
+                Err(too_large())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body failed: {e}"),
+                ))
+            }
+        }
+        Ok(Ok(b)) => Ok((client, b)),
+    }
+}
+
+/// Which route answers, for the shape of its bodies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Completion,
+}
+
+async fn chat(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    generate(st, req, Route::Chat).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    generate(st, req, Route::Completion).await
+}
+
+async fn generate(st: Arc<AppState>, req: Request, route: Route) -> Response {
+    match generate_inner(&st, req, route).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn generate_inner(st: &AppState, req: Request, route: Route) -> Result<Response, ApiError> {
+    let handle = st.handle()?.clone();
+    let (client, body) = body_of(req).await?;
+    let call = match route {
+        Route::Chat => openai::chat_call(&body)?,
+        Route::Completion => openai::completion_call(&body)?,
+    };
+    let Call {
+        input,
+        options,
+        stream,
+        include_usage,
+    } = call;
+    let info = handle.model_info();
+    let n = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let answer = Answer {
+        id: match route {
+            Route::Chat => format!("chatcmpl-{n}"),
+            Route::Completion => format!("cmpl-{n}"),
+        },
+        created: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: openai::model_id(info),
+    };
+    crate::debug!("HTTP request from {} ({})", client.id, answer.id);
+    let request = scheduler::Request {
+        input,
+        options,
+        client,
+        priority: Priority::Interactive,
+        deadline: None,
+    };
+    // Rendering and tokenizing a long prompt takes milliseconds the I/O
+    // threads should not spend.
+    let submit = handle.clone();
+    let generation = tokio::task::spawn_blocking(move || submit.submit(request))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("preparing the request failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from_submit)?;
+    let events = generation.into_receiver();
+    if stream {
+        let s = Chunks {
+            events,
+            answer,
+            route,
+            include_usage,
+            pending: VecDeque::new(),
+            started: false,
+            tool_index: 0,
+            finished: false,
+        };
+        return Ok(Sse::new(s)
+            .keep_alive(sse::KeepAlive::default())
+            .into_response());
+    }
+    whole(events, &answer, route).await
+}
+
+/// A non-streamed answer: every event gathered into one body. If the
+/// client goes away meanwhile, hyper drops this future and with it the
+/// receiver, which cancels the request.
+async fn whole(
+    mut events: UnboundedReceiver<Event>,
+    answer: &Answer,
+    route: Route,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Delta(d) => text.push_str(&d.text),
+            Event::Done(d) => {
+                let body = match route {
+                    Route::Chat => answer.chat(&text, &d),
+                    Route::Completion => answer.completion(&text, &d),
+                };
+                return Ok(axum::Json(body).into_response());
+            }
+            Event::Failed(f) => return Err(ApiError::from_failure(f)),
+        }
+    }
+    Err(engine_gone())
+}
+
+fn engine_gone() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the lfmd engine stopped before finishing this request; see the daemon's log",
+    )
+}
+
+/// A streamed answer as server-sent events, ending with `data: [DONE]`.
+/// Dropping it (the client went away) drops the receiver, which cancels the
+/// request before the engine's next step.
+struct Chunks {
+    events: UnboundedReceiver<Event>,
+    answer: Answer,
+    route: Route,
+    include_usage: bool,
+    pending: VecDeque<sse::Event>,
+    /// The first chunk (with the assistant role) was sent.
+    started: bool,
+    /// Index of the next tool call in the answer.
+    tool_index: usize,
+    finished: bool,
+}
+
+fn data(v: &Value) -> sse::Event {
+    sse::Event::default().data(v.to_string())
+}
+
+impl Chunks {
+    /// Queues the chunks one engine event makes.
+    fn on(&mut self, ev: Option<Event>) {
+        let a = &self.answer;
+        match ev {
+            Some(Event::Delta(d)) => match self.route {
+                Route::Chat => {
+                    if !self.started {
+                        self.started = true;
+                        self.pending.push_back(data(
+                            &a.chat_chunk(json!({"role": "assistant", "content": ""}), None),
+                        ));
+                    }
+                    if !d.text.is_empty() {
+                        self.pending
+                            .push_back(data(&a.chat_chunk(json!({"content": d.text}), None)));
+                    }
+                    if !d.tool_calls.is_empty() {
+                        let calls = openai::tool_calls(&d.tool_calls, Some(self.tool_index));
+                        self.tool_index += d.tool_calls.len();
+                        self.pending
+                            .push_back(data(&a.chat_chunk(json!({"tool_calls": calls}), None)));
+                    }
+                }
+                Route::Completion => {
+                    if !d.text.is_empty() {
+                        self.pending
+                            .push_back(data(&a.completion_chunk(&d.text, None)));
+                    }
+                }
+            },
+            Some(Event::Done(d)) => {
+                let reason = openai::finish_reason(&d);
+                let (last, object) = match self.route {
+                    Route::Chat => (
+                        a.chat_chunk(json!({}), Some(reason)),
+                        "chat.completion.chunk",
+                    ),
+                    Route::Completion => (a.completion_chunk("", Some(reason)), "text_completion"),
+                };
+                self.pending.push_back(data(&last));
+                if self.include_usage {
+                    self.pending
+                        .push_back(data(&a.usage_chunk(object, &d.stats)));
+                }
+                self.pending.push_back(sse::Event::default().data("[DONE]"));
+                self.finished = true;
+            }
+            Some(Event::Failed(f)) => {
+                // Headers are long sent: the error travels as a chunk, as
+                // OpenAI's own streams carry them.
+                self.pending
+                    .push_back(data(&ApiError::from_failure(f).body()));
+                self.finished = true;
+            }
+            None => {
+                self.pending.push_back(data(&engine_gone().body()));
+                self.finished = true;
+            }
+        }
+    }
+}
+
+impl Stream for Chunks {
+    type Item = Result<sse::Event, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(e)));
+            }
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            let ev = std::task::ready!(self.events.poll_recv(cx));
+            self.on(ev);
+        }
+    }
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let h = st.handle()?;
+    Ok(axum::Json(openai::models(h.model_info(), st.started)).into_response())
+}
+
+async fn model(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let h = st.handle()?;
+    let info = h.model_info();
+    if id != openai::model_id(info) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no model {id:?}: this lfmd serves {:?} (GET /v1/models)",
+                openai::model_id(info)
+            ),
+        ));
+    }
+    Ok(axum::Json(openai::model(info, st.started)).into_response())
+}
+
+async fn metrics_route(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let h = st.handle()?.clone();
+    // /proc reads and the pager's lock: off the I/O threads.
+    let text = tokio::task::spawn_blocking(move || metrics::render(&h))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("collecting metrics failed: {e}"),
+            )
+        })?;
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let (status, word) = match st.phase.load(Ordering::Acquire) {
+        READY => (StatusCode::OK, "ok"),
+        STOPPING => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    };
+    (status, axum::Json(json!({"status": word}))).into_response()
+}

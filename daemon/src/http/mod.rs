@@ -39,9 +39,40 @@ use tokio_stream::Stream;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request's body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once over all HTTP listeners; more are closed as
-/// they arrive (the others, and gRPC and D-Bus, are not disturbed).
+/// Connections served at once over all HTTP listeners (fewer if the open
+/// files limit is low: see [`connection_slots`]); more are closed as they
+/// arrive (the others, and gRPC and D-Bus, are not disturbed).
 pub const MAX_CONNECTIONS: usize = 2048;
+
+/// Open files kept for everything but HTTP connections (the model, gRPC
+/// and D-Bus clients, /proc reads).
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit of open files to the hard one (at most 65,536);
+/// returns the limit in force. Under lfmd.service, whose system call filter
+/// refuses setrlimit, the unit's `LimitNOFILE=` sets it instead.
+pub fn raise_open_files() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let want = lim.maximum.map_or(65_536, |m| m.min(65_536));
+    let current = lim.current.unwrap_or(u64::MAX);
+    if current < want {
+        let raised = Rlimit {
+            current: Some(want),
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return want;
+        }
+    }
+    current
+}
+
+/// HTTP connections served at once with `open_files` allowed.
+pub fn connection_slots(open_files: u64) -> usize {
+    let spare = open_files.saturating_sub(RESERVED_FILES).max(16);
+    usize::try_from(spare).map_or(MAX_CONNECTIONS, |s| s.min(MAX_CONNECTIONS))
+}
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
@@ -114,7 +145,14 @@ impl HttpEdge {
         });
         let app = router(state.clone());
         let (stop, stop_rx) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let open_files = raise_open_files();
+        let n = connection_slots(open_files);
+        if n < MAX_CONNECTIONS {
+            crate::warn!(
+                "HTTP: {open_files} open files allowed, so at most {n} HTTP connections at once; raise LimitNOFILE (ulimit -n) for more"
+            );
+        }
+        let slots = Arc::new(Semaphore::new(n));
         let tasks = bound
             .into_iter()
             .map(|b| {
@@ -224,7 +262,7 @@ async fn accept_loop(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            crate::debug!("HTTP: {MAX_CONNECTIONS} connections open; closing a new one");
+            crate::debug!("HTTP: every connection slot is taken; closing a new connection");
             continue;
         };
         let client = conn.client();
@@ -622,4 +660,53 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         _ => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
     };
     (status, axum::Json(json!({"status": word}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: &str, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn until_the_model_is_ready_everything_answers_503() {
+        let bound = crate::serve::bind_tcp("127.0.0.1:0", false).await.unwrap();
+        let addr = bound.describe().strip_prefix("tcp:").unwrap().to_owned();
+        let edge = HttpEdge::start(vec![bound]);
+        let health = get(&addr, "/health").await;
+        assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+        assert!(health.contains(r#"{"status":"loading"}"#), "{health}");
+        for path in ["/v1/models", "/metrics"] {
+            let a = get(&addr, path).await;
+            assert!(a.starts_with("HTTP/1.1 503"), "{path}: {a}");
+            assert!(a.to_ascii_lowercase().contains("retry-after: 2"), "{a}");
+            assert!(a.contains("loading its model"), "{a}");
+        }
+        edge.stopping();
+        let health = get(&addr, "/health").await;
+        assert!(health.contains(r#"{"status":"stopping"}"#), "{health}");
+        edge.shutdown(Duration::from_secs(2)).await;
+        assert!(
+            tokio::net::TcpStream::connect(&addr).await.is_err(),
+            "still listening"
+        );
+    }
+
+    #[test]
+    fn connection_slots_leave_files_for_the_rest() {
+        assert_eq!(connection_slots(1024), 768);
+        assert_eq!(connection_slots(100), 16);
+        assert_eq!(connection_slots(1 << 20), MAX_CONNECTIONS);
+    }
 }

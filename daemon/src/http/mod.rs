@@ -5,10 +5,11 @@
 //! accept ourselves, so each request knows its peer (SO_PEERCRED on Unix
 //! sockets) and every connection has a header timeout and a slot.
 //!
-//! The edge starts before the model is loaded: until
-//! [`HttpEdge::ready`] every route but `/health` answers 503 (and
-//! `/health` says `loading`); after [`HttpEdge::stopping`] new work gets
-//! 503 while running answers finish.
+//! The edge starts before the model is loaded (with socket activation, the
+//! first request is what starts the daemon): until [`HttpEdge::ready`],
+//! `/health` and `/metrics` answer 503 (`loading`) at once while the other
+//! routes wait for the model (at most [`LOAD_WAIT`]); after
+//! [`HttpEdge::stopping`] new work gets 503 while running answers finish.
 
 pub mod metrics;
 pub mod openai;
@@ -26,7 +27,7 @@ use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -74,6 +75,9 @@ pub fn connection_slots(open_files: u64) -> usize {
     usize::try_from(spare).map_or(MAX_CONNECTIONS, |s| s.min(MAX_CONNECTIONS))
 }
 
+/// Longest a request that arrives while the model loads waits for it.
+pub const LOAD_WAIT: Duration = Duration::from_secs(120);
+
 const STARTING: u8 = 0;
 const READY: u8 = 1;
 const STOPPING: u8 = 2;
@@ -81,7 +85,8 @@ const STOPPING: u8 = 2;
 /// What every handler shares.
 struct AppState {
     handle: OnceLock<Handle>,
-    phase: AtomicU8,
+    /// STARTING, READY or STOPPING.
+    phase: watch::Sender<u8>,
     /// `created` of the model object: when the daemon started.
     started: u64,
     next_id: AtomicU64,
@@ -90,7 +95,7 @@ struct AppState {
 impl AppState {
     /// The scheduler, or 503 while loading or stopping.
     fn handle(&self) -> Result<&Handle, ApiError> {
-        match (self.phase.load(Ordering::Acquire), self.handle.get()) {
+        match (*self.phase.borrow(), self.handle.get()) {
             (READY, Some(h)) => Ok(h),
             (STOPPING, _) => Err(unavailable(
                 "lfmd is shutting down; retry once it is running again",
@@ -99,6 +104,18 @@ impl AppState {
                 "lfmd is loading its model; retry in a few seconds",
             )),
         }
+    }
+
+    /// The scheduler once the model is loaded (waiting at most
+    /// [`LOAD_WAIT`]), or 503 while stopping.
+    async fn loaded(&self) -> Result<&Handle, ApiError> {
+        let mut phase = self.phase.subscribe();
+        let _ = tokio::time::timeout(LOAD_WAIT, phase.wait_for(|p| *p != STARTING)).await;
+        self.handle()
+    }
+
+    fn phase(&self) -> u8 {
+        *self.phase.borrow()
     }
 }
 
@@ -137,7 +154,7 @@ impl HttpEdge {
     pub fn start(bound: Vec<Bound>) -> HttpEdge {
         let state = Arc::new(AppState {
             handle: OnceLock::new(),
-            phase: AtomicU8::new(STARTING),
+            phase: watch::Sender::new(STARTING),
             started: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -173,13 +190,13 @@ impl HttpEdge {
     /// The model is loaded: serve requests.
     pub fn ready(&self, handle: Handle) {
         let _ = self.state.handle.set(handle);
-        self.state.phase.store(READY, Ordering::Release);
+        self.state.phase.send_replace(READY);
     }
 
     /// Shutting down: new requests and `/health` get 503; running ones
     /// go on.
     pub fn stopping(&self) {
-        self.state.phase.store(STOPPING, Ordering::Release);
+        self.state.phase.send_replace(STOPPING);
     }
 
     /// Stops accepting and closes connections once their answers are done
@@ -421,7 +438,7 @@ async fn generate(st: Arc<AppState>, req: Request, route: Route) -> Response {
 }
 
 async fn generate_inner(st: &AppState, req: Request, route: Route) -> Result<Response, ApiError> {
-    let handle = st.handle()?.clone();
+    let handle = st.loaded().await?.clone();
     let (client, body) = body_of(req).await?;
     let call = match route {
         Route::Chat => openai::chat_call(&body)?,
@@ -617,7 +634,7 @@ impl Stream for Chunks {
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let h = st.handle()?;
+    let h = st.loaded().await?;
     Ok(axum::Json(openai::models(h.model_info(), st.started)).into_response())
 }
 
@@ -625,7 +642,7 @@ async fn model(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let h = st.handle()?;
+    let h = st.loaded().await?;
     let info = h.model_info();
     if id != openai::model_id(info) {
         return Err(ApiError::new(
@@ -654,7 +671,7 @@ async fn metrics_route(State(st): State<Arc<AppState>>) -> Result<Response, ApiE
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    let (status, word) = match st.phase.load(Ordering::Acquire) {
+    let (status, word) = match st.phase() {
         READY => (StatusCode::OK, "ok"),
         STOPPING => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
@@ -680,20 +697,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn until_the_model_is_ready_everything_answers_503() {
+    async fn until_the_model_is_ready_work_waits_and_health_says_loading() {
         let bound = crate::serve::bind_tcp("127.0.0.1:0", false).await.unwrap();
         let addr = bound.describe().strip_prefix("tcp:").unwrap().to_owned();
         let edge = HttpEdge::start(vec![bound]);
         let health = get(&addr, "/health").await;
         assert!(health.starts_with("HTTP/1.1 503"), "{health}");
         assert!(health.contains(r#"{"status":"loading"}"#), "{health}");
-        for path in ["/v1/models", "/metrics"] {
-            let a = get(&addr, path).await;
-            assert!(a.starts_with("HTTP/1.1 503"), "{path}: {a}");
-            assert!(a.to_ascii_lowercase().contains("retry-after: 2"), "{a}");
-            assert!(a.contains("loading its model"), "{a}");
-        }
+        let a = get(&addr, "/metrics").await;
+        assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+        assert!(a.to_ascii_lowercase().contains("retry-after: 2"), "{a}");
+        assert!(a.contains("loading its model"), "{a}");
+        // Work waits for the model (here it never comes) until stopping.
+        let waiting = tokio::spawn({
+            let addr = addr.clone();
+            async move { get(&addr, "/v1/models").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a request during loading did not wait"
+        );
         edge.stopping();
+        let a = waiting.await.unwrap();
+        assert!(a.starts_with("HTTP/1.1 503"), "{a}");
+        assert!(a.contains("shutting down"), "{a}");
         let health = get(&addr, "/health").await;
         assert!(health.contains(r#"{"status":"stopping"}"#), "{health}");
         edge.shutdown(Duration::from_secs(2)).await;

@@ -1,0 +1,166 @@
+//! HTTP clients nobody here wrote, as users run them: the official `openai`
+//! Python package (PyPI) pointed at `lfmd serve --http` by base URL, over
+//! loopback TCP and a Unix socket, and on a socket passed by socket
+//! activation (`FileDescriptorName=http`); `/metrics` parsed by
+//! `prometheus_client`'s OpenMetrics parser. `tests/python/openai_interop.py`
+//! does the calls and checks.
+//!
+//! Without Python's `openai`, `prometheus_client` and `jsonschema` (or
+//! `systemd-socket-activate` for the second trial) a trial is reported
+//! ignored, not passed; `LFM_REQUIRE_PYTHON_GRPC=1` (CI: Python clients are
+//! installed) makes that a failure.
+
+mod common;
+
+use common::{LFMD, Lfmd, find_socket_activate, synth_model};
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::process::Command;
+
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/python/openai_interop.py"
+);
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Why the Python side cannot run here, if it cannot.
+fn python_missing() -> Option<String> {
+    let probe = Command::new(python())
+        .args(["-c", "import openai, prometheus_client, jsonschema"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "Python's openai, prometheus_client or jsonschema is missing (pip install openai prometheus_client jsonschema): {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )),
+        Err(e) => Some(format!("{}: {e}", python())),
+    }
+}
+
+/// Runs the script with `args`; its output on failure.
+fn script(args: &[String], d: &Lfmd) -> Result<(), Failed> {
+    let out = Command::new(python())
+        .arg(SCRIPT)
+        .args(args)
+        .output()
+        .map_err(|e| format!("running {}: {e}", python()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("all checks passed") {
+        return Ok(());
+    }
+    Err(format!(
+        "openai_interop.py {} failed ({}):\n{stdout}\n{}\n--- lfmd log ---\n{}",
+        args[0],
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    )
+    .into())
+}
+
+/// `lfmd serve --http unix:… --http tcp:127.0.0.1:0`: every check.
+fn on_tcp_and_unix() -> Result<(), Failed> {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("http.sock");
+    let unix = format!("unix:{}", sock.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let d = rt.block_on(Lfmd::start_in(
+        tmp,
+        &[
+            "--http",
+            &unix,
+            "--http",
+            "tcp:127.0.0.1:0",
+            "--max-concurrent",
+            "8",
+        ],
+    ));
+    let log = d.log();
+    let port = log
+        .lines()
+        .find_map(|l| l.split("HTTP: listening on tcp:").nth(1))
+        .ok_or_else(|| format!("no TCP HTTP listener in the log:\n{log}"))?
+        .trim()
+        .to_owned();
+    script(
+        &[
+            "full".into(),
+            format!("http://{port}"),
+            sock.display().to_string(),
+        ],
+        &d,
+    )
+}
+
+/// A socket named `http` passed by systemd (here `systemd-socket-activate`),
+/// served as HTTP; the first connection starts lfmd.
+fn on_an_activated_socket() -> Result<(), Failed> {
+    let activate = find_socket_activate().ok_or("systemd-socket-activate is missing")?;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = synth_model(tmp.path());
+    let sock = tmp.path().join("http.sock");
+    let grpc = tmp.path().join("grpc.sock");
+    let mut cmd = Command::new(activate);
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg("--fdname=http")
+        .arg(LFMD)
+        .arg("serve")
+        .arg("--model")
+        .arg(&model)
+        .arg("--grpc")
+        .arg(format!("unix:{}", grpc.display()))
+        .args(["--threads", "1", "--config", "/dev/null"]);
+    let d = Lfmd::spawn(cmd, tmp.path(), grpc);
+    // Give the activator a moment to listen.
+    let t0 = std::time::Instant::now();
+    while !sock.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    script(&["basic".into(), sock.display().to_string()], &d)?;
+    let log = d.log();
+    if !log.contains("socket activation: Unix socket \"http\"") {
+        return Err(format!("lfmd was not socket-activated:\n{log}").into());
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
+    let missing = python_missing();
+    let activate_missing = find_socket_activate()
+        .is_none()
+        .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
+    let mut trials = Vec::new();
+    let mut add =
+        |name: &str, f: fn() -> Result<(), Failed>, why: Option<String>| match (why, required) {
+            (Some(why), true) => {
+                let msg = format!("LFM_REQUIRE_PYTHON_GRPC=1 but {why}");
+                trials.push(Trial::test(name, move || Err(msg.into())));
+            }
+            (Some(why), false) => {
+                if !args.list {
+                    eprintln!("{name}: SKIPPED ({why})");
+                }
+                trials.push(Trial::test(name, f).with_ignored_flag(true));
+            }
+            (None, _) => trials.push(Trial::test(name, f)),
+        };
+    add("openai::tcp_and_unix", on_tcp_and_unix, missing.clone());
+    add(
+        "openai::socket_activated",
+        on_an_activated_socket,
+        missing.or(activate_missing),
+    );
+    libtest_mimic::run(&args, trials).exit();
+}

@@ -55,6 +55,7 @@ for f in \
   usr/share/dbus-1/services/org.lfm.Daemon1.service \
   usr/lib/sysusers.d/lfmd.conf usr/lib/tmpfiles.d/lfmd.conf \
   etc/lfmd/lfmd.toml usr/share/doc/lfmd/examples/lfmd-tcp.conf \
+  usr/share/doc/lfmd/examples/lfmd-http.socket \
   usr/share/man/man1/lfmd.1.gz usr/share/man/man1/lfmd-serve.1.gz \
   usr/share/man/man1/lfmctl.1.gz usr/share/man/man1/lfmctl-ask.1.gz; do
   expect -rw-r--r-- "$f"
@@ -137,6 +138,10 @@ XDG_RUNTIME_DIR=$tmp/xdg verify --user verify "$tmp/user-units/lfmd.socket" "$tm
 mkdir -p "$root/etc/systemd/system/lfmd.service.d"
 cp "$root/usr/share/doc/lfmd/examples/lfmd-tcp.conf" "$root/etc/systemd/system/lfmd.service.d/tcp.conf"
 verify verify --root="$root" "$root/usr/lib/systemd/system/lfmd.service"
+# The HTTP socket and its drop-in, installed as lfmd-http.socket says.
+cp "$root/usr/share/doc/lfmd/examples/lfmd-http.socket" "$root/etc/systemd/system/lfmd-http.socket"
+printf '[Service]\nSockets=lfmd.socket lfmd-http.socket\n' >"$root/etc/systemd/system/lfmd.service.d/http.conf"
+verify verify --root="$root" "$root/etc/systemd/system/lfmd-http.socket" "$root/usr/lib/systemd/system/lfmd.service"
 
 # --- 4. exposure ---------------------------------------------------------------------
 echo "== packaging: systemd-analyze security"

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Serving benchmark: lfmd (gRPC, through lfmctl) against llama-server -np N
-on the same model and threads, with 1, 4, 8 and 16 concurrent clients.
+"""Serving benchmark: lfmd (gRPC, through lfmctl; and its OpenAI-compatible
+HTTP edge) against llama-server -np N on the same model and threads, with 1,
+4, 8 and 16 concurrent clients.
 
 Each client sends REQS requests one after another: a distinct raw prompt of
 about PROMPT words, GEN tokens generated (end-of-generation ignored, greedy),
-so both servers do the same work. lfmd is driven by `lfmctl load` (one
-process, a connection per client), llama-server by threads here. Reported
+so both servers do the same work. lfmd over gRPC is driven by `lfmctl load`
+(one process, a connection per client); lfmd over HTTP (`lfmd-http`:
+streamed `/v1/completions`) and llama-server (`/completion`) by threads
+here. Reported
 per server and client count: aggregate generated tokens/s over the wall
 time, p50/p99 time to first token as the client sees it (request sent to
 first streamed token), and fairness: the spread (fastest / slowest) of the
@@ -21,6 +24,7 @@ its tokens per GB against one sequence's.
 
 Usage: scripts/bench_serve.py MODEL [--threads T] [--clients 1,4,8,16]
        [--reqs 3] [--gen 128] [--prompt 56] [--llama-server PATH]
+       [--servers lfmd,lfmd-http,llama-server] [--rounds R]
 Figures only: nothing here asserts a speed.
 """
 import argparse
@@ -182,6 +186,46 @@ def bench_lfmd(args, n):
         daemon.wait()
 
 
+def bench_lfmd_http(args, n, port=18182):
+    """lfmd's HTTP edge: streamed /v1/completions, one thread per client."""
+    lfmd = os.path.join(ROOT, "target/release/lfmd")
+    tmp = tempfile.mkdtemp(prefix="lfmd-bench.")
+    daemon = subprocess.Popen(
+        [lfmd, "serve", "--model", args.model, "--threads", str(args.threads),
+         "--grpc", f"unix:{os.path.join(tmp, 'lfmd.sock')}", "--http", f"tcp:127.0.0.1:{port}",
+         "--max-concurrent", str(n), "--queue", "256", "--ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: http_health_up(port), "lfmd serve --http")
+
+        def one(c, r):
+            h = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            body = json.dumps({"prompt": prompt(c, r, args.prompt), "max_tokens": args.gen,
+                               "temperature": 0, "ignore_eos": True, "stream": True,
+                               "stream_options": {"include_usage": True}})
+            t0 = time.time()
+            h.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            resp = h.getresponse()
+            ttft, tokens = None, 0
+            for line in resp:
+                line = line.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                ev = json.loads(line[5:])
+                if ev.get("choices") and ev["choices"][0].get("text") and ttft is None:
+                    ttft = time.time() - t0
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+            return tokens, ttft if ttft is not None else float("nan")
+        one(n, 0)  # warm-up, untimed, as for the others
+        wall, res, rates = run_clients(n, args.reqs, one)
+        ttfts = [f for _, f in res]
+        return sum(t for t, _ in res) / wall, pct(ttfts, 50), pct(ttfts, 99), spread(rates)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
 def bench_llama(args, n, port=18181):
     server = subprocess.Popen(
         [args.llama_server, "-m", args.model, "-t", str(args.threads), "-np", str(n),
@@ -228,6 +272,9 @@ def main():
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=56, help="prompt words (56: ~100 tokens of the synthetic 8B)")
     ap.add_argument("--llama-server", default=os.path.join(os.environ.get("LLB", ""), "llama-server"))
+    ap.add_argument("--servers", default="lfmd,lfmd-http,llama-server",
+                    help="which to run, in this order each round")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per client count (servers alternate)")
     args = ap.parse_args()
     have_llama = os.path.exists(args.llama_server)
     ptoks = prompt_tokens(args)
@@ -239,15 +286,19 @@ def main():
           f"one client at most {one:.2f} tok/s")
     print(f"{'clients':>7} {'server':<12} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
           f"{'spread':>7} {'ratio':>6}")
+    servers = {"lfmd": bench_lfmd, "lfmd-http": bench_lfmd_http, "llama-server": bench_llama}
+    chosen = [s for s in args.servers.split(",") if s in servers
+              and (s != "llama-server" or have_llama)]
     for n in [int(x) for x in args.clients.split(",")]:
-        rows = []
-        for name, fn in [("lfmd", bench_lfmd), ("llama-server", bench_llama)]:
-            if name == "llama-server" and not have_llama:
-                continue
-            rows.append((name, *fn(args, n)))
-        for name, tps, p50, p99, spr in rows:
-            ratio = tps / rows[1][1] if len(rows) > 1 and name == "lfmd" else float("nan")
-            print(f"{n:>7} {name:<12} {tps:>8.2f} {p50:>8.2f}s {p99:>8.2f}s {spr:>7.2f} {ratio:>6.2f}")
+        for rnd in range(args.rounds):
+            rows = [(name, *servers[name](args, n)) for name in chosen]
+            peer = [r for r in rows if r[0] == "llama-server"]
+            for name, tps, p50, p99, spr in rows:
+                # lfmd rows against llama-server of the same round.
+                ratio = tps / peer[0][1] if peer and name != "llama-server" else float("nan")
+                tag = f"{name}" if args.rounds == 1 else f"{name} r{rnd + 1}"
+                print(f"{n:>7} {tag:<12} {tps:>8.2f} {p50:>8.2f}s {p99:>8.2f}s {spr:>7.2f} {ratio:>6.2f}")
+            sys.stdout.flush()
         if n == 1:
             print(f"{n:>7} {'bench':<12} {one:>8.2f} {'':>9} {'':>9} {'':>7} "
                   f"{rows[0][1] / one:>6.2f}  (lfmd serving / lfmd bench)")

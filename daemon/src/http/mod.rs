@@ -14,7 +14,7 @@
 pub mod metrics;
 pub mod openai;
 
-use crate::scheduler::{self, Client, Edge, Event, Handle, Priority};
+use crate::scheduler::{self, Client, Edge, Event, Handle};
 use crate::serve::Bound;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -449,6 +449,7 @@ async fn generate_inner(st: &AppState, req: Request, route: Route) -> Result<Res
         options,
         stream,
         include_usage,
+        priority,
     } = call;
     let info = handle.model_info();
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
@@ -467,7 +468,7 @@ async fn generate_inner(st: &AppState, req: Request, route: Route) -> Result<Res
         input,
         options,
         client,
-        priority: Priority::Interactive,
+        priority,
         deadline: None,
     };
     // Rendering and tokenizing a long prompt takes milliseconds the I/O
@@ -729,6 +730,28 @@ mod tests {
             tokio::net::TcpStream::connect(&addr).await.is_err(),
             "still listening"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_with_or_without_its_length() {
+        let big = vec![b' '; openai::MAX_BODY_BYTES + 1];
+        // Streamed in (no Content-Length): refused once the limit is passed.
+        let r = Request::new(Body::from(big));
+        let e = body_of(r).await.unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
+        // Announced: refused before a byte is read (the body never ends).
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let endless = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut r = Request::new(endless);
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(64u64 << 20));
+        let e = tokio::time::timeout(Duration::from_secs(5), body_of(r))
+            .await
+            .expect("answered without reading")
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
+        let ok = body_of(Request::new(Body::from("{}"))).await.unwrap();
+        assert_eq!(&ok.1[..], b"{}");
     }
 
     #[test]

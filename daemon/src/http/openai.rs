@@ -11,7 +11,9 @@
 use crate::chat::ChatMessage;
 use crate::constraint::ResponseFormat;
 use crate::sampler::SamplingParams;
-use crate::scheduler::{Done, ErrorKind, Failure, Input, ModelInfo, Options, Stats, SubmitError};
+use crate::scheduler::{
+    Done, ErrorKind, Failure, Input, ModelInfo, Options, Priority, Stats, SubmitError,
+};
 use crate::sequence::FinishReason;
 use crate::tools::{Tool, ToolCall, ToolChoice};
 use http::StatusCode;
@@ -183,6 +185,8 @@ struct Common {
     top_k: Option<u32>,
     #[serde(default)]
     ignore_eos: Option<bool>,
+    #[serde(default)]
+    priority: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +231,7 @@ pub struct Call {
     pub stream: bool,
     /// A last chunk with `usage` (`stream_options.include_usage`).
     pub include_usage: bool,
+    pub priority: Priority,
 }
 
 /// Parses `body` as `T`, naming the field at fault.
@@ -266,7 +271,7 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 /// A `POST /v1/chat/completions` body in scheduler terms.
 pub fn chat_call(body: &[u8]) -> Result<Call, ApiError> {
     let b: ChatBody = parse(body)?;
-    let (mut options, stream, include_usage) = common(parse(body)?)?;
+    let (mut options, how) = common(parse(body)?)?;
     let mut messages = Vec::with_capacity(b.messages.len());
     for (i, m) in b.messages.into_iter().enumerate() {
         messages.push(message(i, m)?);
@@ -290,8 +295,9 @@ pub fn chat_call(body: &[u8]) -> Result<Call, ApiError> {
             session: b.session,
         },
         options,
-        stream,
-        include_usage,
+        stream: how.stream,
+        include_usage: how.include_usage,
+        priority: how.priority,
     })
 }
 
@@ -334,19 +340,37 @@ pub fn completion_call(body: &[u8]) -> Result<Call, ApiError> {
             ));
         }
     };
-    let (options, stream, include_usage) = common(parse(body)?)?;
+    let (options, how) = common(parse(body)?)?;
     Ok(Call {
         input: Input::Prompt {
             text,
             add_bos: None,
         },
         options,
-        stream,
-        include_usage,
+        stream: how.stream,
+        include_usage: how.include_usage,
+        priority: how.priority,
     })
 }
 
-fn common(c: Common) -> Result<(Options, bool, bool), ApiError> {
+/// How to answer: streamed, with usage, at what priority.
+struct How {
+    stream: bool,
+    include_usage: bool,
+    priority: Priority,
+}
+
+fn common(c: Common) -> Result<(Options, How), ApiError> {
+    let priority = match c.priority.as_deref() {
+        None | Some("interactive") => Priority::Interactive,
+        Some("background") => Priority::Background,
+        Some(p) => {
+            return Err(ApiError::invalid(
+                "priority",
+                format!("priority {p:?} is unknown; use interactive or background"),
+            ));
+        }
+    };
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             "n",
@@ -399,7 +423,12 @@ fn common(c: Common) -> Result<(Options, bool, bool), ApiError> {
         .stream_options
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    Ok((options, c.stream.unwrap_or(false), include_usage))
+    let how = How {
+        stream: c.stream.unwrap_or(false),
+        include_usage,
+        priority,
+    };
+    Ok((options, how))
 }
 
 /// The roles a message may have (`developer` is OpenAI's newer name for
@@ -782,11 +811,12 @@ mod tests {
                 "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5,
                 "stop": "END", "seed": 42, "presence_penalty": 0.1, "frequency_penalty": 0.2,
                 "n": 1, "logprobs": false, "user": "u", "metadata": {"k": "v"},
-                "min_p": 0.05, "repeat_penalty": 1.1, "top_k": 40, "session": "s1",
+                "min_p": 0.05, "repeat_penalty": 1.1, "top_k": 40, "session": "s1", "priority": "background",
                 "response_format": {"type": "json_object"}}"#,
         )
         .unwrap();
         assert!(c.stream && c.include_usage);
+        assert_eq!(c.priority, Priority::Background);
         let s = &c.options.sampling;
         assert_eq!(
             (s.temperature, s.top_p, s.seed, s.top_k),
@@ -913,6 +943,10 @@ mod tests {
             (
                 r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": 5}"#,
                 "tool_choice",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "priority": "urgent"}"#,
+                "priority",
             ),
             (
                 r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}"#,

@@ -5,7 +5,7 @@
 //! Without `dbus-daemon` the tests say so loudly and pass, unless
 //! `LFM_REQUIRE_DBUS=1` (CI), which makes them fail.
 
-use lfm_proto::client::{Target, connect};
+use lfm_proto::client::connect;
 
 mod common;
 use common::{Lfmd, PrivateBus, private_bus};
@@ -370,34 +370,6 @@ const PROMPTS: [&str; 8] = [
     "Say something nice.",
 ];
 
-async fn grpc_chat(target: &Target, prompt: &str) -> String {
-    let mut c = connect(target).await.unwrap();
-    let mut s = c
-        .chat(pb::ChatRequest {
-            messages: vec![pb::ChatMessage {
-                role: "user".into(),
-                content: prompt.into(),
-                ..Default::default()
-            }],
-            options: Some(pb::SamplingOptions {
-                temperature: Some(0.0),
-                max_tokens: Some(4),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = String::new();
-    while let Some(m) = s.message().await.unwrap() {
-        if let Some(pb::generate_response::Event::Delta(d)) = m.event {
-            text.push_str(&d.text);
-        }
-    }
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_clients_over_both_transports_get_their_solo_answers() {
     let Some(d) = Daemon::start(&[]).await else {
@@ -407,7 +379,7 @@ async fn sixteen_clients_over_both_transports_get_their_solo_answers() {
     within(300, async {
         let mut solo = Vec::new();
         for p in PROMPTS {
-            solo.push(grpc_chat(&d.target, p).await);
+            solo.push(common::grpc_chat(&d.target, p, 4).await);
         }
         let mut tasks = Vec::new();
         for (i, p) in PROMPTS.iter().enumerate() {
@@ -423,9 +395,9 @@ async fn sixteen_clients_over_both_transports_get_their_solo_answers() {
                 }
             }));
             let target = d.target.clone();
-            tasks.push(tokio::spawn(
-                async move { (i, grpc_chat(&target, p).await) },
-            ));
+            tasks.push(tokio::spawn(async move {
+                (i, common::grpc_chat(&target, p, 4).await)
+            }));
         }
         for t in tasks {
             let (i, text) = t.await.unwrap();

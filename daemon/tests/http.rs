@@ -8,7 +8,6 @@
 mod common;
 
 use common::Lfmd;
-use lfm_proto::v1 as pb;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -126,6 +125,25 @@ fn call(at: &At, method: &str, path: &str, body: &str) -> Answer {
     parse_answer(&raw)
 }
 
+/// A streamed chat of `max_tokens` (end of generation ignored) whose
+/// answer has begun; the connection holds it.
+fn long_stream(at: &At, max_tokens: u32) -> Box<dyn Stream> {
+    let mut s = at.connect();
+    let body = chat_body(
+        "x",
+        json!({"stream": true, "max_tokens": max_tokens, "ignore_eos": true}),
+    );
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: lfmd\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 256];
+    let _ = s.read(&mut first).unwrap();
+    s
+}
+
 fn chat_body(content: &str, extra: Value) -> String {
     let mut b = json!({
         "model": "whatever",
@@ -148,44 +166,12 @@ fn start(args: &[&str]) -> (Lfmd, At, At) {
     let mut all = vec!["--http", &unix, "--http", "tcp:127.0.0.1:0"];
     all.extend_from_slice(args);
     let d = runtime().block_on(Lfmd::start_in(tmp, &all));
-    let log = d.log();
-    let port = log
-        .lines()
-        .find_map(|l| l.split("HTTP: listening on tcp:").nth(1))
-        .unwrap_or_else(|| panic!("no TCP HTTP listener in the log:\n{log}"))
-        .trim()
-        .to_owned();
+    let port = common::http_port(&d).unwrap();
     (d, At::Unix(sock), At::Tcp(port))
 }
 
 fn grpc_chat(d: &Lfmd, content: &str) -> String {
-    runtime().block_on(async {
-        let mut c = d.client().await;
-        let mut s = c
-            .chat(pb::ChatRequest {
-                messages: vec![pb::ChatMessage {
-                    role: "user".into(),
-                    content: content.into(),
-                    ..Default::default()
-                }],
-                options: Some(pb::SamplingOptions {
-                    temperature: Some(0.0),
-                    max_tokens: Some(12),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut text = String::new();
-        while let Some(r) = s.message().await.unwrap() {
-            if let Some(pb::generate_response::Event::Delta(d)) = r.event {
-                text.push_str(&d.text);
-            }
-        }
-        text
-    })
+    runtime().block_on(common::grpc_chat(&d.target, content, 12))
 }
 
 #[test]
@@ -358,19 +344,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     // streamed request holds the slot.
     drop(d);
     let (_d, _unix, tcp) = start(&["--max-concurrent", "1", "--queue", "0"]);
-    let mut hold = tcp.connect();
-    let body = chat_body(
-        "x",
-        json!({"stream": true, "max_tokens": 3000, "ignore_eos": true}),
-    );
-    write!(
-        hold,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: lfmd\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 256];
-    let _ = hold.read(&mut first).unwrap();
+    let hold = long_stream(&tcp, 3000);
     let a = call(
         &tcp,
         "POST",
@@ -556,19 +530,7 @@ fn metrics_count_what_was_sent_and_health_follows_shutdown() {
 
     // A long answer is running when SIGTERM comes: /health says stopping
     // (503), new work is refused with 503, the running answer finishes.
-    let mut hold = tcp.connect();
-    let body = chat_body(
-        "x",
-        json!({"stream": true, "max_tokens": 2000, "ignore_eos": true}),
-    );
-    write!(
-        hold,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: lfmd\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut first = [0u8; 256];
-    let _ = hold.read(&mut first).unwrap();
+    let mut hold = long_stream(&tcp, 2000);
     d.signal("TERM");
     let t0 = Instant::now();
     loop {

@@ -12,8 +12,8 @@
 
 mod common;
 
-use common::{Lfmd, find_socket_activate, socket_activated, synth_model};
-use libtest_mimic::{Arguments, Failed, Trial};
+use common::{Lfmd, find_socket_activate, needy_trial, python, socket_activated, synth_model};
+use libtest_mimic::{Arguments, Failed};
 use std::path::Path;
 use std::process::Command;
 
@@ -23,10 +23,6 @@ const EXAMPLE: &str = concat!(
     "/../examples/python/lfm_client.py"
 );
 const PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 /// Why the Python side cannot run here, if it cannot.
 fn python_missing() -> Option<String> {
@@ -107,28 +103,22 @@ fn on_an_activated_socket() -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
     let missing = python_missing();
     let activate_missing = find_socket_activate()
         .is_none()
         .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
     let mut trials = Vec::new();
-    let mut add =
-        |name: &str, f: fn() -> Result<(), Failed>, why: Option<String>| match (why, required) {
-            (Some(why), true) => {
-                let msg = format!("LFM_REQUIRE_PYTHON_GRPC=1 but {why}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-            (Some(why), false) => {
-                if !args.list {
-                    eprintln!("{name}: SKIPPED ({why})");
-                }
-                trials.push(Trial::test(name, f).with_ignored_flag(true));
-            }
-            (None, _) => trials.push(Trial::test(name, f)),
-        };
-    add("grpcio::unix_socket", on_a_unix_socket, missing.clone());
-    add(
+    let t = &mut trials;
+    needy_trial(
+        t,
+        &args,
+        "grpcio::unix_socket",
+        on_a_unix_socket,
+        missing.clone(),
+    );
+    needy_trial(
+        t,
+        &args,
         "grpcio::socket_activated",
         on_an_activated_socket,
         missing.or(activate_missing),

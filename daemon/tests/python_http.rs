@@ -12,18 +12,14 @@
 
 mod common;
 
-use common::{LFMD, Lfmd, find_socket_activate, synth_model};
-use libtest_mimic::{Arguments, Failed, Trial};
+use common::{LFMD, Lfmd, find_socket_activate, needy_trial, python, synth_model};
+use libtest_mimic::{Arguments, Failed};
 use std::process::Command;
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/python/openai_interop.py"
 );
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 /// Why the Python side cannot run here, if it cannot.
 fn python_missing() -> Option<String> {
@@ -84,13 +80,7 @@ fn on_tcp_and_unix() -> Result<(), Failed> {
             "8",
         ],
     ));
-    let log = d.log();
-    let port = log
-        .lines()
-        .find_map(|l| l.split("HTTP: listening on tcp:").nth(1))
-        .ok_or_else(|| format!("no TCP HTTP listener in the log:\n{log}"))?
-        .trim()
-        .to_owned();
+    let port = common::http_port(&d)?;
     script(
         &[
             "full".into(),
@@ -136,28 +126,22 @@ fn on_an_activated_socket() -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
     let missing = python_missing();
     let activate_missing = find_socket_activate()
         .is_none()
         .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
     let mut trials = Vec::new();
-    let mut add =
-        |name: &str, f: fn() -> Result<(), Failed>, why: Option<String>| match (why, required) {
-            (Some(why), true) => {
-                let msg = format!("LFM_REQUIRE_PYTHON_GRPC=1 but {why}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-            (Some(why), false) => {
-                if !args.list {
-                    eprintln!("{name}: SKIPPED ({why})");
-                }
-                trials.push(Trial::test(name, f).with_ignored_flag(true));
-            }
-            (None, _) => trials.push(Trial::test(name, f)),
-        };
-    add("openai::tcp_and_unix", on_tcp_and_unix, missing.clone());
-    add(
+    let t = &mut trials;
+    needy_trial(
+        t,
+        &args,
+        "openai::tcp_and_unix",
+        on_tcp_and_unix,
+        missing.clone(),
+    );
+    needy_trial(
+        t,
+        &args,
         "openai::socket_activated",
         on_an_activated_socket,
         missing.or(activate_missing),

@@ -67,6 +67,19 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
+/// Writes one unlabelled metric.
+fn one(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    m: impl EncodeMetric,
+) -> std::fmt::Result {
+    let help = format!("{help}.");
+    let enc = e.encode_descriptor(name, &help, unit.as_ref(), m.metric_type())?;
+    m.encode(enc)
+}
+
 /// Writes one unlabelled counter.
 fn counter(
     e: &mut DescriptorEncoder,
@@ -75,9 +88,7 @@ fn counter(
     unit: Option<Unit>,
     v: impl Into<f64>,
 ) -> std::fmt::Result {
-    let c = ConstCounter::new(v.into());
-    let enc = e.encode_descriptor(name, help, unit.as_ref(), c.metric_type())?;
-    c.encode(enc)
+    one(e, name, help, unit, ConstCounter::new(v.into()))
 }
 
 /// Writes one unlabelled gauge.
@@ -88,9 +99,7 @@ fn gauge(
     unit: Option<Unit>,
     v: impl Into<f64>,
 ) -> std::fmt::Result {
-    let g = ConstGauge::new(v.into());
-    let enc = e.encode_descriptor(name, help, unit.as_ref(), g.metric_type())?;
-    g.encode(enc)
+    one(e, name, help, unit, ConstGauge::new(v.into()))
 }
 
 impl prometheus_client::collector::Collector for Snapshot {

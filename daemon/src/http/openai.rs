@@ -699,6 +699,23 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// An answer object: what every body and chunk of the request shares,
+    /// with its `choices` (and `usage`, when given).
+    fn envelope(&self, object: &str, choices: Value, usage: Option<&Stats>) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": fingerprint(),
+            "choices": choices,
+        });
+        if let Some(s) = usage {
+            v["usage"] = self::usage(s);
+        }
+        v
+    }
+
     /// A whole chat completion.
     pub fn chat(&self, text: &str, done: &Done) -> Value {
         let mut message = json!({"role": "assistant", "content": text, "refusal": null});
@@ -708,69 +725,36 @@ impl Answer {
                 message["content"] = Value::Null;
             }
         }
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish_reason(done),
-            }],
-            "usage": usage(&done.stats),
-        })
+        let choice = json!({
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish_reason(done),
+        });
+        self.envelope("chat.completion", json!([choice]), Some(&done.stats))
     }
 
     /// A chat stream chunk with `delta` (and a finish reason on the last).
     pub fn chat_chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        })
+        let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+        self.envelope("chat.completion.chunk", json!([choice]), None)
     }
 
     /// A whole text completion.
     pub fn completion(&self, text: &str, done: &Done) -> Value {
-        json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(done)}],
-            "usage": usage(&done.stats),
-        })
+        let choice = json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(done)});
+        self.envelope("text_completion", json!([choice]), Some(&done.stats))
     }
 
+    /// A text completion stream chunk.
     pub fn completion_chunk(&self, text: &str, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-        })
+        let choice = json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
+        self.envelope("text_completion", json!([choice]), None)
     }
 
     /// The last chunk of a stream with `include_usage`: no choices.
     pub fn usage_chunk(&self, object: &str, stats: &Stats) -> Value {
-        json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": fingerprint(),
-            "choices": [],
-            "usage": usage(stats),
-        })
+        self.envelope(object, json!([]), Some(stats))
     }
 }
 

@@ -238,3 +238,73 @@ pub fn private_bus(dir: &Path) -> Option<PrivateBus> {
     assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
     Some(PrivateBus { child, address })
 }
+
+/// A greedy chat turn of `max_tokens` over gRPC; the text.
+pub async fn grpc_chat(target: &Target, prompt: &str, max_tokens: u32) -> String {
+    let mut c = connect(target).await.unwrap();
+    let mut s = c
+        .chat(pb::ChatRequest {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+                ..Default::default()
+            }],
+            options: Some(pb::SamplingOptions {
+                temperature: Some(0.0),
+                max_tokens: Some(max_tokens),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    while let Some(m) = s.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Delta(d)) = m.event {
+            text.push_str(&d.text);
+        }
+    }
+    text
+}
+
+/// The `HOST:PORT` of the daemon's TCP HTTP listener, from its log.
+pub fn http_port(d: &Lfmd) -> Result<String, String> {
+    let log = d.log();
+    log.lines()
+        .find_map(|l| l.split("HTTP: listening on tcp:").nth(1))
+        .map(|p| p.trim().to_owned())
+        .ok_or_else(|| format!("no TCP HTTP listener in the log:\n{log}"))
+}
+
+/// Adds a trial that needs something this machine may lack: `why` it
+/// cannot run, if so. Then it is reported ignored (skipped), never passed,
+/// unless `LFM_REQUIRE_PYTHON_GRPC=1` (CI) makes it a failure.
+pub fn needy_trial(
+    trials: &mut Vec<libtest_mimic::Trial>,
+    args: &libtest_mimic::Arguments,
+    name: &str,
+    f: fn() -> Result<(), libtest_mimic::Failed>,
+    why: Option<String>,
+) {
+    use libtest_mimic::Trial;
+    let required = std::env::var("LFM_REQUIRE_PYTHON_GRPC").is_ok_and(|v| v == "1");
+    match (why, required) {
+        (Some(why), true) => {
+            let msg = format!("LFM_REQUIRE_PYTHON_GRPC=1 but {why}");
+            trials.push(Trial::test(name, move || Err(msg.into())));
+        }
+        (Some(why), false) => {
+            if !args.list {
+                eprintln!("{name}: SKIPPED ({why})");
+            }
+            trials.push(Trial::test(name, f).with_ignored_flag(true));
+        }
+        (None, _) => trials.push(Trial::test(name, f)),
+    }
+}
+
+/// The Python that runs the client scripts (`$PYTHON`, else `python3`).
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}

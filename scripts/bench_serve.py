@@ -212,7 +212,10 @@ def bench_lfmd_http(args, n, port=18182):
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 ev = json.loads(line[5:])
-                if ev.get("choices") and ev["choices"][0].get("text") and ttft is None:
+                # The first chunk comes with the first token (as lfmctl
+                # load counts its first delta), even if its text is held
+                # back as an incomplete UTF-8 sequence.
+                if ev.get("choices") and ttft is None:
                     ttft = time.time() - t0
                 if ev.get("usage"):
                     tokens = ev["usage"]["completion_tokens"]

@@ -543,7 +543,7 @@ struct Chunks {
     route: Route,
     include_usage: bool,
     pending: VecDeque<sse::Event>,
-    /// The first chunk (with the assistant role) was sent.
+    /// The first chunk (a chat's carries the assistant role) was sent.
     started: bool,
     /// Index of the next tool call in the answer.
     tool_index: usize,
@@ -579,7 +579,12 @@ impl Chunks {
                     }
                 }
                 Route::Completion => {
-                    if !d.text.is_empty() {
+                    // The first token gets a chunk even when its text is
+                    // held back (an incomplete UTF-8 sequence), as a chat's
+                    // first chunk carries the role: the client sees the
+                    // answer has begun.
+                    if !d.text.is_empty() || !self.started {
+                        self.started = true;
                         self.pending
                             .push_back(data(&a.completion_chunk(&d.text, None)));
                     }

@@ -38,6 +38,7 @@ impl Daemon {
                     },
                     reload: || Err("no reload here".to_owned()),
                     watchdog: None,
+                    http: None,
                 };
                 lfmd::serve::serve(handle, exit, vec![bound], control)
                     .await

@@ -255,6 +255,34 @@ fn openai_routes_answer_on_unix_and_tcp_as_grpc_does() {
     assert_eq!(c.status, 200, "{}", c.body);
     assert_eq!(c.json()["object"], "text_completion");
     assert_eq!(c.json()["usage"]["completion_tokens"], 5);
+
+    // lfmd's `session` extra: the second turn sends only its new message
+    // and continues the kept state (its earlier tokens are not prefilled).
+    let turn = |content: &str| {
+        let a = call(
+            &unix,
+            "POST",
+            "/v1/chat/completions",
+            &chat_body(content, json!({"session": "http-s1", "max_tokens": 4})),
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.json()["usage"].clone()
+    };
+    let first = turn("Hello there.");
+    let second = turn("And then?");
+    let p1 = first["prompt_tokens"].as_u64().unwrap();
+    let p2 = second["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        p2 > p1 + 4,
+        "the session's earlier turn is in the context: {first} {second}"
+    );
+    let cached = second["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= p1,
+        "the earlier turn was not prefilled again: {second}"
+    );
 }
 
 #[test]

@@ -465,7 +465,7 @@ mod tests {
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
             .chain(["model"])
             .collect();
-        assert_eq!(keys.len(), 22, "{defaults}");
+        assert_eq!(keys.len(), 23, "{defaults}");
         for key in keys {
             let set = text.lines().any(|l| l.starts_with(&format!("{key} = ")));
             let commented = text.lines().any(|l| l.starts_with(&format!("# {key} = ")));

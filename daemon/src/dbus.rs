@@ -230,24 +230,13 @@ enum Asking {
 }
 
 /// Tool calls as `info`'s `tool_calls` gives them (a JSON array of
-/// `{"id", "name", "arguments"}`, arguments an object), or `None`.
+/// `{"id", "name", "arguments"}`, arguments an object; OpenAI's shape too),
+/// or `None`.
 fn calls_of(text: &str) -> Option<Vec<crate::tools::ToolCall>> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     v.as_array()?
         .iter()
-        .map(|c| {
-            let arguments = c.get("arguments").cloned().unwrap_or(serde_json::json!({}));
-            let name = c.get("name")?.as_str()?;
-            arguments.is_object().then(|| crate::tools::ToolCall {
-                id: c
-                    .get("id")
-                    .and_then(|i| i.as_str())
-                    .unwrap_or_default()
-                    .into(),
-                name: name.into(),
-                arguments,
-            })
-        })
+        .map(|c| crate::tools::call_from_json(c).ok())
         .collect()
 }
 
@@ -264,22 +253,7 @@ fn tools_of(text: &str) -> Result<Vec<crate::tools::Tool>, ApiError> {
     let list = v.as_array().ok_or_else(|| bad("is not an array".into()))?;
     list.iter()
         .enumerate()
-        .map(|(i, t)| {
-            let t = t.get("function").unwrap_or(t);
-            let name = t
-                .get("name")
-                .and_then(|n| n.as_str())
-                .ok_or_else(|| bad(format!("item {i} has no \"name\" string")))?;
-            Ok(crate::tools::Tool {
-                name: name.into(),
-                description: t
-                    .get("description")
-                    .and_then(|d| d.as_str())
-                    .unwrap_or_default()
-                    .into(),
-                parameters: t.get("parameters").cloned().unwrap_or_default(),
-            })
-        })
+        .map(|(i, t)| crate::tools::tool_from_json(t).map_err(|why| bad(format!("item {i} {why}"))))
         .collect()
 }
 

@@ -144,6 +144,61 @@ fn is_identifier(s: &str) -> bool {
 /// Refuses tools a call grammar cannot be built for: names that are not
 /// identifiers or repeat, parameters that are not an object schema or have
 /// names that cannot be keyword arguments.
+/// A tool as the edges' JSON gives it: `{"name", "description",
+/// "parameters"}`, or OpenAI's `{"type": "function", "function": {...}}`.
+/// `Err` says what is wrong (checked further by [`check_tools`]).
+pub fn tool_from_json(v: &Value) -> Result<Tool, String> {
+    match v.get("type").and_then(Value::as_str) {
+        None | Some("function") => {}
+        Some(k) => return Err(format!("has type {k:?}; only function tools exist")),
+    }
+    let f = v.get("function").unwrap_or(v);
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("has no \"name\" string")?;
+    Ok(Tool {
+        name: name.to_owned(),
+        description: f
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// A call as the edges' JSON gives it back: `{"id", "name", "arguments"}`,
+/// or OpenAI's `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`; `arguments` a JSON object or a string holding one
+/// (OpenAI's), absent, null or empty for none.
+pub fn call_from_json(v: &Value) -> Result<ToolCall, String> {
+    let f = v.get("function").unwrap_or(v);
+    let name = f
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("has no \"name\" string")?;
+    let arguments = match f.get("arguments") {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(Value::String(s)) if s.trim().is_empty() => Value::Object(Map::new()),
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object)
+            .ok_or("has arguments that are not a JSON object")?,
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err("has arguments that are not a JSON object".into()),
+    };
+    Ok(ToolCall {
+        id: v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        name: name.to_owned(),
+        arguments,
+    })
+}
+
 pub fn check_tools(tools: &[Tool]) -> Result<(), ToolError> {
     if tools.len() > MAX_TOOLS {
         return Err(ToolError::TooMany(tools.len()));
@@ -499,6 +554,41 @@ fn utf8_len(first: u8) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tools_and_calls_read_from_both_json_shapes() {
+        let plain =
+            serde_json::json!({"name": "f", "description": "d", "parameters": {"type": "object"}});
+        let openai = serde_json::json!({"type": "function", "function": plain.clone()});
+        assert_eq!(
+            tool_from_json(&plain).unwrap(),
+            tool_from_json(&openai).unwrap()
+        );
+        assert_eq!(tool_from_json(&plain).unwrap().description, "d");
+        assert!(tool_from_json(&serde_json::json!({"type": "retrieval"})).is_err());
+        assert!(tool_from_json(&serde_json::json!({"description": "x"})).is_err());
+        let a = call_from_json(&serde_json::json!({"id": "c", "name": "f", "arguments": {"x": 1}}))
+            .unwrap();
+        let b = call_from_json(&serde_json::json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}})).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            call_from_json(&serde_json::json!({"name": "f"}))
+                .unwrap()
+                .arguments,
+            serde_json::json!({})
+        );
+        for bad in [
+            r#"{"name": "f", "arguments": "[1]"}"#,
+            r#"{"name": "f", "arguments": 3}"#,
+            r#"{"arguments": {}}"#,
+        ] {
+            assert!(
+                call_from_json(&serde_json::from_str(bad).unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -487,38 +487,13 @@ fn message(i: usize, m: MessageBody) -> Result<ChatMessage, ApiError> {
     let mut out = ChatMessage::new(role, content);
     for (j, c) in m.tool_calls.unwrap_or_default().iter().enumerate() {
         let here = at(&format!("tool_calls[{j}]"));
-        let bad = |what: &str| {
+        let call = crate::tools::call_from_json(c).map_err(|why| {
             ApiError::invalid(
                 here.clone(),
-                format!(
-                    "{here}: {what}; send the tool_calls the answer gave, e.g. {{\"id\": \"call_1\", \"type\": \"function\", \"function\": {{\"name\": \"f\", \"arguments\": \"{{}}\"}}}}"
-                ),
+                format!("{here} {why}; send the tool_calls the answer gave, e.g. {{\"id\": \"call_1\", \"type\": \"function\", \"function\": {{\"name\": \"f\", \"arguments\": \"{{}}\"}}}}"),
             )
-        };
-        let f = c.get("function").ok_or_else(|| bad("no function"))?;
-        let name = f
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("function.name is missing"))?;
-        let arguments = match f.get("arguments") {
-            None | Some(Value::Null) => json!({}),
-            Some(Value::String(s)) if s.trim().is_empty() => json!({}),
-            Some(Value::String(s)) => serde_json::from_str::<Value>(s)
-                .ok()
-                .filter(Value::is_object)
-                .ok_or_else(|| bad("function.arguments is not a JSON object"))?,
-            Some(v @ Value::Object(_)) => v.clone(),
-            Some(_) => return Err(bad("function.arguments is not a JSON object")),
-        };
-        out.tool_calls.push(ToolCall {
-            id: c
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            name: name.to_owned(),
-            arguments,
-        });
+        })?;
+        out.tool_calls.push(call);
     }
     Ok(out)
 }
@@ -563,32 +538,12 @@ fn response_format(f: &Value) -> Result<Option<ResponseFormat>, ApiError> {
 }
 
 fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
-    let at = format!("tools[{i}]");
-    let bad = |what: &str| {
+    crate::tools::tool_from_json(t).map_err(|why| {
+        let at = format!("tools[{i}]");
         ApiError::invalid(
             at.clone(),
-            format!(
-                "{at}: {what}; a tool is {{\"type\": \"function\", \"function\": {{\"name\", \"description\", \"parameters\"}}}}"
-            ),
+            format!("{at} {why}; a tool is {{\"type\": \"function\", \"function\": {{\"name\", \"description\", \"parameters\"}}}}"),
         )
-    };
-    match t.get("type").and_then(Value::as_str) {
-        Some("function") | None => {}
-        Some(k) => return Err(bad(&format!("type {k:?} is not supported"))),
-    }
-    let f = t.get("function").unwrap_or(t);
-    let name = f
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("function.name is missing"))?;
-    Ok(Tool {
-        name: name.to_owned(),
-        description: f
-            .get("description")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
-        parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
     })
 }
 

@@ -14,6 +14,7 @@ and one chat over the Unix socket (a socket passed by socket activation).
 Prints "all checks passed" at the end.
 """
 
+import asyncio
 import collections
 import json
 import sys
@@ -224,6 +225,57 @@ def full(base, sock):
         sent["length"] += 1
         check(r.choices[0].finish_reason == "length", f"after the call: {r.choices[0]}")
         check(not r.choices[0].message.tool_calls, f"none means none: {r.choices[0].message}")
+
+    # The same call streamed, as assistants that stream tool calls read it
+    # (index, id, name, argument fragments accumulated per index).
+    stream = c.chat.completions.create(
+        model=model,
+        messages=msgs,
+        tools=tools,
+        tool_choice="required",
+        temperature=1.0,
+        seed=11,
+        max_tokens=400,
+        extra_body={"min_p": 0.0},
+        stream=True,
+    )
+    sent["tool_calls"] += 1
+    acc, finish = {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for d in chunk.choices[0].delta.tool_calls or []:
+            slot = acc.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            slot["id"] += d.id or ""
+            slot["name"] += (d.function.name or "") if d.function else ""
+            slot["arguments"] += (d.function.arguments or "") if d.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    check(finish == "tool_calls", f"streamed tool finish: {finish}")
+    check(sorted(acc) == list(range(len(acc))) and acc, f"streamed call indexes: {acc}")
+    if calls:
+        first = acc.get(0, {})
+        check(first.get("name") == calls[0].function.name, f"streamed call {first} != {calls[0]}")
+        check(
+            json.loads(first.get("arguments") or "null") == json.loads(calls[0].function.arguments),
+            f"streamed arguments {first} != {calls[0].function.arguments}",
+        )
+
+    # The async client streams the same answer.
+    async def streamed_async():
+        ac = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = ""
+        s = await ac.chat.completions.create(
+            model=model, messages=user("Tell me about the lights in the kitchen."),
+            temperature=0, max_tokens=16, stream=True,
+        )
+        async for chunk in s:
+            if chunk.choices:
+                out += chunk.choices[0].delta.content or ""
+        await ac.close()
+        return out
+
+    sent["length"] += 1
+    check(asyncio.run(streamed_async()) == text, "the async client's stream differs")
 
     # Errors in OpenAI's shape: the package raises its own exceptions.
     try:

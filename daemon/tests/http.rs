@@ -399,6 +399,37 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{}", a.body);
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // The per-user limit counts HTTP requests by the peer's uid
+    // (SO_PEERCRED on the Unix socket), as gRPC's and D-Bus's: 429
+    // `user_limit` while this user's one request runs; TCP peers are
+    // another owner.
+    let (_d, unix, tcp) = start(&["--max-per-user", "1"]);
+    let hold = long_stream(&unix, 3000);
+    let a = call(
+        &unix,
+        "POST",
+        "/v1/chat/completions",
+        &chat_body("y", json!({})),
+    );
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert_eq!(a.json()["error"]["code"], "user_limit", "{}", a.body);
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("uid "),
+        "{}",
+        a.body
+    );
+    let b = call(
+        &tcp,
+        "POST",
+        "/v1/chat/completions",
+        &chat_body("y", json!({})),
+    );
+    assert_eq!(b.status, 200, "{}", b.body);
+    drop(hold);
 }
 
 /// Raises this process's open-files limit for the idle connections.

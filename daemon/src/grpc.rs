@@ -48,35 +48,13 @@ fn client_of<T>(req: &Request<T>) -> Client {
         .get::<UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
     {
-        let owner = format!("uid:{}", cred.uid());
-        let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
-        let id = match pid {
-            Some(pid) => format!("{owner}/pid:{pid}"),
-            None => owner.clone(),
-        };
-        return Client {
-            id,
-            owner,
-            uid: Some(cred.uid()),
-            pid,
-            edge: Edge::Grpc,
-        };
+        return Client::peer(cred.uid(), cred.pid(), Edge::Grpc);
     }
     // TCP peers have no credentials: they share one owner (and one
     // per-user budget).
     match req.remote_addr() {
-        Some(a) => Client {
-            id: format!("tcp:{a}"),
-            owner: "tcp".into(),
-            edge: Edge::Grpc,
-            ..Default::default()
-        },
-        None => Client {
-            id: "unknown".into(),
-            owner: "unknown".into(),
-            edge: Edge::Grpc,
-            ..Default::default()
-        },
+        Some(a) => Client::anonymous("tcp", format!("tcp:{a}"), Edge::Grpc),
+        None => Client::anonymous("unknown", "unknown".into(), Edge::Grpc),
     }
 }
 

@@ -12,7 +12,10 @@
 
 mod common;
 
-use common::{Lfmd, find_socket_activate, needy_trial, python, socket_activated, synth_model};
+use common::{
+    Lfmd, find_socket_activate, needy_trial, python, socket_activate_missing, socket_activated,
+    synth_model,
+};
 use libtest_mimic::{Arguments, Failed};
 use std::path::Path;
 use std::process::Command;
@@ -104,9 +107,7 @@ fn on_an_activated_socket() -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let missing = python_missing();
-    let activate_missing = find_socket_activate()
-        .is_none()
-        .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
+    let activate_missing = socket_activate_missing();
     let mut trials = Vec::new();
     let t = &mut trials;
     needy_trial(

@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::{LFMD, Lfmd, find_socket_activate, needy_trial, python, synth_model};
+use common::{
+    LFMD, Lfmd, find_socket_activate, needy_trial, python, socket_activate_missing, synth_model,
+};
 use libtest_mimic::{Arguments, Failed};
 use std::process::Command;
 
@@ -127,9 +129,7 @@ fn on_an_activated_socket() -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let missing = python_missing();
-    let activate_missing = find_socket_activate()
-        .is_none()
-        .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned());
+    let activate_missing = socket_activate_missing();
     let mut trials = Vec::new();
     let t = &mut trials;
     needy_trial(

@@ -331,30 +331,10 @@ impl Conn {
     fn client(&self) -> Client {
         match self {
             Conn::Unix(s) => match s.peer_cred() {
-                Ok(cred) => {
-                    let owner = format!("uid:{}", cred.uid());
-                    let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
-                    Client {
-                        id: pid.map_or_else(|| owner.clone(), |p| format!("{owner}/pid:{p}")),
-                        owner,
-                        uid: Some(cred.uid()),
-                        pid,
-                        edge: Edge::Http,
-                    }
-                }
-                Err(_) => Client {
-                    id: "unix".into(),
-                    owner: "unix".into(),
-                    edge: Edge::Http,
-                    ..Client::default()
-                },
+                Ok(cred) => Client::peer(cred.uid(), cred.pid(), Edge::Http),
+                Err(_) => Client::anonymous("unix", "unix".into(), Edge::Http),
             },
-            Conn::Tcp(_, a) => Client {
-                id: format!("tcp:{a}"),
-                owner: "tcp".into(),
-                edge: Edge::Http,
-                ..Client::default()
-            },
+            Conn::Tcp(_, a) => Client::anonymous("tcp", format!("tcp:{a}"), Edge::Http),
         }
     }
 }
@@ -367,12 +347,7 @@ async fn body_of(req: Request) -> Result<(Client, Bytes), ApiError> {
         .extensions()
         .get::<Peer>()
         .map(|p| p.0.clone())
-        .unwrap_or_else(|| Client {
-            id: "unknown".into(),
-            owner: "unknown".into(),
-            edge: Edge::Http,
-            ..Client::default()
-        });
+        .unwrap_or_else(|| Client::anonymous("unknown", "unknown".into(), Edge::Http));
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -109,6 +109,34 @@ pub struct Client {
     pub edge: Edge,
 }
 
+impl Client {
+    /// A peer known by its Unix-socket credentials: one user (`uid:N`), one
+    /// process within it (`uid:N/pid:M` when the pid is known).
+    pub fn peer(uid: u32, pid: Option<i32>, edge: Edge) -> Client {
+        let owner = format!("uid:{uid}");
+        let pid = pid.and_then(|p| u32::try_from(p).ok());
+        Client {
+            id: pid.map_or_else(|| owner.clone(), |p| format!("{owner}/pid:{p}")),
+            owner,
+            uid: Some(uid),
+            pid,
+            edge,
+        }
+    }
+
+    /// A peer without credentials (`kind` "tcp", "unix", "unknown"; `id`
+    /// its address if any): all such peers of one kind share one owner, so
+    /// one per-user budget.
+    pub fn anonymous(kind: &str, id: String, edge: Edge) -> Client {
+        Client {
+            id,
+            owner: kind.into(),
+            edge,
+            ..Client::default()
+        }
+    }
+}
+
 /// The API a request came through.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Edge {

@@ -67,13 +67,6 @@ impl Metrics {
             .get_or_create(&[("edge", edge.as_str()), ("reason", reason)])
             .inc();
     }
-
-    /// The count of requests from `edge` that ended with `finish_reason`.
-    pub fn ended(&self, edge: Edge, finish_reason: &'static str) -> u64 {
-        self.requests
-            .get(&[("edge", edge.as_str()), ("finish_reason", finish_reason)])
-            .map_or(0, |c| c.get())
-    }
 }
 
 /// One accepted request's entry in the outcome counts: ended once, with

@@ -56,6 +56,14 @@ pub fn find_socket_activate() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
+/// Why a trial that needs `systemd-socket-activate` cannot run, if it
+/// cannot (for [`needy_trial`]).
+pub fn socket_activate_missing() -> Option<String> {
+    find_socket_activate()
+        .is_none()
+        .then(|| "systemd-socket-activate is missing (apt-get install systemd)".to_owned())
+}
+
 /// `ACTIVATE -l SOCKET --fdname=grpc lfmd serve --model MODEL`: the
 /// activator listens and starts lfmd at the first connection, passing the
 /// socket as systemd would.

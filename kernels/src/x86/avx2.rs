@@ -467,6 +467,11 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
 /// broadcasts are shared by 16 rows instead of 8 (the same integer dots and
 /// float steps per row, so the same bits).
 ///
+/// A copy of [`accumulate`]'s steps on purpose: one function generic over
+/// the group count (tried) compiled the single-group decode path 18-26%
+/// slower for Q8_0 (`matmul/q8_0/avx2/decode`), through LLVM's inlining
+/// and register choices, not its arithmetic. Change both together.
+///
 /// # Safety
 /// As [`accumulate`].
 #[allow(clippy::too_many_arguments)]

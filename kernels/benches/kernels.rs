@@ -263,6 +263,8 @@ fn main() {
                 format!("dot/{name}/{isa}/2x4"),
                 format!("matmul/{name}/{isa}/decode-dram"),
                 format!("matmul/{name}/default/decode-dram"),
+                format!("matmul/{name}/{isa}/few8-dram"),
+                format!("matmul/{name}/default/few8-dram"),
             ];
             v.extend(sizes(isa).into_iter().map(|(_, n)| n));
             v.extend(sizes("default").into_iter().map(|(_, n)| n));
@@ -282,17 +284,17 @@ fn main() {
             matmul(&pool, pick(n), m, ROWS, COLS, row, &acts, act_row, n, y);
             black_box(y);
         };
-        // Decode as the model meets it: one token against a run of distinct
-        // matrices far larger than the last-level cache, each its own
-        // product (and pool barrier), so the weights stream from DRAM as
-        // they do per token.
-        let dram = |bench: &str, pick: &dyn Fn(usize) -> Kernel| {
+        // Decode as the model meets it: `n` tokens (one, or a serving
+        // step's 8) against a run of distinct matrices far larger than the
+        // last-level cache, each its own product (and pool barrier), so the
+        // weights stream from DRAM as they do per step.
+        let dram = |bench: &str, pick: &dyn Fn(usize) -> Kernel, n: usize| {
             if run.wants(bench) {
                 let big = w.repeat(DRAM_MATRICES);
-                let mut y = vec![0.0f32; ROWS];
+                let mut y = vec![0.0f32; n * ROWS];
                 run.bench(bench, big.len(), ROWS * DRAM_MATRICES, || {
                     for m in big.chunks_exact(w.len()) {
-                        product(pick, m, 1, &mut y);
+                        product(pick, m, n, &mut y);
                     }
                 });
             }
@@ -323,7 +325,8 @@ fn main() {
                 let mut y = vec![0.0f32; n * ROWS];
                 run.bench(&bench, w.len(), ROWS, || product(&own, &w, n, &mut y));
             }
-            dram(&format!("matmul/{name}/{isa_name}/decode-dram"), &own);
+            dram(&format!("matmul/{name}/{isa_name}/decode-dram"), &own, 1);
+            dram(&format!("matmul/{name}/{isa_name}/few8-dram"), &own, 8);
         }
         let engine = |n: usize| kernel(best, ty, n);
         for (n, bench) in sizes("default") {
@@ -333,6 +336,7 @@ fn main() {
             let mut y = vec![0.0f32; n * ROWS];
             run.bench(&bench, w.len(), ROWS, || product(&engine, &w, n, &mut y));
         }
-        dram(&format!("matmul/{name}/default/decode-dram"), &engine);
+        dram(&format!("matmul/{name}/default/decode-dram"), &engine, 1);
+        dram(&format!("matmul/{name}/default/few8-dram"), &engine, 8);
     }
 }

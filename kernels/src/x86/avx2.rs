@@ -432,7 +432,8 @@ unsafe fn direct<const Q8: bool, const N: usize>(
     }
 }
 
-/// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`.
+/// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`;
+/// `ahead` brings the rows below to L2 meanwhile.
 ///
 /// # Safety
 /// As [`panel`] checked; `packed` holds `nb` packed blocks.
@@ -444,12 +445,14 @@ unsafe fn from_packed<const Q8: bool, const N: usize>(
     t0: usize,
     r0: usize,
     out: Out,
+    ahead: Ahead,
 ) {
     let nb = sums.nb;
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let (d, s) = token_args::<N>(sums, t0);
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, p) in packed.chunks_exact(packed_regs(Q8)).take(nb).enumerate() {
+        ahead.block(i, nb);
         let (lo, hi) = split_block::<Q8>(p);
         let dw = _mm256_castsi256_ps(p[packed_regs(Q8) - 1]);
         // SAFETY: xs[t] holds nb blocks (checked by ActSums::new), and so
@@ -520,7 +523,8 @@ unsafe fn accumulate2<const Q8: bool, const N: usize>(
 }
 
 /// Tokens `t0..t0 + N` against a panel's two packed groups (rows `0..8`
-/// from `pa`, the rest from `pb`).
+/// from `pa`, the rest from `pb`); `ahead` brings the rows below to L2
+/// meanwhile.
 ///
 /// # Safety
 /// As [`panel`] checked; `pa` and `pb` hold `nb` packed blocks each, and
@@ -533,6 +537,7 @@ unsafe fn from_packed2<const Q8: bool, const N: usize>(
     sums: &ActSums,
     t0: usize,
     out: Out,
+    ahead: Ahead,
 ) {
     let nb = sums.nb;
     let regs = packed_regs(Q8);
@@ -545,6 +550,7 @@ unsafe fn from_packed2<const Q8: bool, const N: usize>(
         .take(nb)
         .enumerate()
     {
+        ahead.block(i, nb);
         let (lo_a, hi_a) = split_block::<Q8>(p);
         let (lo_b, hi_b) = split_block::<Q8>(q);
         let dw_a = _mm256_castsi256_ps(p[regs - 1]);
@@ -674,10 +680,10 @@ unsafe fn panel_of<const Q8: bool>(
             let mut t0 = 0;
             while t0 < n {
                 let len = (n - t0).min(TILE);
-                prefetch_share(next, rows * row_bytes, n, t0);
+                let ahead = Ahead::share(next, rows * row_bytes, n, t0);
                 // SAFETY: as [`panel`] checked; both halves hold nb blocks,
                 // and rows > GROUP.
-                unsafe { by_len!(len, from_packed2::<Q8>, (pa, pb, xs, sums, t0, out)) };
+                unsafe { by_len!(len, from_packed2::<Q8>, (pa, pb, xs, sums, t0, out, ahead)) };
                 t0 += len;
             }
         });
@@ -704,9 +710,15 @@ unsafe fn panel_of<const Q8: bool>(
             let mut t0 = 0;
             while t0 < n {
                 let len = (n - t0).min(TILE);
-                prefetch_share(next, GROUP * row_bytes, n, t0);
+                let ahead = Ahead::share(next, GROUP * row_bytes, n, t0);
                 // SAFETY: as [`panel`] checked; packed holds nb blocks.
-                unsafe { by_len!(len, from_packed::<Q8>, (packed, xs, sums, t0, r0, out)) };
+                unsafe {
+                    by_len!(
+                        len,
+                        from_packed::<Q8>,
+                        (packed, xs, sums, t0, r0, out, ahead)
+                    )
+                };
                 t0 += len;
             }
         });
@@ -741,18 +753,36 @@ unsafe fn pack_group<const Q8: bool>(
     }
 }
 
-/// Before the token tile at `t0` of `n`: that tile's share of the `len`
-/// bytes at `next` (the rows below, usually this thread's next) to L2, so
-/// they arrive while the packed rows are used. A hint: an address past the
-/// mapping is harmless.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_share(next: *const u8, len: usize, n: usize, t0: usize) {
-    let per_tile = len.div_ceil(n.div_ceil(TILE)).div_ceil(64) * 64;
-    let k = t0 / TILE;
-    let end = ((k + 1) * per_tile).min(len);
-    for off in (k * per_tile..end).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
+/// The share of the next rows a token tile brings to L2 while it
+/// computes, a few lines per block: issued all at once, the hints of a
+/// whole share queue behind each other and stall the tile.
+#[derive(Clone, Copy)]
+pub(super) struct Ahead {
+    at: *const u8,
+    lines: usize,
+}
+
+impl Ahead {
+    /// The tile at `t0` of `n` tokens: its share of the `len` bytes at
+    /// `next` (the rows below, usually this thread's next).
+    pub(super) fn share(next: *const u8, len: usize, n: usize, t0: usize) -> Ahead {
+        let per_tile = len.div_ceil(n.div_ceil(TILE)).div_ceil(64) * 64;
+        let start = (t0 / TILE * per_tile).min(len);
+        let end = (start + per_tile).min(len);
+        Ahead {
+            at: next.wrapping_add(start),
+            lines: (end - start) / 64,
+        }
+    }
+
+    /// Before block `i` of `nb`: this block's lines of the share. A hint:
+    /// an address past the mapping is harmless.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn block(self, i: usize, nb: usize) {
+        for line in i * self.lines / nb..(i + 1) * self.lines / nb {
+            _mm_prefetch::<_MM_HINT_T1>(self.at.wrapping_add(line * 64).cast());
+        }
     }
 }
 

@@ -22,7 +22,7 @@
 //! 2 * 16128) before `vpmaddwd` applies the sub-block scale in i32.
 
 use super::avx2::{
-    GROUP, NextGroup, TILE, by_len, group_rows, load_pair, load_pairs4, row_f16s, sum_pairs,
+    Ahead, GROUP, NextGroup, TILE, by_len, group_rows, load_pair, load_pairs4, row_f16s, sum_pairs,
     transpose4, with_packed,
 };
 use super::avx512::{Out, check_panel};
@@ -616,7 +616,8 @@ unsafe fn q6k_one(
     unsafe { out.store8(0, r0, acc) };
 }
 
-/// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`.
+/// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`;
+/// `ahead` brings the rows below to L2 meanwhile.
 ///
 /// # Safety
 /// As [`panel`] checked; `packed` holds `nb` packed blocks.
@@ -627,10 +628,13 @@ unsafe fn from_packed<const F: u8, const N: usize>(
     t0: usize,
     r0: usize,
     out: Out,
+    ahead: Ahead,
 ) {
     let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t].as_ptr());
     let mut acc = [_mm256_setzero_ps(); N];
+    let nb = packed.len() / regs(F);
     for (i, blk) in packed.chunks_exact(regs(F)).enumerate() {
+        ahead.block(i, nb);
         // SAFETY: xs[t] holds as many blocks as packed (checked by `panel`).
         unsafe { accumulate::<F, N>(blk, &x, i, &mut acc) };
     }
@@ -719,19 +723,12 @@ unsafe fn panel_of<const F: u8>(
             // The group below (usually this thread's next) goes to L2 a
             // share per token tile while this one is used.
             let next = g.as_ptr().wrapping_add(GROUP * row_bytes);
-            let tiles = n.div_ceil(TILE);
-            let per_tile = (GROUP * row_bytes).div_ceil(tiles).div_ceil(64) * 64;
             let mut t0 = 0;
             while t0 < n {
                 let len = (n - t0).min(TILE);
-                let k = t0 / TILE;
-                let end = ((k + 1) * per_tile).min(GROUP * row_bytes);
-                for off in (k * per_tile..end).step_by(64) {
-                    // A hint: an address past the mapping is harmless.
-                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(off).cast());
-                }
+                let ahead = Ahead::share(next, GROUP * row_bytes, n, t0);
                 // SAFETY: as [`panel`] checked; packed holds nb blocks.
-                unsafe { by_len!(len, from_packed::<F>, (packed, xs, t0, r0, out)) };
+                unsafe { by_len!(len, from_packed::<F>, (packed, xs, t0, r0, out, ahead)) };
                 t0 += len;
             }
         });

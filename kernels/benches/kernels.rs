@@ -270,7 +270,17 @@ fn main() {
             v.extend(sizes("default").into_iter().map(|(_, n)| n));
             v
         };
-        if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n))) {
+        let stream_names = || {
+            let mut v = vec![
+                format!("matmul/{name}/avx512s/decode-dram"),
+                format!("matmul/{name}/avx512s/few8-dram"),
+            ];
+            v.extend(sizes("avx512s").into_iter().map(|(_, n)| n));
+            v
+        };
+        if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n)))
+            && !stream_names().iter().any(|n| run.wants(n))
+        {
             continue; // skip quantizing weights nobody asked for
         }
         let w = weights(ty);
@@ -327,6 +337,16 @@ fn main() {
             }
             dram(&format!("matmul/{name}/{isa_name}/decode-dram"), &own, 1);
             dram(&format!("matmul/{name}/{isa_name}/few8-dram"), &own, 8);
+        }
+        // The AVX-512 stream family, where this CPU and type have one.
+        if let Some(k) = lfm_kernels::dispatch::stream_kernel(ty) {
+            let own = |_: usize| k;
+            for (n, bench) in sizes("avx512s") {
+                let mut y = vec![0.0f32; n * ROWS];
+                run.bench(&bench, w.len(), ROWS, || product(&own, &w, n, &mut y));
+            }
+            dram(&format!("matmul/{name}/avx512s/decode-dram"), &own, 1);
+            dram(&format!("matmul/{name}/avx512s/few8-dram"), &own, 8);
         }
         let engine = |n: usize| kernel(best, ty, n);
         for (n, bench) in sizes("default") {

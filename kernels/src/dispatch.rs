@@ -113,8 +113,8 @@ fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     let format = match kind {
         PanelFormat::Legacy(f) | PanelFormat::Avx2(f) => f,
-        PanelFormat::K(_) | PanelFormat::Avx2K(_) => {
-            unreachable!("k-quant panels go through kpanel_rows")
+        PanelFormat::K(_) | PanelFormat::Avx2K(_) | PanelFormat::Stream(_) => {
+            unreachable!("k-quant panels go through kpanel_rows; stream kernels are not row dots")
         }
     };
     let sums = ActSums::new(format, xs, n / 32);
@@ -334,6 +334,56 @@ pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
     }
 }
 
+/// On an AVX-512 CPU with VNNI and VBMI, the largest product (in tokens)
+/// that streams weight rows in 16-block chunks (`x86/avx512s.rs`) instead
+/// of taking the family [`family`] picks; 0 where no stream kernel exists
+/// for `ty`.
+///
+/// Measured (Zen 4 VM, 2 threads, `cargo bench -p lfm-kernels --bench
+/// kernels -- matmul/q4_0/`, GB/s of weights, stream / AVX2 groups):
+///
+/// | tokens | 1 | 2 | 4 | 6 | 8 | 1, DRAM | 8, DRAM |
+/// | --- | --- | --- | --- | --- | --- | --- | --- |
+/// | Q4_0 | 49 / 39-42 | 34 / 25-30 | 21 / 14-19 | 6.8 / 7.7 (1 thread) | 5.5 / 6.5 (1 thread) | 26-29 / 23-24 | 6.7 / 8.7 |
+///
+/// Past 4 tokens the stream kernel reads each row once per 4-token tile
+/// and the AVX2 groups' unpacked panels win. All give the scalar
+/// reference's bits, so the choice never changes a result.
+pub fn stream_up_to_tokens(ty: WeightType) -> usize {
+    match ty {
+        WeightType::Q4_0 => 4,
+        _ => 0,
+    }
+}
+
+/// Whether this CPU runs the stream kernels (AVX-512 F/BW/VL, VNNI, VBMI).
+pub fn has_stream() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.available()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The stream kernel for `ty`, if this CPU runs one: what [`kernel`] picks
+/// on AVX-512 up to [`stream_up_to_tokens`]. Benchmarks and tests reach
+/// the family through it.
+pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    if has_stream() && ty == WeightType::Q4_0 {
+        return Some(Kernel::Panel(PanelKernel {
+            format: PanelFormat::Stream(Format::Q4_0),
+        }));
+    }
+    let _ = ty;
+    None
+}
+
 /// The kernel family that runs a product of `tokens` activation rows with
 /// `ty` weights when the chosen path is `isa` on a CPU with (`vnni`) or
 /// without AVX-512 VNNI: `isa` itself, except on AVX-512 where the AVX2
@@ -362,17 +412,28 @@ pub fn has_vnni() -> bool {
 }
 
 /// How a product of `tokens` activation rows with weights of `ty` runs on
-/// `isa` (which must be available): the faster family for that size
-/// ([`family`]), then that family's kernel ([`family_kernel`]). Every choice
-/// for a type gives the same bits, so a sequence's results never depend on
-/// how many tokens share its products.
+/// `isa` (which must be available): on AVX-512 the stream kernel up to
+/// [`stream_up_to_tokens`] where this CPU has it, else the faster family
+/// for that size ([`family`]), then that family's kernel
+/// ([`family_kernel`]). Every choice for a type gives the same bits, so a
+/// sequence's results never depend on how many tokens share its products.
 pub fn kernel(isa: Isa, ty: WeightType, tokens: usize) -> Kernel {
+    if isa == Isa::Avx512
+        && tokens <= stream_up_to_tokens(ty)
+        && let Some(k) = stream_kernel(ty)
+    {
+        return k;
+    }
     family_kernel(family(isa, has_vnni(), ty, tokens), ty)
 }
 
 /// The name of the kernel family [`kernel`] runs for `tokens` rows of `ty`
-/// on `isa`, as `Isa`'s display (`avx2`, `avx512+vnni`, …): for reports.
+/// on `isa`, as `Isa`'s display (`avx2`, `avx512+vnni`, …, and `avx512+vnni
+/// stream` for the stream kernels): for reports.
 pub fn kernel_name(isa: Isa, ty: WeightType, tokens: usize) -> String {
+    if isa == Isa::Avx512 && tokens <= stream_up_to_tokens(ty) && stream_kernel(ty).is_some() {
+        return format!("{isa} stream");
+    }
     family(isa, has_vnni(), ty, tokens).to_string()
 }
 
@@ -636,6 +697,23 @@ mod tests {
     /// the crossover, AVX-512 beyond it, floats and the tile-only legacy
     /// types always AVX-512; nothing changes on other paths or without VNNI.
     /// Pure, so it runs on any CPU (`tests/isa_paths.rs` runs the kernels).
+    /// Only Q4_0 has a stream kernel, for one to four tokens; where the CPU
+    /// runs it, `kernel` and `kernel_name` pick it for exactly those sizes.
+    #[test]
+    fn stream_kernels_serve_one_to_four_q4_0_tokens() {
+        for ty in WeightType::ALL {
+            let want = if ty == WeightType::Q4_0 { 4 } else { 0 };
+            assert_eq!(stream_up_to_tokens(ty), want, "{ty:?}");
+            assert_eq!(stream_kernel(ty).is_some(), has_stream() && want > 0);
+        }
+        if has_stream() {
+            for n in 1..=9 {
+                let name = kernel_name(Isa::Avx512, WeightType::Q4_0, n);
+                assert_eq!(name.ends_with("stream"), n <= 4, "{n}: {name}");
+            }
+        }
+    }
+
     #[test]
     fn avx512_cpus_take_the_avx2_kernels_for_few_tokens() {
         use WeightType::*;

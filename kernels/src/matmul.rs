@@ -140,6 +140,9 @@ pub(crate) enum PanelFormat {
     K(crate::x86::avx512k::KFormat),
     /// 8-row k-quant groups on AVX2 (`x86/avx2k.rs`), the same bits as `K`.
     Avx2K(crate::x86::avx512k::KFormat),
+    /// Rows streamed in 16-block chunks on AVX-512 VNNI/VBMI
+    /// (`x86/avx512s.rs`), the same bits as `Legacy`.
+    Stream(crate::x86::avx512::Format),
 }
 
 /// With many tokens, work units are dealt a few at a time: each panel
@@ -169,6 +172,7 @@ pub struct MatJob<'a> {
 enum Side {
     None,
     Sums(crate::x86::avx512::ActSums),
+    Stream(crate::x86::avx512s::StreamActs),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -179,6 +183,12 @@ fn side(job: &MatJob<'_>) -> Side {
             format: PanelFormat::Legacy(f) | PanelFormat::Avx2(f),
         }) => Side::Sums(crate::x86::avx512::ActSums::new(
             f,
+            &job.acts,
+            job.cols / 32,
+        )),
+        Kernel::Panel(PanelKernel {
+            format: PanelFormat::Stream(_),
+        }) => Side::Stream(crate::x86::avx512s::StreamActs::new(
             &job.acts,
             job.cols / 32,
         )),
@@ -305,8 +315,18 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                                     out,
                                 )
                             },
-                            (PanelFormat::Legacy(_) | PanelFormat::Avx2(_), Side::None) => {
-                                unreachable!("legacy panel jobs get activation sums")
+                            // SAFETY: a Stream PanelKernel exists only after
+                            // dispatch found AVX-512 F/BW/VL/VNNI/VBMI.
+                            (PanelFormat::Stream(f), Side::Stream(acts)) => unsafe {
+                                crate::x86::avx512s::panel(f, w, job.row_bytes, rows, acts, out)
+                            },
+                            (
+                                PanelFormat::Legacy(_)
+                                | PanelFormat::Avx2(_)
+                                | PanelFormat::Stream(_),
+                                _,
+                            ) => {
+                                unreachable!("legacy panel jobs get their activation side")
                             }
                         }
                     }

@@ -29,20 +29,31 @@ use libtest_mimic::{Arguments, Trial};
 struct Family {
     name: &'static str,
     isa: Isa,
+    /// The AVX-512 stream kernels (`dispatch::stream_kernel`) for the types
+    /// that have one, the `isa` family's for the rest.
+    stream: bool,
 }
 
-const FAMILIES: [Family; 3] = [
+const FAMILIES: [Family; 4] = [
     Family {
         name: "avx2",
         isa: Isa::Avx2,
+        stream: false,
     },
     Family {
         name: "avx512",
         isa: Isa::Avx512,
+        stream: false,
+    },
+    Family {
+        name: "avx512s",
+        isa: Isa::Avx512,
+        stream: true,
     },
     Family {
         name: "neon",
         isa: Isa::Neon,
+        stream: false,
     },
 ];
 
@@ -59,9 +70,28 @@ impl Family {
             Isa::Avx512 if !(Isa::Avx512.available() && has_vnni()) => {
                 Some("this CPU lacks AVX-512 F/BW/VL/VNNI")
             }
+            Isa::Avx512 if self.stream && !lfm_kernels::dispatch::has_stream() => {
+                Some("this CPU lacks AVX-512 VBMI")
+            }
             Isa::Neon if !Isa::Neon.available() => Some("not an aarch64 CPU with NEON"),
             _ => None,
         }
+    }
+
+    /// The family's kernel for `ty`, whatever the token count.
+    fn kernel(self, ty: WeightType) -> Kernel {
+        if self.stream
+            && let Some(k) = lfm_kernels::dispatch::stream_kernel(ty)
+        {
+            return k;
+        }
+        family_kernel(self.isa, ty)
+    }
+
+    /// Whether the family has a kernel of its own for `ty` (the stream
+    /// family only for the types with a stream kernel).
+    fn covers(self, ty: WeightType) -> bool {
+        !self.stream || lfm_kernels::dispatch::stream_up_to_tokens(ty) > 0
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -160,7 +190,7 @@ fn raw(fam: Family, ty: WeightType, rng: &mut Rng, extreme: bool) -> Matrix {
     let cols = COLS;
     let extreme = extreme && matches!(ty, WeightType::Q4_0 | WeightType::Q8_0);
     let row = ty.row_bytes(cols);
-    let panel = matches!(family_kernel(fam.isa, ty), Kernel::Panel(_));
+    let panel = matches!(fam.kernel(ty), Kernel::Panel(_));
     let stride = row + if panel { ty.block_bytes() } else { 0 };
     let mut bytes: Vec<u8> = (0..ROWS * stride).map(|_| rng.byte()).collect();
     // Where each block's f16 scales sit.
@@ -353,17 +383,11 @@ fn products_of(fam: Family, m: &Matrix, acts: &(Vec<u8>, usize), label: &str) {
                 .collect()
         })
         .collect();
-    let alone = product(
-        &ThreadPool::new(1),
-        family_kernel(fam.isa, ty),
-        m,
-        acts,
-        TOKENS,
-    );
+    let alone = product(&ThreadPool::new(1), fam.kernel(ty), m, acts, TOKENS);
     for threads in [1, 2, 3] {
         let pool = ThreadPool::new(threads);
         for n in COUNTS {
-            let y = product(&pool, family_kernel(fam.isa, ty), m, acts, n);
+            let y = product(&pool, fam.kernel(ty), m, acts, n);
             for t in 0..n {
                 for r in 0..ROWS {
                     let got = y[t * ROWS + r];
@@ -386,7 +410,7 @@ fn products(fam: Family, ty: WeightType) {
     let mut rng = Rng(5 + ty as u64);
     // Rows further apart than their size (a sub-matrix view) where the
     // kernel is a panel: row dots take whole strides as rows.
-    let panel = matches!(family_kernel(fam.isa, ty), Kernel::Panel(_));
+    let panel = matches!(fam.kernel(ty), Kernel::Panel(_));
     let pads = if panel {
         vec![0, ty.block_bytes()]
     } else {
@@ -714,6 +738,22 @@ fn main() {
                 None => t,
             });
         };
+        if fam.stream {
+            // Products only, of the types with a stream kernel: its row
+            // dots, float dots and quantizers are the AVX-512 family's.
+            for ty in WeightType::ALL.into_iter().filter(|&t| fam.covers(t)) {
+                let n = ty.name().to_ascii_lowercase();
+                add(
+                    format!("products::{n}"),
+                    Box::new(move || products(fam, ty)),
+                );
+                add(
+                    format!("extremes::{n}"),
+                    Box::new(move || extremes(fam, ty)),
+                );
+            }
+            continue;
+        }
         for ty in WeightType::ALL {
             let n = ty.name().to_ascii_lowercase();
             add(

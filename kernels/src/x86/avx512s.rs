@@ -1,0 +1,458 @@
+//! AVX-512 VNNI products of Q4_0 weight rows with one to four Q8_0
+//! activation rows that stream each weight row from the mapping once, in
+//! address order: *blocks in lanes*.
+//!
+//! The panels of `avx512.rs` put one weight row in each lane, which makes
+//! every block a gather across 16 rows: cheap once a gathered block serves
+//! many tokens, the bottleneck for one. Here a row's blocks are taken 16 at
+//! a time (a *chunk*, 288 contiguous bytes): five 64-byte loads, one byte
+//! permute per four blocks puts each block's 16 packed bytes in its own
+//! 128-bit lane, `vpdpbusd` multiplies them by the activation quants
+//! arranged the same way ([`StreamActs`], built once per product), and one
+//! reduction tree leaves each block's integer dot in its own 32-bit lane.
+//! The scales come out of the same loads by a word permute. So each row is
+//! read once, front to back, with no gather and no horizontal sum per row:
+//! per 16 blocks about 56 zmm operations where the AVX2 groups need about
+//! 146 ymm ones (measured, Zen 4, 2 threads: 49 GB/s from cache against
+//! the AVX2 groups' 39-42, 26-29 GB/s from DRAM against 23-24).
+//!
+//! Numerics: the block's integer dot is exact and its float steps are the
+//! scalar reference's, `(sum * d_w) * d_x`, computed per lane. The sum over
+//! blocks must run in block order from block 0 (`acc += block`), so the
+//! block values of the panel's 16 rows are transposed (rows into lanes)
+//! and added one block at a time. Every output is bit-identical to
+//! `scalar::vec_dot`, as the AVX2 groups and the AVX-512 panels are, so the
+//! engine may pick any of them by token count.
+
+use std::arch::x86_64::*;
+
+use super::avx512::{Format, Out, PANEL, check_panel, with_panel_buffer};
+
+/// Blocks per chunk: one per 32-bit lane of a zmm register.
+const CHUNK: usize = 16;
+/// Tokens per pass over the rows: each pass keeps its tokens' block values
+/// of every chunk in the thread's panel buffer.
+pub const TILE: usize = 4;
+const Q4_0_BYTES: usize = 18;
+const Q8_0_BYTES: usize = 34;
+/// Bytes of a full chunk of Q4_0 blocks.
+const CHUNK_BYTES: usize = CHUNK * Q4_0_BYTES;
+/// How far ahead of the chunk at hand its row's stream is brought to L2:
+/// the rows of a panel (and the panels of a thread) lie one after the
+/// other, so this runs ahead through page boundaries, where the hardware
+/// prefetcher stops. Measured (`matmul/q4_0/avx512s/decode-dram`, Zen 4,
+/// 2 threads): 21-22 GB/s without, 24 at 4 KiB, 26-29 at 6-8 KiB, 24-27 at
+/// 12-16 KiB; hints to L1 at 0.5-1 KiB did not help.
+const AHEAD: usize = 8192;
+/// Registers per (token, chunk) in [`StreamActs`]: the low and high quant
+/// halves of four groups of four blocks, the offset sums, the scales.
+const PER_CHUNK: usize = 10;
+
+/// The lane of a chunk's sums that holds block `b` (and the block lane `p`
+/// holds: the map is its own inverse). The reduction tree leaves the dot of
+/// block `4j + l` in lane `4l + j`.
+const fn lane_of(b: usize) -> usize {
+    4 * (b % 4) + b / 4
+}
+
+/// 16 lanes of 32 bits, aligned for one zmm load.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Lanes([i32; 16]);
+
+/// The activation rows of a product as the stream kernel reads them: for
+/// each token and chunk, the quants of each group of four blocks in the
+/// layout of the permuted weights (128-bit lane `l` of group `g` holds
+/// block `4g + l`'s quants 0..16, then in a second register 16..32), and
+/// the blocks' offset sums (`8 * sum(x)`) and scales in lane order. Built
+/// once per product; lanes past a row's last block hold zeros.
+pub struct StreamActs {
+    nb: usize,
+    chunks: usize,
+    n: usize,
+    lanes: Vec<Lanes>,
+}
+
+impl StreamActs {
+    /// The lanes of `xs` (Q8_0 rows of at least `nb` blocks) against Q4_0
+    /// weights.
+    ///
+    /// # Panics
+    /// If an activation row is shorter than `nb` blocks.
+    pub fn new(xs: &[&[u8]], nb: usize) -> StreamActs {
+        let chunks = nb.div_ceil(CHUNK);
+        let mut lanes = vec![Lanes([0; 16]); xs.len() * chunks * PER_CHUNK];
+        let off = Format::Q4_0.offset();
+        for (t, x) in xs.iter().enumerate() {
+            assert!(x.len() >= nb * Q8_0_BYTES, "activation row too short");
+            for (b, blk) in x[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES).enumerate() {
+                let (c, k) = (b / CHUNK, b % CHUNK);
+                let base = (t * chunks + c) * PER_CHUNK;
+                let (g, l) = (k / 4, k % 4);
+                let dword = |at: usize| {
+                    i32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
+                };
+                for i in 0..4 {
+                    lanes[base + g].0[4 * l + i] = dword(2 + 4 * i);
+                    lanes[base + 4 + g].0[4 * l + i] = dword(18 + 4 * i);
+                }
+                let sum: i32 = blk[2..].iter().map(|&q| i32::from(q as i8)).sum();
+                lanes[base + 8].0[lane_of(k)] = off * sum;
+                let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                lanes[base + 9].0[lane_of(k)] = d.to_bits() as i32;
+            }
+        }
+        StreamActs {
+            nb,
+            chunks,
+            n: xs.len(),
+            lanes,
+        }
+    }
+
+    /// The registers of token `t`, chunk `c`.
+    fn of(&self, t: usize, c: usize) -> &[Lanes; PER_CHUNK] {
+        let at = (t * self.chunks + c) * PER_CHUNK;
+        self.lanes[at..at + PER_CHUNK]
+            .try_into()
+            .expect("PER_CHUNK registers per token and chunk")
+    }
+}
+
+/// A zmm register from aligned lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reg(l: &Lanes) -> __m512i {
+    // SAFETY: `Lanes` is 64 bytes, aligned to 64.
+    unsafe { _mm512_load_si512(l.0.as_ptr().cast()) }
+}
+
+/// Byte indices of the permute that moves group `g`'s four blocks (72
+/// bytes from `72 g` of the chunk, inside loads `g` and `g + 1`) so that
+/// 128-bit lane `l` holds block `4g + l`'s 16 packed quant bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn group_index(g: usize) -> __m512i {
+    let mut idx = [0u8; 64];
+    for (j, v) in idx.iter_mut().enumerate() {
+        let (l, i) = (j / 16, j % 16);
+        // Chunk byte 72g + 18l + 2 + i, less load g's start (64g).
+        *v = (8 * g + Q4_0_BYTES * l + 2 + i) as u8;
+    }
+    // SAFETY: idx is 64 readable bytes.
+    unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
+}
+
+/// Word indices (and the lanes each applies to) of the three permutes that
+/// gather a chunk's 16 scales, in lane order, from loads (0, 1), (2, 3)
+/// and (3, 4): block `b`'s scale is the word at chunk byte `18 b`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn scale_index() -> ([__m512i; 3], [__mmask32; 3]) {
+    let mut idx = [[0u16; 32]; 3];
+    let mut masks = [0u32; 3];
+    for (p, bit) in (0..CHUNK).map(|p| (p, 1u32 << p)) {
+        let word = Q4_0_BYTES * lane_of(p) / 2;
+        let (k, base) = match word {
+            0..64 => (0, 0),
+            64..128 => (1, 64),
+            _ => (2, 96),
+        };
+        idx[k][p] = (word - base) as u16;
+        masks[k] |= bit;
+    }
+    // SAFETY: each idx row is 64 readable bytes.
+    let idx = idx.map(|i| unsafe { _mm512_loadu_si512(i.as_ptr().cast()) });
+    (idx, masks)
+}
+
+/// The permutes of a chunk, built once per panel call.
+#[derive(Clone, Copy)]
+struct Perms {
+    group: [__m512i; 4],
+    scale: [__m512i; 3],
+    scale_mask: [__mmask32; 3],
+}
+
+/// Load `k` (64 bytes from `64 k`) of the chunk at `p`, of which `valid`
+/// bytes are readable: bytes past them load as zero and are not read.
+///
+/// # Safety
+/// AVX-512 F/BW must be present and `valid` bytes at `p` readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load(p: *const u8, valid: usize, k: usize) -> __m512i {
+    let from = 64 * k;
+    // SAFETY: by the caller; the masked load reads only the bytes below
+    // `valid`.
+    unsafe {
+        if valid >= from + 64 {
+            _mm512_loadu_si512(p.add(from).cast())
+        } else {
+            let n = valid.saturating_sub(from);
+            let mask = if n == 0 { 0 } else { u64::MAX >> (64 - n) };
+            _mm512_maskz_loadu_epi8(mask, p.wrapping_add(from).cast())
+        }
+    }
+}
+
+/// One row's values of chunk `c` for each of `N` tokens into `v`: lane `p`
+/// holds `(sum * d_w) * d_x` of block `lane_of(p)`. (Loops, no closures: a
+/// closure may be compiled out of line, a call per chunk.)
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI/VBMI must be present; the `valid` bytes at `p`
+/// (at most a chunk's) must be readable.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn chunk_values<const N: usize>(
+    p: *const u8,
+    valid: usize,
+    perms: &Perms,
+    acts: &StreamActs,
+    t0: usize,
+    c: usize,
+    v: &mut [__m512; N],
+) {
+    // SAFETY: by the caller; a full chunk's last 32 bytes are one load.
+    let l = unsafe {
+        if valid == CHUNK_BYTES {
+            [
+                _mm512_loadu_si512(p.cast()),
+                _mm512_loadu_si512(p.add(64).cast()),
+                _mm512_loadu_si512(p.add(128).cast()),
+                _mm512_loadu_si512(p.add(192).cast()),
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(256).cast())),
+            ]
+        } else {
+            [
+                load(p, valid, 0),
+                load(p, valid, 1),
+                load(p, valid, 2),
+                load(p, valid, 3),
+                load(p, valid, 4),
+            ]
+        }
+    };
+    let m = _mm512_set1_epi8(0x0f);
+    let mut lo = [_mm512_setzero_si512(); 4];
+    let mut hi = [_mm512_setzero_si512(); 4];
+    for g in 0..4 {
+        let q = _mm512_permutex2var_epi8(l[g], perms.group[g], l[g + 1]);
+        lo[g] = _mm512_and_si512(q, m);
+        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m);
+    }
+    let d01 = _mm512_permutex2var_epi16(l[0], perms.scale[0], l[1]);
+    let d23 = _mm512_permutex2var_epi16(l[2], perms.scale[1], l[3]);
+    let d34 = _mm512_permutex2var_epi16(l[3], perms.scale[2], l[4]);
+    let d = _mm512_mask_blend_epi16(perms.scale_mask[1], d01, d23);
+    let d = _mm512_mask_blend_epi16(perms.scale_mask[2], d, d34);
+    let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+    for (t, vt) in v.iter_mut().enumerate() {
+        let x = acts.of(t0 + t, c);
+        let mut a = [_mm512_setzero_si512(); 4];
+        for g in 0..4 {
+            a[g] = _mm512_dpbusd_epi32(a[g], lo[g], reg(&x[g]));
+            a[g] = _mm512_dpbusd_epi32(a[g], hi[g], reg(&x[4 + g]));
+        }
+        // Exact: integer sums, minus offset * sum(x).
+        let sum = _mm512_sub_epi32(reduce(a), reg(&x[8]));
+        let dx = _mm512_castsi512_ps(reg(&x[9]));
+        // scalar: sum as f32 * d_w * d_x
+        *vt = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dw), dx);
+    }
+}
+
+/// One i32 lane per block from four group registers: `a[g]` holds four
+/// partial sums of block `4g + l` in 128-bit lane `l`; the result holds
+/// block `4j + l`'s dot in lane `4l + j` ([`lane_of`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce(a: [__m512i; 4]) -> __m512i {
+    let t01 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[0], a[1]),
+        _mm512_unpackhi_epi32(a[0], a[1]),
+    );
+    let t23 = _mm512_add_epi32(
+        _mm512_unpacklo_epi32(a[2], a[3]),
+        _mm512_unpackhi_epi32(a[2], a[3]),
+    );
+    _mm512_add_epi32(
+        _mm512_unpacklo_epi64(t01, t23),
+        _mm512_unpackhi_epi64(t01, t23),
+    )
+}
+
+/// The 16x16 transpose of `v` (row `r`'s values in `v[r]`): lane `r` of
+/// output `p` is lane `p` of `v[r]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(v: &[__m512; 16]) -> [__m512; 16] {
+    // Rows 4j..4j + 4, column 4q + k of each, in 128-bit lane q of c[j][k].
+    let mut c = [[_mm512_setzero_ps(); 4]; 4];
+    for (j, cj) in c.iter_mut().enumerate() {
+        let r = 4 * j;
+        let a0 = _mm512_unpacklo_ps(v[r], v[r + 1]);
+        let b0 = _mm512_unpackhi_ps(v[r], v[r + 1]);
+        let a1 = _mm512_unpacklo_ps(v[r + 2], v[r + 3]);
+        let b1 = _mm512_unpackhi_ps(v[r + 2], v[r + 3]);
+        cj[0] = _mm512_shuffle_ps::<0x44>(a0, a1);
+        cj[1] = _mm512_shuffle_ps::<0xee>(a0, a1);
+        cj[2] = _mm512_shuffle_ps::<0x44>(b0, b1);
+        cj[3] = _mm512_shuffle_ps::<0xee>(b0, b1);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for k in 0..4 {
+        // A 4x4 transpose of 128-bit lanes: lane j of output 4q + k is
+        // lane q of c[j][k].
+        let e0 = _mm512_shuffle_f32x4::<0x44>(c[0][k], c[1][k]);
+        let e1 = _mm512_shuffle_f32x4::<0xee>(c[0][k], c[1][k]);
+        let e2 = _mm512_shuffle_f32x4::<0x44>(c[2][k], c[3][k]);
+        let e3 = _mm512_shuffle_f32x4::<0xee>(c[2][k], c[3][k]);
+        out[k] = _mm512_shuffle_f32x4::<0x88>(e0, e2);
+        out[4 + k] = _mm512_shuffle_f32x4::<0xdd>(e0, e2);
+        out[8 + k] = _mm512_shuffle_f32x4::<0x88>(e1, e3);
+        out[12 + k] = _mm512_shuffle_f32x4::<0xdd>(e1, e3);
+    }
+    out
+}
+
+/// Dots of `rows` (1..=16) consecutive Q4_0 weight rows (`w` starts at the
+/// first, `row_bytes` apart, `acts.nb` blocks each) with every activation
+/// row, written to `out` (token `t`, row `r` at `t * ld + r`): the contract
+/// and the bits of [`super::avx512::panel`], for any token count (fastest
+/// for one to a few).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL, VNNI and VBMI.
+///
+/// # Panics
+/// If `format` is not Q4_0, `w` or `out` is too short, `acts` was built for
+/// another token count, or `rows` is not in 1..=16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+pub unsafe fn panel(
+    format: Format,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    acts: &StreamActs,
+    out: Out,
+) {
+    assert_eq!(format, Format::Q4_0, "the stream kernel reads Q4_0 rows");
+    let (n, nb) = (acts.n, acts.nb);
+    check_panel(w, row_bytes, rows, nb * Q4_0_BYTES, n, out);
+    let (scale, scale_mask) = scale_index();
+    let perms = Perms {
+        group: [
+            group_index(0),
+            group_index(1),
+            group_index(2),
+            group_index(3),
+        ],
+        scale,
+        scale_mask,
+    };
+    let mut t0 = 0;
+    while t0 < n {
+        let len = (n - t0).min(TILE);
+        // SAFETY: as checked above; features by the caller.
+        unsafe {
+            match len {
+                1 => tile::<1>(w, row_bytes, rows, acts, &perms, t0, out),
+                2 => tile::<2>(w, row_bytes, rows, acts, &perms, t0, out),
+                3 => tile::<3>(w, row_bytes, rows, acts, &perms, t0, out),
+                _ => tile::<4>(w, row_bytes, rows, acts, &perms, t0, out),
+            }
+        }
+        t0 += len;
+    }
+}
+
+/// Tokens `t0..t0 + N` of [`panel`], in the thread's panel buffer.
+///
+/// # Safety
+/// As [`panel`] checked.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn tile<const N: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    acts: &StreamActs,
+    perms: &Perms,
+    t0: usize,
+    out: Out,
+) {
+    with_panel_buffer(acts.chunks * N * PANEL, |buf| {
+        // SAFETY: as [`panel`] checked; the buffer has the length asked.
+        unsafe { tile_in::<N>(buf, w, row_bytes, rows, acts, perms, t0, out) }
+    });
+}
+
+/// [`tile`]: every row's chunk values into `buf` (`[chunk][token][row]`),
+/// rows in address order (one linear stream); then per chunk and token the
+/// rows into lanes and the blocks added in order.
+///
+/// # Safety
+/// As [`panel`] checked; `buf` holds `chunks * N * PANEL` registers.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn tile_in<const N: usize>(
+    buf: &mut [__m512i],
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    acts: &StreamActs,
+    perms: &Perms,
+    t0: usize,
+    out: Out,
+) {
+    let (nb, chunks) = (acts.nb, acts.chunks);
+    let mut v = [_mm512_setzero_ps(); N];
+    for r in 0..PANEL {
+        if r >= rows {
+            // Lanes no result is stored from: zeros, not stale values.
+            for c in 0..chunks {
+                for t in 0..N {
+                    buf[(c * N + t) * PANEL + r] = _mm512_setzero_si512();
+                }
+            }
+            continue;
+        }
+        let row = w.as_ptr().wrapping_add(r * row_bytes);
+        for c in 0..chunks {
+            let p = row.wrapping_add(c * CHUNK_BYTES);
+            for k in 0..CHUNK_BYTES.div_ceil(64) {
+                // A hint: an address past the mapping is harmless.
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD + 64 * k).cast());
+            }
+            let valid = (nb - c * CHUNK).min(CHUNK) * Q4_0_BYTES;
+            // SAFETY: the row's blocks lie inside `w` (checked by `panel`);
+            // this reads the chunk's `valid` bytes of them.
+            unsafe { chunk_values::<N>(p, valid, perms, acts, t0, c, &mut v) };
+            for t in 0..N {
+                buf[(c * N + t) * PANEL + r] = _mm512_castps_si512(v[t]);
+            }
+        }
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut by_row = [_mm512_setzero_ps(); PANEL];
+    for c in 0..chunks {
+        let blocks = (nb - c * CHUNK).min(CHUNK);
+        for (t, a) in acc.iter_mut().enumerate() {
+            let at = (c * N + t) * PANEL;
+            for (r, x) in by_row.iter_mut().enumerate() {
+                *x = _mm512_castsi512_ps(buf[at + r]);
+            }
+            let cols = transpose16(&by_row);
+            for b in 0..blocks {
+                *a = _mm512_add_ps(*a, cols[lane_of(b)]);
+            }
+        }
+    }
+    for (t, a) in acc.into_iter().enumerate() {
+        // SAFETY: `panel` checked that every token's outputs fit.
+        unsafe { out.store(t0 + t, a) };
+    }
+}

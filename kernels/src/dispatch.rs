@@ -356,13 +356,15 @@ pub fn stream_up_to_tokens(ty: WeightType) -> usize {
     }
 }
 
-/// Whether this CPU runs the stream kernels (AVX-512 F/BW/VL, VNNI, VBMI).
+/// Whether this CPU runs the stream kernels (AVX-512 F/BW/VL, VNNI, VBMI,
+/// and GFNI).
 pub fn has_stream() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         Isa::Avx512.available()
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx512vbmi")
+            && is_x86_feature_detected!("gfni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

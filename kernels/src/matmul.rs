@@ -140,7 +140,7 @@ pub(crate) enum PanelFormat {
     K(crate::x86::avx512k::KFormat),
     /// 8-row k-quant groups on AVX2 (`x86/avx2k.rs`), the same bits as `K`.
     Avx2K(crate::x86::avx512k::KFormat),
-    /// Rows streamed in 16-block chunks on AVX-512 VNNI/VBMI
+    /// Rows streamed in 16-block chunks on AVX-512 VNNI/VBMI with GFNI
     /// (`x86/avx512s.rs`), the same bits as `Legacy`.
     Stream(crate::x86::avx512::Format),
 }
@@ -316,7 +316,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                                 )
                             },
                             // SAFETY: a Stream PanelKernel exists only after
-                            // dispatch found AVX-512 F/BW/VL/VNNI/VBMI.
+                            // dispatch found AVX-512 F/BW/VL/VNNI/VBMI and GFNI.
                             (PanelFormat::Stream(f), Side::Stream(acts)) => unsafe {
                                 crate::x86::avx512s::panel(f, w, job.row_bytes, rows, acts, out)
                             },

@@ -71,7 +71,7 @@ impl Family {
                 Some("this CPU lacks AVX-512 F/BW/VL/VNNI")
             }
             Isa::Avx512 if self.stream && !lfm_kernels::dispatch::has_stream() => {
-                Some("this CPU lacks AVX-512 VBMI")
+                Some("this CPU lacks AVX-512 VBMI or GFNI")
             }
             Isa::Neon if !Isa::Neon.available() => Some("not an aarch64 CPU with NEON"),
             _ => None,

@@ -5,12 +5,12 @@
 //! The panels of `avx512.rs` put one weight row in each lane, which makes
 //! every block a gather across 16 rows: cheap once a gathered block serves
 //! many tokens, the bottleneck for one. Here a row's blocks are taken 16 at
-//! a time (a *chunk*, 288 contiguous bytes): five 64-byte loads, one byte
-//! permute per four blocks puts each block's 16 packed bytes in its own
-//! 128-bit lane, `vpdpbusd` multiplies them by the activation quants
+//! a time (a *chunk*, 288 contiguous bytes): six overlapping loads, one
+//! byte permute per four blocks puts each block's 16 packed bytes in its
+//! own 128-bit lane, an `and` and a GF(2) affine map split the nibbles, `vpdpbusd` multiplies them by the activation quants
 //! arranged the same way ([`StreamActs`], built once per product), and one
 //! reduction tree leaves each block's integer dot in its own 32-bit lane.
-//! The scales come out of the same loads by a word permute. So each row is
+//! The scales come out of the same loads by two word permutes. So each row is
 //! read once, front to back, with no gather and no horizontal sum per row:
 //! per 16 blocks about 56 zmm operations where the AVX2 groups need about
 //! 146 ymm ones (measured, Zen 4, 2 threads: 49 GB/s from cache against
@@ -37,6 +37,10 @@ const Q4_0_BYTES: usize = 18;
 const Q8_0_BYTES: usize = 34;
 /// Bytes of a full chunk of Q4_0 blocks.
 const CHUNK_BYTES: usize = CHUNK * Q4_0_BYTES;
+/// The bit matrix of `vgf2p8affineqb` that maps a byte to its high nibble:
+/// row `7 - i` (byte `7 - i` of the qword) selects the input bit that
+/// becomes output bit `i`: bits 4..8 for `i` < 4, none above.
+const HIGH_NIBBLE: i64 = 0x1020_4080_0000_0000;
 /// How far ahead of the chunk at hand its row's stream is brought to L2:
 /// the rows of a panel (and the panels of a thread) lie one after the
 /// other, so this runs ahead through page boundaries, where the hardware
@@ -127,8 +131,28 @@ fn reg(l: &Lanes) -> __m512i {
     unsafe { _mm512_load_si512(l.0.as_ptr().cast()) }
 }
 
-/// Byte indices of the permute that moves group `g`'s four blocks (72
-/// bytes from `72 g` of the chunk, inside loads `g` and `g + 1`) so that
+/// Where a chunk's loads start: five 64-byte windows (the last may be
+/// partly past the chunk), chosen so that each group of four blocks (72
+/// bytes from `72 g`) lies in two of them and all 16 scales in two pairs.
+const LOADS: [usize; 6] = [0, 64, 128, 144, 208, 256];
+/// The loads (indices into [`LOADS`]) each group's permute reads.
+const GROUP_LOADS: [[usize; 2]; 4] = [[0, 1], [1, 2], [3, 4], [4, 5]];
+
+/// Index of chunk byte `at` in the 128-byte table of loads `pair`.
+fn table_index(pair: [usize; 2], at: usize) -> usize {
+    let (a, b) = (LOADS[pair[0]], LOADS[pair[1]]);
+    if (a..a + 64).contains(&at) {
+        at - a
+    } else {
+        debug_assert!(
+            (b..b + 64).contains(&at),
+            "byte {at} outside loads {pair:?}"
+        );
+        64 + at - b
+    }
+}
+
+/// Byte indices of the permute that moves group `g`'s four blocks so that
 /// 128-bit lane `l` holds block `4g + l`'s 16 packed quant bytes.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -136,53 +160,51 @@ fn group_index(g: usize) -> __m512i {
     let mut idx = [0u8; 64];
     for (j, v) in idx.iter_mut().enumerate() {
         let (l, i) = (j / 16, j % 16);
-        // Chunk byte 72g + 18l + 2 + i, less load g's start (64g).
-        *v = (8 * g + Q4_0_BYTES * l + 2 + i) as u8;
+        let at = 72 * g + Q4_0_BYTES * l + 2 + i;
+        *v = table_index(GROUP_LOADS[g], at) as u8;
     }
     // SAFETY: idx is 64 readable bytes.
     unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
 }
 
-/// Word indices (and the lanes each applies to) of the three permutes that
-/// gather a chunk's 16 scales, in lane order, from loads (0, 1), (2, 3)
-/// and (3, 4): block `b`'s scale is the word at chunk byte `18 b`.
+/// Word indices of the two permutes that gather a chunk's 16 scales, in
+/// lane order, from loads 0-1 (blocks 0..8) and 3-4 (blocks 8..16), and the
+/// lanes the second serves: block `b`'s scale is the word at chunk byte
+/// `18 b`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn scale_index() -> ([__m512i; 3], [__mmask32; 3]) {
-    let mut idx = [[0u16; 32]; 3];
-    let mut masks = [0u32; 3];
+fn scale_index() -> ([__m512i; 2], __mmask32) {
+    let mut idx = [[0u16; 32]; 2];
+    let mut high = 0u32;
     for (p, bit) in (0..CHUNK).map(|p| (p, 1u32 << p)) {
-        let word = Q4_0_BYTES * lane_of(p) / 2;
-        let (k, base) = match word {
-            0..64 => (0, 0),
-            64..128 => (1, 64),
-            _ => (2, 96),
-        };
-        idx[k][p] = (word - base) as u16;
-        masks[k] |= bit;
+        let b = lane_of(p);
+        let (k, pair) = if b < 8 { (0, [0, 1]) } else { (1, [3, 4]) };
+        idx[k][p] = (table_index(pair, Q4_0_BYTES * b) / 2) as u16;
+        if k == 1 {
+            high |= bit;
+        }
     }
     // SAFETY: each idx row is 64 readable bytes.
     let idx = idx.map(|i| unsafe { _mm512_loadu_si512(i.as_ptr().cast()) });
-    (idx, masks)
+    (idx, high)
 }
 
 /// The permutes of a chunk, built once per panel call.
 #[derive(Clone, Copy)]
 struct Perms {
     group: [__m512i; 4],
-    scale: [__m512i; 3],
-    scale_mask: [__mmask32; 3],
+    scale: [__m512i; 2],
+    scale_high: __mmask32,
 }
 
-/// Load `k` (64 bytes from `64 k`) of the chunk at `p`, of which `valid`
-/// bytes are readable: bytes past them load as zero and are not read.
+/// The 64 bytes from `from` of the chunk at `p`, of which `valid` bytes are
+/// readable: bytes past them load as zero and are not read.
 ///
 /// # Safety
 /// AVX-512 F/BW must be present and `valid` bytes at `p` readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn load(p: *const u8, valid: usize, k: usize) -> __m512i {
-    let from = 64 * k;
+unsafe fn load(p: *const u8, valid: usize, from: usize) -> __m512i {
     // SAFETY: by the caller; the masked load reads only the bytes below
     // `valid`.
     unsafe {
@@ -201,11 +223,11 @@ unsafe fn load(p: *const u8, valid: usize, k: usize) -> __m512i {
 /// closure may be compiled out of line, a call per chunk.)
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI/VBMI must be present; the `valid` bytes at `p`
+/// AVX-512 F/BW/VL/VNNI/VBMI and GFNI must be present; the `valid` bytes at `p`
 /// (at most a chunk's) must be readable.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
 unsafe fn chunk_values<const N: usize>(
     p: *const u8,
     valid: usize,
@@ -220,18 +242,20 @@ unsafe fn chunk_values<const N: usize>(
         if valid == CHUNK_BYTES {
             [
                 _mm512_loadu_si512(p.cast()),
-                _mm512_loadu_si512(p.add(64).cast()),
-                _mm512_loadu_si512(p.add(128).cast()),
-                _mm512_loadu_si512(p.add(192).cast()),
-                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(256).cast())),
+                _mm512_loadu_si512(p.add(LOADS[1]).cast()),
+                _mm512_loadu_si512(p.add(LOADS[2]).cast()),
+                _mm512_loadu_si512(p.add(LOADS[3]).cast()),
+                _mm512_loadu_si512(p.add(LOADS[4]).cast()),
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(LOADS[5]).cast())),
             ]
         } else {
             [
-                load(p, valid, 0),
-                load(p, valid, 1),
-                load(p, valid, 2),
-                load(p, valid, 3),
-                load(p, valid, 4),
+                load(p, valid, LOADS[0]),
+                load(p, valid, LOADS[1]),
+                load(p, valid, LOADS[2]),
+                load(p, valid, LOADS[3]),
+                load(p, valid, LOADS[4]),
+                load(p, valid, LOADS[5]),
             ]
         }
     };
@@ -239,15 +263,16 @@ unsafe fn chunk_values<const N: usize>(
     let mut lo = [_mm512_setzero_si512(); 4];
     let mut hi = [_mm512_setzero_si512(); 4];
     for g in 0..4 {
-        let q = _mm512_permutex2var_epi8(l[g], perms.group[g], l[g + 1]);
+        let [a, b] = GROUP_LOADS[g];
+        let q = _mm512_permutex2var_epi8(l[a], perms.group[g], l[b]);
         lo[g] = _mm512_and_si512(q, m);
-        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m);
+        // Each byte's high nibble into its low bits (an affine map over
+        // GF(2): output bit i is input bit i + 4), one operation.
+        hi[g] = _mm512_gf2p8affine_epi64_epi8::<0>(q, _mm512_set1_epi64(HIGH_NIBBLE));
     }
-    let d01 = _mm512_permutex2var_epi16(l[0], perms.scale[0], l[1]);
-    let d23 = _mm512_permutex2var_epi16(l[2], perms.scale[1], l[3]);
-    let d34 = _mm512_permutex2var_epi16(l[3], perms.scale[2], l[4]);
-    let d = _mm512_mask_blend_epi16(perms.scale_mask[1], d01, d23);
-    let d = _mm512_mask_blend_epi16(perms.scale_mask[2], d, d34);
+    let d_lo = _mm512_permutex2var_epi16(l[0], perms.scale[0], l[1]);
+    let d_hi = _mm512_permutex2var_epi16(l[3], perms.scale[1], l[4]);
+    let d = _mm512_mask_blend_epi16(perms.scale_high, d_lo, d_hi);
     let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
     for (t, vt) in v.iter_mut().enumerate() {
         let x = acts.of(t0 + t, c);
@@ -325,12 +350,12 @@ fn transpose16(v: &[__m512; 16]) -> [__m512; 16] {
 /// for one to a few).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL, VNNI and VBMI.
+/// The CPU must support AVX-512 F, BW, VL, VNNI and VBMI, and GFNI.
 ///
 /// # Panics
 /// If `format` is not Q4_0, `w` or `out` is too short, `acts` was built for
 /// another token count, or `rows` is not in 1..=16.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
 pub unsafe fn panel(
     format: Format,
     w: &[u8],
@@ -342,7 +367,7 @@ pub unsafe fn panel(
     assert_eq!(format, Format::Q4_0, "the stream kernel reads Q4_0 rows");
     let (n, nb) = (acts.n, acts.nb);
     check_panel(w, row_bytes, rows, nb * Q4_0_BYTES, n, out);
-    let (scale, scale_mask) = scale_index();
+    let (scale, scale_high) = scale_index();
     let perms = Perms {
         group: [
             group_index(0),
@@ -351,7 +376,7 @@ pub unsafe fn panel(
             group_index(3),
         ],
         scale,
-        scale_mask,
+        scale_high,
     };
     let mut t0 = 0;
     while t0 < n {
@@ -374,7 +399,7 @@ pub unsafe fn panel(
 /// # Safety
 /// As [`panel`] checked.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
 unsafe fn tile<const N: usize>(
     w: &[u8],
     row_bytes: usize,
@@ -397,7 +422,7 @@ unsafe fn tile<const N: usize>(
 /// # Safety
 /// As [`panel`] checked; `buf` holds `chunks * N * PANEL` registers.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
 unsafe fn tile_in<const N: usize>(
     buf: &mut [__m512i],
     w: &[u8],

@@ -3,10 +3,10 @@
 //! k-quant counterpart of [`super::avx2`] for CPUs without AVX-512 VNNI.
 //! A group's super-blocks are unpacked once per group into a thread-local
 //! buffer that every token tile reads (many tokens; no copy of a matrix
-//! outlives the call); one token of Q4_K / Q5_K / Q6_K (decode) runs as 8-row
-//! groups of row pairs straight from the mapping, headers unpacked in lanes;
-//! other few-token products as the 2-row tiles of [`super::kquants`]. All
-//! compute the same integers and float expression.
+//! outlives the call); one to four tokens of Q4_K / Q5_K / Q6_K (decode, a
+//! few sequences' step) run as 8-row groups of row pairs straight from the
+//! mapping, headers unpacked in lanes once for all the tokens. All compute
+//! the same integers and float expression.
 //!
 //! Numerics are those of the AVX-512 panels ([`super::avx512k`]): per
 //! super-block exact integers (the scaled sub-block dots, the minimum or
@@ -306,11 +306,9 @@ unsafe fn accumulate<const F: u8, const N: usize>(
     }
 }
 
-/// All (1..=4) tokens against the group at `w` by the 2-row register
-/// tiles of [`super::kquants`], straight from the mapping: with this few
-/// tokens, transposing a group's blocks would cost more than it saves. The
-/// tiles compute the same exact integers and float expression, so the same
-/// bits.
+/// All (1..=4) tokens against the group at `w`, straight from the
+/// mapping: with this few tokens, transposing a group's blocks would cost
+/// more than it saves.
 ///
 /// # Safety
 /// As [`panel`] checked.
@@ -324,64 +322,46 @@ unsafe fn direct<const F: u8>(
     r0: usize,
     out: Out,
 ) {
-    if xs.len() == 1 {
-        // SAFETY: as [`panel`] checked.
-        unsafe {
-            if F == Q6K {
-                q6k_one(w, row_bytes, rows, nb, xs[0], r0, out)
-            } else {
-                q45k_one::<F>(w, row_bytes, rows, nb, xs[0], r0, out)
-            }
-        };
-        return;
-    }
-    let used = nb * bytes_of(F);
-    let n = xs.len();
-    let mut vals = [0.0f32; 2 * DIRECT_MAX];
-    for r in (0..rows).step_by(2) {
-        let k = (rows - r).min(2);
-        let ws = [
-            &w[r * row_bytes..r * row_bytes + used],
-            &w[(r + k - 1) * row_bytes..(r + k - 1) * row_bytes + used],
-        ];
-        let (ws, vals) = (&ws[..k], &mut vals[..k * n]);
-        // SAFETY: AVX2/FMA/F16C by the caller; the tiles check their rows.
-        unsafe {
-            match F {
-                Q4K => super::kquants::dot_q4k_q8k(ws, xs, vals),
-                Q5K => super::kquants::dot_q5k_q8k(ws, xs, vals),
-                _ => super::kquants::dot_q6k_q8k(ws, xs, vals),
-            }
+    assert!((1..=DIRECT_MAX).contains(&xs.len()), "1 to 4 tokens");
+    // SAFETY: as [`panel`] checked.
+    unsafe {
+        if F == Q6K {
+            by_len!(
+                xs.len(),
+                q6k_few::<Q6K>,
+                (w, row_bytes, rows, nb, xs, r0, out)
+            )
+        } else {
+            by_len!(
+                xs.len(),
+                q45k_few::<F>,
+                (w, row_bytes, rows, nb, xs, r0, out)
+            )
         }
-        for i in 0..k {
-            for (t, v) in vals[i * n..(i + 1) * n].iter().enumerate() {
-                // SAFETY: `panel` checked that every token's outputs fit;
-                // r0 + r + i < the panel's rows.
-                unsafe { out.store1(t, r0 + r + i, *v) };
-            }
-        }
-    }
+    };
 }
 
-/// One token against the Q4_K or Q5_K group at `w` (decode). Each row
-/// pair's quants (rows `p` and `p + 4` in the two halves; Q5_K's fifth bit
-/// from its qh bytes) meet the token's quants broadcast to both halves
-/// straight from the mapping, scaled per sub-block in i32; the headers
-/// (scales, mins, d, dmin) are unpacked once for all 8 rows in the lane
-/// layout, the four pairs reduced to one lane per row and finished by
-/// [`accumulate`]'s float expression in lanes: the 2-row tiles spend as
-/// much on each row's header and sums as on its quants. The same exact
-/// integers, so the same bits.
+/// `N` (1..=4) tokens against the Q4_K or Q5_K group at `w` (decode, or a
+/// few sequences' step). Each row pair's quants (rows `p` and `p + 4` in
+/// the two halves; Q5_K's fifth bit from its qh bytes), unpacked once, meet
+/// each token's quants broadcast to both halves straight from the mapping,
+/// scaled per sub-block in i32; the headers (scales, mins, d, dmin) are
+/// unpacked once for all 8 rows and tokens in the lane layout, the four
+/// pairs reduced to one lane per row and finished by [`accumulate`]'s
+/// float expression in lanes. (The 2-row tiles of [`super::kquants`],
+/// which these replaced for 2-4 tokens, unpacked each row's header and
+/// quants once per 2 rows: 1.3-1.8x slower.) The same exact integers, so
+/// the same bits.
 ///
 /// # Safety
 /// As [`panel`] checked, with `x` the token's Q8_K row.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q45k_one<const F: u8>(
+unsafe fn q45k_few<const F: u8, const N: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
     nb: usize,
-    x: &[u8],
+    xs: &[&[u8]],
     r0: usize,
     out: Out,
 ) {
@@ -397,14 +377,17 @@ unsafe fn q45k_one<const F: u8>(
     // (a block is 144 bytes a row: 18 lines a block in one burst measured
     // slower).
     let mut next = NextGroup::new(w, row_bytes, 4 * nb);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
     // Q4_K: qs[128] @16; Q5_K: qh[32] @16 (bit j of byte l: element
     // 32j + l), qs[128] @48 (see `load_block`).
     let qs = if F == Q5K { 48 } else { 16 };
     let one = _mm256_set1_epi8(1);
+    for x in &xs[..N] {
+        assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
+    }
     for i in 0..nb {
         let at = i * bytes_of(F);
-        let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
+        let xb: [*const u8; N] = std::array::from_fn(|t| xs[t][i * Q8K_BYTES..].as_ptr());
         // d @0, dmin @2, scales[12] @4 (see `load_block`).
         // SAFETY: block i of every row is readable (checked by `panel`).
         let [dd, a, b, c] = unsafe { dwords4(&rp, at) };
@@ -416,29 +399,35 @@ unsafe fn q45k_one<const F: u8>(
             _mm256_and_si256(b, low6),
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32::<4>(c), lo4), top2(b)),
         ];
-        let mut isum = [_mm256_setzero_si256(); 4];
+        let mut isum = [[_mm256_setzero_si256(); 4]; N];
         for m in 0..4 {
             next.step();
             // qs[32m..32m + 32]: sub-block 2m in the low nibbles, 2m + 1
-            // in the high; 16 bytes (half h) at a time, with the token's
+            // in the high; 16 bytes (half h) at a time, with each token's
             // quants of each in both halves.
-            // (A loop, not an array map, whose closure can be compiled
-            // out of line.)
-            let mut y = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 2];
-            for (h, y) in y.iter_mut().enumerate() {
-                // SAFETY: block i of x holds its 256 quants from Q8K_QS.
-                *y = unsafe {
-                    let q = xb.add(Q8K_QS + 64 * m + 16 * h);
-                    (
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast())),
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(32).cast())),
-                    )
-                };
+            // (Loops, not array maps, whose closures can be compiled out
+            // of line.)
+            let mut y = [[(_mm256_setzero_si256(), _mm256_setzero_si256()); 2]; N];
+            for (t, yt) in y.iter_mut().enumerate() {
+                for (h, y) in yt.iter_mut().enumerate() {
+                    // SAFETY: block i of xs[t] holds its 256 quants from
+                    // Q8K_QS (asserted above).
+                    *y = unsafe {
+                        let q = xb[t].add(Q8K_QS + 64 * m + 16 * h);
+                        (
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(q.cast())),
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(q.add(32).cast())),
+                        )
+                    };
+                }
             }
             let (j_lo, j_hi) = (2 * m, 2 * m + 1);
-            for (p, s) in isum.iter_mut().enumerate() {
-                let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for (h, (y_lo, y_hi)) in y.iter().enumerate() {
+            // `p` names a row pair (loads, scale picks), not only a sum.
+            #[allow(clippy::needless_range_loop)]
+            for p in 0..4 {
+                let mut lo = [_mm256_setzero_si256(); N];
+                let mut hi = [_mm256_setzero_si256(); N];
+                for h in 0..2 {
                     // SAFETY: block i of rows p and p + 4 is readable.
                     let v = unsafe { load_pair(&rp, p, at + qs + 32 * m + 16 * h) };
                     // Two pair sums of 4-bit (5-bit) values: at most
@@ -456,45 +445,58 @@ unsafe fn q45k_one<const F: u8>(
                         q_lo = _mm256_or_si256(q_lo, bit(2 * m));
                         q_hi = _mm256_or_si256(q_hi, bit(2 * m + 1));
                     }
-                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(q_lo, *y_lo));
-                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(q_hi, *y_hi));
+                    for t in 0..N {
+                        let (y_lo, y_hi) = y[t][h];
+                        lo[t] = _mm256_add_epi16(lo[t], _mm256_maddubs_epi16(q_lo, y_lo));
+                        hi[t] = _mm256_add_epi16(hi[t], _mm256_maddubs_epi16(q_hi, y_hi));
+                    }
                 }
                 let s_lo = _mm256_shuffle_epi8(sc[j_lo / 4], pick(p, j_lo % 4));
                 let s_hi = _mm256_shuffle_epi8(sc[j_hi / 4], pick(p, j_hi % 4));
-                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(lo, s_lo));
-                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(hi, s_hi));
+                for t in 0..N {
+                    let s = &mut isum[t][p];
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(lo[t], s_lo));
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(hi[t], s_hi));
+                }
             }
         }
-        let isum = sum_pairs(isum);
-        // From here [`accumulate`]'s steps for one token.
-        // SAFETY: block i of x holds its d and its 16 sums.
-        let (dx, bsums) = unsafe {
-            (
-                _mm256_set1_ps(xb.cast::<f32>().read_unaligned()),
-                xb.add(Q8K_BSUMS),
-            )
-        };
-        let mut msum = _mm256_setzero_si256();
-        for j in 0..8 {
-            let mj = _mm256_shuffle_epi8(mins[j / 4], pick16::<false>(j as i32 % 4, j as i32 % 4));
-            // SAFETY: as above.
-            let b = unsafe { dword(bsums.add(4 * j)) };
-            msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mj, b));
+        let dw = f16_lanes::<false>(dd);
+        let dmin_w = f16_lanes::<true>(dd);
+        for t in 0..N {
+            let isum = sum_pairs(isum[t]);
+            // From here [`accumulate`]'s steps for one token.
+            // SAFETY: block i of xs[t] holds its d and its 16 sums.
+            let (dx, bsums) = unsafe {
+                (
+                    _mm256_set1_ps(xb[t].cast::<f32>().read_unaligned()),
+                    xb[t].add(Q8K_BSUMS),
+                )
+            };
+            let mut msum = _mm256_setzero_si256();
+            for j in 0..8 {
+                let mj =
+                    _mm256_shuffle_epi8(mins[j / 4], pick16::<false>(j as i32 % 4, j as i32 % 4));
+                // SAFETY: as above.
+                let b = unsafe { dword(bsums.add(4 * j)) };
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(mj, b));
+            }
+            // sum(sc * q * x) * (d_w * d_x) - sum(m * bsum) * (dmin_w * d_x)
+            let d = _mm256_mul_ps(dw, dx);
+            let dmin = _mm256_mul_ps(dmin_w, dx);
+            let block = _mm256_sub_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin),
+            );
+            acc[t] = _mm256_add_ps(acc[t], block);
         }
-        // sum(sc * q * x) * (d_w * d_x) - sum(m * bsum) * (dmin_w * d_x)
-        let d = _mm256_mul_ps(f16_lanes::<false>(dd), dx);
-        let dmin = _mm256_mul_ps(f16_lanes::<true>(dd), dx);
-        let block = _mm256_sub_ps(
-            _mm256_mul_ps(_mm256_cvtepi32_ps(isum), d),
-            _mm256_mul_ps(_mm256_cvtepi32_ps(msum), dmin),
-        );
-        acc = _mm256_add_ps(acc, block);
     }
-    // SAFETY: `panel` checked that the token's outputs fit; r0 < rows.
-    unsafe { out.store8(0, r0, acc) };
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
+        unsafe { out.store8(t, r0, *a) };
+    }
 }
 
-/// One token against the Q6_K group at `w` (decode), as [`q45k_one`] does
+/// `N` (1..=4) tokens against the Q6_K group at `w`, as [`q45k_few`] does
 /// for Q4_K: row pairs (rows `p` and `p + 4` in the two halves) straight
 /// from the mapping, each pair's 16 sub-block scales sign-extended once per
 /// block, the +32 offset taken off in i32 before the reduction to one lane
@@ -504,36 +506,46 @@ unsafe fn q45k_one<const F: u8>(
 /// # Safety
 /// As [`panel`] checked, with `x` the token's Q8_K row.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_one(
+unsafe fn q6k_few<const F: u8, const N: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
     nb: usize,
-    x: &[u8],
+    xs: &[&[u8]],
     r0: usize,
     out: Out,
 ) {
+    debug_assert_eq!(F, Q6K);
     let rp = group_rows(w, row_bytes, rows);
     let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
     // i16 `k` of each half in every i16 of it.
     let word = |k: usize| _mm256_set1_epi16((((2 * k + 1) << 8) | (2 * k)) as i16);
     // The next group, spread over the four row pairs of each block.
     let mut next = NextGroup::new(w, row_bytes, 4 * nb);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); N];
+    for x in &xs[..N] {
+        assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
+    }
     for i in 0..nb {
         let at = i * bytes_of(Q6K);
-        let xb = x[i * Q8K_BYTES..(i + 1) * Q8K_BYTES].as_ptr();
+        let xb: [*const u8; N] = std::array::from_fn(|t| xs[t][i * Q8K_BYTES..].as_ptr());
         // ql[128] @0, qh[64] @128, scales i8[16] @192, d @208.
-        // SAFETY: block i of x holds its 16 sums of 16 quants.
-        let (b_lo, b_hi) = unsafe {
-            let b = xb.add(Q8K_BSUMS);
-            (
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(b.cast())),
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(b.add(16).cast())),
-            )
-        };
-        let mut isum = [_mm256_setzero_si256(); 4];
-        for (p, total) in isum.iter_mut().enumerate() {
+        let mut bsum = [(_mm256_setzero_si256(), _mm256_setzero_si256()); N];
+        for (t, b) in bsum.iter_mut().enumerate() {
+            // SAFETY: block i of xs[t] holds its 16 sums of 16 quants
+            // (asserted above).
+            *b = unsafe {
+                let b = xb[t].add(Q8K_BSUMS);
+                (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(b.cast())),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(b.add(16).cast())),
+                )
+            };
+        }
+        let mut isum = [[_mm256_setzero_si256(); 4]; N];
+        // `p` names a row pair (loads), not only a sum.
+        #[allow(clippy::needless_range_loop)]
+        for p in 0..4 {
             next.step();
             // SAFETY: block i of rows p and p + 4 is readable.
             let e = unsafe { load_pair(&rp, p, at + 192) };
@@ -541,13 +553,16 @@ unsafe fn q6k_one(
                 _mm256_srai_epi16::<8>(_mm256_unpacklo_epi8(e, e)),
                 _mm256_srai_epi16::<8>(_mm256_unpackhi_epi8(e, e)),
             ];
-            // Sub-block k's scale times the activation's sum of it, for
+            // Sub-block k's scale times each activation's sum of it, for
             // the +32 the values are stored with.
-            let corr = _mm256_add_epi32(
-                _mm256_madd_epi16(sc[0], b_lo),
-                _mm256_madd_epi16(sc[1], b_hi),
-            );
-            let mut s = _mm256_setzero_si256();
+            let mut corr = [_mm256_setzero_si256(); N];
+            for (c, (b_lo, b_hi)) in corr.iter_mut().zip(bsum) {
+                *c = _mm256_add_epi32(
+                    _mm256_madd_epi16(sc[0], b_lo),
+                    _mm256_madd_epi16(sc[1], b_hi),
+                );
+            }
+            let mut s = [_mm256_setzero_si256(); N];
             for n in 0..2 {
                 for h in 0..2 {
                     // Values 128n + 32q + 16h.. (q = 0..4) of sub-block
@@ -582,38 +597,46 @@ unsafe fn q6k_one(
                         ),
                     ];
                     for (k, v) in q.into_iter().enumerate() {
-                        // SAFETY: block i of x holds its 256 quants.
-                        let y = unsafe {
-                            let at = Q8K_QS + 128 * n + 32 * k + 16 * h;
-                            _mm256_broadcastsi128_si256(_mm_loadu_si128(xb.add(at).cast()))
-                        };
                         let sub = 8 * n + 2 * k + h;
                         let scale = _mm256_shuffle_epi8(sc[sub / 8], word(sub % 8));
-                        // A pair of 6-bit values: at most 2 * 63 * 128.
-                        s = _mm256_add_epi32(
-                            s,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), scale),
-                        );
+                        for t in 0..N {
+                            // SAFETY: block i of xs[t] holds its 256 quants.
+                            let y = unsafe {
+                                let at = Q8K_QS + 128 * n + 32 * k + 16 * h;
+                                _mm256_broadcastsi128_si256(_mm_loadu_si128(xb[t].add(at).cast()))
+                            };
+                            // A pair of 6-bit values: at most 2 * 63 * 128.
+                            s[t] = _mm256_add_epi32(
+                                s[t],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), scale),
+                            );
+                        }
                     }
                 }
             }
-            // (sum(sc * q * x) - 32 * sum(sc * bsum)), wrapping as the
-            // panels' lanes do.
-            *total = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(corr));
+            for t in 0..N {
+                // (sum(sc * q * x) - 32 * sum(sc * bsum)), wrapping as the
+                // panels' lanes do.
+                isum[t][p] = _mm256_sub_epi32(s[t], _mm256_slli_epi32::<5>(corr[t]));
+            }
         }
-        let total = sum_pairs(isum);
         // d @208 as the high word of 4 bytes @206 (a load at 208 would
         // reach past the block, and past the mapping after the last).
         // SAFETY: bytes 206..210 of block i of every row are readable.
         let dw = unsafe { row_f16s::<true>(&rp, at + 206) };
-        // SAFETY: block i of x holds its d.
-        let dx = _mm256_set1_ps(unsafe { xb.cast::<f32>().read_unaligned() });
-        // (...) * (d_w * d_x)
-        let block = _mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(dw, dx));
-        acc = _mm256_add_ps(acc, block);
+        for t in 0..N {
+            let total = sum_pairs(isum[t]);
+            // SAFETY: block i of xs[t] holds its d.
+            let dx = _mm256_set1_ps(unsafe { xb[t].cast::<f32>().read_unaligned() });
+            // (...) * (d_w * d_x)
+            let block = _mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(dw, dx));
+            acc[t] = _mm256_add_ps(acc[t], block);
+        }
     }
-    // SAFETY: `panel` checked that the token's outputs fit; r0 < rows.
-    unsafe { out.store8(0, r0, acc) };
+    for (t, a) in acc.iter().enumerate() {
+        // SAFETY: `panel` checked that every token's outputs fit; r0 < rows.
+        unsafe { out.store8(t, r0, *a) };
+    }
 }
 
 /// Tokens `t0..t0 + N` against a packed group; results to rows `r0..`;

@@ -81,18 +81,6 @@ impl Out {
         unsafe { _mm512_mask_storeu_ps(self.ptr.add(t * self.ld), mask, v) };
     }
 
-    /// Stores `v` as token `t`'s result for row `r`.
-    ///
-    /// # Safety
-    /// `r < rows` and `fits(t + 1)` must hold.
-    #[inline]
-    pub(super) unsafe fn store1(self, t: usize, r: usize, v: f32) {
-        debug_assert!(r < self.rows);
-        // SAFETY: in bounds by the caller's `fits`; exclusive by `raw`'s or
-        // `new`'s contract.
-        unsafe { self.ptr.add(t * self.ld + r).write(v) };
-    }
-
     /// Stores the lanes of `v` as token `t`'s results for rows `r0..r0 + 8`
     /// (those below `rows`).
     ///

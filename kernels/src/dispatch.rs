@@ -334,7 +334,7 @@ pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
     }
 }
 
-/// On an AVX-512 CPU with VNNI and VBMI, the largest product (in tokens)
+/// On an AVX-512 CPU with VNNI, VBMI and GFNI, the largest product (in tokens)
 /// that streams weight rows in 16-block chunks (`x86/avx512s.rs`) instead
 /// of taking the family [`family`] picks; 0 where no stream kernel exists
 /// for `ty`.
@@ -344,7 +344,7 @@ pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
 ///
 /// | tokens | 1 | 2 | 4 | 6 | 8 | 1, DRAM | 8, DRAM |
 /// | --- | --- | --- | --- | --- | --- | --- | --- |
-/// | Q4_0 | 49 / 39-42 | 34 / 25-30 | 21 / 14-19 | 6.8 / 7.7 (1 thread) | 5.5 / 6.5 (1 thread) | 26-29 / 23-24 | 6.7 / 8.7 |
+/// | Q4_0 | 47-53 / 39-42 | 34-36 / 25-30 | 21 / 14-19 | 6.8 / 7.7 (1 thread) | 5.5 / 6.5 (1 thread) | 26-29 / 23-24 | 6.7 / 8.7 |
 ///
 /// Past 4 tokens the stream kernel reads each row once per 4-token tile
 /// and the AVX2 groups' unpacked panels win. All give the scalar
@@ -695,10 +695,6 @@ pub fn quantize_activations_on(
 mod tests {
     use super::*;
 
-    /// The size-based choice: on an AVX-512 VNNI CPU the AVX2 family up to
-    /// the crossover, AVX-512 beyond it, floats and the tile-only legacy
-    /// types always AVX-512; nothing changes on other paths or without VNNI.
-    /// Pure, so it runs on any CPU (`tests/isa_paths.rs` runs the kernels).
     /// Only Q4_0 has a stream kernel, for one to four tokens; where the CPU
     /// runs it, `kernel` and `kernel_name` pick it for exactly those sizes.
     #[test]
@@ -716,6 +712,10 @@ mod tests {
         }
     }
 
+    /// The size-based choice: on an AVX-512 VNNI CPU the AVX2 family up to
+    /// the crossover, AVX-512 beyond it, floats and the tile-only legacy
+    /// types always AVX-512; nothing changes on other paths or without VNNI.
+    /// Pure, so it runs on any CPU (`tests/isa_paths.rs` runs the kernels).
     #[test]
     fn avx512_cpus_take_the_avx2_kernels_for_few_tokens() {
         use WeightType::*;

@@ -1,19 +1,20 @@
-//! AVX-512 VNNI products of Q4_0 weight rows with one to four Q8_0
-//! activation rows that stream each weight row from the mapping once, in
-//! address order: *blocks in lanes*.
+//! AVX-512 products (VNNI, VBMI, GFNI) of Q4_0 weight rows with one to
+//! four Q8_0 activation rows that stream each weight row from the mapping
+//! once, in address order: *blocks in lanes*.
 //!
 //! The panels of `avx512.rs` put one weight row in each lane, which makes
 //! every block a gather across 16 rows: cheap once a gathered block serves
 //! many tokens, the bottleneck for one. Here a row's blocks are taken 16 at
 //! a time (a *chunk*, 288 contiguous bytes): six overlapping loads, one
 //! byte permute per four blocks puts each block's 16 packed bytes in its
-//! own 128-bit lane, an `and` and a GF(2) affine map split the nibbles, `vpdpbusd` multiplies them by the activation quants
-//! arranged the same way ([`StreamActs`], built once per product), and one
-//! reduction tree leaves each block's integer dot in its own 32-bit lane.
-//! The scales come out of the same loads by two word permutes. So each row is
-//! read once, front to back, with no gather and no horizontal sum per row:
-//! per 16 blocks about 56 zmm operations where the AVX2 groups need about
-//! 146 ymm ones (measured, Zen 4, 2 threads: 49 GB/s from cache against
+//! own 128-bit lane, an `and` and a GF(2) affine map split the nibbles,
+//! `vpdpbusd` multiplies them by the activation quants arranged the same
+//! way ([`StreamActs`], built once per product), and one reduction tree
+//! leaves each block's integer dot in its own 32-bit lane. The scales come
+//! out of the same loads by two word permutes. So each row is read once,
+//! front to back, with no gather and no horizontal sum per row:
+//! per 16 blocks about 50 zmm operations where the AVX2 groups need about
+//! 146 ymm ones (measured, Zen 4, 2 threads: 47-53 GB/s from cache against
 //! the AVX2 groups' 39-42, 26-29 GB/s from DRAM against 23-24).
 //!
 //! Numerics: the block's integer dot is exact and its float steps are the
@@ -131,7 +132,7 @@ fn reg(l: &Lanes) -> __m512i {
     unsafe { _mm512_load_si512(l.0.as_ptr().cast()) }
 }
 
-/// Where a chunk's loads start: five 64-byte windows (the last may be
+/// Where a chunk's loads start: six 64-byte windows (the last may be
 /// partly past the chunk), chosen so that each group of four blocks (72
 /// bytes from `72 g`) lies in two of them and all 16 scales in two pairs.
 const LOADS: [usize; 6] = [0, 64, 128, 144, 208, 256];

@@ -140,54 +140,66 @@ const LOADS: [usize; 6] = [0, 64, 128, 144, 208, 256];
 const GROUP_LOADS: [[usize; 2]; 4] = [[0, 1], [1, 2], [3, 4], [4, 5]];
 
 /// Index of chunk byte `at` in the 128-byte table of loads `pair`.
-fn table_index(pair: [usize; 2], at: usize) -> usize {
+const fn table_index(pair: [usize; 2], at: usize) -> usize {
     let (a, b) = (LOADS[pair[0]], LOADS[pair[1]]);
-    if (a..a + 64).contains(&at) {
+    if at >= a && at < a + 64 {
         at - a
     } else {
-        debug_assert!(
-            (b..b + 64).contains(&at),
-            "byte {at} outside loads {pair:?}"
-        );
+        assert!(at >= b && at < b + 64, "chunk byte outside the loads");
         64 + at - b
     }
 }
 
-/// Byte indices of the permute that moves group `g`'s four blocks so that
-/// 128-bit lane `l` holds block `4g + l`'s 16 packed quant bytes.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn group_index(g: usize) -> __m512i {
-    let mut idx = [0u8; 64];
-    for (j, v) in idx.iter_mut().enumerate() {
-        let (l, i) = (j / 16, j % 16);
-        let at = 72 * g + Q4_0_BYTES * l + 2 + i;
-        *v = table_index(GROUP_LOADS[g], at) as u8;
+/// Byte indices of the permutes that move group `g`'s four blocks so that
+/// 128-bit lane `l` holds block `4g + l`'s 16 packed quant bytes: fixed by
+/// the layout, so worked out at compile time.
+const GROUP_INDEX: [[u8; 64]; 4] = {
+    let mut idx = [[0u8; 64]; 4];
+    let mut g = 0;
+    while g < 4 {
+        let mut j = 0;
+        while j < 64 {
+            let (l, i) = (j / 16, j % 16);
+            let at = 72 * g + Q4_0_BYTES * l + 2 + i;
+            idx[g][j] = table_index(GROUP_LOADS[g], at) as u8;
+            j += 1;
+        }
+        g += 1;
     }
-    // SAFETY: idx is 64 readable bytes.
-    unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
-}
+    idx
+};
 
 /// Word indices of the two permutes that gather a chunk's 16 scales, in
 /// lane order, from loads 0-1 (blocks 0..8) and 3-4 (blocks 8..16), and the
 /// lanes the second serves: block `b`'s scale is the word at chunk byte
 /// `18 b`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn scale_index() -> ([__m512i; 2], __mmask32) {
+const SCALE_INDEX: ([[u16; 32]; 2], u32) = {
     let mut idx = [[0u16; 32]; 2];
     let mut high = 0u32;
-    for (p, bit) in (0..CHUNK).map(|p| (p, 1u32 << p)) {
+    let mut p = 0;
+    while p < CHUNK {
         let b = lane_of(p);
         let (k, pair) = if b < 8 { (0, [0, 1]) } else { (1, [3, 4]) };
         idx[k][p] = (table_index(pair, Q4_0_BYTES * b) / 2) as u16;
         if k == 1 {
-            high |= bit;
+            high |= 1 << p;
         }
+        p += 1;
     }
-    // SAFETY: each idx row is 64 readable bytes.
-    let idx = idx.map(|i| unsafe { _mm512_loadu_si512(i.as_ptr().cast()) });
     (idx, high)
+};
+
+/// A 64-byte index table as a register.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn index_reg<T>(table: &[T]) -> __m512i {
+    assert_eq!(
+        std::mem::size_of_val(table),
+        64,
+        "an index table is 64 bytes"
+    );
+    // SAFETY: the table is 64 readable bytes (asserted).
+    unsafe { _mm512_loadu_si512(table.as_ptr().cast()) }
 }
 
 /// The permutes of a chunk, built once per panel call.
@@ -368,16 +380,15 @@ pub unsafe fn panel(
     assert_eq!(format, Format::Q4_0, "the stream kernel reads Q4_0 rows");
     let (n, nb) = (acts.n, acts.nb);
     check_panel(w, row_bytes, rows, nb * Q4_0_BYTES, n, out);
-    let (scale, scale_high) = scale_index();
     let perms = Perms {
         group: [
-            group_index(0),
-            group_index(1),
-            group_index(2),
-            group_index(3),
+            index_reg(&GROUP_INDEX[0]),
+            index_reg(&GROUP_INDEX[1]),
+            index_reg(&GROUP_INDEX[2]),
+            index_reg(&GROUP_INDEX[3]),
         ],
-        scale,
-        scale_high,
+        scale: [index_reg(&SCALE_INDEX.0[0]), index_reg(&SCALE_INDEX.0[1])],
+        scale_high: SCALE_INDEX.1,
     };
     let mut t0 = 0;
     while t0 < n {

@@ -280,6 +280,7 @@ fn main() {
         };
         if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n)))
             && !stream_names().iter().any(|n| run.wants(n))
+            && !run.wants(&format!("read/{name}/dram"))
         {
             continue; // skip quantizing weights nobody asked for
         }
@@ -294,6 +295,19 @@ fn main() {
             matmul(&pool, pick(n), m, ROWS, COLS, row, &acts, act_row, n, y);
             black_box(y);
         };
+        // The rate these threads read the DRAM-sized set of matrices with
+        // no compute (`stream::read_all`): the `-dram` benches' ceiling.
+        if run.wants(&format!("read/{name}/dram")) {
+            let big = w.repeat(DRAM_MATRICES);
+            run.bench(
+                &format!("read/{name}/dram"),
+                big.len(),
+                ROWS * DRAM_MATRICES,
+                || {
+                    black_box(lfm_kernels::stream::read_all(&pool, &[&big]));
+                },
+            );
+        }
         // Decode as the model meets it: `n` tokens (one, or a serving
         // step's 8) against a run of distinct matrices far larger than the
         // last-level cache, each its own product (and pool barrier), so the

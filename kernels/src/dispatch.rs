@@ -310,7 +310,12 @@ fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 ///
 /// The AVX2 groups stream weight rows straight from the mapping; the
 /// AVX-512 panels gather blocks into lanes, which pays only once a gathered
-/// block serves enough tokens. Q8_0 (decode 44 vs 19 GB/s) and Q5_K (the
+/// block serves enough tokens. (On CPUs with VBMI a Q4_0 panel is packed
+/// by transposes instead, `avx512s::pack_q4_0`: 1.2-1.4x faster at 6-16
+/// tokens, ahead of the AVX2 groups from cache at 6 and 8 tokens, 16 vs
+/// 11-14 and 13.8 vs 10.4-12 GB/s, but level from DRAM, 9.1-9.2 vs 8.2-9.7,
+/// and level in `lfmd bench -s 8`, which is what a serving step meets; so
+/// the crossover stays.) Q8_0 (decode 44 vs 19 GB/s) and Q5_K (the
 /// same panel and group code as Q4_K/Q6_K) take the same crossover. Float
 /// weights and Q4_1/Q5_0/Q5_1 keep their AVX-512 kernels at every size:
 /// unmeasured, and the AVX-512 and AVX2 float dots sum in different orders,

@@ -7,7 +7,10 @@
 //! gathered into the lane layout as they are used (decode: few tokens, each
 //! gathered block is used once per token) or packed once per panel into a
 //! small thread-local buffer that every token then reads from L1/L2
-//! (prefill). No copy of a matrix outlives the call.
+//! (prefill and products of more than `DIRECT_MAX` tokens). On CPUs with
+//! VBMI, Q4_0 panels are packed from contiguous loads and in-register
+//! transposes instead of gathers (`avx512s::pack_q4_0`, the same
+//! bits). No copy of a matrix outlives the call.
 //!
 //! Numerics: the block's integer dot is exact, and the float steps are the
 //! scalar reference's, in its order (`(sum * d_w) * d_x` for Q4_0,
@@ -460,18 +463,24 @@ unsafe fn panel_of<const Q8: bool>(
     }
     with_panel_buffer(9 * nb, |packed| {
         let bytes = if Q8 { Format::Q8_0 } else { Format::Q4_0 }.block_bytes();
-        for i in 0..nb {
-            if i % (64 / bytes) == 0 {
-                for r in 0..rows {
-                    // Four blocks ahead in each row (a hint).
-                    let p = w.as_ptr().wrapping_add(r * row_bytes + (i + 4) * bytes);
-                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
+        if !Q8 && is_x86_feature_detected!("avx512vbmi") {
+            // SAFETY: VBMI detected, the rest by the caller; `panel`
+            // checked that the rows' nb blocks lie inside `w`.
+            unsafe { super::avx512s::pack_q4_0(w.as_ptr(), row_bytes, rows, nb, packed) };
+        } else {
+            for i in 0..nb {
+                if i % (64 / bytes) == 0 {
+                    for r in 0..rows {
+                        // Four blocks ahead in each row (a hint).
+                        let p = w.as_ptr().wrapping_add(r * row_bytes + (i + 4) * bytes);
+                        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    }
                 }
+                // SAFETY: as [`panel`] checked.
+                let (q, d) = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
+                packed[9 * i..9 * i + 8].copy_from_slice(&q);
+                packed[9 * i + 8] = _mm512_castps_si512(d);
             }
-            // SAFETY: as [`panel`] checked.
-            let (q, d) = unsafe { gather::<Q8>(w.as_ptr(), idx, i) };
-            packed[9 * i..9 * i + 8].copy_from_slice(&q);
-            packed[9 * i + 8] = _mm512_castps_si512(d);
         }
         let next = NextPanel::new(w, row_bytes, n);
         // SAFETY: as above; packed holds 9 * nb registers.

@@ -24,6 +24,10 @@
 //! and added one block at a time. Every output is bit-identical to
 //! `scalar::vec_dot`, as the AVX2 groups and the AVX-512 panels are, so the
 //! engine may pick any of them by token count.
+//!
+//! The same chunk permutes pack Q4_0 panels for the AVX-512 panel kernels
+//! (`pack_q4_0`): 16 rows of blocks-in-lanes registers transposed into
+//! rows in lanes replace the panels' gathers.
 
 use std::arch::x86_64::*;
 
@@ -491,5 +495,106 @@ unsafe fn tile_in<const N: usize>(
     for (t, a) in acc.into_iter().enumerate() {
         // SAFETY: `panel` checked that every token's outputs fit.
         unsafe { out.store(t0 + t, a) };
+    }
+}
+
+/// Packs rows `0..rows` (1..=16; lanes past them repeat the last row) of
+/// `nb` Q4_0 blocks each (`w` starts at the first, `row_bytes` apart) into
+/// the AVX-512 panels' layout: for block `i`, `packed[9 i + k]` holds the
+/// low nibbles of quant dword `k` (bytes `4k..4k + 4`) of the 16 rows, one
+/// row per 32-bit lane, `packed[9 i + 4 + k]` its high nibbles, and
+/// `packed[9 i + 8]` the rows' scales as f32: the bits the panels' gathers
+/// give, from contiguous loads instead. Per chunk of 16 blocks, each row's
+/// loads are permuted into blocks-in-lanes form (as the stream kernel
+/// does) and 16 rows of it transposed into rows-in-lanes form (a 16x16
+/// transpose per four blocks and one for the scales): about 4 operations
+/// per row and block where 5 gathers of 16 lanes cost about twice that
+/// (Zen 4).
+///
+/// # Safety
+/// AVX-512 F/BW/VL and VBMI must be present; the rows' `nb` blocks must be
+/// readable.
+///
+/// # Panics
+/// If `packed` holds fewer than `9 * nb` registers or `rows` is not in
+/// 1..=16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+pub(super) unsafe fn pack_q4_0(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    packed: &mut [__m512i],
+) {
+    assert!(packed.len() >= 9 * nb, "packed panel too short");
+    assert!((1..=PANEL).contains(&rows), "a panel has 1..=16 rows");
+    let group = [
+        index_reg(&GROUP_INDEX[0]),
+        index_reg(&GROUP_INDEX[1]),
+        index_reg(&GROUP_INDEX[2]),
+        index_reg(&GROUP_INDEX[3]),
+    ];
+    let scale = [index_reg(&SCALE_INDEX.0[0]), index_reg(&SCALE_INDEX.0[1])];
+    let m = _mm512_set1_epi8(0x0f);
+    let mut by_row = [_mm512_setzero_ps(); PANEL];
+    for c in 0..nb.div_ceil(CHUNK) {
+        let first = c * CHUNK;
+        let blocks = (nb - first).min(CHUNK);
+        let valid = blocks * Q4_0_BYTES;
+        let at = |r: usize| w.wrapping_add(r.min(rows - 1) * row_bytes + first * Q4_0_BYTES);
+        for (g, idx) in group.iter().enumerate() {
+            if 4 * g >= blocks {
+                break;
+            }
+            let [a, b] = GROUP_LOADS[g];
+            for (r, v) in by_row.iter_mut().enumerate() {
+                // SAFETY: the chunk's `valid` bytes of the row are readable
+                // (by the caller); `load` reads no byte past them.
+                let (x, y) =
+                    unsafe { (load(at(r), valid, LOADS[a]), load(at(r), valid, LOADS[b])) };
+                *v = _mm512_castsi512_ps(_mm512_permutex2var_epi8(x, *idx, y));
+            }
+            // Lane r of t[4l + k]: quant dword k of block 4g + l of row r.
+            let t = transpose16(&by_row);
+            for l in 0..4.min(blocks - 4 * g) {
+                let i = first + 4 * g + l;
+                for k in 0..4 {
+                    let v = _mm512_castps_si512(t[4 * l + k]);
+                    packed[9 * i + k] = _mm512_and_si512(v, m);
+                    packed[9 * i + 4 + k] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m);
+                }
+            }
+        }
+        for (r, v) in by_row.iter_mut().enumerate() {
+            // The same chunk of the next panel's row (usually this
+            // thread's next unit) to L2: from DRAM, packing otherwise
+            // waits on every row (`matmul/q4_0/avx512/few8-dram`, Zen 4:
+            // 7.2-7.3 GB/s without, 9.1-9.2 with; two panels ahead 8-10).
+            for k in 0..CHUNK_BYTES.div_ceil(64) {
+                // A hint: an address past the mapping is harmless.
+                _mm_prefetch::<_MM_HINT_T1>(at(r).wrapping_add(PANEL * row_bytes + 64 * k).cast());
+            }
+            // SAFETY: as above.
+            let l = unsafe {
+                [
+                    load(at(r), valid, LOADS[0]),
+                    load(at(r), valid, LOADS[1]),
+                    load(at(r), valid, LOADS[3]),
+                    load(at(r), valid, LOADS[4]),
+                ]
+            };
+            let lo = _mm512_permutex2var_epi16(l[0], scale[0], l[1]);
+            let hi = _mm512_permutex2var_epi16(l[2], scale[1], l[3]);
+            let d = _mm512_mask_blend_epi16(SCALE_INDEX.1, lo, hi);
+            *v = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+        }
+        // Lane r of u[p]: the scale of block lane_of(p) of row r.
+        let u = transpose16(&by_row);
+        for (p, v) in u.iter().enumerate() {
+            let b = lane_of(p);
+            if b < blocks {
+                packed[9 * (first + b) + 8] = _mm512_castps_si512(*v);
+            }
+        }
     }
 }

@@ -330,7 +330,7 @@ fn reduce(a: [__m512i; 4]) -> __m512i {
 /// output `p` is lane `p` of `v[r]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(v: &[__m512; 16]) -> [__m512; 16] {
+pub(super) fn transpose16(v: &[__m512; 16]) -> [__m512; 16] {
     // Rows 4j..4j + 4, column 4q + k of each, in 128-bit lane q of c[j][k].
     let mut c = [[_mm512_setzero_ps(); 4]; 4];
     for (j, cj) in c.iter_mut().enumerate() {

@@ -316,7 +316,7 @@ fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 /// 11-14 and 13.8 vs 10.4-12 GB/s, but level from DRAM, 9.1-9.2 vs 8.2-9.7,
 /// and level in `lfmd bench -s 8`, which is what a serving step meets; so
 /// the crossover stays. The k-quant panels now load and transpose rather
-/// than gather on every AVX-512 CPU, `avx512k::transposed`: 5-20% ahead of
+/// than gather on every AVX-512 CPU, `avx512::transposed_block`: 5-20% ahead of
 /// the AVX2 groups from cache at 4-8 tokens, level from DRAM at 8, level in
 /// `lfmd bench -s 4/8/16` on Q4_K_M with the crossover at 3; it stays at 8.) Q8_0 (decode 44 vs 19 GB/s) and Q5_K (the
 /// same panel and group code as Q4_K/Q6_K) take the same crossover. Float

@@ -3,7 +3,7 @@
 //! in the lanes of a zmm register, blocks unpacked from the mapping as they
 //! are used (few tokens) or packed once per panel into a thread-local
 //! buffer (many). A block of the 16 rows is read with contiguous loads and
-//! transposed into lanes (`transposed`), not gathered: measured on Zen 4,
+//! transposed into lanes (`avx512::transposed_block`), not gathered: measured on Zen 4,
 //! 2 threads, 2x faster for one token, 1.3-1.5x for 2-16, prefill 5-12%.
 //!
 //! Numerics: per super-block everything is exact integer arithmetic (the
@@ -14,7 +14,9 @@
 //! bit-identical whatever the batch. The scalar reference follows ggml's
 //! 8-lane float order instead; the two agree to rounding (tested).
 
-use super::avx512::{NextPanel, Out, PANEL, check_panel, with_panel_buffer};
+use super::avx512::{
+    NextPanel, Out, PANEL, check_panel, dword_at, transposed_block, with_panel_buffer,
+};
 use std::arch::x86_64::*;
 
 const Q8K_BYTES: usize = 292;
@@ -75,47 +77,11 @@ const fn bytes_of(f: u8) -> usize {
 /// needs (Q6_K: 210 bytes, four windows).
 const MAX_DWORDS: usize = 64;
 
-/// Block `i` of the panel's rows `0..rows` (1..=16; lanes past them repeat
-/// the last row) as dwords in lanes: lane `r` of `t[j]` holds the four
-/// bytes from `4j` of row `r`'s block (bytes past the block read as zeros).
-/// Each row's block is read with contiguous loads and 16 rows are
-/// transposed (a 16x16 transpose per 64 bytes): on Zen 4 about a third of
-/// the cost of gathering the same dwords.
-///
-/// # Safety
-/// AVX-512 F/BW must be present; every row's block `i` must be readable.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn transposed<const F: u8>(
-    w: *const u8,
-    row_bytes: usize,
-    rows: usize,
-    i: usize,
-    t: &mut [__m512i; MAX_DWORDS],
-) {
-    let bytes = bytes_of(F);
-    let mut by_row = [_mm512_setzero_ps(); PANEL];
-    for win in 0..bytes.div_ceil(64) {
-        let valid = (bytes - 64 * win).min(64);
-        let mask = u64::MAX >> (64 - valid);
-        for (r, v) in by_row.iter_mut().enumerate() {
-            let p = w.wrapping_add(r.min(rows - 1) * row_bytes + i * bytes + 64 * win);
-            // SAFETY: the block's bytes are readable (by the caller); the
-            // masked load reads only the `valid` bytes of it.
-            *v = _mm512_castsi512_ps(unsafe { _mm512_maskz_loadu_epi8(mask, p.cast()) });
-        }
-        let out = super::avx512s::transpose16(&by_row);
-        for (j, v) in out.iter().enumerate() {
-            t[16 * win + j] = _mm512_castps_si512(*v);
-        }
-    }
-}
-
 /// Unpacks block `i` of the panel into `out` in the register layout of the
-/// format, from its dwords in lanes ([`transposed`]).
+/// format, from its dwords in lanes ([`transposed_block`]).
 ///
 /// # Safety
-/// As [`transposed`].
+/// As [`transposed_block`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack<const F: u8>(
@@ -127,19 +93,8 @@ unsafe fn unpack<const F: u8>(
 ) {
     let mut t = [_mm512_setzero_si512(); MAX_DWORDS];
     // SAFETY: by the caller.
-    unsafe { transposed::<F>(w, row_bytes, rows, i, &mut t) };
-    // The dword at byte `off` of every row's block (`off` even).
-    let g = |off: usize| {
-        let j = off / 4;
-        if off.is_multiple_of(4) {
-            t[j]
-        } else {
-            _mm512_or_si512(
-                _mm512_srli_epi32::<16>(t[j]),
-                _mm512_slli_epi32::<16>(t[j + 1]),
-            )
-        }
-    };
+    unsafe { transposed_block(w, row_bytes, rows, i, bytes_of(F), &mut t) };
+    let g = |off: usize| dword_at(&t, off);
     let lo4 = _mm512_set1_epi8(0x0f);
     let byte = |v: __m512i, k: u32| {
         _mm512_and_si512(

@@ -214,6 +214,34 @@ struct Perms {
     scale_high: __mmask32,
 }
 
+impl Perms {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new() -> Perms {
+        Perms {
+            group: [
+                index_reg(&GROUP_INDEX[0]),
+                index_reg(&GROUP_INDEX[1]),
+                index_reg(&GROUP_INDEX[2]),
+                index_reg(&GROUP_INDEX[3]),
+            ],
+            scale: [index_reg(&SCALE_INDEX.0[0]), index_reg(&SCALE_INDEX.0[1])],
+            scale_high: SCALE_INDEX.1,
+        }
+    }
+
+    /// The chunk's 16 scales as f32, lane `p` block [`lane_of`]`(p)`'s,
+    /// from its loads 0, 1, 3 and 4 ([`LOADS`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn scales(&self, l0: __m512i, l1: __m512i, l3: __m512i, l4: __m512i) -> __m512 {
+        let lo = _mm512_permutex2var_epi16(l0, self.scale[0], l1);
+        let hi = _mm512_permutex2var_epi16(l3, self.scale[1], l4);
+        let d = _mm512_mask_blend_epi16(self.scale_high, lo, hi);
+        _mm512_cvtph_ps(_mm512_castsi512_si256(d))
+    }
+}
+
 /// The 64 bytes from `from` of the chunk at `p`, of which `valid` bytes are
 /// readable: bytes past them load as zero and are not read.
 ///
@@ -287,10 +315,7 @@ unsafe fn chunk_values<const N: usize>(
         // GF(2): output bit i is input bit i + 4), one operation.
         hi[g] = _mm512_gf2p8affine_epi64_epi8::<0>(q, _mm512_set1_epi64(HIGH_NIBBLE));
     }
-    let d_lo = _mm512_permutex2var_epi16(l[0], perms.scale[0], l[1]);
-    let d_hi = _mm512_permutex2var_epi16(l[3], perms.scale[1], l[4]);
-    let d = _mm512_mask_blend_epi16(perms.scale_high, d_lo, d_hi);
-    let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+    let dw = perms.scales(l[0], l[1], l[3], l[4]);
     for (t, vt) in v.iter_mut().enumerate() {
         let x = acts.of(t0 + t, c);
         let mut a = [_mm512_setzero_si512(); 4];
@@ -384,16 +409,7 @@ pub unsafe fn panel(
     assert_eq!(format, Format::Q4_0, "the stream kernel reads Q4_0 rows");
     let (n, nb) = (acts.n, acts.nb);
     check_panel(w, row_bytes, rows, nb * Q4_0_BYTES, n, out);
-    let perms = Perms {
-        group: [
-            index_reg(&GROUP_INDEX[0]),
-            index_reg(&GROUP_INDEX[1]),
-            index_reg(&GROUP_INDEX[2]),
-            index_reg(&GROUP_INDEX[3]),
-        ],
-        scale: [index_reg(&SCALE_INDEX.0[0]), index_reg(&SCALE_INDEX.0[1])],
-        scale_high: SCALE_INDEX.1,
-    };
+    let perms = Perms::new();
     let mut t0 = 0;
     while t0 < n {
         let len = (n - t0).min(TILE);
@@ -528,13 +544,7 @@ pub(super) unsafe fn pack_q4_0(
 ) {
     assert!(packed.len() >= 9 * nb, "packed panel too short");
     assert!((1..=PANEL).contains(&rows), "a panel has 1..=16 rows");
-    let group = [
-        index_reg(&GROUP_INDEX[0]),
-        index_reg(&GROUP_INDEX[1]),
-        index_reg(&GROUP_INDEX[2]),
-        index_reg(&GROUP_INDEX[3]),
-    ];
-    let scale = [index_reg(&SCALE_INDEX.0[0]), index_reg(&SCALE_INDEX.0[1])];
+    let perms = Perms::new();
     let m = _mm512_set1_epi8(0x0f);
     let mut by_row = [_mm512_setzero_ps(); PANEL];
     for c in 0..nb.div_ceil(CHUNK) {
@@ -542,7 +552,7 @@ pub(super) unsafe fn pack_q4_0(
         let blocks = (nb - first).min(CHUNK);
         let valid = blocks * Q4_0_BYTES;
         let at = |r: usize| w.wrapping_add(r.min(rows - 1) * row_bytes + first * Q4_0_BYTES);
-        for (g, idx) in group.iter().enumerate() {
+        for (g, idx) in perms.group.iter().enumerate() {
             if 4 * g >= blocks {
                 break;
             }
@@ -583,10 +593,7 @@ pub(super) unsafe fn pack_q4_0(
                     load(at(r), valid, LOADS[4]),
                 ]
             };
-            let lo = _mm512_permutex2var_epi16(l[0], scale[0], l[1]);
-            let hi = _mm512_permutex2var_epi16(l[2], scale[1], l[3]);
-            let d = _mm512_mask_blend_epi16(SCALE_INDEX.1, lo, hi);
-            *v = _mm512_cvtph_ps(_mm512_castsi512_si256(d));
+            *v = perms.scales(l[0], l[1], l[2], l[3]);
         }
         // Lane r of u[p]: the scale of block lane_of(p) of row r.
         let u = transpose16(&by_row);

@@ -7,15 +7,21 @@
 //! many tokens, the bottleneck for one. Here a row's blocks are taken 16 at
 //! a time (a *chunk*, 288 contiguous bytes): six overlapping loads, one
 //! byte permute per four blocks puts each block's 16 packed bytes in its
-//! own 128-bit lane, an `and` and a GF(2) affine map split the nibbles,
+//! own 128-bit lane, a 4x4 dword transpose inside each 128-bit lane puts
+//! dword `j` of all 16 blocks into register `j` (one block per 32-bit
+//! lane), an `and` and a GF(2) affine map split the nibbles, and
 //! `vpdpbusd` multiplies them by the activation quants arranged the same
-//! way ([`StreamActs`], built once per product), and one reduction tree
-//! leaves each block's integer dot in its own 32-bit lane. The scales come
-//! out of the same loads by two word permutes. So each row is read once,
-//! front to back, with no gather and no horizontal sum per row:
-//! per 16 blocks about 50 zmm operations where the AVX2 groups need about
-//! 146 ymm ones (measured, Zen 4, 2 threads: 47-53 GB/s from cache against
-//! the AVX2 groups' 39-42, 26-29 GB/s from DRAM against 23-24).
+//! way ([`StreamActs`], built once per product): the eight dot products of
+//! a token add each block's 32 products up in its own lane, with no
+//! reduction per token. The scales come out of the same loads by two word
+//! permutes. So each row is read once, front to back, with no gather and
+//! no horizontal sum per row: per 16 blocks about 35 zmm operations for
+//! the weights and 13 per token, where the AVX2 groups need about 146 ymm
+//! ones (measured, Zen 4, 2 threads: 47-53 GB/s from cache against the
+//! AVX2 groups' 39-42, 26-29 GB/s from DRAM against 23-24). (A reduction
+//! tree per token, as this kernel first had, cost 3-7% more time for 2-8
+//! tokens, one thread; taking two rows at a time to share the activation
+//! loads gained nothing.)
 //!
 //! Numerics: the block's integer dot is exact and its float steps are the
 //! scalar reference's, `(sum * d_w) * d_x`, computed per lane. The sum over
@@ -53,13 +59,13 @@ const HIGH_NIBBLE: i64 = 0x1020_4080_0000_0000;
 /// 2 threads): 21-22 GB/s without, 24 at 4 KiB, 26-29 at 6-8 KiB, 24-27 at
 /// 12-16 KiB; hints to L1 at 0.5-1 KiB did not help.
 const AHEAD: usize = 8192;
-/// Registers per (token, chunk) in [`StreamActs`]: the low and high quant
-/// halves of four groups of four blocks, the offset sums, the scales.
+/// Registers per (token, chunk) in [`StreamActs`]: four quant dwords of the
+/// low and of the high half of every block, the offset sums, the scales.
 const PER_CHUNK: usize = 10;
 
 /// The lane of a chunk's sums that holds block `b` (and the block lane `p`
-/// holds: the map is its own inverse). The reduction tree leaves the dot of
-/// block `4j + l` in lane `4l + j`.
+/// holds: the map is its own inverse). The in-lane transpose of the four
+/// group registers leaves block `4g + l` in lane `4l + g`.
 const fn lane_of(b: usize) -> usize {
     4 * (b % 4) + b / 4
 }
@@ -70,11 +76,12 @@ const fn lane_of(b: usize) -> usize {
 struct Lanes([i32; 16]);
 
 /// The activation rows of a product as the stream kernel reads them: for
-/// each token and chunk, the quants of each group of four blocks in the
-/// layout of the permuted weights (128-bit lane `l` of group `g` holds
-/// block `4g + l`'s quants 0..16, then in a second register 16..32), and
-/// the blocks' offset sums (`8 * sum(x)`) and scales in lane order. Built
-/// once per product; lanes past a row's last block hold zeros.
+/// each token and chunk, quant dword `j` of every block in register `j`
+/// (quants `4j..4j + 4`) and `4 + j` (quants `16 + 4j..`), block `b` in
+/// lane `lane_of(b)` as in the unpacked weights, then the blocks'
+/// negated offset sums (`-8 * sum(x)`, where each dot starts) and scales
+/// in the same lanes. Built once per product; lanes past a row's last
+/// block hold zeros.
 pub struct StreamActs {
     nb: usize,
     chunks: usize,
@@ -97,16 +104,15 @@ impl StreamActs {
             for (b, blk) in x[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES).enumerate() {
                 let (c, k) = (b / CHUNK, b % CHUNK);
                 let base = (t * chunks + c) * PER_CHUNK;
-                let (g, l) = (k / 4, k % 4);
                 let dword = |at: usize| {
                     i32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
                 };
-                for i in 0..4 {
-                    lanes[base + g].0[4 * l + i] = dword(2 + 4 * i);
-                    lanes[base + 4 + g].0[4 * l + i] = dword(18 + 4 * i);
+                for j in 0..4 {
+                    lanes[base + j].0[lane_of(k)] = dword(2 + 4 * j);
+                    lanes[base + 4 + j].0[lane_of(k)] = dword(18 + 4 * j);
                 }
                 let sum: i32 = blk[2..].iter().map(|&q| i32::from(q as i8)).sum();
-                lanes[base + 8].0[lane_of(k)] = off * sum;
+                lanes[base + 8].0[lane_of(k)] = -(off * sum);
                 let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
                 lanes[base + 9].0[lane_of(k)] = d.to_bits() as i32;
             }
@@ -263,25 +269,26 @@ unsafe fn load(p: *const u8, valid: usize, from: usize) -> __m512i {
     }
 }
 
-/// One row's values of chunk `c` for each of `N` tokens into `v`: lane `p`
-/// holds `(sum * d_w) * d_x` of block `lane_of(p)`. (Loops, no closures: a
-/// closure may be compiled out of line, a call per chunk.)
+/// One row's chunk of weights, unpacked: `lo[j]` / `hi[j]` the low and
+/// high nibbles of quant dword `j` of each block (block [`lane_of`]`(p)` in
+/// lane `p`), `dw` the blocks' scales in the same lanes.
+#[derive(Clone, Copy)]
+struct ChunkWeights {
+    lo: [__m512i; 4],
+    hi: [__m512i; 4],
+    dw: __m512,
+}
+
+/// Unpacks the chunk at `p` (`valid` bytes of it, at most a chunk's).
+/// (Loops, no closures: a closure may be compiled out of line, a call per
+/// chunk.)
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI/VBMI and GFNI must be present; the `valid` bytes at `p`
-/// (at most a chunk's) must be readable.
-#[allow(clippy::too_many_arguments)]
+/// AVX-512 F/BW/VL/VNNI/VBMI and GFNI must be present; the `valid` bytes
+/// at `p` must be readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
-unsafe fn chunk_values<const N: usize>(
-    p: *const u8,
-    valid: usize,
-    perms: &Perms,
-    acts: &StreamActs,
-    t0: usize,
-    c: usize,
-    v: &mut [__m512; N],
-) {
+unsafe fn chunk_weights(p: *const u8, valid: usize, perms: &Perms) -> ChunkWeights {
     // SAFETY: by the caller; a full chunk's last 32 bytes are one load.
     let l = unsafe {
         if valid == CHUNK_BYTES {
@@ -305,50 +312,63 @@ unsafe fn chunk_values<const N: usize>(
         }
     };
     let m = _mm512_set1_epi8(0x0f);
-    let mut lo = [_mm512_setzero_si512(); 4];
-    let mut hi = [_mm512_setzero_si512(); 4];
+    let mut q = [_mm512_setzero_si512(); 4];
     for g in 0..4 {
         let [a, b] = GROUP_LOADS[g];
-        let q = _mm512_permutex2var_epi8(l[a], perms.group[g], l[b]);
-        lo[g] = _mm512_and_si512(q, m);
+        q[g] = _mm512_permutex2var_epi8(l[a], perms.group[g], l[b]);
+    }
+    // Dword j of every block into register j, block 4g + l at lane
+    // lane_of(4g + l) = 4l + g: a block's eight dwords then meet in one
+    // lane, summed by the dot products themselves, once per chunk instead
+    // of a reduction per token.
+    let q = dwords_by_block(q);
+    let mut lo = [_mm512_setzero_si512(); 4];
+    let mut hi = [_mm512_setzero_si512(); 4];
+    for j in 0..4 {
+        lo[j] = _mm512_and_si512(q[j], m);
         // Each byte's high nibble into its low bits (an affine map over
         // GF(2): output bit i is input bit i + 4), one operation.
-        hi[g] = _mm512_gf2p8affine_epi64_epi8::<0>(q, _mm512_set1_epi64(HIGH_NIBBLE));
+        hi[j] = _mm512_gf2p8affine_epi64_epi8::<0>(q[j], _mm512_set1_epi64(HIGH_NIBBLE));
     }
     let dw = perms.scales(l[0], l[1], l[3], l[4]);
-    for (t, vt) in v.iter_mut().enumerate() {
-        let x = acts.of(t0 + t, c);
-        let mut a = [_mm512_setzero_si512(); 4];
-        for g in 0..4 {
-            a[g] = _mm512_dpbusd_epi32(a[g], lo[g], reg(&x[g]));
-            a[g] = _mm512_dpbusd_epi32(a[g], hi[g], reg(&x[4 + g]));
-        }
-        // Exact: integer sums, minus offset * sum(x).
-        let sum = _mm512_sub_epi32(reduce(a), reg(&x[8]));
-        let dx = _mm512_castsi512_ps(reg(&x[9]));
-        // scalar: sum as f32 * d_w * d_x
-        *vt = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dw), dx);
-    }
+    ChunkWeights { lo, hi, dw }
 }
 
-/// One i32 lane per block from four group registers: `a[g]` holds four
-/// partial sums of block `4g + l` in 128-bit lane `l`; the result holds
-/// block `4j + l`'s dot in lane `4l + j` ([`lane_of`]).
+/// The values of one row's unpacked chunk `w` for one token's registers
+/// `x` of that chunk: lane `p` holds `(sum * d_w) * d_x` of block
+/// [`lane_of`]`(p)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn chunk_values(w: &ChunkWeights, x: &[Lanes; PER_CHUNK]) -> __m512 {
+    // Exact integer sums from minus offset * sum(x), in two chains.
+    let mut a = reg(&x[8]);
+    let mut b = _mm512_setzero_si512();
+    for j in 0..4 {
+        a = _mm512_dpbusd_epi32(a, w.lo[j], reg(&x[j]));
+        b = _mm512_dpbusd_epi32(b, w.hi[j], reg(&x[4 + j]));
+    }
+    let sum = _mm512_add_epi32(a, b);
+    let dx = _mm512_castsi512_ps(reg(&x[9]));
+    // scalar: sum as f32 * d_w * d_x
+    _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), w.dw), dx)
+}
+
+/// A 4x4 dword transpose inside each 128-bit lane: `q[g]` holds dwords
+/// 0..4 of block `4g + l` in 128-bit lane `l`; output `j` holds dword `j`
+/// of block `4g + l` in lane `4l + g` ([`lane_of`]).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce(a: [__m512i; 4]) -> __m512i {
-    let t01 = _mm512_add_epi32(
-        _mm512_unpacklo_epi32(a[0], a[1]),
-        _mm512_unpackhi_epi32(a[0], a[1]),
-    );
-    let t23 = _mm512_add_epi32(
-        _mm512_unpacklo_epi32(a[2], a[3]),
-        _mm512_unpackhi_epi32(a[2], a[3]),
-    );
-    _mm512_add_epi32(
-        _mm512_unpacklo_epi64(t01, t23),
-        _mm512_unpackhi_epi64(t01, t23),
-    )
+fn dwords_by_block(q: [__m512i; 4]) -> [__m512i; 4] {
+    let t0 = _mm512_unpacklo_epi32(q[0], q[1]);
+    let t1 = _mm512_unpackhi_epi32(q[0], q[1]);
+    let t2 = _mm512_unpacklo_epi32(q[2], q[3]);
+    let t3 = _mm512_unpackhi_epi32(q[2], q[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
 }
 
 /// The 16x16 transpose of `v` (row `r`'s values in `v[r]`): lane `r` of
@@ -466,7 +486,6 @@ unsafe fn tile_in<const N: usize>(
     out: Out,
 ) {
     let (nb, chunks) = (acts.nb, acts.chunks);
-    let mut v = [_mm512_setzero_ps(); N];
     for r in 0..PANEL {
         if r >= rows {
             // Lanes no result is stored from: zeros, not stale values.
@@ -487,9 +506,10 @@ unsafe fn tile_in<const N: usize>(
             let valid = (nb - c * CHUNK).min(CHUNK) * Q4_0_BYTES;
             // SAFETY: the row's blocks lie inside `w` (checked by `panel`);
             // this reads the chunk's `valid` bytes of them.
-            unsafe { chunk_values::<N>(p, valid, perms, acts, t0, c, &mut v) };
+            let cw = unsafe { chunk_weights(p, valid, perms) };
             for t in 0..N {
-                buf[(c * N + t) * PANEL + r] = _mm512_castps_si512(v[t]);
+                let v = chunk_values(&cw, acts.of(t0 + t, c));
+                buf[(c * N + t) * PANEL + r] = _mm512_castps_si512(v);
             }
         }
     }

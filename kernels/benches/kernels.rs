@@ -37,6 +37,10 @@ const PREFILL: usize = 64;
 const FEW: [usize; 7] = [2, 4, 6, 8, 10, 12, 16];
 /// Matrices of the DRAM-streaming decode benchmark (Q4_0: 144 MiB).
 const DRAM_MATRICES: usize = 64;
+/// Token counts of the few-token DRAM benchmarks: an expert's share of a
+/// serving step (2, 4: with 8 sequences most experts meet one to three
+/// tokens) and the step's dense matrices (8).
+const DRAM_FEW: [usize; 3] = [2, 4, 8];
 /// Distinct quantized rows; the matrix repeats them (quantizing k-quants is slow).
 const TEMPLATE_ROWS: usize = 64;
 
@@ -263,18 +267,18 @@ fn main() {
                 format!("dot/{name}/{isa}/2x4"),
                 format!("matmul/{name}/{isa}/decode-dram"),
                 format!("matmul/{name}/default/decode-dram"),
-                format!("matmul/{name}/{isa}/few8-dram"),
-                format!("matmul/{name}/default/few8-dram"),
             ];
+            for n in DRAM_FEW {
+                v.push(format!("matmul/{name}/{isa}/few{n}-dram"));
+                v.push(format!("matmul/{name}/default/few{n}-dram"));
+            }
             v.extend(sizes(isa).into_iter().map(|(_, n)| n));
             v.extend(sizes("default").into_iter().map(|(_, n)| n));
             v
         };
         let stream_names = || {
-            let mut v = vec![
-                format!("matmul/{name}/avx512s/decode-dram"),
-                format!("matmul/{name}/avx512s/few8-dram"),
-            ];
+            let mut v = vec![format!("matmul/{name}/avx512s/decode-dram")];
+            v.extend(DRAM_FEW.map(|n| format!("matmul/{name}/avx512s/few{n}-dram")));
             v.extend(sizes("avx512s").into_iter().map(|(_, n)| n));
             v
         };
@@ -350,7 +354,9 @@ fn main() {
                 run.bench(&bench, w.len(), ROWS, || product(&own, &w, n, &mut y));
             }
             dram(&format!("matmul/{name}/{isa_name}/decode-dram"), &own, 1);
-            dram(&format!("matmul/{name}/{isa_name}/few8-dram"), &own, 8);
+            for n in DRAM_FEW {
+                dram(&format!("matmul/{name}/{isa_name}/few{n}-dram"), &own, n);
+            }
         }
         // The AVX-512 stream family, where this CPU and type have one.
         if let Some(k) = lfm_kernels::dispatch::stream_kernel(ty) {
@@ -360,7 +366,9 @@ fn main() {
                 run.bench(&bench, w.len(), ROWS, || product(&own, &w, n, &mut y));
             }
             dram(&format!("matmul/{name}/avx512s/decode-dram"), &own, 1);
-            dram(&format!("matmul/{name}/avx512s/few8-dram"), &own, 8);
+            for n in DRAM_FEW {
+                dram(&format!("matmul/{name}/avx512s/few{n}-dram"), &own, n);
+            }
         }
         let engine = |n: usize| kernel(best, ty, n);
         for (n, bench) in sizes("default") {
@@ -371,6 +379,8 @@ fn main() {
             run.bench(&bench, w.len(), ROWS, || product(&engine, &w, n, &mut y));
         }
         dram(&format!("matmul/{name}/default/decode-dram"), &engine, 1);
-        dram(&format!("matmul/{name}/default/few8-dram"), &engine, 8);
+        for n in DRAM_FEW {
+            dram(&format!("matmul/{name}/default/few{n}-dram"), &engine, n);
+        }
     }
 }

@@ -113,7 +113,10 @@ fn q8_0_avx2(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
     let format = match kind {
         PanelFormat::Legacy(f) | PanelFormat::Avx2(f) => f,
-        PanelFormat::K(_) | PanelFormat::Avx2K(_) | PanelFormat::Stream(_) => {
+        PanelFormat::K(_)
+        | PanelFormat::Avx2K(_)
+        | PanelFormat::Stream(_)
+        | PanelFormat::StreamK(_) => {
             unreachable!("k-quant panels go through kpanel_rows; stream kernels are not row dots")
         }
     };
@@ -354,12 +357,21 @@ pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
 /// | --- | --- | --- | --- | --- | --- | --- | --- |
 /// | Q4_0 | 47-53 / 39-42 | 34-36 / 25-30 | 21 / 14-19 | 6.8 / 7.7 (1 thread) | 5.5 / 6.5 (1 thread) | 26-29 / 23-24 | 6.7 / 8.7 |
 ///
-/// Past 4 tokens the stream kernel reads each row once per 4-token tile
-/// and the AVX2 groups' unpacked panels win. All give the scalar
-/// reference's bits, so the choice never changes a result.
+/// Q4_K (`x86/avx512sk.rs`; one thread from cache, two from DRAM, three
+/// alternating rounds):
+///
+/// | tokens | 1 | 2 | 4 | 1, DRAM | 2, DRAM | 4, DRAM |
+/// | --- | --- | --- | --- | --- | --- | --- |
+/// | Q4_K | 25.7-26.1 / 25.7-26.1 | 17.4-19.0 / 18.5-18.7 | 11.2-11.6 / 9.7-9.9 | 27-33 / 21-25 | 19-27 / 19-24 | 15-18 / 12-15 |
+///
+/// Past 4 tokens the stream kernels read each row once per 4-token tile
+/// and the AVX2 groups' unpacked panels win. Each gives the bits of the
+/// family it stands in for (Q4_0: the scalar reference's, Q4_K: the
+/// panels' order), so the choice never changes a result. Q5_K and Q6_K
+/// have none yet.
 pub fn stream_up_to_tokens(ty: WeightType) -> usize {
     match ty {
-        WeightType::Q4_0 => 4,
+        WeightType::Q4_0 | WeightType::Q4K => 4,
         _ => 0,
     }
 }
@@ -385,10 +397,20 @@ pub fn has_stream() -> bool {
 /// the family through it.
 pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
-    if has_stream() && ty == WeightType::Q4_0 {
-        return Some(Kernel::Panel(PanelKernel {
-            format: PanelFormat::Stream(Format::Q4_0),
-        }));
+    if has_stream() {
+        match ty {
+            WeightType::Q4_0 => {
+                return Some(Kernel::Panel(PanelKernel {
+                    format: PanelFormat::Stream(Format::Q4_0),
+                }));
+            }
+            WeightType::Q4K => {
+                return Some(Kernel::Panel(PanelKernel {
+                    format: PanelFormat::StreamK(KFormat::Q4K),
+                }));
+            }
+            _ => {}
+        }
     }
     let _ = ty;
     None
@@ -703,19 +725,26 @@ pub fn quantize_activations_on(
 mod tests {
     use super::*;
 
-    /// Only Q4_0 has a stream kernel, for one to four tokens; where the CPU
-    /// runs it, `kernel` and `kernel_name` pick it for exactly those sizes.
+    /// Q4_0 and Q4_K have stream kernels, for one to four tokens; where the
+    /// CPU runs them, `kernel` and `kernel_name` pick them for exactly those
+    /// sizes.
     #[test]
-    fn stream_kernels_serve_one_to_four_q4_0_tokens() {
+    fn stream_kernels_serve_one_to_four_q4_0_and_q4_k_tokens() {
         for ty in WeightType::ALL {
-            let want = if ty == WeightType::Q4_0 { 4 } else { 0 };
+            let want = if matches!(ty, WeightType::Q4_0 | WeightType::Q4K) {
+                4
+            } else {
+                0
+            };
             assert_eq!(stream_up_to_tokens(ty), want, "{ty:?}");
             assert_eq!(stream_kernel(ty).is_some(), has_stream() && want > 0);
         }
         if has_stream() {
-            for n in 1..=9 {
-                let name = kernel_name(Isa::Avx512, WeightType::Q4_0, n);
-                assert_eq!(name.ends_with("stream"), n <= 4, "{n}: {name}");
+            for ty in [WeightType::Q4_0, WeightType::Q4K] {
+                for n in 1..=9 {
+                    let name = kernel_name(Isa::Avx512, ty, n);
+                    assert_eq!(name.ends_with("stream"), n <= 4, "{ty:?} {n}: {name}");
+                }
             }
         }
     }

@@ -143,6 +143,9 @@ pub(crate) enum PanelFormat {
     /// Rows streamed in 16-block chunks on AVX-512 VNNI/VBMI with GFNI
     /// (`x86/avx512s.rs`), the same bits as `Legacy`.
     Stream(crate::x86::avx512::Format),
+    /// Q4_K rows streamed two super-blocks at a time on AVX-512
+    /// VNNI/VBMI with GFNI (`x86/avx512sk.rs`), the same bits as `K`.
+    StreamK(crate::x86::avx512k::KFormat),
 }
 
 /// With many tokens, work units are dealt a few at a time: each panel
@@ -173,6 +176,7 @@ enum Side {
     None,
     Sums(crate::x86::avx512::ActSums),
     Stream(crate::x86::avx512s::StreamActs),
+    StreamK(crate::x86::avx512sk::KStreamActs),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -191,6 +195,12 @@ fn side(job: &MatJob<'_>) -> Side {
         }) => Side::Stream(crate::x86::avx512s::StreamActs::new(
             &job.acts,
             job.cols / 32,
+        )),
+        Kernel::Panel(PanelKernel {
+            format: PanelFormat::StreamK(_),
+        }) => Side::StreamK(crate::x86::avx512sk::KStreamActs::new(
+            &job.acts,
+            job.cols / 256,
         )),
         Kernel::Panel(_) => Side::None,
     }
@@ -320,10 +330,15 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                             (PanelFormat::Stream(f), Side::Stream(acts)) => unsafe {
                                 crate::x86::avx512s::panel(f, w, job.row_bytes, rows, acts, out)
                             },
+                            // SAFETY: as for Stream.
+                            (PanelFormat::StreamK(f), Side::StreamK(acts)) => unsafe {
+                                crate::x86::avx512sk::panel(f, w, job.row_bytes, rows, acts, out)
+                            },
                             (
                                 PanelFormat::Legacy(_)
                                 | PanelFormat::Avx2(_)
-                                | PanelFormat::Stream(_),
+                                | PanelFormat::Stream(_)
+                                | PanelFormat::StreamK(_),
                                 _,
                             ) => {
                                 unreachable!("legacy panel jobs get their activation side")

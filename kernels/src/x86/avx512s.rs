@@ -51,14 +51,14 @@ const CHUNK_BYTES: usize = CHUNK * Q4_0_BYTES;
 /// The bit matrix of `vgf2p8affineqb` that maps a byte to its high nibble:
 /// row `7 - i` (byte `7 - i` of the qword) selects the input bit that
 /// becomes output bit `i`: bits 4..8 for `i` < 4, none above.
-const HIGH_NIBBLE: i64 = 0x1020_4080_0000_0000;
+pub(super) const HIGH_NIBBLE: i64 = 0x1020_4080_0000_0000;
 /// How far ahead of the chunk at hand its row's stream is brought to L2:
 /// the rows of a panel (and the panels of a thread) lie one after the
 /// other, so this runs ahead through page boundaries, where the hardware
 /// prefetcher stops. Measured (`matmul/q4_0/avx512s/decode-dram`, Zen 4,
 /// 2 threads): 21-22 GB/s without, 24 at 4 KiB, 26-29 at 6-8 KiB, 24-27 at
 /// 12-16 KiB; hints to L1 at 0.5-1 KiB did not help.
-const AHEAD: usize = 8192;
+pub(super) const AHEAD: usize = 8192;
 /// Registers per (token, chunk) in [`StreamActs`]: four quant dwords of the
 /// low and of the high half of every block, the offset sums, the scales.
 const PER_CHUNK: usize = 10;
@@ -73,7 +73,7 @@ const fn lane_of(b: usize) -> usize {
 /// 16 lanes of 32 bits, aligned for one zmm load.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Lanes([i32; 16]);
+pub(super) struct Lanes(pub(super) [i32; 16]);
 
 /// The activation rows of a product as the stream kernel reads them: for
 /// each token and chunk, quant dword `j` of every block in register `j`
@@ -137,7 +137,7 @@ impl StreamActs {
 /// A zmm register from aligned lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reg(l: &Lanes) -> __m512i {
+pub(super) fn reg(l: &Lanes) -> __m512i {
     // SAFETY: `Lanes` is 64 bytes, aligned to 64.
     unsafe { _mm512_load_si512(l.0.as_ptr().cast()) }
 }
@@ -255,7 +255,7 @@ impl Perms {
 /// AVX-512 F/BW must be present and `valid` bytes at `p` readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn load(p: *const u8, valid: usize, from: usize) -> __m512i {
+pub(super) unsafe fn load(p: *const u8, valid: usize, from: usize) -> __m512i {
     // SAFETY: by the caller; the masked load reads only the bytes below
     // `valid`.
     unsafe {

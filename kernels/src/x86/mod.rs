@@ -7,6 +7,7 @@ pub mod avx2k;
 pub mod avx512;
 pub mod avx512k;
 pub mod avx512s;
+pub mod avx512sk;
 pub mod kquants;
 pub mod legacy;
 mod simd;

@@ -357,21 +357,22 @@ pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
 /// | --- | --- | --- | --- | --- | --- | --- | --- |
 /// | Q4_0 | 47-53 / 39-42 | 34-36 / 25-30 | 21 / 14-19 | 6.8 / 7.7 (1 thread) | 5.5 / 6.5 (1 thread) | 26-29 / 23-24 | 6.7 / 8.7 |
 ///
-/// Q4_K (`x86/avx512sk.rs`; one thread from cache, two from DRAM, three
-/// alternating rounds):
+/// Q4_K and Q6_K (`x86/avx512sk.rs`; one thread from cache, two from
+/// DRAM, three alternating rounds):
 ///
 /// | tokens | 1 | 2 | 4 | 1, DRAM | 2, DRAM | 4, DRAM |
 /// | --- | --- | --- | --- | --- | --- | --- |
 /// | Q4_K | 25.7-26.1 / 25.7-26.1 | 17.4-19.0 / 18.5-18.7 | 11.2-11.6 / 9.7-9.9 | 27-33 / 21-25 | 19-27 / 19-24 | 15-18 / 12-15 |
+/// | Q6_K | 27.5-27.9 / 22.7-22.8 | 18.4-21.5 / 16.1 | 11.3-14.4 / 11.0-11.1 | 22-30 / 22-26 | 25-29 / 18-20 | 19-22 / 11-17 |
 ///
 /// Past 4 tokens the stream kernels read each row once per 4-token tile
 /// and the AVX2 groups' unpacked panels win. Each gives the bits of the
 /// family it stands in for (Q4_0: the scalar reference's, Q4_K: the
-/// panels' order), so the choice never changes a result. Q5_K and Q6_K
-/// have none yet.
+/// panels' order), so the choice never changes a result. Q5_K has none
+/// yet (few files use it: a Q4_K_M file's 16 MiB of it).
 pub fn stream_up_to_tokens(ty: WeightType) -> usize {
     match ty {
-        WeightType::Q4_0 | WeightType::Q4K => 4,
+        WeightType::Q4_0 | WeightType::Q4K | WeightType::Q6K => 4,
         _ => 0,
     }
 }
@@ -407,6 +408,11 @@ pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
             WeightType::Q4K => {
                 return Some(Kernel::Panel(PanelKernel {
                     format: PanelFormat::StreamK(KFormat::Q4K),
+                }));
+            }
+            WeightType::Q6K => {
+                return Some(Kernel::Panel(PanelKernel {
+                    format: PanelFormat::StreamK(KFormat::Q6K),
                 }));
             }
             _ => {}
@@ -731,7 +737,7 @@ mod tests {
     #[test]
     fn stream_kernels_serve_one_to_four_q4_0_and_q4_k_tokens() {
         for ty in WeightType::ALL {
-            let want = if matches!(ty, WeightType::Q4_0 | WeightType::Q4K) {
+            let want = if matches!(ty, WeightType::Q4_0 | WeightType::Q4K | WeightType::Q6K) {
                 4
             } else {
                 0
@@ -740,7 +746,7 @@ mod tests {
             assert_eq!(stream_kernel(ty).is_some(), has_stream() && want > 0);
         }
         if has_stream() {
-            for ty in [WeightType::Q4_0, WeightType::Q4K] {
+            for ty in [WeightType::Q4_0, WeightType::Q4K, WeightType::Q6K] {
                 for n in 1..=9 {
                     let name = kernel_name(Isa::Avx512, ty, n);
                     assert_eq!(name.ends_with("stream"), n <= 4, "{ty:?} {n}: {name}");

@@ -197,8 +197,9 @@ fn side(job: &MatJob<'_>) -> Side {
             job.cols / 32,
         )),
         Kernel::Panel(PanelKernel {
-            format: PanelFormat::StreamK(_),
+            format: PanelFormat::StreamK(f),
         }) => Side::StreamK(crate::x86::avx512sk::KStreamActs::new(
+            f,
             &job.acts,
             job.cols / 256,
         )),

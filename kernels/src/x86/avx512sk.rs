@@ -1,8 +1,18 @@
-//! AVX-512 products (VNNI, VBMI, GFNI) of Q4_K weight rows with one to
-//! four Q8_K activation rows that stream each weight row from the mapping
-//! once, in address order: the k-quant counterpart of [`super::avx512s`]'s
-//! Q4_0 stream kernel, *sub-blocks in lanes*.
+//! AVX-512 products (VNNI, VBMI, GFNI) of Q4_K and Q6_K weight rows with
+//! one to four Q8_K activation rows that stream each weight row from the
+//! mapping once, in address order: the k-quant counterparts of
+//! [`super::avx512s`]'s Q4_0 stream kernel, *sub-blocks in lanes*.
 //!
+//! Q6_K takes one super-block (210 bytes, 16 sub-blocks of 16) at a time:
+//! two-source dword permutes of its `ql` bytes and one-source ones of its
+//! `qh` bytes, per-lane shifts and one ternary-logic merge build each
+//! sub-block's 6-bit codes in one lane across four registers; per token
+//! four `vpdpbusd`, starting from `-32 * sum(x)`, give `dot - 32 * sum`
+//! per sub-block and one multiply the signed scale, so the lanes add up to
+//! the super-block's `isum - 32 * msum`; the same reduction across rows
+//! puts the 16 rows in lanes for `total * (d * dx)`.
+//!
+//! Q4_K:
 //! A row's super-blocks are taken two at a time (a *chunk*, 288
 //! contiguous bytes, 16 sub-blocks of 32 weights). Four 64-byte loads hold
 //! their quants; two-source dword permutes and a blend per register put
@@ -38,8 +48,6 @@ use super::avx512s::{AHEAD, HIGH_NIBBLE, Lanes, TILE, load, reg};
 /// Super-blocks per chunk: 16 sub-blocks, one per 32-bit lane.
 const SB: usize = 2;
 const Q4K_BYTES: usize = 144;
-/// Bytes of a full chunk.
-const CHUNK_BYTES: usize = SB * Q4K_BYTES;
 const Q8K_BYTES: usize = 292;
 /// Offsets of the Q8_K block's quants and 16-element sums.
 const Q8K_QS: usize = 4;
@@ -48,6 +56,9 @@ const Q8K_BSUMS: usize = 260;
 /// four low-nibble and four high-nibble weight registers, and the
 /// sub-blocks' 32-element sums.
 const PER_CHUNK: usize = 9;
+/// The same for Q6_K: four quant dwords per sub-block, the offset sums.
+const PER_CHUNK6: usize = 5;
+const Q6K_BYTES: usize = 210;
 
 /// The lane of a chunk's sub-block dots (after the first fold) that holds
 /// sub-block `j` of super-block `s`: `4s + j / 2`, plus 8 for odd `j`.
@@ -55,15 +66,19 @@ const fn sub_lane(s: usize, j: usize) -> usize {
     4 * s + j / 2 + 8 * (j % 2)
 }
 
-/// The activation rows of a product as the k-quant stream kernel reads
-/// them: for each token and chunk, registers `a` and `4 + a` hold the
+/// The activation rows of a product as the k-quant stream kernels read
+/// them, for each token and chunk. Q4_K: registers `a` and `4 + a` hold the
 /// quant dwords meeting weight register `a`'s low and high nibbles (lane
 /// `4s + m`: dword `a` of sub-blocks `2m` / `2m + 1` of super-block `s`;
 /// lane `8 + 4s + m`: dword `a + 4`), register 8 each sub-block's
-/// 32-element sum in the lane `sub_lane` gives; and each super-block's
-/// scale `d`. Built once per product; lanes past a row's last super-block
-/// hold zeros.
+/// 32-element sum in the lane `sub_lane` gives. Q6_K (one super-block a
+/// chunk): register `k` quant dword `k` of each 16-element sub-block, one
+/// sub-block per lane, register 4 `-32 * sum` of each sub-block's quants
+/// (where its dot starts: the codes are offset by 32). And each
+/// super-block's scale `d`. Built once per product; lanes past a row's
+/// last super-block hold zeros.
 pub struct KStreamActs {
+    format: KFormat,
     nb: usize,
     chunks: usize,
     n: usize,
@@ -72,20 +87,27 @@ pub struct KStreamActs {
 }
 
 impl KStreamActs {
-    /// The lanes of `xs` (Q8_K rows of at least `nb` super-blocks).
+    /// The lanes of `xs` (Q8_K rows of at least `nb` super-blocks) against
+    /// `format` weights.
     ///
     /// # Panics
-    /// If an activation row is shorter than `nb` super-blocks.
-    pub fn new(xs: &[&[u8]], nb: usize) -> KStreamActs {
-        let chunks = nb.div_ceil(SB);
-        let mut lanes = vec![Lanes([0; 16]); xs.len() * chunks * PER_CHUNK];
-        let mut d = vec![0.0f32; xs.len() * chunks * SB];
+    /// If an activation row is shorter than `nb` super-blocks, or `format`
+    /// has no stream kernel (Q5_K).
+    pub fn new(format: KFormat, xs: &[&[u8]], nb: usize) -> KStreamActs {
+        let (sbs, per_chunk) = match format {
+            KFormat::Q4K => (SB, PER_CHUNK),
+            KFormat::Q6K => (1, PER_CHUNK6),
+            KFormat::Q5K => panic!("no Q5_K stream kernel"),
+        };
+        let chunks = nb.div_ceil(sbs);
+        let mut lanes = vec![Lanes([0; 16]); xs.len() * chunks * per_chunk];
+        let mut d = vec![0.0f32; xs.len() * nb];
         for (t, x) in xs.iter().enumerate() {
             assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
             for (i, blk) in x[..nb * Q8K_BYTES].chunks_exact(Q8K_BYTES).enumerate() {
-                let (c, s) = (i / SB, i % SB);
-                let base = (t * chunks + c) * PER_CHUNK;
-                d[(t * chunks + c) * SB + s] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+                let (c, s) = (i / sbs, i % sbs);
+                let base = (t * chunks + c) * per_chunk;
+                d[t * nb + i] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
                 let quants = |e: usize| {
                     let at = Q8K_QS + e;
                     i32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
@@ -94,6 +116,15 @@ impl KStreamActs {
                     let at = Q8K_BSUMS + 2 * k;
                     i32::from(i16::from_le_bytes([blk[at], blk[at + 1]]))
                 };
+                if format == KFormat::Q6K {
+                    for sub in 0..16 {
+                        for k in 0..4 {
+                            lanes[base + k].0[sub] = quants(16 * sub + 4 * k);
+                        }
+                        lanes[base + 4].0[sub] = -32 * bsum(sub);
+                    }
+                    continue;
+                }
                 for m in 0..4 {
                     let u = 4 * s + m;
                     for a in 0..4 {
@@ -109,6 +140,7 @@ impl KStreamActs {
             }
         }
         KStreamActs {
+            format,
             nb,
             chunks,
             n: xs.len(),
@@ -117,17 +149,17 @@ impl KStreamActs {
         }
     }
 
-    /// The registers of token `t`, chunk `c`.
-    fn of(&self, t: usize, c: usize) -> &[Lanes; PER_CHUNK] {
-        let at = (t * self.chunks + c) * PER_CHUNK;
-        self.lanes[at..at + PER_CHUNK]
+    /// The `P` registers of token `t`, chunk `c`.
+    fn of<const P: usize>(&self, t: usize, c: usize) -> &[Lanes; P] {
+        let at = (t * self.chunks + c) * P;
+        self.lanes[at..at + P]
             .try_into()
-            .expect("PER_CHUNK registers per token and chunk")
+            .expect("P registers per token and chunk")
     }
 
     /// Token `t`'s scale of super-block `i`.
     fn d(&self, t: usize, i: usize) -> f32 {
-        self.d[t * self.chunks * SB + i]
+        self.d[t * self.nb + i]
     }
 }
 
@@ -375,6 +407,131 @@ fn rows_into_lanes(v: &[__m512i; 16]) -> [__m512i; 4] {
     ]
 }
 
+/// Q6_K's permute indices and shifts: register `k`, lane `sub` (the
+/// 16-element sub-block, in a super-block of two halves `n` of four
+/// quarters `q` of 32): its quant dword `k` has the low four bits of each
+/// code in `ql` dword `16n + 8(q % 2) + 4(sub % 2) + k` (low nibbles for
+/// `q < 2`, high ones above) and the top two in `qh` dword
+/// `8n + 4(sub % 2) + k`, at bit `2q` of each byte.
+const Q6_INDEX: Q6Tables = {
+    let (mut ql, mut qh) = ([[0u32; 16]; 4], [[0u32; 16]; 4]);
+    let (mut ql_shift, mut qh_shift) = ([0u32; 16], [0u32; 16]);
+    let mut sub = 0;
+    while sub < 16 {
+        let (n, q, half) = (sub / 8, (sub % 8) / 2, sub % 2);
+        let mut k = 0;
+        while k < 4 {
+            ql[k][sub] = (16 * n + 8 * (q % 2) + 4 * half + k) as u32;
+            qh[k][sub] = (8 * n + 4 * half + k) as u32;
+            k += 1;
+        }
+        ql_shift[sub] = if q >= 2 { 4 } else { 0 };
+        qh_shift[sub] = 2 * q as u32;
+        sub += 1;
+    }
+    Q6Tables {
+        ql,
+        qh,
+        ql_shift,
+        qh_shift,
+    }
+};
+
+/// [`Q6_INDEX`]'s tables.
+struct Q6Tables {
+    ql: [[u32; 16]; 4],
+    qh: [[u32; 16]; 4],
+    ql_shift: [u32; 16],
+    qh_shift: [u32; 16],
+}
+
+/// Q6_K's constant registers, built once per panel call.
+#[derive(Clone, Copy)]
+struct Consts6 {
+    ql: [__m512i; 4],
+    qh: [__m512i; 4],
+    ql_shift: __m512i,
+    qh_shift: __m512i,
+}
+
+impl Consts6 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new() -> Consts6 {
+        // SAFETY (every load): each table is 64 readable bytes.
+        let ld = |t: &[u32; 16]| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) };
+        let Q6Tables {
+            ql,
+            qh,
+            ql_shift,
+            qh_shift,
+        } = &Q6_INDEX;
+        Consts6 {
+            ql: [ld(&ql[0]), ld(&ql[1]), ld(&ql[2]), ld(&ql[3])],
+            qh: [ld(&qh[0]), ld(&qh[1]), ld(&qh[2]), ld(&qh[3])],
+            ql_shift: ld(ql_shift),
+            qh_shift: ld(qh_shift),
+        }
+    }
+}
+
+/// One row's Q6_K super-block, unpacked: `code[k]` quant dword `k` of each
+/// sub-block's 6-bit codes (one sub-block per lane), `sc` the sub-blocks'
+/// signed scales.
+#[derive(Clone, Copy)]
+struct ChunkWeights6 {
+    code: [__m512i; 4],
+    sc: __m512i,
+}
+
+/// Unpacks the Q6_K super-block at `p` (`ql[128]` at 0, `qh[64]` at 128,
+/// `scales: [i8; 16]` at 192, `d` at 208).
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI/VBMI and GFNI must be present; the super-block's
+/// 210 bytes at `p` must be readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
+unsafe fn chunk_weights6(p: *const u8, k: &Consts6) -> ChunkWeights6 {
+    // SAFETY: by the caller; `load` reads no byte past the super-block.
+    let (l0, l1, h, sc) = unsafe {
+        (
+            load(p, Q6K_BYTES, 0),
+            load(p, Q6K_BYTES, 64),
+            load(p, Q6K_BYTES, 128),
+            load(p, Q6K_BYTES, 192),
+        )
+    };
+    let (low4, top2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+    let mut code = [_mm512_setzero_si512(); 4];
+    for (j, c) in code.iter_mut().enumerate() {
+        let lo = _mm512_srlv_epi32(_mm512_permutex2var_epi32(l0, k.ql[j], l1), k.ql_shift);
+        let hi = _mm512_srlv_epi32(_mm512_permutexvar_epi32(k.qh[j], h), k.qh_shift);
+        let hi = _mm512_and_si512(_mm512_slli_epi32::<4>(hi), top2);
+        // (lo & 0x0f) | hi
+        *c = _mm512_ternarylogic_epi32::<0xec>(lo, hi, low4);
+    }
+    ChunkWeights6 {
+        code,
+        sc: _mm512_cvtepi8_epi32(_mm512_castsi512_si128(sc)),
+    }
+}
+
+/// One row's Q6_K super-block for one token's registers `x`: per lane
+/// (sub-block) `sc * (dot - 32 * sum(x))`, whose lanes add up to the
+/// super-block's `isum - 32 * msum` (wrapping, as the panels compute it).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn chunk_sums6(w: &ChunkWeights6, x: &[Lanes; PER_CHUNK6]) -> __m512i {
+    let mut a = reg(&x[4]);
+    let mut b = _mm512_setzero_si512();
+    for j in 0..2 {
+        a = _mm512_dpbusd_epi32(a, w.code[2 * j], reg(&x[2 * j]));
+        b = _mm512_dpbusd_epi32(b, w.code[2 * j + 1], reg(&x[2 * j + 1]));
+    }
+    _mm512_mullo_epi32(_mm512_add_epi32(a, b), w.sc)
+}
+
 /// Dots of `rows` (1..=16) consecutive Q4_K weight rows (`w` starts at the
 /// first, `row_bytes` apart, `acts.nb` super-blocks each) with every
 /// activation row, written to `out` (token `t`, row `r` at `t * ld + r`):
@@ -396,24 +553,34 @@ pub unsafe fn panel(
     acts: &KStreamActs,
     out: Out,
 ) {
-    assert_eq!(
-        format,
-        KFormat::Q4K,
-        "the k-quant stream kernel reads Q4_K rows"
-    );
+    assert_eq!(format, acts.format, "activations built for another format");
     let (n, nb) = (acts.n, acts.nb);
-    check_panel(w, row_bytes, rows, nb * Q4K_BYTES, n, out);
-    let k = Consts::new();
+    let bytes = match format {
+        KFormat::Q4K => Q4K_BYTES,
+        KFormat::Q6K => Q6K_BYTES,
+        KFormat::Q5K => panic!("no Q5_K stream kernel"),
+    };
+    check_panel(w, row_bytes, rows, nb * bytes, n, out);
+    let k = (Consts::new(), Consts6::new());
     let mut t0 = 0;
     while t0 < n {
         let len = (n - t0).min(TILE);
         // SAFETY: as checked above; features by the caller.
         unsafe {
-            match len {
-                1 => tile::<1>(w, row_bytes, rows, acts, &k, t0, out),
-                2 => tile::<2>(w, row_bytes, rows, acts, &k, t0, out),
-                3 => tile::<3>(w, row_bytes, rows, acts, &k, t0, out),
-                _ => tile::<4>(w, row_bytes, rows, acts, &k, t0, out),
+            if format == KFormat::Q6K {
+                match len {
+                    1 => tile::<true, 1>(w, row_bytes, rows, acts, &k, t0, out),
+                    2 => tile::<true, 2>(w, row_bytes, rows, acts, &k, t0, out),
+                    3 => tile::<true, 3>(w, row_bytes, rows, acts, &k, t0, out),
+                    _ => tile::<true, 4>(w, row_bytes, rows, acts, &k, t0, out),
+                }
+            } else {
+                match len {
+                    1 => tile::<false, 1>(w, row_bytes, rows, acts, &k, t0, out),
+                    2 => tile::<false, 2>(w, row_bytes, rows, acts, &k, t0, out),
+                    3 => tile::<false, 3>(w, row_bytes, rows, acts, &k, t0, out),
+                    _ => tile::<false, 4>(w, row_bytes, rows, acts, &k, t0, out),
+                }
             }
         }
         t0 += len;
@@ -426,18 +593,18 @@ pub unsafe fn panel(
 /// As [`panel`] checked.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
-unsafe fn tile<const N: usize>(
+unsafe fn tile<const Q6: bool, const N: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
     acts: &KStreamActs,
-    k: &Consts,
+    k: &(Consts, Consts6),
     t0: usize,
     out: Out,
 ) {
     with_panel_buffer(acts.chunks * N * PANEL, |buf| {
         // SAFETY: as [`panel`] checked; the buffer has the length asked.
-        unsafe { tile_in::<N>(buf, w, row_bytes, rows, acts, k, t0, out) }
+        unsafe { tile_in::<Q6, N>(buf, w, row_bytes, rows, acts, k, t0, out) }
     });
 }
 
@@ -449,17 +616,19 @@ unsafe fn tile<const N: usize>(
 /// As [`panel`] checked; `buf` holds `chunks * N * PANEL` registers.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")]
-unsafe fn tile_in<const N: usize>(
+unsafe fn tile_in<const Q6: bool, const N: usize>(
     buf: &mut [__m512i],
     w: &[u8],
     row_bytes: usize,
     rows: usize,
     acts: &KStreamActs,
-    k: &Consts,
+    k: &(Consts, Consts6),
     t0: usize,
     out: Out,
 ) {
     let (nb, chunks) = (acts.nb, acts.chunks);
+    // Super-blocks per chunk and their bytes.
+    let (sbs, bytes) = if Q6 { (1, Q6K_BYTES) } else { (SB, Q4K_BYTES) };
     for r in 0..PANEL {
         if r >= rows {
             // Lanes no result is stored from: zeros, not stale values.
@@ -472,17 +641,26 @@ unsafe fn tile_in<const N: usize>(
         }
         let row = w.as_ptr().wrapping_add(r * row_bytes);
         for c in 0..chunks {
-            let p = row.wrapping_add(c * CHUNK_BYTES);
-            for line in 0..CHUNK_BYTES.div_ceil(64) {
+            let p = row.wrapping_add(c * sbs * bytes);
+            for line in 0..(sbs * bytes).div_ceil(64) {
                 // A hint: an address past the mapping is harmless.
                 _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD + 64 * line).cast());
             }
-            let valid = (nb - c * SB).min(SB) * Q4K_BYTES;
-            // SAFETY: the row's super-blocks lie inside `w` (checked by
-            // `panel`); this reads the chunk's `valid` bytes of them.
-            let cw = unsafe { chunk_weights(p, valid, k) };
-            for t in 0..N {
-                buf[(c * N + t) * PANEL + r] = chunk_sums(&cw, acts.of(t0 + t, c));
+            let at = c * N * PANEL + r;
+            if Q6 {
+                // SAFETY: the row's super-blocks lie inside `w` (checked
+                // by `panel`); this reads super-block c of them.
+                let cw = unsafe { chunk_weights6(p, &k.1) };
+                for t in 0..N {
+                    buf[at + t * PANEL] = chunk_sums6(&cw, acts.of::<PER_CHUNK6>(t0 + t, c));
+                }
+            } else {
+                let valid = (nb - c * SB).min(SB) * Q4K_BYTES;
+                // SAFETY: as above; this reads the chunk's `valid` bytes.
+                let cw = unsafe { chunk_weights(p, valid, &k.0) };
+                for t in 0..N {
+                    buf[at + t * PANEL] = chunk_sums(&cw, acts.of::<PER_CHUNK>(t0 + t, c));
+                }
             }
         }
     }
@@ -490,32 +668,46 @@ unsafe fn tile_in<const N: usize>(
     let mut acc = [_mm512_setzero_ps(); N];
     let mut by_row = [_mm512_setzero_si512(); PANEL];
     for c in 0..chunks {
-        let blocks = (nb - c * SB).min(SB);
-        // d and dmin of the chunk's super-blocks in the 16 rows (lanes past
-        // `rows` repeat the last row).
+        let blocks = (nb - c * sbs).min(sbs);
+        // The scales (Q4_K: d and dmin, bytes 0..4; Q6_K: d, bytes 208..210,
+        // read as the high half of bytes 206..210) of the chunk's
+        // super-blocks in the 16 rows (lanes past `rows` repeat the last).
         let mut d = [_mm512_setzero_ps(); SB];
         let mut dmin = [_mm512_setzero_ps(); SB];
         for s in 0..blocks {
-            // SAFETY: the first 4 bytes of each super-block of every row
-            // are inside `w` (checked by `panel`).
-            let dd = unsafe {
-                let base = w.as_ptr().add((c * SB + s) * Q4K_BYTES);
-                _mm512_i32gather_epi32::<1>(offsets, base.cast())
-            };
-            d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
-            dmin[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+            let at = (c * sbs + s) * bytes + if Q6 { 206 } else { 0 };
+            // SAFETY: those 4 bytes of each super-block of every row are
+            // inside `w` (checked by `panel`).
+            let dd = unsafe { _mm512_i32gather_epi32::<1>(offsets, w.as_ptr().add(at).cast()) };
+            let high = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+            if Q6 {
+                d[s] = high;
+            } else {
+                d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                dmin[s] = high;
+            }
         }
         for (t, a) in acc.iter_mut().enumerate() {
             let at = (c * N + t) * PANEL;
             by_row.copy_from_slice(&buf[at..at + PANEL]);
             let sums = rows_into_lanes(&by_row);
             for s in 0..blocks {
-                let dx = _mm512_set1_ps(acts.d(t0 + t, c * SB + s));
-                // isum * (d * dx) - msum * (dmin * dx), from super-block 0
-                let block = _mm512_sub_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums[s]), _mm512_mul_ps(d[s], dx)),
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums[2 + s]), _mm512_mul_ps(dmin[s], dx)),
-                );
+                let dx = _mm512_set1_ps(acts.d(t0 + t, c * sbs + s));
+                let block = if Q6 {
+                    // The four lanes' partial sums are exact integers.
+                    let total = _mm512_add_epi32(
+                        _mm512_add_epi32(sums[0], sums[1]),
+                        _mm512_add_epi32(sums[2], sums[3]),
+                    );
+                    // (isum - 32 * msum) * (d * dx)
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d[s], dx))
+                } else {
+                    // isum * (d * dx) - msum * (dmin * dx), from super-block 0
+                    _mm512_sub_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(sums[s]), _mm512_mul_ps(d[s], dx)),
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(sums[2 + s]), _mm512_mul_ps(dmin[s], dx)),
+                    )
+                };
                 *a = _mm512_add_ps(*a, block);
             }
         }

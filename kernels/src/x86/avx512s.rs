@@ -58,7 +58,7 @@ pub(super) const HIGH_NIBBLE: i64 = 0x1020_4080_0000_0000;
 /// prefetcher stops. Measured (`matmul/q4_0/avx512s/decode-dram`, Zen 4,
 /// 2 threads): 21-22 GB/s without, 24 at 4 KiB, 26-29 at 6-8 KiB, 24-27 at
 /// 12-16 KiB; hints to L1 at 0.5-1 KiB did not help.
-pub(super) const AHEAD: usize = 8192;
+const AHEAD: usize = 8192;
 /// Registers per (token, chunk) in [`StreamActs`]: four quant dwords of the
 /// low and of the high half of every block, the offset sums, the scales.
 const PER_CHUNK: usize = 10;
@@ -488,21 +488,13 @@ unsafe fn tile_in<const N: usize>(
     let (nb, chunks) = (acts.nb, acts.chunks);
     for r in 0..PANEL {
         if r >= rows {
-            // Lanes no result is stored from: zeros, not stale values.
-            for c in 0..chunks {
-                for t in 0..N {
-                    buf[(c * N + t) * PANEL + r] = _mm512_setzero_si512();
-                }
-            }
+            clear_row::<N>(buf, r, chunks);
             continue;
         }
         let row = w.as_ptr().wrapping_add(r * row_bytes);
         for c in 0..chunks {
             let p = row.wrapping_add(c * CHUNK_BYTES);
-            for k in 0..CHUNK_BYTES.div_ceil(64) {
-                // A hint: an address past the mapping is harmless.
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD + 64 * k).cast());
-            }
+            prefetch_ahead(p, CHUNK_BYTES);
             let valid = (nb - c * CHUNK).min(CHUNK) * Q4_0_BYTES;
             // SAFETY: the row's blocks lie inside `w` (checked by `panel`);
             // this reads the chunk's `valid` bytes of them.
@@ -531,6 +523,30 @@ unsafe fn tile_in<const N: usize>(
     for (t, a) in acc.into_iter().enumerate() {
         // SAFETY: `panel` checked that every token's outputs fit.
         unsafe { out.store(t0 + t, a) };
+    }
+}
+
+/// Row `r`'s registers of every chunk and of `N` tokens in a stream
+/// kernel's buffer (`[chunk][token][row]`) set to zero: the lanes of rows
+/// past a panel's, from which no result is stored (zeros, not stale
+/// values).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn clear_row<const N: usize>(buf: &mut [__m512i], r: usize, chunks: usize) {
+    for c in 0..chunks {
+        for t in 0..N {
+            buf[(c * N + t) * PANEL + r] = _mm512_setzero_si512();
+        }
+    }
+}
+
+/// Brings the `bytes` of a row's stream [`AHEAD`] of the chunk at `p` to
+/// L2 (hints: an address past the mapping is harmless).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    for line in 0..bytes.div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD + 64 * line).cast());
     }
 }
 

@@ -43,7 +43,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::{Out, PANEL, check_panel, row_offsets, with_panel_buffer};
 use super::avx512k::KFormat;
-use super::avx512s::{AHEAD, HIGH_NIBBLE, Lanes, TILE, load, reg};
+use super::avx512s::{HIGH_NIBBLE, Lanes, TILE, clear_row, load, prefetch_ahead, reg};
 
 /// Super-blocks per chunk: 16 sub-blocks, one per 32-bit lane.
 const SB: usize = 2;
@@ -631,21 +631,13 @@ unsafe fn tile_in<const Q6: bool, const N: usize>(
     let (sbs, bytes) = if Q6 { (1, Q6K_BYTES) } else { (SB, Q4K_BYTES) };
     for r in 0..PANEL {
         if r >= rows {
-            // Lanes no result is stored from: zeros, not stale values.
-            for c in 0..chunks {
-                for t in 0..N {
-                    buf[(c * N + t) * PANEL + r] = _mm512_setzero_si512();
-                }
-            }
+            clear_row::<N>(buf, r, chunks);
             continue;
         }
         let row = w.as_ptr().wrapping_add(r * row_bytes);
         for c in 0..chunks {
             let p = row.wrapping_add(c * sbs * bytes);
-            for line in 0..(sbs * bytes).div_ceil(64) {
-                // A hint: an address past the mapping is harmless.
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD + 64 * line).cast());
-            }
+            prefetch_ahead(p, sbs * bytes);
             let at = c * N * PANEL + r;
             if Q6 {
                 // SAFETY: the row's super-blocks lie inside `w` (checked

@@ -399,24 +399,13 @@ pub fn has_stream() -> bool {
 pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     if has_stream() {
-        match ty {
-            WeightType::Q4_0 => {
-                return Some(Kernel::Panel(PanelKernel {
-                    format: PanelFormat::Stream(Format::Q4_0),
-                }));
-            }
-            WeightType::Q4K => {
-                return Some(Kernel::Panel(PanelKernel {
-                    format: PanelFormat::StreamK(KFormat::Q4K),
-                }));
-            }
-            WeightType::Q6K => {
-                return Some(Kernel::Panel(PanelKernel {
-                    format: PanelFormat::StreamK(KFormat::Q6K),
-                }));
-            }
-            _ => {}
-        }
+        let format = match ty {
+            WeightType::Q4_0 => Some(PanelFormat::Stream(Format::Q4_0)),
+            WeightType::Q4K => Some(PanelFormat::StreamK(KFormat::Q4K)),
+            WeightType::Q6K => Some(PanelFormat::StreamK(KFormat::Q6K)),
+            _ => None,
+        };
+        return format.map(|format| Kernel::Panel(PanelKernel { format }));
     }
     let _ = ty;
     None

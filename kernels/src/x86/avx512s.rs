@@ -202,7 +202,7 @@ const SCALE_INDEX: ([[u16; 32]; 2], u32) = {
 /// A 64-byte index table as a register.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn index_reg<T>(table: &[T]) -> __m512i {
+pub(super) fn index_reg<T>(table: &[T]) -> __m512i {
     assert_eq!(
         std::mem::size_of_val(table),
         64,

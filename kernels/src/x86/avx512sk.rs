@@ -43,7 +43,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::{Out, PANEL, check_panel, row_offsets, with_panel_buffer};
 use super::avx512k::KFormat;
-use super::avx512s::{HIGH_NIBBLE, Lanes, TILE, clear_row, load, prefetch_ahead, reg};
+use super::avx512s::{HIGH_NIBBLE, Lanes, TILE, clear_row, index_reg, load, prefetch_ahead, reg};
 
 /// Super-blocks per chunk: 16 sub-blocks, one per 32-bit lane.
 const SB: usize = 2;
@@ -270,19 +270,17 @@ impl Consts {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn new() -> Consts {
-        // SAFETY (every load): each table is 64 readable bytes.
-        let ld = |p: *const u8| unsafe { _mm512_loadu_si512(p.cast()) };
         Consts {
             quant: [
-                ld(QUANT_INDEX[0].as_ptr().cast()),
-                ld(QUANT_INDEX[1].as_ptr().cast()),
-                ld(QUANT_INDEX[2].as_ptr().cast()),
-                ld(QUANT_INDEX[3].as_ptr().cast()),
+                index_reg(&QUANT_INDEX[0]),
+                index_reg(&QUANT_INDEX[1]),
+                index_reg(&QUANT_INDEX[2]),
+                index_reg(&QUANT_INDEX[3]),
             ],
-            header: ld(HEADER_INDEX.as_ptr()),
-            sc_mask: ld(HEADER_MASKS.0.as_ptr().cast()),
-            mn_shift: ld(HEADER_MASKS.1.as_ptr().cast()),
-            mn_mask: ld(HEADER_MASKS.2.as_ptr().cast()),
+            header: index_reg(&HEADER_INDEX),
+            sc_mask: index_reg(&HEADER_MASKS.0),
+            mn_shift: index_reg(&HEADER_MASKS.1),
+            mn_mask: index_reg(&HEADER_MASKS.2),
         }
     }
 }
@@ -458,8 +456,6 @@ impl Consts6 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn new() -> Consts6 {
-        // SAFETY (every load): each table is 64 readable bytes.
-        let ld = |t: &[u32; 16]| unsafe { _mm512_loadu_si512(t.as_ptr().cast()) };
         let Q6Tables {
             ql,
             qh,
@@ -467,10 +463,10 @@ impl Consts6 {
             qh_shift,
         } = &Q6_INDEX;
         Consts6 {
-            ql: [ld(&ql[0]), ld(&ql[1]), ld(&ql[2]), ld(&ql[3])],
-            qh: [ld(&qh[0]), ld(&qh[1]), ld(&qh[2]), ld(&qh[3])],
-            ql_shift: ld(ql_shift),
-            qh_shift: ld(qh_shift),
+            ql: ql.each_ref().map(|t| index_reg(t)),
+            qh: qh.each_ref().map(|t| index_reg(t)),
+            ql_shift: index_reg(ql_shift),
+            qh_shift: index_reg(qh_shift),
         }
     }
 }
@@ -658,7 +654,6 @@ unsafe fn tile_in<const Q6: bool, const N: usize>(
     }
     let offsets = row_offsets(rows, row_bytes);
     let mut acc = [_mm512_setzero_ps(); N];
-    let mut by_row = [_mm512_setzero_si512(); PANEL];
     for c in 0..chunks {
         let blocks = (nb - c * sbs).min(sbs);
         // The scales (Q4_K: d and dmin, bytes 0..4; Q6_K: d, bytes 208..210,
@@ -681,8 +676,7 @@ unsafe fn tile_in<const Q6: bool, const N: usize>(
         }
         for (t, a) in acc.iter_mut().enumerate() {
             let at = (c * N + t) * PANEL;
-            by_row.copy_from_slice(&buf[at..at + PANEL]);
-            let sums = rows_into_lanes(&by_row);
+            let sums = rows_into_lanes(buf[at..at + PANEL].try_into().expect("a panel's rows"));
             for s in 0..blocks {
                 let dx = _mm512_set1_ps(acts.d(t0 + t, c * sbs + s));
                 let block = if Q6 {

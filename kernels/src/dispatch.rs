@@ -301,42 +301,42 @@ fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 /// that runs on the AVX2 kernels instead of the AVX-512 ones, per weight
 /// type; 0 where AVX-512 serves every size.
 ///
-/// Measured, not guessed (`shared/measurements/avx512-zen4-kernels.md`,
-/// a Zen 4 VM, `cargo bench -p lfm-kernels --bench kernels -- matmul/`,
-/// ns per weight row, AVX2 / AVX-512 VNNI):
+/// Measured, not guessed (a Zen 4 VM, `cargo bench -p lfm-kernels --bench
+/// kernels -- matmul/`, one thread, ns per weight row from cache, AVX2 /
+/// AVX-512 VNNI; then 2 threads from DRAM, GB/s of weights):
 ///
-/// | tokens | 1 | 2 | 4 | 8 | 16 | 64 |
-/// | --- | --- | --- | --- | --- | --- | --- |
-/// | Q4_0 | 28 / 57 | 40 / 62 | 59 / 73 | 112 / 112 | 268 / 201 | 659 / 442 |
-/// | Q4_K | 27 / 64 | 57 / 68 | 80 / 80 | 92 / 109 | 220 / 197 | 685 / 451 |
-/// | Q6_K | 38 / 94 | 64 / 97 | 92 / 109 | 114 / 145 | 289 / 249 | 728 / 528 |
+/// | tokens | 1 | 2 | 4 | 6 | 8 | 4, DRAM | 8, DRAM |
+/// | --- | --- | --- | --- | --- | --- | --- | --- |
+/// | Q4_0 | | | 136 / 141 | 155 / 148 | 184 / 173 | 13.8-14.3 / 13.6 | 8.9-9.2 / 9.9 |
+/// | Q8_0 | 91 / 74 | 126 / 90 | 189 / 120 | 277 / 156 | 333 / 180 | 16.8-17.9 / 25.4-27.3 | 8.3-10.6 / 16.8-16.9 |
+/// | Q4_K | | | 117 / 95 | 150 / 131 | 178 / 156 | 14.8-16.7 / 15.3-16.0 | 9.2-10.3 / 10.1-10.2 |
+/// | Q5_K | 68 / 91 | 88 / 98 | 147 / 124 | 176 / 158 | 206 / 182 | 15.1-16.0 / 15.8-17.3 | 9.7-10.9 / 11.0-11.6 |
+/// | Q6_K | | | 151 / 131 | 192 / 171 | 226 / 199 | 15.6-17.6 / 16.5-17.6 | 10.5-11.6 / 12.0-12.7 |
 ///
-/// The AVX2 groups stream weight rows straight from the mapping; the
-/// AVX-512 panels gather blocks into lanes, which pays only once a gathered
-/// block serves enough tokens. (On CPUs with VBMI a Q4_0 panel is packed
-/// by transposes instead, `avx512s::pack_q4_0`: 1.2-1.4x faster at 6-16
-/// tokens, ahead of the AVX2 groups from cache at 6 and 8 tokens, 16 vs
-/// 11-14 and 13.8 vs 10.4-12 GB/s, but level from DRAM, 9.1-9.2 vs 8.2-9.7,
-/// and level in `lfmd bench -s 8`, which is what a serving step meets; so
-/// the crossover stays. The k-quant panels now load and transpose rather
-/// than gather on every AVX-512 CPU, `avx512::transposed_block`: 5-20% ahead of
-/// the AVX2 groups from cache at 4-8 tokens, level from DRAM at 8, level in
-/// `lfmd bench -s 4/8/16` on Q4_K_M with the crossover at 3; it stays at 8.) Q8_0 (decode 44 vs 19 GB/s) and Q5_K (the
-/// same panel and group code as Q4_K/Q6_K) take the same crossover. Float
-/// weights and Q4_1/Q5_0/Q5_1 keep their AVX-512 kernels at every size:
-/// unmeasured, and the AVX-512 and AVX2 float dots sum in different orders,
-/// so switching by size would make a sequence's logits depend on its batch.
+/// (Blank: the stream kernels take those sizes on CPUs with VBMI and GFNI,
+/// [`stream_up_to_tokens`].) The AVX2 groups stream weight rows straight
+/// from the mapping; the AVX-512 panels load each block of 16 rows and
+/// transpose it into lanes (`avx512::transposed_window`), or pack a Q4_0
+/// panel by transposes on CPUs with VBMI (`avx512s::pack_q4_0`; by gathers
+/// without, where the AVX2 groups were level at 8 tokens and ahead below),
+/// which pays once a block serves enough tokens. So: Q8_0 on AVX-512 at
+/// every size (1.2-2.2x); the k-quants from 4 tokens (Q5_K, which has no
+/// stream kernel, from 3: at 1-2 the AVX2 groups are ahead from cache,
+/// level from DRAM); Q4_0 from 9 (the panels 5-8% ahead at 6-8 with VBMI,
+/// level in `lfmd bench -s 8`, behind without VBMI). Float weights and
+/// Q4_1/Q5_0/Q5_1 keep their AVX-512 kernels at every size: unmeasured,
+/// and the AVX-512 and AVX2 float dots sum in different orders, so
+/// switching by size would make a sequence's logits depend on its batch.
 /// Switching is safe for the types below because both families give the
 /// same bits (Q4_0/Q8_0: the scalar reference's; k-quants: the panels'
 /// order), which `tests/isa_paths.rs` checks across the crossover.
 pub fn avx2_up_to_tokens(ty: WeightType) -> usize {
     match ty {
-        WeightType::Q4_0
-        | WeightType::Q8_0
-        | WeightType::Q4K
-        | WeightType::Q5K
-        | WeightType::Q6K => 8,
-        WeightType::F32
+        WeightType::Q4_0 => 8,
+        WeightType::Q4K | WeightType::Q6K => 3,
+        WeightType::Q5K => 2,
+        WeightType::Q8_0
+        | WeightType::F32
         | WeightType::F16
         | WeightType::BF16
         | WeightType::Q4_1
@@ -745,22 +745,22 @@ mod tests {
     }
 
     /// The size-based choice: on an AVX-512 VNNI CPU the AVX2 family up to
-    /// the crossover, AVX-512 beyond it, floats and the tile-only legacy
+    /// the crossover, AVX-512 beyond it, Q8_0, floats and the tile-only legacy
     /// types always AVX-512; nothing changes on other paths or without VNNI.
     /// Pure, so it runs on any CPU (`tests/isa_paths.rs` runs the kernels).
     #[test]
     fn avx512_cpus_take_the_avx2_kernels_for_few_tokens() {
         use WeightType::*;
-        for ty in [Q4_0, Q8_0, Q4K, Q5K, Q6K] {
-            assert_eq!(avx2_up_to_tokens(ty), 8, "{ty:?}");
-            for n in 1..=8 {
+        for (ty, up_to) in [(Q4_0, 8), (Q4K, 3), (Q5K, 2), (Q6K, 3)] {
+            assert_eq!(avx2_up_to_tokens(ty), up_to, "{ty:?}");
+            for n in 1..=up_to {
                 assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx2, "{ty:?} {n}");
             }
-            for n in [9, 12, 16, 64, 512] {
+            for n in [up_to + 1, 9, 12, 16, 64, 512] {
                 assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx512, "{ty:?} {n}");
             }
         }
-        for ty in [F32, F16, BF16, Q4_1, Q5_0, Q5_1] {
+        for ty in [Q8_0, F32, F16, BF16, Q4_1, Q5_0, Q5_1] {
             for n in [1, 8, 64] {
                 assert_eq!(family(Isa::Avx512, true, ty, n), Isa::Avx512, "{ty:?} {n}");
             }

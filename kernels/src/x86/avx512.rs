@@ -197,50 +197,52 @@ unsafe fn gather<const Q8: bool>(w: *const u8, idx: __m512i, i: usize) -> Block 
     (q, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv)))
 }
 
-/// Block `i` of the panel's rows `0..rows` (1..=16; lanes past them repeat
-/// the last row; blocks of `bytes` bytes, `w` at the first row, `row_bytes`
-/// apart) as dwords in lanes: lane `r` of `t[j]` holds the four bytes from
-/// `4j` of row `r`'s block (bytes past the block read as zeros). Each
-/// row's block is read with contiguous loads and 16 rows are transposed
-/// (a 16x16 transpose per 64 bytes) instead of gathered: on Zen 4 a
-/// 16-lane gather costs about 20 cycles, a transpose's 64 shuffles serve
-/// 16 of them.
+/// Window `win` (bytes `64 win..`, up to 64) of block `i` of the panel's
+/// rows `0..rows` (1..=16; lanes past them repeat the last row; blocks of
+/// `bytes` bytes, `w` at the first row, `row_bytes` apart) as dwords in
+/// lanes: lane `r` of register `j` holds the four bytes from `64 win + 4j`
+/// of row `r`'s block (bytes past the block read as zeros). Each row's
+/// window is read with one contiguous load and 16 rows are transposed
+/// instead of gathered: on Zen 4 a 16-lane gather costs about 20 cycles, a
+/// transpose's 64 shuffles serve 16 of them.
 ///
 /// # Safety
-/// AVX-512 F/BW must be present; every row's block `i` must be readable.
+/// AVX-512 F/BW must be present; every row's block `i` must be readable;
+/// `64 * win < bytes`.
 ///
 /// # Panics
-/// If `t` holds fewer than 16 registers per 64 bytes of a block.
+/// If `out` holds fewer than 16 registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn transposed_block(
+pub(super) unsafe fn transposed_window(
     w: *const u8,
     row_bytes: usize,
     rows: usize,
     i: usize,
     bytes: usize,
-    t: &mut [__m512i],
+    win: usize,
+    out: &mut [__m512i],
 ) {
-    assert!(t.len() >= 16 * bytes.div_ceil(64), "too few registers");
+    debug_assert!(64 * win < bytes);
+    let valid = (bytes - 64 * win).min(64);
+    let mask = u64::MAX >> (64 - valid);
+    // Loops, not `array::from_fn` / `map`: their closures do not inherit
+    // the target features and were not inlined (Q8_0 decode 10x slower).
     let mut by_row = [_mm512_setzero_ps(); PANEL];
-    for win in 0..bytes.div_ceil(64) {
-        let valid = (bytes - 64 * win).min(64);
-        let mask = u64::MAX >> (64 - valid);
-        for (r, v) in by_row.iter_mut().enumerate() {
-            let p = w.wrapping_add(r.min(rows - 1) * row_bytes + i * bytes + 64 * win);
-            // SAFETY: the block's bytes are readable (by the caller); the
-            // masked load reads only the `valid` bytes of it.
-            *v = _mm512_castsi512_ps(unsafe { _mm512_maskz_loadu_epi8(mask, p.cast()) });
-        }
-        let out = super::avx512s::transpose16(&by_row);
-        for (j, v) in out.iter().enumerate() {
-            t[16 * win + j] = _mm512_castps_si512(*v);
-        }
+    for (r, v) in by_row.iter_mut().enumerate() {
+        let p = w.wrapping_add(r.min(rows - 1) * row_bytes + i * bytes + 64 * win);
+        // SAFETY: the block's bytes are readable (by the caller); the
+        // masked load reads only the `valid` bytes of it.
+        *v = _mm512_castsi512_ps(unsafe { _mm512_maskz_loadu_epi8(mask, p.cast()) });
+    }
+    let t = super::avx512s::transpose16(&by_row);
+    for (o, v) in out[..PANEL].iter_mut().zip(t) {
+        *o = _mm512_castps_si512(v);
     }
 }
 
-/// The dword at byte `off` (even) of every row's block, from its dwords in
-/// lanes ([`transposed_block`]).
+/// The dword at byte `off` (even) of every row's block, from its windows'
+/// dwords in lanes ([`transposed_window`], one after the other).
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) fn dword_at(t: &[__m512i], off: usize) -> __m512i {
@@ -256,16 +258,16 @@ pub(super) fn dword_at(t: &[__m512i], off: usize) -> __m512i {
 }
 
 /// A Q8_0 block of the panel's rows in the lane layout, from loads and a
-/// transpose ([`transposed_block`]): the bits [`gather`] gives.
+/// transpose ([`transposed_window`]): the bits [`gather`] gives.
 ///
 /// # Safety
-/// As [`transposed_block`].
+/// As [`transposed_window`].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack_q8_0(w: *const u8, row_bytes: usize, rows: usize, i: usize) -> Block {
-    let mut t = [_mm512_setzero_si512(); 16];
-    // SAFETY: by the caller.
-    unsafe { transposed_block(w, row_bytes, rows, i, Q8_0_BYTES, &mut t) };
+    let mut t = [_mm512_setzero_si512(); PANEL];
+    // SAFETY: by the caller; a block is one window.
+    unsafe { transposed_window(w, row_bytes, rows, i, Q8_0_BYTES, 0, &mut t) };
     let flip = _mm512_set1_epi8(i8::MIN);
     let mut q = [_mm512_setzero_si512(); 8];
     for (k, qk) in q.iter_mut().enumerate() {

@@ -3,7 +3,7 @@
 //! in the lanes of a zmm register, blocks unpacked from the mapping as they
 //! are used (few tokens) or packed once per panel into a thread-local
 //! buffer (many). A block of the 16 rows is read with contiguous loads and
-//! transposed into lanes (`avx512::transposed_block`), not gathered: measured on Zen 4,
+//! transposed into lanes (`avx512::transposed_window`), not gathered: measured on Zen 4,
 //! 2 threads, 2x faster for one token, 1.3-1.5x for 2-16, prefill 5-12%.
 //!
 //! Numerics: per super-block everything is exact integer arithmetic (the
@@ -15,7 +15,7 @@
 //! 8-lane float order instead; the two agree to rounding (tested).
 
 use super::avx512::{
-    NextPanel, Out, PANEL, check_panel, dword_at, transposed_block, with_panel_buffer,
+    NextPanel, Out, PANEL, check_panel, dword_at, transposed_window, with_panel_buffer,
 };
 use std::arch::x86_64::*;
 
@@ -30,6 +30,9 @@ const TILE: usize = 8;
 const DIRECT_MAX: usize = 4;
 /// Registers per unpacked block (the larger format's count).
 const MAX_REGS: usize = 89;
+/// Registers of a block's transposed dwords (Q6_K: 210 bytes, four
+/// 64-byte windows).
+const SCRATCH: usize = 64;
 
 /// A k-quant weight format with a panel kernel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -73,15 +76,17 @@ const fn bytes_of(f: u8) -> usize {
     }
 }
 
-/// Dwords of 64-byte windows per block, transposed: the most any format
-/// needs (Q6_K: 210 bytes, four windows).
-const MAX_DWORDS: usize = 64;
-
 /// Unpacks block `i` of the panel into `out` in the register layout of the
-/// format, from its dwords in lanes ([`transposed_block`]).
+/// format, from its dwords in lanes ([`transposed_window`], into
+/// `scratch`: the thread's panel buffer, so no array is cleared or copied
+/// per block; a zeroed 64-register array cost 9-11% of an 8-token
+/// product, arrays returned by value a copy each).
 ///
 /// # Safety
-/// As [`transposed_block`].
+/// As [`transposed_window`].
+///
+/// # Panics
+/// If `scratch` holds fewer than [`SCRATCH`] registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn unpack<const F: u8>(
@@ -89,12 +94,22 @@ unsafe fn unpack<const F: u8>(
     row_bytes: usize,
     rows: usize,
     i: usize,
+    scratch: &mut [__m512i],
     out: &mut [__m512i],
 ) {
-    let mut t = [_mm512_setzero_si512(); MAX_DWORDS];
-    // SAFETY: by the caller.
-    unsafe { transposed_block(w, row_bytes, rows, i, bytes_of(F), &mut t) };
-    let g = |off: usize| dword_at(&t, off);
+    let t = &mut scratch[..16 * bytes_of(F).div_ceil(64)];
+    for (win, v) in t.chunks_exact_mut(PANEL).enumerate() {
+        // SAFETY: by the caller.
+        unsafe { transposed_window(w, row_bytes, rows, i, bytes_of(F), win, v) };
+    }
+    unpack_dwords::<F>(t, out)
+}
+
+/// [`unpack`] from the block's dwords in lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn unpack_dwords<const F: u8>(t: &[__m512i], out: &mut [__m512i]) {
+    let g = |off: usize| dword_at(t, off);
     let lo4 = _mm512_set1_epi8(0x0f);
     let byte = |v: __m512i, k: u32| {
         _mm512_and_si512(
@@ -300,8 +315,9 @@ unsafe fn tile<const F: u8, const N: usize>(
                     }
                 }
                 // SAFETY: as `panel` checked.
-                unsafe { unpack::<F>(w.as_ptr(), row_bytes, rows, i, buf) };
-                &buf[..r]
+                let (blk, scratch) = buf.split_at_mut(MAX_REGS);
+                unsafe { unpack::<F>(w.as_ptr(), row_bytes, rows, i, scratch, blk) };
+                &blk[..r]
             }
         };
         // SAFETY: as `panel` checked.
@@ -316,7 +332,7 @@ unsafe fn tile<const F: u8, const N: usize>(
 /// Where a tile's blocks come from (the thread's panel buffer either way).
 enum Blocks<'a> {
     /// Gathered from the mapping one block at a time into this scratch
-    /// (at least [`MAX_REGS`] registers).
+    /// (at least [`MAX_REGS`] registers, then [`SCRATCH`] for [`unpack`]).
     Gather(&'a mut [__m512i]),
     /// Already packed, `regs` registers per block.
     Packed(&'a [__m512i]),
@@ -386,7 +402,7 @@ unsafe fn panel_of<const F: u8>(
 ) {
     let n = xs.len();
     if n <= DIRECT_MAX {
-        with_panel_buffer(MAX_REGS, |scratch| {
+        with_panel_buffer(MAX_REGS + SCRATCH, |scratch| {
             let blocks = Blocks::Gather(scratch);
             // SAFETY: as `panel` checked.
             unsafe { by_len!(n, F, (w, rows, row_bytes, nb, blocks, xs, 0, out)) };
@@ -394,7 +410,8 @@ unsafe fn panel_of<const F: u8>(
         return;
     }
     let r = regs(F);
-    with_panel_buffer(nb * r, |packed| {
+    with_panel_buffer(nb * r + SCRATCH, |buf| {
+        let (packed, scratch) = buf.split_at_mut(nb * r);
         let bytes = bytes_of(F);
         for (i, blk) in packed.chunks_exact_mut(r).enumerate() {
             for row in 0..rows {
@@ -412,7 +429,7 @@ unsafe fn panel_of<const F: u8>(
                 }
             }
             // SAFETY: as `panel` checked.
-            unsafe { unpack::<F>(w.as_ptr(), row_bytes, rows, i, blk) };
+            unsafe { unpack::<F>(w.as_ptr(), row_bytes, rows, i, scratch, blk) };
         }
         let next = NextPanel::new(w, row_bytes, n);
         let mut t0 = 0;

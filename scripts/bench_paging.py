@@ -5,14 +5,14 @@ used in place from the mapping, read on demand by page faults), same model,
 threads and minutes, with a hog process leaving the stated MemAvailable.
 
 For each level it alternates the two `--rounds` times (page cache dropped
-before each run where the kernel lets us) and prints decode tok/s (median and
+before each run, or without root the model file's pages given back) and prints decode tok/s (median and
 range), the ratio, what lfmd read from storage per token (`/proc/self/io`,
 `decode_io` of `lfmd bench --json`) and the I/O floor: the disk's parallel
 read rate (measured first, O_DIRECT) over those bytes, capped by lfmd's
 all-RAM decode rate. Benchmarks, not tests: figures for the notes.
 
 Usage: scripts/bench_paging.py MODEL [--avail 3.9,1.9] [--rounds 2] [--gen 32]
-       [--threads T] [--llama-bench PATH] [--lfmd PATH]
+       [--threads T] [--lookahead N] [--llama-bench PATH] [--lfmd PATH]
 """
 
 import argparse
@@ -35,11 +35,23 @@ def mem_available():
     raise SystemExit("no MemAvailable in /proc/meminfo")
 
 
-def drop_caches():
+def drop_caches(path):
+    """Empties the page cache (root), else gives the model file's clean pages
+    back (`POSIX_FADV_DONTNEED`: no privilege needed, and what a cold start
+    means here: none of the model in memory). False if neither worked."""
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
+        return True
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         return True
     except OSError:
         return False
@@ -77,10 +89,11 @@ def hog(nbytes):
     return p
 
 
-def lfmd_bench(lfmd, model, threads, gen, budget, reps=1):
+def lfmd_bench(lfmd, model, threads, gen, budget, reps=1, lookahead=0):
     out = subprocess.run(
         [lfmd, "bench", "--model", model, "-t", str(threads), "-p", "0", "-n", str(gen),
-         "-r", str(reps), "--memory-budget", budget, "--json"],
+         "-r", str(reps), "--memory-budget", budget, "--expert-lookahead", str(lookahead),
+         "--json"],
         check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -104,6 +117,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--lookahead", type=int, default=0,
+                    help="lfmd's --expert-lookahead under the budget")
     ap.add_argument("--llama-bench",
                     default=os.path.join(os.environ.get("LLB", ""), "llama-bench"))
     ap.add_argument("--lfmd", default=os.path.join(HERE, "..", "target", "release", "lfmd"))
@@ -111,11 +126,11 @@ def main():
     have_llama = os.path.exists(a.llama_bench)
     if not have_llama:
         print(f"# no llama-bench at {a.llama_bench!r} (set LLB or --llama-bench): lfmd only")
-    if not drop_caches():
-        print("# cannot drop the page cache (not root?): runs after the first start warm")
+    if not drop_caches(a.model):
+        print("# cannot drop the model from the page cache: runs after the first start warm")
     disk = disk_rate(a.model)
-    print(f"# {a.model}, {a.threads} threads, tg{a.gen}; disk: {disk:.2f} GB/s "
-          f"(4 O_DIRECT readers)")
+    print(f"# {a.model}, {a.threads} threads, tg{a.gen}, lookahead {a.lookahead}; "
+          f"disk: {disk:.2f} GB/s (4 O_DIRECT readers)")
     # The last of two runs: the first reads the model in.
     ram = lfmd_bench(a.lfmd, a.model, a.threads, a.gen, "unlimited", reps=2)
     ram = ram["decode_tokens_per_s_reps"][-1]
@@ -124,18 +139,19 @@ def main():
           "| I/O floor tok/s | lfmd / floor | wait share | compute major faults/token |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for target in [float(x) for x in a.avail.split(",")]:
-        drop_caches()
+        drop_caches(a.model)
         extra = mem_available() - int(target * 1e9)
         h = hog(extra) if extra > 0 else None
         try:
             ours, theirs, io = [], [], []
             for _ in range(a.rounds):
-                drop_caches()
-                r = lfmd_bench(a.lfmd, a.model, a.threads, a.gen, "auto")
+                drop_caches(a.model)
+                r = lfmd_bench(a.lfmd, a.model, a.threads, a.gen, "auto",
+                               lookahead=a.lookahead)
                 ours.append(r["decode_tokens_per_s"])
                 io.append(r.get("decode_io") or {})
                 if have_llama:
-                    drop_caches()
+                    drop_caches(a.model)
                     theirs.append(llama_bench(a.llama_bench, a.model, a.threads, a.gen))
             avail = mem_available() / 1e9
         finally:

@@ -5,9 +5,10 @@ used in place from the mapping, read on demand by page faults), same model,
 threads and minutes, with a hog process leaving the stated MemAvailable.
 
 For each level it alternates the two `--rounds` times (page cache dropped
-before each run, or without root the model file's pages given back) and prints decode tok/s (median and
-range), the ratio, what lfmd read from storage per token (`/proc/self/io`,
-`decode_io` of `lfmd bench --json`) and the I/O floor: the disk's parallel
+before each run, or without root the model file's pages given back) and
+prints decode tok/s (median and range), the ratio, what lfmd read from
+storage per token (`/proc/self/io`, `decode_io` of `lfmd bench --json`)
+and the I/O floor: the disk's parallel
 read rate (measured first, O_DIRECT) over those bytes, capped by lfmd's
 all-RAM decode rate. Benchmarks, not tests: figures for the notes.
 

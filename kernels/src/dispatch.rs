@@ -321,8 +321,9 @@ fn q6k_panel(ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut [f32]) {
 /// without, where the AVX2 groups were level at 8 tokens and ahead below),
 /// which pays once a block serves enough tokens. So: Q8_0 on AVX-512 at
 /// every size (1.2-2.2x); the k-quants from 4 tokens (Q5_K, which has no
-/// stream kernel, from 3: at 1-2 the AVX2 groups are ahead from cache,
-/// level from DRAM); Q4_0 from 9 (the panels 5-8% ahead at 6-8 with VBMI,
+/// stream kernel, from 3: at 1-2 the AVX2 groups are 10-25% ahead from
+/// cache, 6-16% behind from DRAM, and level in `lfmd bench -s 1/-s 2` on
+/// Q5_K_M); Q4_0 from 9 (the panels 5-8% ahead at 6-8 with VBMI,
 /// level in `lfmd bench -s 8`, behind without VBMI). Float weights and
 /// Q4_1/Q5_0/Q5_1 keep their AVX-512 kernels at every size: unmeasured,
 /// and the AVX-512 and AVX2 float dots sum in different orders, so

@@ -30,9 +30,9 @@ const TILE: usize = 8;
 const DIRECT_MAX: usize = 4;
 /// Registers per unpacked block (the larger format's count).
 const MAX_REGS: usize = 89;
-/// Registers of a block's transposed dwords (Q6_K: 210 bytes, four
-/// 64-byte windows).
-const SCRATCH: usize = 64;
+/// Registers of a block's transposed dwords: 16 per 64-byte window of the
+/// largest block (Q6_K, four windows).
+const SCRATCH: usize = PANEL * bytes_of(Q6K).div_ceil(64);
 
 /// A k-quant weight format with a panel kernel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -97,7 +97,7 @@ unsafe fn unpack<const F: u8>(
     scratch: &mut [__m512i],
     out: &mut [__m512i],
 ) {
-    let t = &mut scratch[..16 * bytes_of(F).div_ceil(64)];
+    let t = &mut scratch[..PANEL * bytes_of(F).div_ceil(64)];
     for (win, v) in t.chunks_exact_mut(PANEL).enumerate() {
         // SAFETY: by the caller.
         unsafe { transposed_window(w, row_bytes, rows, i, bytes_of(F), win, v) };
@@ -314,8 +314,8 @@ unsafe fn tile<const F: u8, const N: usize>(
                         _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
                     }
                 }
-                // SAFETY: as `panel` checked.
                 let (blk, scratch) = buf.split_at_mut(MAX_REGS);
+                // SAFETY: as `panel` checked.
                 unsafe { unpack::<F>(w.as_ptr(), row_bytes, rows, i, scratch, blk) };
                 &blk[..r]
             }

@@ -284,6 +284,9 @@ fn main() {
         };
         if !isas.iter().any(|&i| names(i).iter().any(|n| run.wants(n)))
             && !stream_names().iter().any(|n| run.wants(n))
+            && !stream_names()
+                .iter()
+                .any(|n| run.wants(&n.replace("avx512s", "avx512r")))
             && !run.wants(&format!("read/{name}/dram"))
         {
             continue; // skip quantizing weights nobody asked for
@@ -368,6 +371,41 @@ fn main() {
             dram(&format!("matmul/{name}/avx512s/decode-dram"), &own, 1);
             for n in DRAM_FEW {
                 dram(&format!("matmul/{name}/avx512s/few{n}-dram"), &own, n);
+            }
+        }
+        // Q4_0 repacked into panel order at load (`x86/avx512r.rs`), where
+        // this CPU runs it: the engine's kernel for its dense matrices.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = lfm_kernels::dispatch::repacked_kernel(best, ty) {
+            use lfm_kernels::repack::Repacked;
+            let own = |_: usize| k;
+            let nb = COLS / 32;
+            let packed = Repacked::new(&w, ROWS, row, nb);
+            for (n, bench) in sizes("avx512r") {
+                let mut y = vec![0.0f32; n * ROWS];
+                run.bench(&bench, w.len(), ROWS, || {
+                    product(&own, packed.bytes(), n, &mut y)
+                });
+            }
+            let dram_names = std::iter::once((1, format!("matmul/{name}/avx512r/decode-dram")))
+                .chain(DRAM_FEW.map(|n| (n, format!("matmul/{name}/avx512r/few{n}-dram"))));
+            for (n, bench) in dram_names {
+                if run.wants(&bench) {
+                    let big: Vec<Repacked> = (0..DRAM_MATRICES)
+                        .map(|_| Repacked::new(&w, ROWS, row, nb))
+                        .collect();
+                    let mut y = vec![0.0f32; n * ROWS];
+                    run.bench(
+                        &bench,
+                        w.len() * DRAM_MATRICES,
+                        ROWS * DRAM_MATRICES,
+                        || {
+                            for m in &big {
+                                product(&own, m.bytes(), n, &mut y);
+                            }
+                        },
+                    );
+                }
             }
         }
         let engine = |n: usize| kernel(best, ty, n);

@@ -116,8 +116,11 @@ fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut
         PanelFormat::K(_)
         | PanelFormat::Avx2K(_)
         | PanelFormat::Stream(_)
-        | PanelFormat::StreamK(_) => {
-            unreachable!("k-quant panels go through kpanel_rows; stream kernels are not row dots")
+        | PanelFormat::StreamK(_)
+        | PanelFormat::Repacked => {
+            unreachable!(
+                "k-quant panels go through kpanel_rows; stream and repacked kernels are not row dots"
+            )
         }
     };
     let sums = ActSums::new(format, xs, n / 32);
@@ -409,6 +412,22 @@ pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
         return format.map(|format| Kernel::Panel(PanelKernel { format }));
     }
     let _ = ty;
+    None
+}
+
+/// The kernel for Q4_0 matrices repacked into panel order
+/// (`x86::avx512r::Repacked`), if this CPU runs it (AVX-512 F/BW/VL and
+/// VNNI) and `isa` is AVX-512: for every token count, what the engine uses
+/// for the matrices it repacked at load. The job's weights are then the
+/// repacked bytes, never the file's.
+pub fn repacked_kernel(isa: Isa, ty: WeightType) -> Option<Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && ty == WeightType::Q4_0 && isa.available() && has_vnni() {
+        return Some(Kernel::Panel(PanelKernel {
+            format: PanelFormat::Repacked,
+        }));
+    }
+    let _ = (isa, ty);
     None
 }
 

@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod isa;
 pub mod matmul;
 pub mod pool;
+pub mod repack;
 pub mod scalar;
 pub mod stream;
 pub mod types;

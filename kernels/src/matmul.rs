@@ -146,6 +146,10 @@ pub(crate) enum PanelFormat {
     /// Q4_K rows streamed two super-blocks at a time on AVX-512
     /// VNNI/VBMI with GFNI (`x86/avx512sk.rs`), the same bits as `K`.
     StreamK(crate::x86::avx512k::KFormat),
+    /// Q4_0 matrices repacked into the AVX-512 panels' layout at load
+    /// (`x86/avx512r.rs`: the job's `w` is a `Repacked`'s bytes), the same
+    /// bits as `Legacy`.
+    Repacked,
 }
 
 /// With many tokens, work units are dealt a few at a time: each panel
@@ -187,6 +191,13 @@ fn side(job: &MatJob<'_>) -> Side {
             format: PanelFormat::Legacy(f) | PanelFormat::Avx2(f),
         }) => Side::Sums(crate::x86::avx512::ActSums::new(
             f,
+            &job.acts,
+            job.cols / 32,
+        )),
+        Kernel::Panel(PanelKernel {
+            format: PanelFormat::Repacked,
+        }) => Side::Sums(crate::x86::avx512::ActSums::new(
+            crate::x86::avx512::Format::Q4_0,
             &job.acts,
             job.cols / 32,
         )),
@@ -335,11 +346,18 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                             (PanelFormat::StreamK(f), Side::StreamK(acts)) => unsafe {
                                 crate::x86::avx512sk::panel(f, w, job.row_bytes, rows, acts, out)
                             },
+                            // SAFETY: a Repacked PanelKernel exists only after
+                            // dispatch found AVX-512 F/BW/VL/VNNI; `w` starts at
+                            // a panel (r0 is a multiple of 16 rows).
+                            (PanelFormat::Repacked, Side::Sums(sums)) => unsafe {
+                                crate::x86::avx512r::panel(w, rows, &job.acts, sums, out)
+                            },
                             (
                                 PanelFormat::Legacy(_)
                                 | PanelFormat::Avx2(_)
                                 | PanelFormat::Stream(_)
-                                | PanelFormat::StreamK(_),
+                                | PanelFormat::StreamK(_)
+                                | PanelFormat::Repacked,
                                 _,
                             ) => {
                                 unreachable!("legacy panel jobs get their activation side")

@@ -32,28 +32,41 @@ struct Family {
     /// The AVX-512 stream kernels (`dispatch::stream_kernel`) for the types
     /// that have one, the `isa` family's for the rest.
     stream: bool,
+    /// Q4_0 matrices repacked into panel order (`dispatch::repacked_kernel`,
+    /// `x86::avx512r::Repacked`): products of Q4_0 only.
+    repacked: bool,
 }
 
-const FAMILIES: [Family; 4] = [
+const FAMILIES: [Family; 5] = [
     Family {
         name: "avx2",
         isa: Isa::Avx2,
         stream: false,
+        repacked: false,
     },
     Family {
         name: "avx512",
         isa: Isa::Avx512,
         stream: false,
+        repacked: false,
     },
     Family {
         name: "avx512s",
         isa: Isa::Avx512,
         stream: true,
+        repacked: false,
+    },
+    Family {
+        name: "avx512r",
+        isa: Isa::Avx512,
+        stream: false,
+        repacked: true,
     },
     Family {
         name: "neon",
         isa: Isa::Neon,
         stream: false,
+        repacked: false,
     },
 ];
 
@@ -78,8 +91,14 @@ impl Family {
         }
     }
 
-    /// The family's kernel for `ty`, whatever the token count.
+    /// The family's kernel for `ty`, whatever the token count (for the
+    /// repacked family, of the matrix [`Family::weights`] gives).
     fn kernel(self, ty: WeightType) -> Kernel {
+        if self.repacked
+            && let Some(k) = lfm_kernels::dispatch::repacked_kernel(self.isa, ty)
+        {
+            return k;
+        }
         if self.stream
             && let Some(k) = lfm_kernels::dispatch::stream_kernel(ty)
         {
@@ -91,6 +110,9 @@ impl Family {
     /// Whether the family has a kernel of its own for `ty` (the stream
     /// family only for the types with a stream kernel).
     fn covers(self, ty: WeightType) -> bool {
+        if self.repacked {
+            return ty == WeightType::Q4_0;
+        }
         !self.stream || lfm_kernels::dispatch::stream_up_to_tokens(ty) > 0
     }
 
@@ -366,6 +388,30 @@ fn product(
     y
 }
 
+/// [`product`] through the family: the repacked family's on the matrix
+/// repacked into panel order first (its rows as far apart as the file's).
+fn product_of(
+    pool: &ThreadPool,
+    fam: Family,
+    m: &Matrix,
+    acts: &(Vec<u8>, usize),
+    n: usize,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if fam.repacked {
+        let r = lfm_kernels::repack::Repacked::new(&m.bytes, ROWS, m.stride, m.cols / 32);
+        assert_eq!((r.rows(), r.row_bytes()), (ROWS, m.stride));
+        let repacked = Matrix {
+            ty: m.ty,
+            cols: m.cols,
+            bytes: r.bytes().to_vec(),
+            stride: m.stride,
+        };
+        return product(pool, fam.kernel(m.ty), &repacked, acts, n);
+    }
+    product(pool, fam.kernel(m.ty), m, acts, n)
+}
+
 fn same_bits(a: f32, b: f32) -> bool {
     a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
 }
@@ -383,11 +429,11 @@ fn products_of(fam: Family, m: &Matrix, acts: &(Vec<u8>, usize), label: &str) {
                 .collect()
         })
         .collect();
-    let alone = product(&ThreadPool::new(1), fam.kernel(ty), m, acts, TOKENS);
+    let alone = product_of(&ThreadPool::new(1), fam, m, acts, TOKENS);
     for threads in [1, 2, 3] {
         let pool = ThreadPool::new(threads);
         for n in COUNTS {
-            let y = product(&pool, fam.kernel(ty), m, acts, n);
+            let y = product_of(&pool, fam, m, acts, n);
             for t in 0..n {
                 for r in 0..ROWS {
                     let got = y[t * ROWS + r];
@@ -738,9 +784,10 @@ fn main() {
                 None => t,
             });
         };
-        if fam.stream {
-            // Products only, of the types with a stream kernel: its row
-            // dots, float dots and quantizers are the AVX-512 family's.
+        if fam.stream || fam.repacked {
+            // Products only, of the types with a stream or repacked kernel:
+            // its row dots, float dots and quantizers are the AVX-512
+            // family's.
             for ty in WeightType::ALL.into_iter().filter(|&t| fam.covers(t)) {
                 let n = ty.name().to_ascii_lowercase();
                 add(

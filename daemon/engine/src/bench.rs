@@ -493,12 +493,16 @@ impl BenchReport {
 fn kernel_note(kernels: &[KernelChoice]) -> String {
     let mixed: Vec<String> = kernels
         .iter()
-        .filter(|k| k.decode != k.prefill)
+        .filter(|k| k.decode != k.prefill || k.decode.ends_with("repacked"))
         .map(|k| {
-            format!(
-                "{} decode {}, prefill {}",
-                k.weight_type, k.decode, k.prefill
-            )
+            if k.decode == k.prefill {
+                format!("{} {}", k.weight_type, k.decode)
+            } else {
+                format!(
+                    "{} decode {}, prefill {}",
+                    k.weight_type, k.decode, k.prefill
+                )
+            }
         })
         .collect();
     if mixed.is_empty() {

@@ -160,7 +160,7 @@ impl ActSums {
 }
 
 /// 8 weight registers (elements 4g..4g+4 of 16 rows each) and 16 scales.
-type Block = ([__m512i; 8], __m512);
+pub(super) type Block = ([__m512i; 8], __m512);
 
 /// Gathers block `i` of the panel's rows (byte offsets `idx` from `w`).
 ///
@@ -282,7 +282,7 @@ unsafe fn unpack_q8_0(w: *const u8, row_bytes: usize, rows: usize, i: usize) -> 
 /// AVX-512 F/BW/VNNI must be present and `x` must hold block `i`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn accumulate<const Q8: bool>(
+pub(super) unsafe fn accumulate<const Q8: bool>(
     (q, dw): &Block,
     x: *const u8,
     i: usize,

@@ -6,6 +6,7 @@ pub mod avx2;
 pub mod avx2k;
 pub mod avx512;
 pub mod avx512k;
+pub mod avx512r;
 pub mod avx512s;
 pub mod avx512sk;
 pub mod kquants;

@@ -121,9 +121,13 @@ impl Model {
             .zip(&which)
             .map(|((w, _, n, y), &at)| {
                 let (buf, row) = (&bufs[at].3, bufs[at].4);
+                let (kernel, w_bytes) = match self.repacked_of(w) {
+                    Some((r, k)) => (k, r.bytes()),
+                    None => (kernel(self.isa, weight_type(w.ty), n), w.bytes(file)),
+                };
                 lfm_kernels::matmul::MatJob {
-                    kernel: kernel(self.isa, weight_type(w.ty), n),
-                    w: w.bytes(file),
+                    kernel,
+                    w: w_bytes,
                     rows: w.rows,
                     cols: w.cols,
                     row_bytes: w.row_bytes,

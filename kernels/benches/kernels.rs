@@ -373,14 +373,14 @@ fn main() {
                 dram(&format!("matmul/{name}/avx512s/few{n}-dram"), &own, n);
             }
         }
-        // Q4_0 repacked into panel order at load (`x86/avx512r.rs`), where
-        // this CPU runs it: the engine's kernel for its dense matrices.
+        // Repacked at load (`lfm_kernels::repack`), where this CPU and type
+        // have it: the engine's kernel for its dense matrices.
         #[cfg(target_arch = "x86_64")]
         if let Some(k) = lfm_kernels::dispatch::repacked_kernel(best, ty) {
             use lfm_kernels::repack::Repacked;
             let own = |_: usize| k;
-            let nb = COLS / 32;
-            let packed = Repacked::new(&w, ROWS, row, nb);
+            let repack = || lfm_kernels::dispatch::repack(ty, &w, ROWS, COLS, row).unwrap();
+            let packed = repack();
             for (n, bench) in sizes("avx512r") {
                 let mut y = vec![0.0f32; n * ROWS];
                 run.bench(&bench, w.len(), ROWS, || {
@@ -391,9 +391,7 @@ fn main() {
                 .chain(DRAM_FEW.map(|n| (n, format!("matmul/{name}/avx512r/few{n}-dram"))));
             for (n, bench) in dram_names {
                 if run.wants(&bench) {
-                    let big: Vec<Repacked> = (0..DRAM_MATRICES)
-                        .map(|_| Repacked::new(&w, ROWS, row, nb))
-                        .collect();
+                    let big: Vec<Repacked> = (0..DRAM_MATRICES).map(|_| repack()).collect();
                     let mut y = vec![0.0f32; n * ROWS];
                     run.bench(
                         &bench,

@@ -117,7 +117,8 @@ fn panel_rows(kind: PanelFormat, ws: &[&[u8]], xs: &[&[u8]], n: usize, out: &mut
         | PanelFormat::Avx2K(_)
         | PanelFormat::Stream(_)
         | PanelFormat::StreamK(_)
-        | PanelFormat::Repacked => {
+        | PanelFormat::Repacked
+        | PanelFormat::RepackedK(_) => {
             unreachable!(
                 "k-quant panels go through kpanel_rows; stream and repacked kernels are not row dots"
             )
@@ -415,20 +416,47 @@ pub fn stream_kernel(ty: WeightType) -> Option<Kernel> {
     None
 }
 
-/// The kernel for Q4_0 matrices repacked into panel order
-/// (`x86::avx512r::Repacked`), if this CPU runs it (AVX-512 F/BW/VL and
-/// VNNI) and `isa` is AVX-512: for every token count, what the engine uses
-/// for the matrices it repacked at load. The job's weights are then the
-/// repacked bytes, never the file's.
+/// The kernel for `ty` matrices repacked at load (`crate::repack`: Q4_0
+/// into the Q4_0 panels' layout, Q4_K and Q5_K with their blocks' dwords
+/// in lanes), if this CPU runs it (AVX-512 F/BW/VL and VNNI) and `isa` is
+/// AVX-512: for every token count, what the engine uses for the matrices
+/// it repacked. The job's weights are then the repacked bytes, never the
+/// file's.
 pub fn repacked_kernel(isa: Isa, ty: WeightType) -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && ty == WeightType::Q4_0 && isa.available() && has_vnni() {
-        return Some(Kernel::Panel(PanelKernel {
-            format: PanelFormat::Repacked,
-        }));
+    if isa == Isa::Avx512 && isa.available() && has_vnni() {
+        let format = match ty {
+            WeightType::Q4_0 => Some(PanelFormat::Repacked),
+            WeightType::Q4K => Some(PanelFormat::RepackedK(KFormat::Q4K)),
+            WeightType::Q5K => Some(PanelFormat::RepackedK(KFormat::Q5K)),
+            _ => None,
+        };
+        return format.map(|format| Kernel::Panel(PanelKernel { format }));
     }
     let _ = (isa, ty);
     None
+}
+
+/// `ty`'s matrix of `rows` rows of `cols` elements (`row_bytes` apart in
+/// `w`) repacked for [`repacked_kernel`], if `ty` has a repacked layout
+/// (and, for the k-quants, rows a multiple of 4 bytes apart).
+pub fn repack(
+    ty: WeightType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+) -> Option<crate::repack::Repacked> {
+    use crate::repack::Repacked;
+    let nb = cols / ty.block_size();
+    match ty {
+        WeightType::Q4_0 => Some(Repacked::new(w, rows, row_bytes, nb)),
+        // The products read whole registers: every panel 64-byte aligned.
+        WeightType::Q4K | WeightType::Q5K if (16 * row_bytes).is_multiple_of(64) => {
+            Some(Repacked::dwords(w, rows, row_bytes, nb, ty.block_bytes()))
+        }
+        _ => None,
+    }
 }
 
 /// The kernel family that runs a product of `tokens` activation rows with

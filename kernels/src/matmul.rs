@@ -150,6 +150,9 @@ pub(crate) enum PanelFormat {
     /// (`x86/avx512r.rs`: the job's `w` is a `Repacked`'s bytes), the same
     /// bits as `Legacy`.
     Repacked,
+    /// Q4_K / Q5_K matrices repacked with their blocks' dwords in lanes
+    /// (`Repacked::dwords`, `avx512k::repacked_panel`), the same bits as `K`.
+    RepackedK(crate::x86::avx512k::KFormat),
 }
 
 /// With many tokens, work units are dealt a few at a time: each panel
@@ -351,6 +354,19 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
                             // a panel (r0 is a multiple of 16 rows).
                             (PanelFormat::Repacked, Side::Sums(sums)) => unsafe {
                                 crate::x86::avx512r::panel(w, rows, &job.acts, sums, out)
+                            },
+                            // SAFETY: a RepackedK PanelKernel exists only after
+                            // dispatch found AVX-512 F/BW/VL/VNNI; `w` starts at
+                            // a panel (r0 is a multiple of 16 rows).
+                            (PanelFormat::RepackedK(f), _) => unsafe {
+                                crate::x86::avx512k::repacked_panel(
+                                    f,
+                                    w,
+                                    rows,
+                                    &job.acts,
+                                    job.cols / 256,
+                                    out,
+                                )
                             },
                             (
                                 PanelFormat::Legacy(_)

@@ -1,7 +1,9 @@
-//! Q4_0 matrices repacked into the AVX-512 panels' lane layout: the layout
-//! and its builder, plain byte moves any CPU runs (the products are
-//! `x86::avx512r`'s; `dispatch::repacked_kernel` says whether this CPU has
-//! them). The engine repacks the dense matrices every token reads once, at
+//! Matrices repacked into the AVX-512 panels' lane layouts: Q4_0 into the
+//! Q4_0 panels' (`Repacked::new`; products in `x86::avx512r`), Q4_K and Q5_K
+//! with their blocks' dwords in lanes (`Repacked::dwords`; products in
+//! `x86::avx512k::repacked_panel`). Layouts and builders are plain byte
+//! moves any CPU runs; `dispatch::repacked_kernel` says whether this CPU
+//! has the products. The engine repacks the dense matrices every token reads once, at
 //! load, and multiplies those copies instead of the file's rows.
 
 /// Rows per panel: one per 32-bit lane of a zmm register.
@@ -32,7 +34,8 @@ pub struct Repacked {
 
 impl Repacked {
     /// Repacks `rows` Q4_0 rows of `nb` blocks each, `row_bytes` apart in
-    /// `w` (plain byte moves: any CPU can build it).
+    /// `w`, into the Q4_0 panels' layout (plain byte moves: any CPU can
+    /// build it).
     ///
     /// # Panics
     /// If `w` is shorter than the rows or `row_bytes` shorter than `nb`
@@ -58,6 +61,57 @@ impl Repacked {
                     for k in 0..4 {
                         let to = quants + 64 * k + 4 * r;
                         panel[to..to + 4].copy_from_slice(&b[2 + 4 * k..6 + 4 * k]);
+                    }
+                }
+            }
+        }
+        Repacked {
+            buf,
+            at,
+            len,
+            rows,
+            row_bytes,
+        }
+    }
+
+    /// Repacks `rows` rows of `nb` k-quant blocks of `block_bytes` each
+    /// (`row_bytes` apart in `w`) with each block's dwords in lanes: per
+    /// panel and block, register `d` (64 bytes) holds bytes `4d..4d + 4` of
+    /// the 16 rows' block, lane `r` row `r`'s (zeros past the block's end
+    /// and past the matrix). For Q4_K (144) and Q5_K (176) that is the
+    /// file's bytes again, so a panel starts at `16 * row_bytes`; the
+    /// products (`x86::avx512k::repacked_panel`) then skip the transposes.
+    ///
+    /// # Panics
+    /// If `w` is shorter than the rows, `row_bytes` shorter than `nb`
+    /// blocks, or `block_bytes` not a multiple of 4.
+    pub fn dwords(
+        w: &[u8],
+        rows: usize,
+        row_bytes: usize,
+        nb: usize,
+        block_bytes: usize,
+    ) -> Repacked {
+        assert!(block_bytes.is_multiple_of(4), "blocks of whole dwords only");
+        assert!(row_bytes >= nb * block_bytes, "row shorter than its blocks");
+        assert!(
+            rows == 0 || w.len() >= (rows - 1) * row_bytes + nb * block_bytes,
+            "matrix past the weights"
+        );
+        let regs = block_bytes / 4;
+        let panels = rows.div_ceil(PANEL);
+        let panel_bytes = PANEL * row_bytes;
+        let len = panels * panel_bytes;
+        let mut buf = vec![0u8; len + 63];
+        let at = buf.as_ptr().align_offset(64).min(63);
+        let data = &mut buf[at..at + len];
+        for (p, panel) in data.chunks_exact_mut(panel_bytes).enumerate() {
+            for r in 0..PANEL.min(rows - p * PANEL) {
+                let row = &w[(p * PANEL + r) * row_bytes..][..nb * block_bytes];
+                for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+                    for (d, dw) in b.chunks_exact(4).enumerate() {
+                        let to = (i * regs + d) * 64 + 4 * r;
+                        panel[to..to + 4].copy_from_slice(dw);
                     }
                 }
             }
@@ -146,6 +200,39 @@ mod tests {
                 seen[s..s + SCALE_BYTES].iter_mut().for_each(|x| *x += 1);
             }
             assert!(seen.iter().all(|&x| x == 1), "nb {nb}");
+        }
+    }
+
+    #[test]
+    fn k_quant_dwords_land_in_their_lanes() {
+        // Q4_K-sized blocks (144 bytes), 37 rows, padded rows.
+        for (nb, pad) in [(1, 0), (3, 16)] {
+            let (bytes, rows) = (144, 37);
+            let row_bytes = nb * bytes + pad;
+            let w: Vec<u8> = (0..rows * row_bytes)
+                .map(|i| (i * 17 % 253) as u8)
+                .collect();
+            let r = Repacked::dwords(&w, rows, row_bytes, nb, bytes);
+            let b = r.bytes();
+            assert_eq!(b.len(), rows.div_ceil(PANEL) * PANEL * row_bytes);
+            assert_eq!(b.as_ptr() as usize % 64, 0, "aligned");
+            for row in 0..rows {
+                let (p, lane) = (row / PANEL, row % PANEL);
+                for i in 0..nb {
+                    for d in 0..bytes / 4 {
+                        let at = p * PANEL * row_bytes + (i * bytes / 4 + d) * 64 + 4 * lane;
+                        let from = row * row_bytes + i * bytes + 4 * d;
+                        assert_eq!(&b[at..at + 4], &w[from..from + 4], "{row} {i} {d}");
+                    }
+                }
+            }
+            // Lanes past the matrix are zeros.
+            let last = (rows - 1) / PANEL * PANEL * row_bytes;
+            assert!(
+                b[last..last + 64][4 * (rows % PANEL)..]
+                    .iter()
+                    .all(|&x| x == 0)
+            );
         }
     }
 }

@@ -32,8 +32,9 @@ struct Family {
     /// The AVX-512 stream kernels (`dispatch::stream_kernel`) for the types
     /// that have one, the `isa` family's for the rest.
     stream: bool,
-    /// Q4_0 matrices repacked into panel order (`dispatch::repacked_kernel`,
-    /// `x86::avx512r::Repacked`): products of Q4_0 only.
+    /// Matrices repacked at load (`dispatch::repacked_kernel`,
+    /// `lfm_kernels::repack`): products of the types with a repacked
+    /// layout (Q4_0, Q4_K, Q5_K).
     repacked: bool,
 }
 
@@ -111,7 +112,8 @@ impl Family {
     /// family only for the types with a stream kernel).
     fn covers(self, ty: WeightType) -> bool {
         if self.repacked {
-            return ty == WeightType::Q4_0;
+            return lfm_kernels::dispatch::repacked_kernel(Isa::Avx512, ty).is_some()
+                || (!cfg!(target_arch = "x86_64") && ty == WeightType::Q4_0);
         }
         !self.stream || lfm_kernels::dispatch::stream_up_to_tokens(ty) > 0
     }
@@ -399,15 +401,23 @@ fn product_of(
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if fam.repacked {
-        let r = lfm_kernels::repack::Repacked::new(&m.bytes, ROWS, m.stride, m.cols / 32);
+        let r = lfm_kernels::dispatch::repack(m.ty, &m.bytes, ROWS, m.cols, m.stride)
+            .expect("a type with a repacked layout");
         assert_eq!((r.rows(), r.row_bytes()), (ROWS, m.stride));
-        let repacked = Matrix {
-            ty: m.ty,
-            cols: m.cols,
-            bytes: r.bytes().to_vec(),
-            stride: m.stride,
-        };
-        return product(pool, fam.kernel(m.ty), &repacked, acts, n);
+        let mut y = vec![f32::NAN; n * ROWS];
+        matmul(
+            pool,
+            fam.kernel(m.ty),
+            r.bytes(),
+            ROWS,
+            m.cols,
+            m.stride,
+            &acts.0,
+            acts.1,
+            n,
+            &mut y,
+        );
+        return y;
     }
     product(pool, fam.kernel(m.ty), m, acts, n)
 }

@@ -131,43 +131,51 @@ fn check(preset: &str, isa: Isa) {
     }
 }
 
-/// The fixed Q4_0 matrices repacked at load (`Model::repack_fixed`, on
-/// AVX-512 VNNI) give the logits of the same model read in file order,
-/// bit for bit, in prefill and in one-token steps; and the model did
-/// repack them (the output and every mixer and dense FFN matrix).
+/// The fixed matrices repacked at load (`Model::repack_fixed`, on AVX-512
+/// VNNI: Q4_0, Q4_K, Q5_K) give the logits of the same model read in file
+/// order, bit for bit, in prefill and in one-token steps; and the model did
+/// repack them (the output and every mixer and dense FFN matrix of those
+/// types).
 fn repacked_same_bits(preset: &str) {
     let tokens = [
         1u32, 6, 300, 45, 99, 120, 7, 3, 200, 201, 17, 511, 42, 88, 150, 9, 260,
     ];
-    let mut bytes = Vec::new();
-    let quant = SynthQuant::Uniform(GgmlType::Q4_0);
-    synth::write_to(synth::find_preset(preset).unwrap(), quant, 5, &mut bytes).unwrap();
-    let g = Arc::new(Gguf::from_bytes(bytes).unwrap());
-    let open = |repack: bool| {
-        let opts = EngineOptions {
-            isa: Some(Isa::Avx512),
-            threads: Some(2),
-            repack: Some(repack),
-            ..Default::default()
+    for quant in [
+        SynthQuant::Uniform(GgmlType::Q4_0),
+        SynthQuant::Uniform(GgmlType::Q4K),
+        SynthQuant::Uniform(GgmlType::Q5K),
+        SynthQuant::Q4KM,
+    ] {
+        let mut bytes = Vec::new();
+        synth::write_to(synth::find_preset(preset).unwrap(), quant, 5, &mut bytes).unwrap();
+        let g = Arc::new(Gguf::from_bytes(bytes).unwrap());
+        let open = |repack: bool| {
+            let opts = EngineOptions {
+                isa: Some(Isa::Avx512),
+                threads: Some(2),
+                repack: Some(repack),
+                ..Default::default()
+            };
+            Model::from_gguf_with(g.clone(), opts).unwrap()
         };
-        Model::from_gguf_with(g.clone(), opts).unwrap()
-    };
-    let (packed, plain) = (open(true), open(false));
-    let (n, _) = packed.repacked_matrices();
-    let layers = packed.desc.n_layer;
-    assert!(
-        n > layers,
-        "{preset}: only {n} matrices repacked for {layers} layers"
-    );
-    assert_eq!(
-        plain.repacked_matrices().0,
-        0,
-        "repack: Some(false) repacked"
-    );
-    assert!(
-        logits(&packed, &tokens) == logits(&plain, &tokens),
-        "{preset}: the repacked matrices changed the logits"
-    );
+        let what = format!("{preset} {}", quant.name());
+        let (packed, plain) = (open(true), open(false));
+        let (n, _) = packed.repacked_matrices();
+        let layers = packed.desc.n_layer;
+        assert!(
+            n > layers,
+            "{what}: only {n} matrices repacked for {layers} layers"
+        );
+        assert_eq!(
+            plain.repacked_matrices().0,
+            0,
+            "{what}: repack: Some(false) repacked"
+        );
+        assert!(
+            logits(&packed, &tokens) == logits(&plain, &tokens),
+            "{what}: the repacked matrices changed the logits"
+        );
+    }
 }
 
 fn main() {

@@ -304,6 +304,19 @@ unsafe fn tile<const F: u8, const N: usize>(
     for i in 0..nb {
         let blk: &[__m512i] = match &mut blocks {
             Blocks::Packed(p) => &p[i * r..(i + 1) * r],
+            Blocks::Dwords(t, buf) => {
+                let d = dwords(F);
+                if t0 == 0 {
+                    // The first tile brings the panel in (hints; past the
+                    // panel: usually this thread's next one).
+                    let at = t.as_ptr().cast::<u8>().wrapping_add(64 * d * i + AHEAD);
+                    for line in 0..d {
+                        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * line).cast());
+                    }
+                }
+                unpack_dwords::<F>(&t[d * i..d * (i + 1)], buf);
+                &buf[..r]
+            }
             Blocks::Gather(buf) => {
                 for row in 0..rows {
                     // Prefetch the same block one panel down (a hint).
@@ -336,7 +349,24 @@ enum Blocks<'a> {
     Gather(&'a mut [__m512i]),
     /// Already packed, `regs` registers per block.
     Packed(&'a [__m512i]),
+    /// A repacked panel ([`repacked_panel`]): each block's dwords already
+    /// in lanes, [`dwords`] registers per block, unpacked one block at a
+    /// time into the scratch (at least [`MAX_REGS`] registers).
+    Dwords(&'a [__m512i], &'a mut [__m512i]),
 }
+
+/// Registers of a block's dwords in lanes (register `d`, lane `r`: bytes
+/// `4d..4d + 4` of row `r`'s block): the repacked layout of
+/// `crate::repack::Repacked::dwords`, the file's bytes for Q4_K and Q5_K.
+const fn dwords(f: u8) -> usize {
+    bytes_of(f).div_ceil(4)
+}
+
+/// How far ahead of its reads a repacked product hints the panel's lines
+/// into L2: two Q4_K blocks' (measured from DRAM, Zen 4 VM, 2 threads,
+/// `matmul/q4_k/avx512r/*-dram`: hints into L1 as `avx512r`'s lost
+/// 10-40%; into L2 2-4 blocks ahead alike, none 20-35% slower).
+const AHEAD: usize = 4608;
 
 macro_rules! by_len {
     ($len:expr, $f:ident, ($($arg:expr),*)) => {
@@ -442,6 +472,88 @@ unsafe fn panel_of<const F: u8>(
                     len,
                     F,
                     (w, rows, row_bytes, nb, Blocks::Packed(packed), xs, t0, out)
+                )
+            };
+            t0 += len;
+        }
+    });
+}
+
+/// Dots of a repacked panel's `rows` (1..=16) rows (`p`: the panel's
+/// `nb` blocks in `crate::repack::Repacked::dwords`'s layout, 64-byte
+/// aligned) with every Q8_K activation row: [`panel`]'s contract and bits,
+/// without the per-call transposes.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI, and `out` must be
+/// valid for those writes (see [`Out`]).
+///
+/// # Panics
+/// If a slice is too short or misaligned, `format` has no repacked layout
+/// (Q6_K), or `rows` is not in 1..=16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn repacked_panel(
+    format: KFormat,
+    p: &[u8],
+    rows: usize,
+    xs: &[&[u8]],
+    nb: usize,
+    out: Out,
+) {
+    assert!((1..=PANEL).contains(&rows), "a panel has 1 to 16 rows");
+    assert!(out.rows == rows && out.fits(xs.len()), "output too short");
+    for x in xs {
+        assert!(x.len() >= nb * Q8K_BYTES, "activation row too short");
+    }
+    // SAFETY: features by the caller; lengths asserted in `repacked_of`.
+    unsafe {
+        match format {
+            KFormat::Q4K => repacked_of::<Q4K>(p, rows, nb, xs, out),
+            KFormat::Q5K => repacked_of::<Q5K>(p, rows, nb, xs, out),
+            KFormat::Q6K => panic!("Q6_K has no repacked layout"),
+        }
+    }
+}
+
+/// [`repacked_panel`] for one format.
+///
+/// # Safety
+/// As [`repacked_panel`] checked (but `p` is checked here).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repacked_of<const F: u8>(p: &[u8], rows: usize, nb: usize, xs: &[&[u8]], out: Out) {
+    let d = dwords(F);
+    assert!(p.len() >= nb * d * 64, "panel past the weights");
+    assert!(
+        p.as_ptr().cast::<__m512i>().is_aligned(),
+        "repacked panel not 64-byte aligned"
+    );
+    // SAFETY: aligned and in bounds (asserted); every bit pattern is a
+    // valid __m512i, and the bytes are not written while borrowed.
+    let t: &[__m512i] = unsafe { std::slice::from_raw_parts(p.as_ptr().cast(), nb * d) };
+    let n = xs.len();
+    let r = regs(F);
+    if n <= TILE {
+        with_panel_buffer(MAX_REGS, |scratch| {
+            let blocks = Blocks::Dwords(t, scratch);
+            // SAFETY: as checked above (`w` is unused for these blocks).
+            unsafe { by_len!(n, F, (p, rows, 0, nb, blocks, xs, 0, out)) };
+        });
+        return;
+    }
+    // More tokens: unpack every block once, then tiles from the buffer.
+    with_panel_buffer(nb * r, |packed| {
+        for (i, blk) in packed.chunks_exact_mut(r).enumerate() {
+            unpack_dwords::<F>(&t[d * i..d * (i + 1)], blk);
+        }
+        let mut t0 = 0;
+        while t0 < n {
+            let len = (n - t0).min(TILE);
+            // SAFETY: as checked above; packed holds nb blocks.
+            unsafe {
+                by_len!(
+                    len,
+                    F,
+                    (p, rows, 0, nb, Blocks::Packed(packed), xs, t0, out)
                 )
             };
             t0 += len;

@@ -11,7 +11,6 @@ use lfm_kernels::isa::{Isa, IsaError};
 use lfm_kernels::matmul::Kernel;
 use lfm_kernels::pool::ThreadPool;
 use lfm_kernels::repack::Repacked;
-use lfm_kernels::types::WeightType;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -142,9 +141,8 @@ pub struct Model {
     pub(crate) scratch: Scratch<f32>,
     pub(crate) act_scratch: Scratch<u8>,
     /// Fixed matrices repacked at load, by their start in the file
-    /// ([`Model::repack_fixed`]), and the kernel that multiplies them.
-    pub(crate) repacked: HashMap<usize, Repacked>,
-    pub(crate) repacked_kernel: Option<Kernel>,
+    /// ([`Model::repack_fixed`]), with the kernel that multiplies them.
+    pub(crate) repacked: HashMap<usize, (Repacked, Kernel)>,
 }
 
 /// Scratch kept between forward calls, per element type: a 512-token step
@@ -260,7 +258,6 @@ impl Model {
             scratch: Scratch::new(SCRATCH_KEEP_BYTES),
             act_scratch: Scratch::new(SCRATCH_KEEP_BYTES / 4),
             repacked: HashMap::new(),
-            repacked_kernel: None,
         };
         if opts.repack.unwrap_or_else(repack_wanted) {
             model.repack_fixed();
@@ -268,54 +265,56 @@ impl Model {
         Ok(model)
     }
 
-    /// Repacks the fixed Q4_0 matrices (those every token reads) into the
-    /// panel order `lfm_kernels::repack` describes, where this CPU has the
-    /// kernel for such copies (AVX-512 VNNI: 1.6-1.9x the file-order
-    /// kernels from 1 to 8 tokens from cache, 1.1-1.8x from DRAM at 2-8,
-    /// level at 1), and gives the file's pages of them back: the copies
+    /// Repacks the fixed Q4_0, Q4_K and Q5_K matrices (those every token
+    /// reads) into the layouts `lfm_kernels::repack` describes, where this
+    /// CPU has the kernels for such copies (AVX-512 VNNI; Q4_0: 1.6-1.9x
+    /// the file-order kernels from 1 to 8 tokens from cache, 1.1-1.8x from
+    /// DRAM at 2-8, level at 1), and gives the file's pages of them back: the copies
     /// take the memory the mapped rows took, and the file is not read for
     /// them again. The token embedding stays in the mapping (its rows are
-    /// looked up there), repacked too when the output shares it.
+    /// looked up there), repacked too when the output shares it. The pager
+    /// learns how many fixed bytes left the mapping (`auto` budgets count
+    /// host file pages, which these no longer are).
     fn repack_fixed(&mut self) {
-        let Some(k) = lfm_kernels::dispatch::repacked_kernel(self.isa, WeightType::Q4_0) else {
-            return;
-        };
-        let mut todo: Vec<Tensor> = self
+        use lfm_kernels::dispatch::{repack, repacked_kernel};
+        let isa = self.isa;
+        let ty = |t: &Tensor| super::forward::weight_type(t.ty);
+        let mut todo: Vec<(Tensor, Kernel)> = self
             .fixed_matrices()
             .into_iter()
-            .filter(|t| super::forward::weight_type(t.ty) == WeightType::Q4_0)
+            .filter_map(|t| repacked_kernel(isa, ty(&t)).map(|k| (t, k)))
             .collect();
-        todo.sort_by_key(|t| t.start);
-        todo.dedup_by_key(|t| t.start);
+        todo.sort_by_key(|(t, _)| t.start);
+        todo.dedup_by_key(|(t, _)| t.start);
         let file = self.gguf.bytes();
         let mut packs: Vec<Option<Repacked>> = todo.iter().map(|_| None).collect();
         self.pool.for_each_mut(&mut packs, 1, &|i, slot| {
-            let t = &todo[i];
-            slot[0] = Some(Repacked::new(
-                t.bytes(file),
-                t.rows,
-                t.row_bytes,
-                t.cols / 32,
-            ));
+            let t = &todo[i].0;
+            slot[0] = repack(ty(t), t.bytes(file), t.rows, t.cols, t.row_bytes);
         });
-        for (t, p) in todo.iter().zip(packs) {
+        let mut given_back = 0;
+        for ((t, k), p) in todo.iter().zip(packs) {
+            let Some(p) = p else { continue };
             if t.start != self.tok_embd.start {
                 let range = t.start as u64..(t.start + t.byte_len()) as u64;
                 // Best effort: pages left behind are only clean cache.
                 let _ = self.gguf.evict(range);
+                given_back += t.byte_len() as u64;
             }
-            self.repacked.insert(t.start, p.expect("every slot filled"));
+            self.repacked.insert(t.start, (p, *k));
         }
-        self.repacked_kernel = Some(k);
+        if let Some(p) = &self.pager {
+            p.set_outside_bytes(given_back);
+        }
     }
 
-    /// The repacked copy of `w`, if it is a whole repacked matrix.
+    /// The repacked copy of `w` and its kernel, if `w` is a whole repacked
+    /// matrix.
     pub(crate) fn repacked_of(&self, w: &Tensor) -> Option<(&Repacked, Kernel)> {
-        let k = self.repacked_kernel?;
         self.repacked
             .get(&w.start)
-            .filter(|r| r.rows() == w.rows && r.row_bytes() == w.row_bytes)
-            .map(|r| (r, k))
+            .filter(|(r, _)| r.rows() == w.rows && r.row_bytes() == w.row_bytes)
+            .map(|(r, k)| (r, *k))
     }
 
     /// The bytes a product of `w` reads: its repacked copy's, or the
@@ -331,7 +330,7 @@ impl Model {
     pub fn repacked_matrices(&self) -> (usize, usize) {
         (
             self.repacked.len(),
-            self.repacked.values().map(|r| r.bytes().len()).sum(),
+            self.repacked.values().map(|(r, _)| r.bytes().len()).sum(),
         )
     }
 

@@ -252,6 +252,14 @@ impl Pager {
         }))
     }
 
+    /// Tells the pager that `bytes` of the mapping's fixed (non-expert)
+    /// bytes now live outside it (the engine's repacked matrices, their file
+    /// pages given back), so an `auto` budget does not count them twice;
+    /// the cap follows within the I/O threads' next second.
+    pub fn set_outside_bytes(&self, bytes: u64) {
+        self.shared.lock().policy.outside_bytes = bytes;
+    }
+
     /// The MoE ordinal of model layer `layer`, if it is a MoE layer.
     pub fn moe_ordinal(&self, layer: usize) -> Option<usize> {
         self.moe_of.get(layer).copied().flatten()

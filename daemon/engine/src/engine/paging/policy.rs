@@ -73,6 +73,11 @@ pub(super) struct Policy {
     pub slots: Vec<Vec<Slot>>,
     /// Bytes of the mapping that are not experts.
     pub fixed_bytes: u64,
+    /// Of those, bytes the model holds outside the mapping instead (fixed
+    /// matrices repacked at load, their file pages given back): memory the
+    /// host no longer counts as file pages, which `auto` must not take
+    /// off twice.
+    pub outside_bytes: u64,
     /// The least cap: one token's experts in every layer plus the next
     /// layer's predictions.
     pub min_cap: u64,
@@ -123,6 +128,7 @@ impl Policy {
                 })
                 .collect(),
             fixed_bytes,
+            outside_bytes: 0,
             min_cap,
             total_bytes,
             lock_bytes,
@@ -434,8 +440,10 @@ impl Policy {
             Budget::Bytes(b) => Some(b),
             Budget::Auto => file_pages.map(|f| {
                 // Our own mapped pages are already inside it (reclaimable
-                // to the host, cache to the cgroup).
-                let mut b = f.saturating_sub(AUTO_RESERVE).max(floor);
+                // to the host, cache to the cgroup); our copies of fixed
+                // matrices are not, but the cap takes them off with the
+                // fixed bytes.
+                let mut b = (f.saturating_sub(AUTO_RESERVE) + self.outside_bytes).max(floor);
                 if self.pressure.is_some_and(|p| p > PRESSURE_HIGH) {
                     // The kernel is already reclaiming: keep a tenth more
                     // free. Of the headroom, not of what is resident, so
@@ -760,6 +768,13 @@ mod tests {
         );
         assert_eq!(p.budget_for(Budget::Auto, Some(0)), Some(12 * MB));
         assert_eq!(p.budget_for(Budget::Auto, None), None);
+        // Fixed bytes held outside the mapping are outside the host's file
+        // pages too: auto adds them back before the cap takes the fixed
+        // bytes off (the cap is then what it was with them mapped).
+        p.pressure = None;
+        p.outside_bytes = 6 * MB;
+        assert_eq!(p.budget_for(Budget::Auto, Some(host)), Some(106 * MB));
+        assert_eq!(p.budget_for(Budget::Bytes(5), None), Some(5));
     }
 
     #[test]

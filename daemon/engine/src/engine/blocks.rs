@@ -428,7 +428,9 @@ impl MoeFfn {
         let counts: Vec<usize> = experts.iter().map(|(_, u)| u.len()).collect();
         // The row of (token, slot) in the flat buffers.
         let mut row_of = vec![0usize; n * k];
-        let mut hx_all = m.scratch.zeroed(n * k * e);
+        // Every row of these four is written before it is read (each (token,
+        // slot) row is one expert's, and every expert runs): no clearing.
+        let mut hx_all = m.scratch.overwritten(n * k * e);
         for (r, (t, slot)) in experts
             .iter()
             .flat_map(|(_, u)| u.iter().copied())
@@ -448,10 +450,13 @@ impl MoeFfn {
                 )
             })
             .collect();
-        let (mut g_all, mut u_all) = (m.scratch.zeroed(n * k * f), m.scratch.zeroed(n * k * f));
+        let (mut g_all, mut u_all) = (
+            m.scratch.overwritten(n * k * f),
+            m.scratch.overwritten(n * k * f),
+        );
         let mut gs = split_rows(&mut g_all, &counts, f);
         let mut us = split_rows(&mut u_all, &counts, f);
-        let mut dn_all = m.scratch.zeroed(n * k * e);
+        let mut dn_all = m.scratch.overwritten(n * k * e);
         let mut dns = split_rows(&mut dn_all, &counts, e);
         let swiglu = act_fns(m.isa).swiglu;
         let mut waiting: Vec<usize> = (0..experts.len()).filter(|&i| !batch[i]).collect();

@@ -37,6 +37,17 @@ impl<T: Copy + Default> Scratch<T> {
         Buf { v, home: self }
     }
 
+    /// `len` elements whose values are whatever the reused vector held
+    /// (`T::default()` past its old length): for a buffer every element of
+    /// which is written before it is read, so a large step does not clear
+    /// megabytes it is about to overwrite.
+    pub(crate) fn overwritten(&self, len: usize) -> Buf<'_, T> {
+        let mut v = self.pick(len);
+        v.truncate(len);
+        v.resize(len, T::default());
+        Buf { v, home: self }
+    }
+
     /// An empty vector (with whatever capacity a kept one has) for a
     /// writer that sizes it itself.
     pub(crate) fn empty(&self, len_hint: usize) -> Buf<'_, T> {
@@ -132,6 +143,26 @@ mod tests {
         assert_eq!(b.len(), 900);
         assert!(b.iter().all(|&v| v == 0.0), "stale values were left");
         assert_eq!(s.kept_bytes(), 0, "on loan, not kept");
+    }
+
+    #[test]
+    fn overwritten_buffers_are_reused_without_clearing_and_sized() {
+        let s = Scratch::<f32>::new(1 << 20);
+        let ptr = {
+            let mut a = s.zeroed(1000);
+            a.iter_mut().for_each(|v| *v = 7.0);
+            a.as_ptr()
+        };
+        {
+            let b = s.overwritten(600);
+            assert_eq!((b.as_ptr(), b.len()), (ptr, 600));
+            assert!(b.iter().all(|&v| v == 7.0), "cleared although unasked");
+        }
+        // Longer than what it held: the new tail is T::default().
+        let c = s.overwritten(1200);
+        assert_eq!(c.len(), 1200);
+        assert!(c[..600].iter().all(|&v| v == 7.0));
+        assert!(c[600..].iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -41,27 +41,40 @@ impl Repacked {
     /// If `w` is shorter than the rows or `row_bytes` shorter than `nb`
     /// blocks.
     pub fn new(w: &[u8], rows: usize, row_bytes: usize, nb: usize) -> Repacked {
-        assert!(row_bytes >= nb * Q4_0_BYTES, "row shorter than its blocks");
+        Repacked::build(w, rows, row_bytes, nb, Q4_0_BYTES, |panel, i, r, b| {
+            let (quants, scales) = offsets(nb, i);
+            panel[scales + 2 * r..][..2].copy_from_slice(&b[..2]);
+            for k in 0..4 {
+                let to = quants + 64 * k + 4 * r;
+                panel[to..to + 4].copy_from_slice(&b[2 + 4 * k..6 + 4 * k]);
+            }
+        })
+    }
+
+    /// The rows' panels, 64-byte aligned and zeroed, with `place(panel, i,
+    /// r, block)` called for block `i` of each panel's row `r`.
+    fn build(
+        w: &[u8],
+        rows: usize,
+        row_bytes: usize,
+        nb: usize,
+        block_bytes: usize,
+        place: impl Fn(&mut [u8], usize, usize, &[u8]),
+    ) -> Repacked {
+        assert!(row_bytes >= nb * block_bytes, "row shorter than its blocks");
         assert!(
-            rows == 0 || w.len() >= (rows - 1) * row_bytes + nb * Q4_0_BYTES,
+            rows == 0 || w.len() >= (rows - 1) * row_bytes + nb * block_bytes,
             "matrix past the weights"
         );
-        let panels = rows.div_ceil(PANEL);
         let panel_bytes = PANEL * row_bytes;
-        let len = panels * panel_bytes;
+        let len = rows.div_ceil(PANEL) * panel_bytes;
         let mut buf = vec![0u8; len + 63];
         let at = buf.as_ptr().align_offset(64).min(63);
-        let data = &mut buf[at..at + len];
-        for (p, panel) in data.chunks_exact_mut(panel_bytes).enumerate() {
+        for (p, panel) in buf[at..at + len].chunks_exact_mut(panel_bytes).enumerate() {
             for r in 0..PANEL.min(rows - p * PANEL) {
-                let row = &w[(p * PANEL + r) * row_bytes..][..nb * Q4_0_BYTES];
-                for (i, b) in row.chunks_exact(Q4_0_BYTES).enumerate() {
-                    let (quants, scales) = offsets(nb, i);
-                    panel[scales + 2 * r..][..2].copy_from_slice(&b[..2]);
-                    for k in 0..4 {
-                        let to = quants + 64 * k + 4 * r;
-                        panel[to..to + 4].copy_from_slice(&b[2 + 4 * k..6 + 4 * k]);
-                    }
+                let row = &w[(p * PANEL + r) * row_bytes..][..nb * block_bytes];
+                for (i, b) in row.chunks_exact(block_bytes).enumerate() {
+                    place(panel, i, r, b);
                 }
             }
         }
@@ -93,36 +106,13 @@ impl Repacked {
         block_bytes: usize,
     ) -> Repacked {
         assert!(block_bytes.is_multiple_of(4), "blocks of whole dwords only");
-        assert!(row_bytes >= nb * block_bytes, "row shorter than its blocks");
-        assert!(
-            rows == 0 || w.len() >= (rows - 1) * row_bytes + nb * block_bytes,
-            "matrix past the weights"
-        );
         let regs = block_bytes / 4;
-        let panels = rows.div_ceil(PANEL);
-        let panel_bytes = PANEL * row_bytes;
-        let len = panels * panel_bytes;
-        let mut buf = vec![0u8; len + 63];
-        let at = buf.as_ptr().align_offset(64).min(63);
-        let data = &mut buf[at..at + len];
-        for (p, panel) in data.chunks_exact_mut(panel_bytes).enumerate() {
-            for r in 0..PANEL.min(rows - p * PANEL) {
-                let row = &w[(p * PANEL + r) * row_bytes..][..nb * block_bytes];
-                for (i, b) in row.chunks_exact(block_bytes).enumerate() {
-                    for (d, dw) in b.chunks_exact(4).enumerate() {
-                        let to = (i * regs + d) * 64 + 4 * r;
-                        panel[to..to + 4].copy_from_slice(dw);
-                    }
-                }
+        Repacked::build(w, rows, row_bytes, nb, block_bytes, |panel, i, r, b| {
+            for (d, dw) in b.chunks_exact(4).enumerate() {
+                let to = (i * regs + d) * 64 + 4 * r;
+                panel[to..to + 4].copy_from_slice(dw);
             }
-        }
-        Repacked {
-            buf,
-            at,
-            len,
-            rows,
-            row_bytes,
-        }
+        })
     }
 
     /// The repacked bytes: `x86::avx512r::panel`'s input, `row_bytes` per row as in the

@@ -532,6 +532,9 @@ unsafe fn repacked_of<const F: u8>(p: &[u8], rows: usize, nb: usize, xs: &[&[u8]
     let t: &[__m512i] = unsafe { std::slice::from_raw_parts(p.as_ptr().cast(), nb * d) };
     let n = xs.len();
     let r = regs(F);
+    if n == 0 {
+        return;
+    }
     if n <= TILE {
         with_panel_buffer(MAX_REGS, |scratch| {
             let blocks = Blocks::Dwords(t, scratch);

@@ -108,13 +108,13 @@ pub struct EngineOptions {
     /// `None`: one per available core.
     pub threads: Option<usize>,
     pub paging: PagingOptions,
-    /// Repack the fixed Q4_0 matrices at load where this CPU has the
-    /// kernel for it (`None`: unless `LFM_REPACK` is `0`, `off` or
+    /// Repack the fixed Q4_0, Q4_K and Q5_K matrices at load where this CPU
+    /// has the kernels for them (`None`: unless `LFM_REPACK` is `0`, `off` or
     /// `false`). The logits are the same bits either way.
     pub repack: Option<bool>,
 }
 
-/// Whether to repack the fixed Q4_0 matrices at load ([`Model::repack_fixed`])
+/// Whether to repack the fixed matrices at load ([`Model::repack_fixed`])
 /// when the options leave it open: yes unless `LFM_REPACK` is `0`, `off` or
 /// `false` (for comparing the file-order kernels).
 fn repack_wanted() -> bool {
@@ -269,9 +269,9 @@ impl Model {
     /// reads) into the layouts `lfm_kernels::repack` describes, where this
     /// CPU has the kernels for such copies (AVX-512 VNNI; Q4_0: 1.6-1.9x
     /// the file-order kernels from 1 to 8 tokens from cache, 1.1-1.8x from
-    /// DRAM at 2-8, level at 1), and gives the file's pages of them back: the copies
-    /// take the memory the mapped rows took, and the file is not read for
-    /// them again. The token embedding stays in the mapping (its rows are
+    /// DRAM at 2-8, level at 1), and gives the file's pages of them back:
+    /// the copies take the memory the mapped rows took, and the file is not
+    /// read for them again. The token embedding stays in the mapping (its rows are
     /// looked up there), repacked too when the output shares it. The pager
     /// learns how many fixed bytes left the mapping (`auto` budgets count
     /// host file pages, which these no longer are).
